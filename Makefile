@@ -1,0 +1,34 @@
+# mlpipe developer commands. `make help` lists them.
+SHELL := /bin/bash
+UV ?= uv
+# scripts/bootstrap may install uv with `pip --user`.
+export PATH := $(HOME)/.local/bin:$(PATH)
+PROTO_OUT := libs/mlpipe/src
+
+.PHONY: help bootstrap demo up down test lint typecheck protos check-protos
+
+help:
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/'
+
+bootstrap: ## install uv (if missing) and the locked environment
+	@./scripts/bootstrap
+
+demo: bootstrap ## run the iris example end to end on the local emulators, then stop them
+	@$(UV) run --frozen mlpipe demo --example iris
+
+up: bootstrap ## start the local stack (emulators, topology, services)
+	@$(UV) run --frozen mlpipe up
+
+down: ## stop everything `make up` started
+	@$(UV) run --frozen mlpipe down
+
+test: bootstrap ## lint, type-check, unit, integration and e2e tests
+	@$(UV) run --frozen ruff check .
+	@$(UV) run --frozen ruff format --check .
+	@$(UV) run --frozen mypy libs services
+	@$(UV) run --frozen pytest
+
+protos: ## regenerate the Python event code from protos/
+	$(UV) run --frozen python -m grpc_tools.protoc -I protos \
+		--python_out=$(PROTO_OUT) --mypy_out=$(PROTO_OUT) \
+		protos/mlpipe/v1/*.proto

@@ -1,0 +1,142 @@
+"""Event helpers: topics per event type, encoding and decoding, run contexts.
+
+Publishers send the binary protobuf encoding. Subscribers accept both encodings Pub/Sub
+schemas define (BINARY and JSON), so a person can publish a request from the command line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mlpipe.v1 import events_pb2
+
+M = TypeVar("M", bound=Message)
+
+# Topic names; the same names are used on the emulator and in every GCP project.
+INGEST_REQUESTS = "ingest-requests"
+GCS_OBJECTS = "gcs-objects"
+DATASETS_LANDED = "datasets-landed"
+TRAINING_STARTED = "training-started"
+TRAINING_COMPLETED = "training-completed"
+EVALUATION_COMPLETED = "evaluation-completed"
+DEPLOYMENT_COMPLETED = "deployment-completed"
+PIPELINE_FAILURES = "pipeline-failures"
+DEAD_LETTERS = "dead-letters"
+
+TOPIC_FOR_EVENT: dict[str, str] = {
+    events_pb2.IngestRequest.DESCRIPTOR.full_name: INGEST_REQUESTS,
+    events_pb2.DatasetLanded.DESCRIPTOR.full_name: DATASETS_LANDED,
+    events_pb2.TrainingStarted.DESCRIPTOR.full_name: TRAINING_STARTED,
+    events_pb2.TrainingCompleted.DESCRIPTOR.full_name: TRAINING_COMPLETED,
+    events_pb2.EvaluationCompleted.DESCRIPTOR.full_name: EVALUATION_COMPLETED,
+    events_pb2.DeploymentCompleted.DESCRIPTOR.full_name: DEPLOYMENT_COMPLETED,
+    events_pb2.PipelineFailed.DESCRIPTOR.full_name: PIPELINE_FAILURES,
+}
+
+EVENT_TYPES: dict[str, type[Message]] = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        events_pb2.IngestRequest,
+        events_pb2.DatasetLanded,
+        events_pb2.TrainingStarted,
+        events_pb2.TrainingCompleted,
+        events_pb2.EvaluationCompleted,
+        events_pb2.DeploymentCompleted,
+        events_pb2.PipelineFailed,
+    )
+}
+
+# Attribute Pub/Sub sets on messages of topics that have a schema.
+SCHEMA_ENCODING_ATTR = "googclient_schemaencoding"
+EVENT_TYPE_ATTR = "event_type"
+
+
+class EventDecodeError(ValueError):
+    """The bytes are not a valid message of the expected type in either encoding."""
+
+
+def topic_for(message: Message) -> str:
+    return TOPIC_FOR_EVENT[message.DESCRIPTOR.full_name]
+
+
+def encode(message: Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
+
+
+def decode(cls: type[M], data: bytes, encoding: str = "") -> M:
+    """Decode `data` as `cls`, from the JSON or the binary encoding.
+
+    `encoding` is the schema encoding attribute when Pub/Sub supplied one. Without it, data
+    whose first non-blank byte is `{` is read as JSON: no message of ours can start with that
+    byte in binary (it would be a field-15 group start, a wire type proto3 never emits).
+    """
+    encoding = encoding.upper()
+    looks_json = data.lstrip()[:1] == b"{"
+    if encoding == "JSON" or (encoding != "BINARY" and looks_json):
+        try:
+            return json_format.Parse(data.decode("utf-8"), cls(), ignore_unknown_fields=False)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(f"not a valid JSON {cls.DESCRIPTOR.full_name}: {exc}") from exc
+    message = cls()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise EventDecodeError(
+            f"not a valid binary {cls.DESCRIPTOR.full_name} ({len(data)} bytes): {exc}"
+        ) from exc
+    return message
+
+
+def to_json(message: Message) -> str:
+    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
+
+
+def to_dict(message: Message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def from_json(cls: type[M], text: str | bytes) -> M:
+    return json_format.Parse(text, cls())
+
+
+def timestamp(when: dt.datetime | None = None) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(when or dt.datetime.now(dt.UTC))
+    return ts
+
+
+def context(
+    *,
+    producer: str,
+    code_version: str,
+    run_id: str = "",
+    pipeline: str = "",
+    config_sha256: str = "",
+    request_id: str = "",
+) -> events_pb2.RunContext:
+    return events_pb2.RunContext(
+        run_id=run_id,
+        pipeline=pipeline,
+        config_sha256=config_sha256,
+        code_version=code_version,
+        request_id=request_id,
+        producer=producer,
+        event_time=timestamp(),
+    )
+
+
+def next_context(
+    previous: events_pb2.RunContext, *, producer: str, code_version: str
+) -> events_pb2.RunContext:
+    """The context for the event a step emits in answer to `previous`: same run, new time."""
+    ctx = events_pb2.RunContext()
+    ctx.CopyFrom(previous)
+    ctx.producer = producer
+    ctx.code_version = code_version
+    ctx.event_time.CopyFrom(timestamp())
+    return ctx

@@ -1,0 +1,83 @@
+"""Permanent failures: keep the offending input whole under `quarantine/`, publish PipelineFailed."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from mlpipe import events
+from mlpipe.publishing import Publisher
+from mlpipe.push import PushMessage
+from mlpipe.storage import Storage, sha256_hex
+from mlpipe.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", part)[:120] or "unknown"
+
+
+class FailureReporter:
+    def __init__(
+        self, storage: Storage, publisher: Publisher, *, stage: str, code_version: str
+    ) -> None:
+        self.storage = storage
+        self.publisher = publisher
+        self.stage = stage
+        self.code_version = code_version
+
+    def quarantine(
+        self, reason: str, payload: bytes, *, key: str = "", metadata: dict[str, str] | None = None
+    ) -> str:
+        """Store `payload` at `quarantine/<reason>/<key>` (idempotent); return its URI."""
+        key = _safe(key or sha256_hex(payload)[:32])
+        path = f"quarantine/{_safe(reason)}/{_safe(self.stage)}-{key}"
+        meta = {"stage": self.stage, "reason": reason, **(metadata or {})}
+        self.storage.create_if_absent(path, payload, content_type="application/octet-stream",
+                                      metadata=meta)
+        return self.storage.uri(path)
+
+    def report(
+        self,
+        *,
+        reason: str,
+        message: str,
+        payload: bytes | None = None,
+        source: PushMessage | None = None,
+        context: events_pb2.RunContext | None = None,
+        dataset: events_pb2.DatasetRef | None = None,
+        quarantine_uri: str = "",
+    ) -> events_pb2.PipelineFailed:
+        """Quarantine the payload (when given) and publish a PipelineFailed event."""
+        if payload is not None and not quarantine_uri:
+            key = source.message_id if source and source.message_id else ""
+            quarantine_uri = self.quarantine(
+                reason, payload, key=key,
+                metadata={"message": message[:1000],
+                          "subscription": source.subscription if source else ""},
+            )
+        ctx = events_pb2.RunContext()
+        if context is not None:
+            ctx.CopyFrom(context)
+        ctx.producer = self.stage
+        ctx.code_version = self.code_version
+        ctx.event_time.CopyFrom(events.timestamp())
+        failed = events_pb2.PipelineFailed(
+            context=ctx,
+            stage=self.stage,
+            reason=reason,
+            message=message,
+            quarantine_uri=quarantine_uri,
+            source_message_id=source.message_id if source else "",
+            source_subscription=source.subscription if source else "",
+        )
+        if dataset is not None:
+            failed.dataset.CopyFrom(dataset)
+        self.publisher.publish(failed)
+        log.warning(
+            "pipeline failure at %s: %s: %s (input kept at %s)",
+            self.stage, reason, message, quarantine_uri or "-",
+            extra={"reason": reason, "quarantine_uri": quarantine_uri},
+        )
+        return failed

@@ -1,0 +1,143 @@
+"""What every push service shares: clients, the push endpoint, and the process entry point.
+
+A push handler is thin: parse the envelope, call the service's pure step, map the outcome
+to a status. 2xx acknowledges (done, duplicate, or a permanent error that was quarantined and
+reported); 503 asks Pub/Sub to retry (transient); 500 is a bug and is retried until the
+subscription's dead-letter policy takes the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from mlpipe import storage as gcs
+from mlpipe.errors import PermanentError, TransientError
+from mlpipe.failures import FailureReporter
+from mlpipe.logs import run_context, setup_logging
+from mlpipe.publishing import Publisher
+from mlpipe.push import EnvelopeError, PushMessage, parse_envelope
+from mlpipe.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What a step did with a message: `status` is one word, `detail` goes into the reply."""
+
+    status: str
+    detail: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+
+
+Step = Callable[[PushMessage], StepResult]
+
+
+@dataclass
+class Clients:
+    settings: CommonSettings
+    storage: gcs.Storage
+    publisher: Publisher
+    failures: FailureReporter
+
+    @classmethod
+    def create(cls, settings: CommonSettings, stage: str) -> Clients:
+        storage = gcs.Storage(gcs.make_client(settings.project), settings.bucket)
+        publisher = Publisher(settings.project, timeout=settings.publish_timeout_seconds)
+        failures = FailureReporter(storage, publisher, stage=stage,
+                                   code_version=settings.code_version)
+        return cls(settings, storage, publisher, failures)
+
+
+def handle_push(body: bytes, step: Step, failures: FailureReporter, trace: str = "") -> tuple[
+    int, dict[str, Any]
+]:
+    """Run one push delivery through `step`; return (HTTP status, JSON reply)."""
+    try:
+        message = parse_envelope(body)
+    except EnvelopeError as exc:
+        # Not from Pub/Sub: say so to the caller, but keep what was sent.
+        try:
+            failed = failures.report(reason="invalid_envelope", message=str(exc), payload=body)
+        except gcs.TRANSIENT_ERRORS:
+            log.exception("could not quarantine an invalid push body")
+            return 503, {"error": "unavailable", "detail": "could not keep the payload; retry"}
+        return 400, {"error": "invalid_envelope", "detail": str(exc),
+                     "quarantine_uri": failed.quarantine_uri}
+
+    with run_context(run_id=message.attributes.get("run_id", ""), trace=trace):
+        try:
+            result = step(message)
+        except PermanentError as exc:
+            try:
+                failed = failures.report(
+                    reason=exc.reason, message=exc.message, payload=message.raw,
+                    source=message, context=exc.context, dataset=exc.dataset,
+                )
+            except gcs.TRANSIENT_ERRORS:
+                log.exception("could not report a permanent failure; asking for a retry")
+                return 503, {"error": "unavailable", "detail": "could not keep the payload"}
+            # Acknowledged: redelivering a message that can never succeed helps nobody.
+            return 200, {"status": "rejected", "reason": exc.reason, "detail": exc.message,
+                         "quarantine_uri": failed.quarantine_uri}
+        except (TransientError, *gcs.TRANSIENT_ERRORS) as exc:
+            log.warning("transient failure, asking Pub/Sub to retry: %s", exc,
+                        extra={"delivery_attempt": message.delivery_attempt})
+            return 503, {"error": "transient", "detail": str(exc)}
+        except Exception as exc:
+            log.exception("unexpected error handling message %s", message.message_id,
+                          extra={"delivery_attempt": message.delivery_attempt})
+            return 500, {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+    return 200, {"status": result.status, "run_id": result.run_id, **result.detail}
+
+
+def push_endpoint(get_step: Callable[[Request], Step], get_failures: Callable[
+    [Request], FailureReporter
+]) -> Callable[..., Any]:
+    """A FastAPI route function for Pub/Sub push deliveries."""
+
+    async def receive(request: Request) -> JSONResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await request.body()
+        trace = request.headers.get("x-cloud-trace-context", "").split("/", 1)[0]
+        status, reply = await run_in_threadpool(
+            handle_push, body, get_step(request), get_failures(request), trace
+        )
+        return JSONResponse(reply, status_code=status)
+
+    return receive
+
+
+def run(app: str, service: str, settings: CommonSettings) -> None:
+    """Process entry point: JSON logs, then uvicorn on $PORT (Cloud Run's contract)."""
+    setup_logging(service, settings.log_level, settings.project)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=8)
+
+
+def create_app(service: str, lifespan: Any) -> FastAPI:
+    """A service app with the push route and a health route.
+
+    The lifespan must set `app.state.clients` (Clients) and `app.state.step` (Step).
+    """
+    app = FastAPI(title=f"mlpipe {service}", lifespan=lifespan)
+    app.add_api_route(
+        "/pubsub/push",
+        push_endpoint(lambda r: r.app.state.step, lambda r: r.app.state.clients.failures),
+        methods=["POST"],
+        summary="Pub/Sub push deliveries",
+    )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    return app

@@ -1,0 +1,55 @@
+"""Service settings: one pydantic Settings class per service, all built on `CommonSettings`.
+
+Every setting is read from the environment with the `MLPIPE_` prefix (for example
+`MLPIPE_BUCKET`). A missing required setting stops start-up with a message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(RuntimeError):
+    """A required setting is missing or has a wrong value."""
+
+
+class CommonSettings(BaseSettings):
+    """Settings every mlpipe process needs."""
+
+    model_config = SettingsConfigDict(env_prefix="MLPIPE_", extra="ignore", frozen=True)
+
+    project: str = Field(
+        validation_alias=AliasChoices("MLPIPE_PROJECT", "GOOGLE_CLOUD_PROJECT"),
+        description="GCP project that owns the topics (any id works on the emulator).",
+    )
+    bucket: str = Field(description="Bucket holding datasets, runs, registry and quarantine.")
+    code_version: str = Field(default="dev", description="git commit of the running code.")
+    log_level: str = "INFO"
+    # Cloud Run sets PORT; the container must listen on all interfaces there. The local
+    # stack sets MLPIPE_HOST=127.0.0.1.
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, validation_alias=AliasChoices("PORT", "MLPIPE_PORT"))
+    publish_timeout_seconds: float = 30.0
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S]) -> S:
+    """Build `cls` from the environment, turning validation errors into a clear message."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "?"
+            env_name = name if name.isupper() else f"{prefix}{name}".upper()
+            if err["type"] == "missing":
+                problems.append(f"missing required setting {env_name}")
+            else:
+                problems.append(f"invalid setting {env_name}: {err['msg']}")
+        raise SettingsError(f"{cls.__name__}: " + "; ".join(problems)) from None
