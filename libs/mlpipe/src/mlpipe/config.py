@@ -15,6 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mlpipe.errors import PermanentError
+from mlpipe.storage import Storage
+
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 
 
@@ -118,3 +121,29 @@ def parse_config(text: str | bytes, source: str = "config") -> PipelineConfig:
 
 def config_path(pipeline: str) -> str:
     return f"pipelines/{pipeline}/config.yaml"
+
+
+def load_pipeline_config(storage: Storage, name: str) -> PipelineConfig:
+    """The registered config of pipeline `name`; a missing or invalid one is permanent."""
+    found = storage.read(config_path(name))
+    if found is None:
+        raise PermanentError(
+            "unknown_pipeline",
+            f"no pipeline config at {storage.uri(config_path(name))}; "
+            f"register one with `mlpipe pipeline apply`",
+        )
+    try:
+        return parse_config(found.data, source=found.uri)
+    except ConfigError as exc:
+        raise PermanentError("invalid_config", str(exc)) from exc
+
+
+def load_run_config(storage: Storage, run_id: str) -> PipelineConfig:
+    """The config snapshot a run was started with (`runs/<run_id>/config.json`)."""
+    found = storage.read(f"runs/{run_id}/config.json")
+    if found is None:
+        raise PermanentError("missing_run_config", f"run {run_id} has no config snapshot")
+    try:
+        return parse_config(found.data, source=found.uri)
+    except ConfigError as exc:
+        raise PermanentError("invalid_config", str(exc)) from exc

@@ -61,13 +61,21 @@ class Split:
     stratified: bool
 
     def to_json(self) -> dict[str, object]:
-        return {"train": self.train, "holdout": self.holdout, "seed": self.seed,
-                "stratified": self.stratified}
+        return {
+            "train": self.train,
+            "holdout": self.holdout,
+            "seed": self.seed,
+            "stratified": self.stratified,
+        }
 
     @classmethod
     def from_json(cls, value: dict) -> Split:
-        return cls(list(value["train"]), list(value["holdout"]), int(value["seed"]),
-                   bool(value["stratified"]))
+        return cls(
+            list(value["train"]),
+            list(value["holdout"]),
+            int(value["seed"]),
+            bool(value["stratified"]),
+        )
 
 
 def split_rows(frame: pd.DataFrame, config: PipelineConfig) -> Split:
@@ -87,5 +95,9 @@ def split_rows(frame: pd.DataFrame, config: PipelineConfig) -> Split:
         random_state=config.split.seed,
         stratify=stratify,
     )
-    return Split(sorted(int(i) for i in train), sorted(int(i) for i in holdout),
-                 config.split.seed, stratify is not None)
+    return Split(
+        sorted(int(i) for i in train),
+        sorted(int(i) for i in holdout),
+        config.split.seed,
+        stratify is not None,
+    )

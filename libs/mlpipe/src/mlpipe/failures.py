@@ -1,4 +1,4 @@
-"""Permanent failures: keep the offending input whole under `quarantine/`, publish PipelineFailed."""
+"""Permanent failures: keep the input whole under `quarantine/`, publish PipelineFailed."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class FailureReporter:
         key = _safe(key or sha256_hex(payload)[:32])
         path = f"quarantine/{_safe(reason)}/{_safe(self.stage)}-{key}"
         meta = {"stage": self.stage, "reason": reason, **(metadata or {})}
-        self.storage.create_if_absent(path, payload, content_type="application/octet-stream",
-                                      metadata=meta)
+        self.storage.create_if_absent(
+            path, payload, content_type="application/octet-stream", metadata=meta
+        )
         return self.storage.uri(path)
 
     def report(
@@ -53,9 +54,13 @@ class FailureReporter:
         if payload is not None and not quarantine_uri:
             key = source.message_id if source and source.message_id else ""
             quarantine_uri = self.quarantine(
-                reason, payload, key=key,
-                metadata={"message": message[:1000],
-                          "subscription": source.subscription if source else ""},
+                reason,
+                payload,
+                key=key,
+                metadata={
+                    "message": message[:1000],
+                    "subscription": source.subscription if source else "",
+                },
             )
         ctx = events_pb2.RunContext()
         if context is not None:
@@ -77,7 +82,10 @@ class FailureReporter:
         self.publisher.publish(failed)
         log.warning(
             "pipeline failure at %s: %s: %s (input kept at %s)",
-            self.stage, reason, message, quarantine_uri or "-",
+            self.stage,
+            reason,
+            message,
+            quarantine_uri or "-",
             extra={"reason": reason, "quarantine_uri": quarantine_uri},
         )
         return failed

@@ -38,6 +38,7 @@ class RunPaths:
         self.run_id = run_id
         base = run_prefix(run_id)
         self.claim = base + "claim.json"
+        self.config = base + "config.json"  # the config snapshot the run is keyed on
         self.model = base + "model.joblib"
         self.split = base + "split.json"
         self.lineage = base + "lineage.json"

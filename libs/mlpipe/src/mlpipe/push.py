@@ -145,7 +145,9 @@ def parse_object_notification(message: PushMessage) -> ObjectNotification:
         name=attrs["objectId"],
         generation=int(generation),
         event_type=attrs["eventType"],
-        metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+        metadata={str(k): str(v) for k, v in metadata.items()}
+        if isinstance(metadata, dict)
+        else {},
         size=int(resource.get("size") or 0),
         content_type=str(resource.get("contentType") or ""),
     )

@@ -121,7 +121,9 @@ class Registry:
             log.warning("taking over a stale registry claim for run %s (%.0fs old)", run_id, age)
             try:
                 claim_gen = self.storage.write(
-                    claim_path, pending, content_type="application/json",
+                    claim_path,
+                    pending,
+                    content_type="application/json",
                     if_generation_match=existing.generation,
                 )
             except gexc.PreconditionFailed as exc:
@@ -142,19 +144,27 @@ class Registry:
         }
         self.storage.write_json(base + "version.json", record)
         registered = json.dumps({"state": "registered", "version": version}).encode()
-        self.storage.write(claim_path, registered, content_type="application/json",
-                           if_generation_match=claim_gen)
+        self.storage.write(
+            claim_path, registered, content_type="application/json", if_generation_match=claim_gen
+        )
         log.info("registered %s version %d for run %s", model, version, run_id)
         return ModelVersion(model, version, run_id, record["model_uri"], sha, record), True
 
     def _allocate_version(self, model: str, run_id: str) -> int:
         prefix = f"{self._base(model)}version-claims/"
-        taken = [int(n.rsplit("/", 1)[-1]) for n in self.storage.list(prefix)
-                 if n.rsplit("/", 1)[-1].isdigit()]
+        taken = [
+            int(n.rsplit("/", 1)[-1])
+            for n in self.storage.list(prefix)
+            if n.rsplit("/", 1)[-1].isdigit()
+        ]
         candidate = max(taken, default=0) + 1
         for _ in range(100):
-            if self.storage.create_if_absent(prefix + str(candidate), run_id.encode(),
-                                             content_type="text/plain") is not None:
+            if (
+                self.storage.create_if_absent(
+                    prefix + str(candidate), run_id.encode(), content_type="text/plain"
+                )
+                is not None
+            ):
                 return candidate
             candidate += 1
         raise TransientError(f"could not allocate a version number for {model}")
@@ -171,13 +181,18 @@ class Registry:
         for _ in range(20):
             current = self.storage.read(path)
             previous = None if current is None else int(current.json()["version"])
-            if previous == version or (only_forward and previous is not None
-                                       and previous > version):
+            if previous == version or (
+                only_forward and previous is not None and previous > version
+            ):
                 return False, previous
             value = json.dumps({"version": version, "updated_at": _now()}).encode()
             try:
-                self.storage.write(path, value, content_type="application/json",
-                                   if_generation_match=0 if current is None else current.generation)
+                self.storage.write(
+                    path,
+                    value,
+                    content_type="application/json",
+                    if_generation_match=0 if current is None else current.generation,
+                )
                 return True, previous
             except gexc.PreconditionFailed:
                 continue

@@ -27,6 +27,8 @@ from mlpipe.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
+RETRYABLE: tuple[type[Exception], ...] = (TransientError, *gcs.TRANSIENT_ERRORS)
+
 
 @dataclass
 class StepResult:
@@ -51,14 +53,15 @@ class Clients:
     def create(cls, settings: CommonSettings, stage: str) -> Clients:
         storage = gcs.Storage(gcs.make_client(settings.project), settings.bucket)
         publisher = Publisher(settings.project, timeout=settings.publish_timeout_seconds)
-        failures = FailureReporter(storage, publisher, stage=stage,
-                                   code_version=settings.code_version)
+        failures = FailureReporter(
+            storage, publisher, stage=stage, code_version=settings.code_version
+        )
         return cls(settings, storage, publisher, failures)
 
 
-def handle_push(body: bytes, step: Step, failures: FailureReporter, trace: str = "") -> tuple[
-    int, dict[str, Any]
-]:
+def handle_push(
+    body: bytes, step: Step, failures: FailureReporter, trace: str = ""
+) -> tuple[int, dict[str, Any]]:
     """Run one push delivery through `step`; return (HTTP status, JSON reply)."""
     try:
         message = parse_envelope(body)
@@ -69,8 +72,11 @@ def handle_push(body: bytes, step: Step, failures: FailureReporter, trace: str =
         except gcs.TRANSIENT_ERRORS:
             log.exception("could not quarantine an invalid push body")
             return 503, {"error": "unavailable", "detail": "could not keep the payload; retry"}
-        return 400, {"error": "invalid_envelope", "detail": str(exc),
-                     "quarantine_uri": failed.quarantine_uri}
+        return 400, {
+            "error": "invalid_envelope",
+            "detail": str(exc),
+            "quarantine_uri": failed.quarantine_uri,
+        }
 
     with run_context(run_id=message.attributes.get("run_id", ""), trace=trace):
         try:
@@ -78,29 +84,43 @@ def handle_push(body: bytes, step: Step, failures: FailureReporter, trace: str =
         except PermanentError as exc:
             try:
                 failed = failures.report(
-                    reason=exc.reason, message=exc.message, payload=message.raw,
-                    source=message, context=exc.context, dataset=exc.dataset,
+                    reason=exc.reason,
+                    message=exc.message,
+                    payload=message.raw,
+                    source=message,
+                    context=exc.context,
+                    dataset=exc.dataset,
                 )
             except gcs.TRANSIENT_ERRORS:
                 log.exception("could not report a permanent failure; asking for a retry")
                 return 503, {"error": "unavailable", "detail": "could not keep the payload"}
             # Acknowledged: redelivering a message that can never succeed helps nobody.
-            return 200, {"status": "rejected", "reason": exc.reason, "detail": exc.message,
-                         "quarantine_uri": failed.quarantine_uri}
-        except (TransientError, *gcs.TRANSIENT_ERRORS) as exc:
-            log.warning("transient failure, asking Pub/Sub to retry: %s", exc,
-                        extra={"delivery_attempt": message.delivery_attempt})
+            return 200, {
+                "status": "rejected",
+                "reason": exc.reason,
+                "detail": exc.message,
+                "quarantine_uri": failed.quarantine_uri,
+            }
+        except RETRYABLE as exc:
+            log.warning(
+                "transient failure, asking Pub/Sub to retry: %s",
+                exc,
+                extra={"delivery_attempt": message.delivery_attempt},
+            )
             return 503, {"error": "transient", "detail": str(exc)}
         except Exception as exc:
-            log.exception("unexpected error handling message %s", message.message_id,
-                          extra={"delivery_attempt": message.delivery_attempt})
+            log.exception(
+                "unexpected error handling message %s",
+                message.message_id,
+                extra={"delivery_attempt": message.delivery_attempt},
+            )
             return 500, {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
     return 200, {"status": result.status, "run_id": result.run_id, **result.detail}
 
 
-def push_endpoint(get_step: Callable[[Request], Step], get_failures: Callable[
-    [Request], FailureReporter
-]) -> Callable[..., Any]:
+def push_endpoint(
+    get_step: Callable[[Request], Step], get_failures: Callable[[Request], FailureReporter]
+) -> Callable[..., Any]:
     """A FastAPI route function for Pub/Sub push deliveries."""
 
     async def receive(request: Request) -> JSONResponse:
@@ -119,8 +139,14 @@ def push_endpoint(get_step: Callable[[Request], Step], get_failures: Callable[
 def run(app: str, service: str, settings: CommonSettings) -> None:
     """Process entry point: JSON logs, then uvicorn on $PORT (Cloud Run's contract)."""
     setup_logging(service, settings.log_level, settings.project)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=8)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=8,
+    )
 
 
 def create_app(service: str, lifespan: Any) -> FastAPI:

@@ -8,6 +8,7 @@ read-then-write.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,16 +119,18 @@ class Storage:
         )
         return int(blob.generation or 0)
 
-    def write_json(
-        self, path: str, value: Any, *, if_generation_match: int | None = None
-    ) -> int:
+    def write_json(self, path: str, value: Any, *, if_generation_match: int | None = None) -> int:
         data = json.dumps(value, indent=2, sort_keys=True, default=str).encode()
         return self.write(
             path, data, content_type="application/json", if_generation_match=if_generation_match
         )
 
     def create_if_absent(
-        self, path: str, data: bytes, *, content_type: str = "application/json",
+        self,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str = "application/json",
         metadata: dict[str, str] | None = None,
     ) -> int | None:
         """Create the object only if none exists; return its generation, or None if taken."""
@@ -145,7 +148,5 @@ class Storage:
         return [b.name for b in self.client.list_blobs(self.bucket_name, prefix=prefix)]
 
     def delete(self, path: str) -> None:
-        try:
+        with contextlib.suppress(gexc.NotFound):
             self.bucket.blob(path).delete()
-        except gexc.NotFound:
-            pass

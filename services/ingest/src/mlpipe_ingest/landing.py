@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlpipe import events, lineage
-from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
+from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
@@ -144,20 +144,6 @@ def validate(table: Table, config: PipelineConfig) -> None:
         )
 
 
-def load_config(storage: Storage, name: str) -> PipelineConfig:
-    found = storage.read(config_path(name))
-    if found is None:
-        raise PermanentError(
-            "unknown_pipeline",
-            f"no pipeline config at {storage.uri(config_path(name))}; "
-            f"register one with `mlpipe pipeline apply`",
-        )
-    try:
-        return parse_config(found.data, source=found.uri)
-    except ConfigError as exc:
-        raise PermanentError("invalid_config", str(exc)) from exc
-
-
 def land(message: PushMessage, deps: Landing) -> StepResult:
     if len(message.data) > deps.max_inline_bytes:
         raise PermanentError(
@@ -168,17 +154,22 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         )
     try:
         request = events.decode(
-            events_pb2.IngestRequest, message.data,
+            events_pb2.IngestRequest,
+            message.data,
             message.attributes.get(events.SCHEMA_ENCODING_ATTR, ""),
         )
     except events.EventDecodeError as exc:
         raise PermanentError("invalid_message", str(exc)) from exc
     if not request.dataset:
         raise PermanentError("invalid_message", "IngestRequest.dataset is empty")
-    config = load_config(deps.storage, request.dataset)
-    ctx = events.context(producer="ingest", code_version=deps.code_version,
-                         pipeline=config.name, config_sha256=config.sha256(),
-                         request_id=request.request_id)
+    config = load_pipeline_config(deps.storage, request.dataset)
+    ctx = events.context(
+        producer="ingest",
+        code_version=deps.code_version,
+        pipeline=config.name,
+        config_sha256=config.sha256(),
+        request_id=request.request_id,
+    )
 
     source = request.WhichOneof("source")
     if source != "inline":
@@ -202,31 +193,53 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
     data = to_parquet_bytes(table) if parquet else to_csv_bytes(table)
     ext = "parquet" if parquet else "csv"
     sha = sha256_hex(data)
-    when = request.requested_at.ToDatetime(dt.UTC) if request.HasField("requested_at") \
+    when = (
+        request.requested_at.ToDatetime(dt.UTC)
+        if request.HasField("requested_at")
         else message.publish_time
+    )
     path = lineage.dataset_path(config.name, when.date(), sha[:16], ext)
-    metadata = {"sha256": sha, "source": "inline", "row_count": str(len(table.rows)),
-                "columns": ",".join(table.header), "request_id": request.request_id}
+    metadata = {
+        "sha256": sha,
+        "source": "inline",
+        "row_count": str(len(table.rows)),
+        "columns": ",".join(table.header),
+        "request_id": request.request_id,
+    }
     generation = deps.storage.create_if_absent(
-        path, data, content_type="text/csv" if ext == "csv" else "application/vnd.apache.parquet",
+        path,
+        data,
+        content_type="text/csv" if ext == "csv" else "application/vnd.apache.parquet",
         metadata=metadata,
     )
     already = generation is None
-    if already:
+    if generation is None:
         existing = deps.storage.bucket.get_blob(path)
         generation = int(existing.generation) if existing is not None else 0
     ctx.run_id = lineage.run_id_for(sha, ctx.config_sha256)
     landed = events_pb2.DatasetLanded(
         context=ctx,
-        dataset=events_pb2.DatasetRef(uri=deps.storage.uri(path), generation=generation,
-                                      sha256=sha, name=config.name,
-                                      row_count=len(table.rows), format=ext),
+        dataset=events_pb2.DatasetRef(
+            uri=deps.storage.uri(path),
+            generation=generation,
+            sha256=sha,
+            name=config.name,
+            row_count=len(table.rows),
+            format=ext,
+        ),
         already_present=already,
         columns=table.header,
     )
     deps.publisher.publish(landed)
-    log.info("landed %s (%d rows)%s", landed.dataset.uri, len(table.rows),
-             " — identical content was already there" if already else "",
-             extra={"run_id": ctx.run_id})
-    return StepResult("landed" if not already else "duplicate",
-                      {"dataset_uri": landed.dataset.uri}, run_id=ctx.run_id)
+    log.info(
+        "landed %s (%d rows)%s",
+        landed.dataset.uri,
+        len(table.rows),
+        " — identical content was already there" if already else "",
+        extra={"run_id": ctx.run_id},
+    )
+    return StepResult(
+        "landed" if not already else "duplicate",
+        {"dataset_uri": landed.dataset.uri},
+        run_id=ctx.run_id,
+    )

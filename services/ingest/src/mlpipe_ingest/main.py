@@ -22,8 +22,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(IngestSettings)
     clients = Clients.create(settings, stage="ingest")
     app.state.clients = clients
-    app.state.step = Landing(clients.storage, clients.publisher, settings.code_version,
-                             settings.max_inline_bytes)
+    app.state.step = Landing(
+        clients.storage, clients.publisher, settings.code_version, settings.max_inline_bytes
+    )
     yield
 
 

@@ -1,0 +1,41 @@
+"""trainer service: a dataset's OBJECT_FINALIZE notification → a training job for its run."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from mlpipe.service import Clients, create_app
+from mlpipe.settings import CommonSettings, load_settings
+from mlpipe_trainer.launcher import LocalJobLauncher
+from mlpipe_trainer.recovery import crash_reporter
+from mlpipe_trainer.start import TrainingStarter
+
+
+class TrainerSettings(CommonSettings):
+    job_log_dir: Path = Path("/tmp/mlpipe-jobs")
+    # A claim older than this whose job never reported is taken over by the next delivery.
+    training_lease_seconds: float = 900.0
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = load_settings(TrainerSettings)
+    clients = Clients.create(settings, stage="trainer")
+    launcher = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients))
+    app.state.clients = clients
+    app.state.step = TrainingStarter(
+        clients.storage,
+        clients.publisher,
+        launcher,
+        settings.code_version,
+        settings.training_lease_seconds,
+    )
+    yield
+    launcher.terminate_all()
+
+
+app = create_app("trainer", lifespan)

@@ -1,0 +1,162 @@
+"""The trainer's step: a dataset landed → claim its run → start a training job → return.
+
+Training never runs inside the push request (its deadline is at most 600 s): the job is
+started and the handler returns at once. The job publishes TrainingCompleted itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.api_core import exceptions as gexc
+
+from mlpipe import events, lineage
+from mlpipe.config import load_pipeline_config
+from mlpipe.errors import PermanentError
+from mlpipe.publishing import Publisher
+from mlpipe.push import EnvelopeError, PushMessage, parse_object_notification
+from mlpipe.service import StepResult
+from mlpipe.storage import Storage, sha256_hex
+from mlpipe.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class JobLauncher(Protocol):
+    backend: str
+
+    def launch(self, started: events_pb2.TrainingStarted) -> str:
+        """Start the training job for `started`; return a job id."""
+        ...
+
+
+@dataclass
+class TrainingStarter:
+    storage: Storage
+    publisher: Publisher
+    launcher: JobLauncher
+    code_version: str
+    lease_seconds: float
+
+    def __call__(self, message: PushMessage) -> StepResult:
+        return start_training(message, self)
+
+
+def _claim(storage: Storage, paths: lineage.RunPaths, body: dict, lease: float) -> int | None:
+    """Claim the run; return the claim's generation, or None if a live claim exists."""
+    data = json.dumps(body).encode()
+    generation = storage.create_if_absent(paths.claim, data)
+    if generation is not None:
+        return generation
+    existing = storage.read(paths.claim)
+    if existing is None:
+        return storage.create_if_absent(paths.claim, data)
+    age = time.time() - float(existing.json().get("claimed_at", 0))
+    if age < lease:
+        return None
+    log.warning(
+        "run %s: claim is %.0fs old (lease %.0fs): taking it over", paths.run_id, age, lease
+    )
+    try:
+        return storage.write(
+            paths.claim,
+            data,
+            content_type="application/json",
+            if_generation_match=existing.generation,
+        )
+    except gexc.PreconditionFailed:
+        return None
+
+
+def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
+    try:
+        note = parse_object_notification(message)
+    except EnvelopeError as exc:
+        raise PermanentError("invalid_notification", str(exc)) from exc
+    if note.event_type != "OBJECT_FINALIZE" or note.bucket != deps.storage.bucket_name:
+        return StepResult("ignored", {"object": note.uri, "event": note.event_type})
+    match = lineage.DATASET_PATH.match(note.name)
+    if match is None:
+        if note.name.startswith("datasets/"):
+            raise PermanentError(
+                "bad_dataset_path",
+                f"{note.uri} is not a dataset path: expected "
+                f"datasets/<name>/dt=YYYY-MM-DD/<id>.csv|parquet",
+            )
+        return StepResult("ignored", {"object": note.uri})
+
+    name, fmt = match["name"], match["ext"]
+    config = load_pipeline_config(deps.storage, name)
+    sha = note.metadata.get("sha256", "")
+    if not sha:
+        # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
+        obj = deps.storage.read(note.name, generation=note.generation)
+        if obj is None:
+            return StepResult("ignored", {"object": note.uri, "detail": "object is gone"})
+        sha = sha256_hex(obj.data)
+    config_sha = config.sha256()
+    run_id = lineage.run_id_for(sha, config_sha)
+    ctx = events.context(
+        producer="trainer",
+        code_version=deps.code_version,
+        run_id=run_id,
+        pipeline=name,
+        config_sha256=config_sha,
+        request_id=note.metadata.get("request_id", ""),
+    )
+    dataset = events_pb2.DatasetRef(
+        uri=note.uri,
+        generation=note.generation,
+        sha256=sha,
+        name=name,
+        format=fmt,
+        row_count=int(note.metadata.get("row_count") or 0),
+    )
+    paths = lineage.RunPaths(run_id)
+
+    done = deps.storage.read(paths.training)
+    if done is not None:
+        # Resume the chain from the recorded event: every later step is idempotent.
+        completed = events.from_json(events_pb2.TrainingCompleted, done.data)
+        deps.publisher.publish(completed)
+        return StepResult(
+            "duplicate", {"detail": "run already trained; event re-published"}, run_id=run_id
+        )
+    if deps.storage.exists(paths.failed):
+        return StepResult("duplicate", {"detail": "run already failed"}, run_id=run_id)
+
+    claim = {
+        "run_id": run_id,
+        "claimed_at": time.time(),
+        "dataset": note.uri,
+        "generation": note.generation,
+        "claimed_at_iso": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    claim_gen = _claim(deps.storage, paths, claim, deps.lease_seconds)
+    if claim_gen is None:
+        return StepResult("in_progress", {"detail": "a job for this run is running"}, run_id=run_id)
+
+    deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
+    started = events_pb2.TrainingStarted(
+        context=ctx, dataset=dataset, backend=deps.launcher.backend
+    )
+    try:
+        started.job_id = deps.launcher.launch(started)
+    except Exception:
+        # Release the claim so the redelivery can start the job again.
+        deps.storage.bucket.blob(paths.claim).delete(if_generation_match=claim_gen)
+        raise
+    deps.publisher.publish(started)
+    log.info(
+        "started %s training job %s for %s",
+        started.backend,
+        started.job_id,
+        note.uri,
+        extra={"run_id": run_id},
+    )
+    return StepResult("started", {"job_id": started.job_id}, run_id=run_id)

@@ -1,0 +1,155 @@
+"""The training job's work: read the exact dataset bytes, split, fit, write the run's artifacts.
+
+Pure of transport: it reads and writes through `Storage` and returns the TrainingCompleted
+event; `job.py` publishes it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import io
+import logging
+import time
+from typing import Any
+
+import joblib
+import pandas as pd
+
+from mlpipe import events, lineage
+from mlpipe.config import ModelSpec, PipelineConfig, load_run_config
+from mlpipe.data import check_columns, read_dataset, split_rows
+from mlpipe.errors import PermanentError
+from mlpipe.storage import Storage, sha256_hex
+from mlpipe.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+def build_estimator(spec: ModelSpec) -> Any:
+    module_name, _, class_name = spec.estimator.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise PermanentError("invalid_estimator", f"cannot import {spec.estimator}: {exc}") from exc
+    try:
+        return cls(**spec.params)
+    except TypeError as exc:
+        raise PermanentError(
+            "invalid_estimator", f"{spec.estimator} rejects params {spec.params}: {exc}"
+        ) from exc
+
+
+def check_numeric(frame: pd.DataFrame, features: list[str], source: str) -> None:
+    for column in features:
+        if not pd.api.types.is_numeric_dtype(frame[column]):
+            coerced = pd.to_numeric(frame[column], errors="coerce")
+            bad = frame[column][coerced.isna() & frame[column].notna()]
+            example = bad.iloc[0] if len(bad) else "?"
+            row = int(bad.index[0]) + 2 if len(bad) else 0
+            raise PermanentError(
+                "wrong_type",
+                f"{source}: column {column!r} must be numeric; {len(bad)} value(s) are not "
+                f"(first: {example!r} on CSV line {row})",
+            )
+
+
+def fetch_dataset(storage: Storage, dataset: events_pb2.DatasetRef) -> bytes:
+    obj = storage.read(storage.path_of(dataset.uri), generation=dataset.generation or None)
+    if obj is None:
+        raise PermanentError(
+            "dataset_missing", f"{dataset.uri}#{dataset.generation} no longer exists"
+        )
+    actual = sha256_hex(obj.data)
+    if dataset.sha256 and actual != dataset.sha256:
+        raise PermanentError(
+            "sha256_mismatch",
+            f"{dataset.uri}#{dataset.generation} has sha256 {actual}, expected {dataset.sha256}",
+        )
+    return obj.data
+
+
+def train(
+    storage: Storage, started: events_pb2.TrainingStarted, code_version: str
+) -> events_pb2.TrainingCompleted:
+    began = dt.datetime.now(dt.UTC)
+    run_id = started.context.run_id
+    paths = lineage.RunPaths(run_id)
+    config: PipelineConfig = load_run_config(storage, run_id)
+    data = fetch_dataset(storage, started.dataset)
+    frame = read_dataset(data, started.dataset.format or "csv", started.dataset.uri)
+    features = check_columns(frame, config, started.dataset.uri)
+    check_numeric(frame, features, started.dataset.uri)
+    split = split_rows(frame, config)
+    estimator = build_estimator(config.model)
+
+    train_frame = frame.iloc[split.train]
+    t0 = time.perf_counter()
+    try:
+        estimator.fit(train_frame[features], train_frame[config.dataset.target])
+    except ValueError as exc:
+        raise PermanentError("fit_failed", f"{config.model.estimator}.fit failed: {exc}") from exc
+    fit_seconds = time.perf_counter() - t0
+
+    bundle = {
+        "estimator": estimator,
+        "features": features,
+        "target": config.dataset.target,
+        "task": config.model.task,
+        "run_id": run_id,
+    }
+    buffer = io.BytesIO()
+    joblib.dump(bundle, buffer)
+    model_bytes = buffer.getvalue()
+    model_sha = sha256_hex(model_bytes)
+
+    storage.write(paths.model, model_bytes)
+    storage.write_json(paths.split, split.to_json())
+    lineage_record = {
+        "run_id": run_id,
+        "dataset": events.to_dict(started.dataset) | {"rows": len(frame)},
+        "config_sha256": started.context.config_sha256,
+        "config_uri": storage.uri(paths.config),
+        "code_version": code_version,
+        "request_id": started.context.request_id,
+        "model": {
+            "uri": storage.uri(paths.model),
+            "sha256": model_sha,
+            "estimator": config.model.estimator,
+            "params": config.model.params,
+        },
+        "features": features,
+        "target": config.dataset.target,
+        "split": {
+            "uri": storage.uri(paths.split),
+            "seed": split.seed,
+            "stratified": split.stratified,
+            "train_rows": len(split.train),
+            "holdout_rows": len(split.holdout),
+        },
+        "trained_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    storage.write_json(paths.lineage, lineage_record)
+
+    ctx = events.next_context(started.context, producer="training-job", code_version=code_version)
+    completed = events_pb2.TrainingCompleted(
+        context=ctx,
+        dataset=started.dataset,
+        model_uri=storage.uri(paths.model),
+        model_sha256=model_sha,
+        model_name=config.model.name,
+        task=config.model.task,
+        estimator=config.model.estimator,
+        train_rows=len(split.train),
+        holdout_rows=len(split.holdout),
+        split_uri=storage.uri(paths.split),
+        lineage_uri=storage.uri(paths.lineage),
+        fit_seconds=fit_seconds,
+        started_at=events.timestamp(began),
+        finished_at=events.timestamp(),
+    )
+    completed.dataset.row_count = len(frame)
+    log.info(
+        "trained %s on %d rows in %.3fs", config.model.estimator, len(split.train), fit_seconds
+    )
+    return completed
