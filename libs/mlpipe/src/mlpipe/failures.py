@@ -65,6 +65,8 @@ class FailureReporter:
         ctx = events_pb2.RunContext()
         if context is not None:
             ctx.CopyFrom(context)
+        if not ctx.request_id and source is not None:
+            ctx.request_id = source.attributes.get("request_id", "")
         ctx.producer = self.stage
         ctx.code_version = self.code_version
         ctx.event_time.CopyFrom(events.timestamp())

