@@ -152,10 +152,17 @@ def fake_gcs_binary() -> Path:
     return binary
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: Proc) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    proc: Proc,
+    child: subprocess.Popen[bytes],
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not proc.alive():
+        # The child itself, not /proc's cmdline: right after fork it still shows ours.
+        if child.poll() is not None:
             raise StackError(f"{what} exited during start-up; see {proc.log}")
         try:
             if check():
@@ -183,6 +190,7 @@ class LocalStack:
         self.state_dir = state_dir.resolve()
         self.logs = self.state_dir / "logs"
         self.extra_env = env or {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
         ports = {name: base_port + 2 + i for i, name in enumerate(SERVICES)}
         self.state = StackState(
             project=project,
@@ -209,11 +217,15 @@ class LocalStack:
                 start_new_session=True,
             )
         proc = Proc(name, popen.pid, port, str(log_path), marker)
+        self._children[name] = popen
         self.state.processes.append(proc)
         self.state.save()
         return proc
 
-    def up(self, timeout: float = 120.0, progress: Callable[[str], None] = print) -> StackState:
+    def up(
+        self, timeout: float = 120.0, progress: Callable[[str], None] = print, services: bool = True
+    ) -> StackState:
+        """Start everything (or, with `services=False`, only the two emulators and the bucket)."""
         existing = StackState.load(self.state_dir)
         if existing and existing.processes and all(p.alive() for p in existing.processes):
             progress(f"stack already running (state in {self.state_dir})")
@@ -230,16 +242,17 @@ class LocalStack:
             )
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / "jobs").mkdir(exist_ok=True)
+        (self.state_dir / "pubsub-data").mkdir(exist_ok=True)
         self.state.processes = []
         try:
-            self._start_all(timeout, progress)
+            self._start_all(timeout, progress, services)
         except BaseException:
             progress("start-up failed or was interrupted: stopping what was started")
             self.down(progress)
             raise
         return self.state
 
-    def _start_all(self, timeout: float, progress: Callable[[str], None]) -> None:
+    def _start_all(self, timeout: float, progress: Callable[[str], None], services: bool) -> None:
         st = self.state
         base_env = {**os.environ, **self.extra_env, **st.client_env()}
         t0 = time.monotonic()
@@ -260,12 +273,24 @@ class LocalStack:
             "pubsub",
             base_env,
         )
-        wait_until(_http_ok(f"http://{st.pubsub_host}/"), timeout, "the Pub/Sub emulator", pubsub)
+        wait_until(
+            _http_ok(f"http://{st.pubsub_host}/"),
+            timeout,
+            "the Pub/Sub emulator",
+            pubsub,
+            self._children[pubsub.name],
+        )
         progress(f"pubsub emulator  {st.pubsub_host}  ({time.monotonic() - t0:.1f}s)")
 
         with client_env(st):
-            endpoints = {s: f"{st.url(s)}/pubsub/push" for s in SERVICES}
-            changes = topology.apply(st.project, endpoints)
+            if services:
+                endpoints = {s: f"{st.url(s)}/pubsub/push" for s in SERVICES}
+                changes = topology.apply(st.project, endpoints)
+            else:
+                # fake-gcs-server needs its notification topic to exist before it starts.
+                changes = topology.create_topics(
+                    st.project, (topology.TOPOLOGY.notification.topic,)
+                )
         progress(f"topology         {len(changes)} change(s) applied")
 
         note = topology.TOPOLOGY.notification
@@ -298,7 +323,13 @@ class LocalStack:
             "fake-gcs-server",
             base_env,
         )
-        wait_until(_http_ok(f"{st.storage_host}/storage/v1/b"), timeout, "fake-gcs-server", gcs)
+        wait_until(
+            _http_ok(f"{st.storage_host}/storage/v1/b"),
+            timeout,
+            "fake-gcs-server",
+            gcs,
+            self._children[gcs.name],
+        )
         with client_env(st):
             from mlpipe.storage import make_client
 
@@ -308,7 +339,7 @@ class LocalStack:
         progress(f"fake-gcs-server  {st.storage_host}  bucket gs://{st.bucket}")
 
         procs = []
-        for name in SERVICES:
+        for name in SERVICES if services else ():
             env = {
                 **base_env,
                 "PORT": str(st.service_ports[name]),
@@ -325,7 +356,13 @@ class LocalStack:
                 )
             )
         for proc in procs:
-            wait_until(_http_ok(f"http://{HOST}:{proc.port}/healthz"), timeout, proc.name, proc)
+            wait_until(
+                _http_ok(f"http://{HOST}:{proc.port}/healthz"),
+                timeout,
+                proc.name,
+                proc,
+                self._children[proc.name],
+            )
             progress(f"{proc.name:<16} http://{HOST}:{proc.port}")
         progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
 

@@ -78,11 +78,23 @@ class Storage:
             raise ValueError(f"{uri} is not in bucket {self.bucket_name}")
         return name
 
-    def read(self, path: str, generation: int | None = None) -> StoredObject | None:
-        """The object at `path` (a given generation, else the live one), or None."""
+    def read(
+        self, path: str, generation: int | None = None, *, with_metadata: bool = False
+    ) -> StoredObject | None:
+        """The object at `path` (a given generation, else the live one), or None.
+
+        `with_metadata` costs one more request: it fetches the object's custom metadata.
+        """
         blob = self.bucket.blob(path, generation=generation)
         try:
-            data = blob.download_as_bytes()
+            if with_metadata:
+                found = self.bucket.get_blob(path, generation=generation)
+                if found is None:
+                    return None
+                blob = found
+                data = blob.download_as_bytes(if_generation_match=blob.generation)
+            else:
+                data = blob.download_as_bytes()
         except gexc.NotFound:
             return None
         return StoredObject(

@@ -116,6 +116,26 @@ def _push_request(
     }
 
 
+def create_topics(
+    project: str,
+    topics: tuple[str, ...],
+    publisher: pubsub_v1.PublisherClient | None = None,
+    dry_run: bool = False,
+) -> list[Change]:
+    publisher = publisher or pubsub_v1.PublisherClient()
+    changes = []
+    for topic in topics:
+        path = publisher.topic_path(project, topic)
+        try:
+            publisher.get_topic(request={"topic": path})
+        except gexc.NotFound:
+            changes.append(Change("create", "topic", topic))
+            if not dry_run:
+                with contextlib.suppress(gexc.AlreadyExists):
+                    publisher.create_topic(request={"name": path})
+    return changes
+
+
 def apply(
     project: str,
     endpoints: Mapping[str, str],

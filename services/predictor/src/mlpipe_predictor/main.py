@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from mlpipe.registry import Registry
 from mlpipe.service import Clients, create_app
 from mlpipe.settings import CommonSettings, load_settings
-from mlpipe_predictor.models import DeploymentListener, InvalidInstances, ModelStore
+from mlpipe_predictor.models import DeploymentListener, InvalidInstances, ModelStore, warm_up
 
 MAX_BODY_BYTES = 1_500_000  # Vertex AI online prediction's request limit
 
@@ -22,6 +22,7 @@ MAX_BODY_BYTES = 1_500_000  # Vertex AI online prediction's request limit
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(CommonSettings)
     clients = Clients.create(settings, stage="predictor")
+    warm_up()
     store = ModelStore(Registry(clients.storage))
     store.load_all()
     app.state.clients = clients

@@ -75,6 +75,13 @@ class LoadedModel:
         return [v.item() if hasattr(v, "item") else v for v in out]
 
 
+def warm_up() -> None:
+    """Import the estimator modules at start-up, not on the first deployment's request path."""
+    import sklearn.ensemble
+    import sklearn.linear_model
+    import sklearn.pipeline  # noqa: F401
+
+
 def load_version(registry: Registry, model: str, version: int) -> LoadedModel:
     mv = registry.get(model, version)
     if mv is None:

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real emulators, started once per test session on free ports."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlpipe.localstack import LocalStack, StackState, client_env, port_free
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_base_port(count: int = 7) -> int:
+    """A base port with `count` consecutive free ports after it."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 40000)
+        if all(port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError("no run of free ports found")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
+    """The Pub/Sub emulator and fake-gcs-server, for integration tests."""
+    stack = LocalStack(tmp_path_factory.mktemp("emulators"), base_port=free_base_port(),
+                       project=unique("session"), bucket=unique("session"))
+    state = stack.up(services=False, progress=lambda _: None)
+    with client_env(state):
+        yield state
+    stack.down(progress=lambda _: None)
