@@ -1,0 +1,170 @@
+"""The whole chain through real processes: emulators, five uvicorn services, a job subprocess.
+
+Everything goes through Pub/Sub push and fake-gcs-server's own OBJECT_FINALIZE notifications,
+exactly as on Cloud Run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from google.protobuf.message import Message
+
+from mlpipe import events
+from mlpipe.follow import EventWatcher
+from mlpipe.localstack import LocalStack, StackState, client_env
+from mlpipe.publishing import Publisher
+from mlpipe.push import parse_envelope
+from mlpipe.registry import Registry
+from mlpipe.storage import Storage, make_client, sha256_hex
+from mlpipe.v1 import events_pb2
+from tests.conftest import REPO, free_base_port, unique
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
+    state_dir = tmp_path_factory.mktemp("stack")
+    local = LocalStack(state_dir, base_port=free_base_port(), project=unique("e2e"),
+                       bucket=unique("e2e"))
+    state = local.up(progress=lambda _: None)
+    try:
+        with client_env(state):
+            yield state
+    finally:
+        local.down(progress=lambda _: None)
+        leftover = [p.name for p in state.processes if p.alive()]
+        assert leftover == [], f"still running after down: {leftover}"
+
+
+def collect(watcher: EventWatcher, until: type[Message], run_id: str = "",
+            timeout: float = 90.0) -> list[Message]:
+    """Events (of `run_id`, when given) until one of type `until` or a failure arrives."""
+    seen: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for observed in watcher.events(timeout=1.0):
+            event = observed.event
+            if run_id and event.context.run_id != run_id:  # type: ignore[attr-defined]
+                continue
+            seen.append(event)
+            if isinstance(event, until | events_pb2.PipelineFailed):
+                return seen
+            break
+    raise AssertionError(f"no {until.__name__} within {timeout}s; saw "
+                         f"{[type(e).__name__ for e in seen]}")
+
+
+def served(state: StackState) -> dict:
+    return httpx.get(f"{state.url('predictor')}/v1/models", timeout=5).json()["models"]
+
+
+def test_cli_runs_the_iris_example_to_serving(stack: StackState) -> None:
+    env = {**os.environ, "MLPIPE_STATE_DIR": stack.state_dir}
+
+    result = subprocess.run([sys.executable, "-m", "mlpipe.cli", "run", "--example", "iris",
+                             "--timeout", "120"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=180)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "quality gates passed" in result.stdout
+    assert "min_per_class_f1[setosa]" in result.stdout
+    assert "serving iris-classifier v1" in result.stdout
+    assert served(stack)["iris-classifier"]["version"] == 1
+
+
+def test_champion_lineage_and_predictions(stack: StackState) -> None:
+    storage = Storage(make_client(stack.project), stack.bucket)
+    registry = Registry(storage)
+
+    champion = registry.alias("iris-classifier")
+    version = registry.get("iris-classifier", champion or 0)
+    reply = httpx.post(f"{stack.url('predictor')}/predict",
+                       json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]})
+
+    assert champion == 1 and version is not None
+    lineage = storage.read_json(f"runs/{version.run_id}/lineage.json")
+    dataset = storage.read(storage.path_of(lineage["dataset"]["uri"]))
+    assert dataset is not None
+    assert lineage["dataset"]["sha256"] == sha256_hex(dataset.data)
+    config = storage.read(f"runs/{version.run_id}/config.json")
+    assert config is not None
+    assert lineage["config_sha256"] == sha256_hex(config.data)
+    assert version.info["config_sha256"] == lineage["config_sha256"]
+    assert lineage["model"]["sha256"] == version.model_sha256
+    assert reply.status_code == 200
+    assert reply.json() == {"predictions": ["setosa", "virginica"], "model": "iris-classifier",
+                            "modelVersionId": "1"}
+
+
+def test_same_request_twice_and_a_redelivered_notification_make_no_new_version(
+    stack: StackState,
+) -> None:
+    storage = Storage(make_client(stack.project), stack.bucket)
+    csv_text = (REPO / "examples/iris/iris.csv").read_text()
+    publisher = Publisher(stack.project)
+
+    with EventWatcher(stack.project) as watcher:
+        for _ in range(2):
+            publisher.publish(events_pb2.IngestRequest(
+                request_id=uuid.uuid4().hex, dataset="iris",
+                inline=events_pb2.InlineRows(csv=csv_text)))
+        landed = [collect(watcher, events_pb2.DatasetLanded)[-1] for _ in range(2)]
+        # Redeliver the landed object's notification exactly as GCS would send it again.
+        first: events_pb2.DatasetLanded = landed[0]  # type: ignore[assignment]
+        publisher.publish_raw(events.GCS_OBJECTS, b"{}", {
+            "bucketId": stack.bucket, "objectId": storage.path_of(first.dataset.uri),
+            "objectGeneration": str(first.dataset.generation), "eventType": "OBJECT_FINALIZE",
+            "payloadFormat": "JSON_API_V1"})
+        replayed = collect(watcher, events_pb2.DeploymentCompleted, first.context.run_id)
+
+    assert all(e.already_present for e in landed)  # type: ignore[attr-defined]
+    assert isinstance(replayed[-1], events_pb2.DeploymentCompleted)
+    assert replayed[-1].version == 1
+    assert Registry(storage).versions("iris-classifier") == [1]
+    assert len(storage.list("datasets/iris/")) == 1
+
+
+def test_a_direct_upload_becomes_the_next_champion(stack: StackState) -> None:
+    storage = Storage(make_client(stack.project), stack.bucket)
+    lines = (REPO / "examples/iris/iris.csv").read_text().splitlines()
+    reordered = "\n".join([lines[0], *reversed(lines[1:])]) + "\n"
+
+    with EventWatcher(stack.project) as watcher:
+        # What `gcloud storage cp iris.csv gs://BUCKET/datasets/iris/dt=.../` does.
+        storage.write("datasets/iris/dt=2026-11-24/upload.csv", reordered.encode(),
+                      content_type="text/csv")
+        chain = collect(watcher, events_pb2.DeploymentCompleted)
+
+    done = chain[-1]
+    assert isinstance(done, events_pb2.DeploymentCompleted), chain
+    assert done.deployed and done.version == 2 and done.previous_version == 1
+    assert done.dataset.sha256 == sha256_hex(reordered.encode())
+    deadline = time.monotonic() + 30
+    while served(stack)["iris-classifier"]["version"] != 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert served(stack)["iris-classifier"]["version"] == 2
+
+
+def test_garbage_on_the_ingest_topic_is_reported_and_kept(stack: StackState) -> None:
+    storage = Storage(make_client(stack.project), stack.bucket)
+
+    with EventWatcher(stack.project, topics=(events.PIPELINE_FAILURES,)) as watcher:
+        Publisher(stack.project).publish_raw(events.INGEST_REQUESTS, b"\xff\x00garbage",
+                                             {"request_id": "garbage-1"})
+        failed = collect(watcher, events_pb2.PipelineFailed, timeout=30)[-1]
+
+    assert isinstance(failed, events_pb2.PipelineFailed)
+    assert failed.reason == "invalid_message" and failed.context.request_id == "garbage-1"
+    kept = storage.read(storage.path_of(failed.quarantine_uri))
+    assert kept is not None
+    # The whole push envelope is kept, so the message can be replayed as it was delivered.
+    assert parse_envelope(kept.data).data == b"\xff\x00garbage"

@@ -1,0 +1,227 @@
+"""trainer → training job → evaluator → deployer → predictor, each service's real app in
+process, talking to the emulators; the job is a real subprocess."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from google.protobuf.message import Message
+
+from mlpipe import events, lineage
+from mlpipe.config import PipelineConfig, parse_config
+from mlpipe.push import make_envelope
+from mlpipe.registry import Registry
+from mlpipe.storage import sha256_hex
+from tests.integration.conftest import Cloud
+
+pytestmark = pytest.mark.integration
+
+
+def notification(cloud: Cloud, path: str, generation: int, message_id: str = "n1") -> bytes:
+    """A push body exactly as Cloud Storage's Pub/Sub notification (JSON_API_V1) sends it."""
+    resource = {"kind": "storage#object", "bucket": cloud.storage.bucket_name, "name": path,
+                "generation": str(generation), "metadata": {}}
+    return make_envelope(
+        json.dumps(resource).encode(),
+        attributes={"bucketId": cloud.storage.bucket_name, "objectId": path,
+                    "objectGeneration": str(generation), "eventType": "OBJECT_FINALIZE",
+                    "payloadFormat": "JSON_API_V1", "notificationConfig": "projects/_/x"},
+        message_id=message_id,
+    )
+
+
+@pytest.fixture
+def services(cloud: Cloud, monkeypatch: pytest.MonkeyPatch,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TestClient]]:
+    monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
+    monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
+    monkeypatch.setenv("MLPIPE_JOB_LOG_DIR", str(tmp_path_factory.mktemp("jobs")))
+    from mlpipe_deployer.main import app as deployer
+    from mlpipe_evaluator.main import app as evaluator
+    from mlpipe_predictor.main import app as predictor
+    from mlpipe_trainer.main import app as trainer
+
+    cloud.watch(events.TRAINING_STARTED, events.TRAINING_COMPLETED,
+                events.EVALUATION_COMPLETED, events.DEPLOYMENT_COMPLETED,
+                events.PIPELINE_FAILURES)
+    with TestClient(trainer) as t, TestClient(evaluator) as e, TestClient(deployer) as d, \
+            TestClient(predictor) as p:
+        yield {"trainer": t, "evaluator": e, "deployer": d, "predictor": p}
+
+
+def upload(cloud: Cloud, csv_text: str, name: str = "iris") -> tuple[str, int]:
+    """A user's direct upload: no ingest, no sha256 metadata."""
+    path = f"datasets/{name}/dt=2026-11-23/upload-1.csv"
+    return path, cloud.storage.write(path, csv_text.encode(), content_type="text/csv")
+
+
+def forward(client: TestClient, event: Message, n: int = 1) -> dict:
+    reply = client.post("/pubsub/push", content=make_envelope(events.encode(event),
+                                                              message_id=f"fwd-{n}"))
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_a_dropped_file_trains_evaluates_deploys_and_serves(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.apply_config(iris_config)
+    path, generation = upload(cloud, iris_csv)
+
+    started = services["trainer"].post("/pubsub/push",
+                                       content=notification(cloud, path, generation))
+    assert started.json()["status"] == "started"
+    trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
+    assert len(trained) == 1
+    forward(services["evaluator"], trained[0])
+    evaluated = cloud.pulled(events.EVALUATION_COMPLETED)
+    forward(services["deployer"], evaluated[0])
+    deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED)
+    serving = forward(services["predictor"], deployed[0])
+    reply = services["predictor"].post("/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2],
+                                                                       [6.7, 3.0, 5.2, 2.3]]})
+
+    run_id = trained[0].context.run_id
+    assert run_id == lineage.run_id_for(sha256_hex(iris_csv.encode()), iris_config.sha256())
+    assert evaluated[0].passed
+    assert {g.name for g in evaluated[0].gates} >= {"min_accuracy",
+                                                     "min_per_class_f1[setosa]"}
+    assert deployed[0].deployed and deployed[0].version == 1
+    assert serving == {"status": "serving", "run_id": run_id, "model": "iris-classifier",
+                       "version": 1}
+    assert reply.status_code == 200
+    assert reply.json()["predictions"] == ["setosa", "virginica"]
+    assert reply.json()["modelVersionId"] == "1"
+    lineage_record = cloud.storage.read_json(f"runs/{run_id}/lineage.json")
+    assert lineage_record["dataset"]["sha256"] == sha256_hex(iris_csv.encode())
+    assert lineage_record["config_sha256"] == iris_config.sha256()
+    assert lineage_record["model"]["sha256"] == deployed[0].model_sha256
+
+
+def test_redelivered_notifications_and_events_make_one_version(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.apply_config(iris_config)
+    path, generation = upload(cloud, iris_csv)
+    services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
+    # While the job runs, the same notification arrives again: the live claim holds.
+    again = services["trainer"].post("/pubsub/push",
+                                     content=notification(cloud, path, generation, "n2"))
+    assert again.json()["status"] in ("in_progress", "duplicate")
+    trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
+
+    for n in range(3):
+        forward(services["evaluator"], trained[0], n)
+    evaluated = cloud.pulled(events.EVALUATION_COMPLETED, expect=3)
+    for n, event in enumerate(evaluated):
+        forward(services["deployer"], event, n)
+    deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=3)
+    late = services["trainer"].post("/pubsub/push",
+                                    content=notification(cloud, path, generation, "n3"))
+
+    assert len(trained) == 1
+    assert len({e.SerializeToString(deterministic=True) for e in evaluated}) == 1
+    assert {d.version for d in deployed} == {1}
+    assert late.json()["status"] == "duplicate"
+    assert Registry(cloud.storage).versions("iris-classifier") == [1]
+    # The duplicate re-publishes the recorded TrainingCompleted so a stalled chain resumes.
+    assert cloud.pulled(events.TRAINING_COMPLETED)[0] == trained[0]
+
+
+def test_a_dataset_without_the_target_column_fails_cleanly(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.apply_config(iris_config)
+    no_target = "\n".join(",".join(line.split(",")[:4]) for line in iris_csv.splitlines())
+    path, generation = upload(cloud, no_target + "\n")
+
+    services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
+    failed = cloud.pulled(events.PIPELINE_FAILURES, timeout=60)
+
+    assert [f.reason for f in failed] == ["missing_column"]
+    assert "species" in failed[0].message and path in failed[0].message
+    assert failed[0].stage == "training-job"
+    assert failed[0].quarantine_uri == cloud.storage.uri(path)
+    run_id = failed[0].context.run_id
+    assert cloud.storage.exists(f"runs/{run_id}/failed.json")
+    assert not cloud.storage.exists(f"runs/{run_id}/model.joblib")
+    again = services["trainer"].post("/pubsub/push",
+                                     content=notification(cloud, path, generation, "n2"))
+    assert again.json()["status"] == "duplicate"
+
+
+def test_failed_gates_deploy_nothing_and_say_why(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    strict = parse_config(iris_config.to_yaml().replace("min_accuracy: 0.75",
+                                                        "min_accuracy: 0.999"))
+    cloud.apply_config(strict)
+    path, generation = upload(cloud, iris_csv)
+    services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
+    trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
+
+    forward(services["evaluator"], trained[0])
+    evaluated = cloud.pulled(events.EVALUATION_COMPLETED)
+    forward(services["deployer"], evaluated[0])
+    deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED)
+
+    assert not evaluated[0].passed
+    gate = next(g for g in evaluated[0].gates if g.name == "min_accuracy")
+    assert gate.threshold == pytest.approx(0.999) and not gate.passed
+    assert not deployed[0].deployed and "min_accuracy" in deployed[0].reason
+    assert Registry(cloud.storage).versions("iris-classifier") == []
+    assert services["predictor"].get("/readyz").status_code == 503
+
+
+def test_objects_outside_datasets_are_ignored(services: dict[str, TestClient],
+                                              cloud: Cloud) -> None:
+    generation = cloud.storage.write("runs/x/model.joblib", b"x")
+
+    reply = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, "runs/x/model.joblib", generation))
+
+    assert reply.json()["status"] == "ignored"
+
+
+def test_a_malformed_dataset_path_is_reported(services: dict[str, TestClient],
+                                              cloud: Cloud) -> None:
+    generation = cloud.storage.write("datasets/iris/data.csv", b"a,b\n1,2\n")
+
+    reply = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, "datasets/iris/data.csv", generation))
+
+    assert reply.json()["reason"] == "bad_dataset_path"
+    assert "dt=YYYY-MM-DD" in reply.json()["detail"]
+    assert [f.reason for f in cloud.pulled(events.PIPELINE_FAILURES)] == ["bad_dataset_path"]
+
+
+def test_predictor_rejects_bad_instances_with_400(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.apply_config(iris_config)
+    path, generation = upload(cloud, iris_csv)
+    services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
+    trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
+    forward(services["evaluator"], trained[0])
+    forward(services["deployer"], cloud.pulled(events.EVALUATION_COMPLETED)[0])
+    forward(services["predictor"], cloud.pulled(events.DEPLOYMENT_COMPLETED)[0])
+    predictor = services["predictor"]
+
+    cases = {
+        "wrong count": ({"instances": [[1, 2, 3]]}, "has 3 values"),
+        "wrong type": ({"instances": [[1, 2, "x", 4]]}, "petal_length"),
+        "empty": ({"instances": []}, "non-empty"),
+        "no instances": ({"rows": []}, "'instances'"),
+        "missing feature": ({"instances": [{"sepal_length": 1}]}, "lacks feature"),
+    }
+    for name, (body, fragment) in cases.items():
+        reply = predictor.post("/predict", json=body)
+        assert reply.status_code == 400, name
+        assert fragment in reply.json()["error"]["message"], name
+    big = predictor.post("/predict", content=b'{"instances": [' + b"[1,2,3,4]," * 200_000 + b"]}")
+    assert big.status_code == 413
+    assert predictor.post("/predict", content=b"{not json").status_code == 400
+    assert predictor.get("/readyz").status_code == 200
