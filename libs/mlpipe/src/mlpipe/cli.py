@@ -273,7 +273,9 @@ def demo(
 ) -> None:
     """Start the stack, run an example end to end, ask the model for a prediction, stop."""
     stack = LocalStack(state_dir, base_port=base_port)
-    was_running = StackState.load(state_dir) is not None
+    previous = StackState.load(state_dir)
+    was_running = bool(previous and previous.processes
+                       and all(p.alive() for p in previous.processes))
     code = 1
     try:
         state = stack.up()
