@@ -31,8 +31,12 @@ def unique(prefix: str) -> str:
 @pytest.fixture(scope="session")
 def emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
     """The Pub/Sub emulator and fake-gcs-server, for integration tests."""
-    stack = LocalStack(tmp_path_factory.mktemp("emulators"), base_port=free_base_port(),
-                       project=unique("session"), bucket=unique("session"))
+    stack = LocalStack(
+        tmp_path_factory.mktemp("emulators"),
+        base_port=free_base_port(),
+        project=unique("session"),
+        bucket=unique("session"),
+    )
     state = stack.up(services=False, progress=lambda _: None)
     with client_env(state):
         yield state

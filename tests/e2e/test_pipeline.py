@@ -33,8 +33,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
     state_dir = tmp_path_factory.mktemp("stack")
-    local = LocalStack(state_dir, base_port=free_base_port(), project=unique("e2e"),
-                       bucket=unique("e2e"))
+    local = LocalStack(
+        state_dir, base_port=free_base_port(), project=unique("e2e"), bucket=unique("e2e")
+    )
     state = local.up(progress=lambda _: None)
     try:
         with client_env(state):
@@ -45,8 +46,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
         assert leftover == [], f"still running after down: {leftover}"
 
 
-def collect(watcher: EventWatcher, until: type[Message], run_id: str = "",
-            timeout: float = 90.0) -> list[Message]:
+def collect(
+    watcher: EventWatcher, until: type[Message], run_id: str = "", timeout: float = 90.0
+) -> list[Message]:
     """Events (of `run_id`, when given) until one of type `until` or a failure arrives."""
     seen: list[Message] = []
     deadline = time.monotonic() + timeout
@@ -59,8 +61,9 @@ def collect(watcher: EventWatcher, until: type[Message], run_id: str = "",
             if isinstance(event, until | events_pb2.PipelineFailed):
                 return seen
             break
-    raise AssertionError(f"no {until.__name__} within {timeout}s; saw "
-                         f"{[type(e).__name__ for e in seen]}")
+    raise AssertionError(
+        f"no {until.__name__} within {timeout}s; saw {[type(e).__name__ for e in seen]}"
+    )
 
 
 def served(state: StackState) -> dict:
@@ -70,9 +73,14 @@ def served(state: StackState) -> dict:
 def test_cli_runs_the_iris_example_to_serving(stack: StackState) -> None:
     env = {**os.environ, "MLPIPE_STATE_DIR": stack.state_dir}
 
-    result = subprocess.run([sys.executable, "-m", "mlpipe.cli", "run", "--example", "iris",
-                             "--timeout", "120"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlpipe.cli", "run", "--example", "iris", "--timeout", "120"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "quality gates passed" in result.stdout
@@ -87,8 +95,10 @@ def test_champion_lineage_and_predictions(stack: StackState) -> None:
 
     champion = registry.alias("iris-classifier")
     version = registry.get("iris-classifier", champion or 0)
-    reply = httpx.post(f"{stack.url('predictor')}/predict",
-                       json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]})
+    reply = httpx.post(
+        f"{stack.url('predictor')}/predict",
+        json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]},
+    )
 
     assert champion == 1 and version is not None
     lineage = storage.read_json(f"runs/{version.run_id}/lineage.json")
@@ -101,8 +111,11 @@ def test_champion_lineage_and_predictions(stack: StackState) -> None:
     assert version.info["config_sha256"] == lineage["config_sha256"]
     assert lineage["model"]["sha256"] == version.model_sha256
     assert reply.status_code == 200
-    assert reply.json() == {"predictions": ["setosa", "virginica"], "model": "iris-classifier",
-                            "modelVersionId": "1"}
+    assert reply.json() == {
+        "predictions": ["setosa", "virginica"],
+        "model": "iris-classifier",
+        "modelVersionId": "1",
+    }
 
 
 def test_same_request_twice_and_a_redelivered_notification_make_no_new_version(
@@ -114,16 +127,27 @@ def test_same_request_twice_and_a_redelivered_notification_make_no_new_version(
 
     with EventWatcher(stack.project) as watcher:
         for _ in range(2):
-            publisher.publish(events_pb2.IngestRequest(
-                request_id=uuid.uuid4().hex, dataset="iris",
-                inline=events_pb2.InlineRows(csv=csv_text)))
+            publisher.publish(
+                events_pb2.IngestRequest(
+                    request_id=uuid.uuid4().hex,
+                    dataset="iris",
+                    inline=events_pb2.InlineRows(csv=csv_text),
+                )
+            )
         landed = [collect(watcher, events_pb2.DatasetLanded)[-1] for _ in range(2)]
         # Redeliver the landed object's notification exactly as GCS would send it again.
         first: events_pb2.DatasetLanded = landed[0]  # type: ignore[assignment]
-        publisher.publish_raw(events.GCS_OBJECTS, b"{}", {
-            "bucketId": stack.bucket, "objectId": storage.path_of(first.dataset.uri),
-            "objectGeneration": str(first.dataset.generation), "eventType": "OBJECT_FINALIZE",
-            "payloadFormat": "JSON_API_V1"})
+        publisher.publish_raw(
+            events.GCS_OBJECTS,
+            b"{}",
+            {
+                "bucketId": stack.bucket,
+                "objectId": storage.path_of(first.dataset.uri),
+                "objectGeneration": str(first.dataset.generation),
+                "eventType": "OBJECT_FINALIZE",
+                "payloadFormat": "JSON_API_V1",
+            },
+        )
         replayed = collect(watcher, events_pb2.DeploymentCompleted, first.context.run_id)
 
     assert all(e.already_present for e in landed)  # type: ignore[attr-defined]
@@ -140,8 +164,9 @@ def test_a_direct_upload_becomes_the_next_champion(stack: StackState) -> None:
 
     with EventWatcher(stack.project) as watcher:
         # What `gcloud storage cp iris.csv gs://BUCKET/datasets/iris/dt=.../` does.
-        storage.write("datasets/iris/dt=2026-11-24/upload.csv", reordered.encode(),
-                      content_type="text/csv")
+        storage.write(
+            "datasets/iris/dt=2026-11-24/upload.csv", reordered.encode(), content_type="text/csv"
+        )
         chain = collect(watcher, events_pb2.DeploymentCompleted)
 
     done = chain[-1]
@@ -158,8 +183,9 @@ def test_garbage_on_the_ingest_topic_is_reported_and_kept(stack: StackState) -> 
     storage = Storage(make_client(stack.project), stack.bucket)
 
     with EventWatcher(stack.project, topics=(events.PIPELINE_FAILURES,)) as watcher:
-        Publisher(stack.project).publish_raw(events.INGEST_REQUESTS, b"\xff\x00garbage",
-                                             {"request_id": "garbage-1"})
+        Publisher(stack.project).publish_raw(
+            events.INGEST_REQUESTS, b"\xff\x00garbage", {"request_id": "garbage-1"}
+        )
         failed = collect(watcher, events_pb2.PipelineFailed, timeout=30)[-1]
 
     assert isinstance(failed, events_pb2.PipelineFailed)

@@ -43,8 +43,9 @@ class Cloud:
             )
             self.subscriptions[topic] = name
 
-    def pulled(self, topic: str, expect: int = 1, timeout: float = 15.0,
-               settle: float = 0.5) -> list[Message]:
+    def pulled(
+        self, topic: str, expect: int = 1, timeout: float = 15.0, settle: float = 0.5
+    ) -> list[Message]:
         """Events published to `topic` since `watch`: wait for `expect` of them, then `settle`
         seconds more, so that duplicates would be counted too."""
         got: list[Message] = []
@@ -67,16 +68,21 @@ class Cloud:
     def _pull_once(self, topic: str) -> list[Message]:
         sub = self.subscriptions[topic]
         # return_immediately: the emulator otherwise holds an empty pull for seconds.
-        reply = self.subscriber.pull(request={"subscription": sub, "max_messages": 100,
-                                              "return_immediately": True},
-                                     timeout=5)
+        reply = self.subscriber.pull(
+            request={"subscription": sub, "max_messages": 100, "return_immediately": True},
+            timeout=5,
+        )
         out = []
         for received in reply.received_messages:
             cls = events.EVENT_TYPES[received.message.attributes[events.EVENT_TYPE_ATTR]]
             out.append(events.decode(cls, received.message.data))
         if reply.received_messages:
-            self.subscriber.acknowledge(request={
-                "subscription": sub, "ack_ids": [r.ack_id for r in reply.received_messages]})
+            self.subscriber.acknowledge(
+                request={
+                    "subscription": sub,
+                    "ack_ids": [r.ack_id for r in reply.received_messages],
+                }
+            )
         return out
 
     def apply_config(self, config: PipelineConfig) -> None:
@@ -102,4 +108,3 @@ def iris_config() -> PipelineConfig:
 @pytest.fixture
 def iris_csv() -> str:
     return (REPO / "examples/iris/iris.csv").read_text()
-

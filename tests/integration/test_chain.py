@@ -22,20 +22,31 @@ pytestmark = pytest.mark.integration
 
 def notification(cloud: Cloud, path: str, generation: int, message_id: str = "n1") -> bytes:
     """A push body exactly as Cloud Storage's Pub/Sub notification (JSON_API_V1) sends it."""
-    resource = {"kind": "storage#object", "bucket": cloud.storage.bucket_name, "name": path,
-                "generation": str(generation), "metadata": {}}
+    resource = {
+        "kind": "storage#object",
+        "bucket": cloud.storage.bucket_name,
+        "name": path,
+        "generation": str(generation),
+        "metadata": {},
+    }
     return make_envelope(
         json.dumps(resource).encode(),
-        attributes={"bucketId": cloud.storage.bucket_name, "objectId": path,
-                    "objectGeneration": str(generation), "eventType": "OBJECT_FINALIZE",
-                    "payloadFormat": "JSON_API_V1", "notificationConfig": "projects/_/x"},
+        attributes={
+            "bucketId": cloud.storage.bucket_name,
+            "objectId": path,
+            "objectGeneration": str(generation),
+            "eventType": "OBJECT_FINALIZE",
+            "payloadFormat": "JSON_API_V1",
+            "notificationConfig": "projects/_/x",
+        },
         message_id=message_id,
     )
 
 
 @pytest.fixture
-def services(cloud: Cloud, monkeypatch: pytest.MonkeyPatch,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, TestClient]]:
+def services(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, TestClient]]:
     monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
     monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
     monkeypatch.setenv("MLPIPE_JOB_LOG_DIR", str(tmp_path_factory.mktemp("jobs")))
@@ -44,11 +55,19 @@ def services(cloud: Cloud, monkeypatch: pytest.MonkeyPatch,
     from mlpipe_predictor.main import app as predictor
     from mlpipe_trainer.main import app as trainer
 
-    cloud.watch(events.TRAINING_STARTED, events.TRAINING_COMPLETED,
-                events.EVALUATION_COMPLETED, events.DEPLOYMENT_COMPLETED,
-                events.PIPELINE_FAILURES)
-    with TestClient(trainer) as t, TestClient(evaluator) as e, TestClient(deployer) as d, \
-            TestClient(predictor) as p:
+    cloud.watch(
+        events.TRAINING_STARTED,
+        events.TRAINING_COMPLETED,
+        events.EVALUATION_COMPLETED,
+        events.DEPLOYMENT_COMPLETED,
+        events.PIPELINE_FAILURES,
+    )
+    with (
+        TestClient(trainer) as t,
+        TestClient(evaluator) as e,
+        TestClient(deployer) as d,
+        TestClient(predictor) as p,
+    ):
         yield {"trainer": t, "evaluator": e, "deployer": d, "predictor": p}
 
 
@@ -59,8 +78,9 @@ def upload(cloud: Cloud, csv_text: str, name: str = "iris") -> tuple[str, int]:
 
 
 def forward(client: TestClient, event: Message, n: int = 1) -> dict:
-    reply = client.post("/pubsub/push", content=make_envelope(events.encode(event),
-                                                              message_id=f"fwd-{n}"))
+    reply = client.post(
+        "/pubsub/push", content=make_envelope(events.encode(event), message_id=f"fwd-{n}")
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -71,8 +91,9 @@ def test_a_dropped_file_trains_evaluates_deploys_and_serves(
     cloud.apply_config(iris_config)
     path, generation = upload(cloud, iris_csv)
 
-    started = services["trainer"].post("/pubsub/push",
-                                       content=notification(cloud, path, generation))
+    started = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, path, generation)
+    )
     assert started.json()["status"] == "started"
     trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
     assert len(trained) == 1
@@ -81,17 +102,21 @@ def test_a_dropped_file_trains_evaluates_deploys_and_serves(
     forward(services["deployer"], evaluated[0])
     deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED)
     serving = forward(services["predictor"], deployed[0])
-    reply = services["predictor"].post("/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2],
-                                                                       [6.7, 3.0, 5.2, 2.3]]})
+    reply = services["predictor"].post(
+        "/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+    )
 
     run_id = trained[0].context.run_id
     assert run_id == lineage.run_id_for(sha256_hex(iris_csv.encode()), iris_config.sha256())
     assert evaluated[0].passed
-    assert {g.name for g in evaluated[0].gates} >= {"min_accuracy",
-                                                     "min_per_class_f1[setosa]"}
+    assert {g.name for g in evaluated[0].gates} >= {"min_accuracy", "min_per_class_f1[setosa]"}
     assert deployed[0].deployed and deployed[0].version == 1
-    assert serving == {"status": "serving", "run_id": run_id, "model": "iris-classifier",
-                       "version": 1}
+    assert serving == {
+        "status": "serving",
+        "run_id": run_id,
+        "model": "iris-classifier",
+        "version": 1,
+    }
     assert reply.status_code == 200
     assert reply.json()["predictions"] == ["setosa", "virginica"]
     assert reply.json()["modelVersionId"] == "1"
@@ -108,8 +133,9 @@ def test_redelivered_notifications_and_events_make_one_version(
     path, generation = upload(cloud, iris_csv)
     services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
     # While the job runs, the same notification arrives again: the live claim holds.
-    again = services["trainer"].post("/pubsub/push",
-                                     content=notification(cloud, path, generation, "n2"))
+    again = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, path, generation, "n2")
+    )
     assert again.json()["status"] in ("in_progress", "duplicate")
     trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
 
@@ -119,8 +145,9 @@ def test_redelivered_notifications_and_events_make_one_version(
     for n, event in enumerate(evaluated):
         forward(services["deployer"], event, n)
     deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=3)
-    late = services["trainer"].post("/pubsub/push",
-                                    content=notification(cloud, path, generation, "n3"))
+    late = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, path, generation, "n3")
+    )
 
     assert len(trained) == 1
     assert len({e.SerializeToString(deterministic=True) for e in evaluated}) == 1
@@ -148,16 +175,18 @@ def test_a_dataset_without_the_target_column_fails_cleanly(
     run_id = failed[0].context.run_id
     assert cloud.storage.exists(f"runs/{run_id}/failed.json")
     assert not cloud.storage.exists(f"runs/{run_id}/model.joblib")
-    again = services["trainer"].post("/pubsub/push",
-                                     content=notification(cloud, path, generation, "n2"))
+    again = services["trainer"].post(
+        "/pubsub/push", content=notification(cloud, path, generation, "n2")
+    )
     assert again.json()["status"] == "duplicate"
 
 
 def test_failed_gates_deploy_nothing_and_say_why(
     services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
 ) -> None:
-    strict = parse_config(iris_config.to_yaml().replace("min_accuracy: 0.75",
-                                                        "min_accuracy: 0.999"))
+    strict = parse_config(
+        iris_config.to_yaml().replace("min_accuracy: 0.75", "min_accuracy: 0.999")
+    )
     cloud.apply_config(strict)
     path, generation = upload(cloud, iris_csv)
     services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
@@ -176,22 +205,26 @@ def test_failed_gates_deploy_nothing_and_say_why(
     assert services["predictor"].get("/readyz").status_code == 503
 
 
-def test_objects_outside_datasets_are_ignored(services: dict[str, TestClient],
-                                              cloud: Cloud) -> None:
+def test_objects_outside_datasets_are_ignored(
+    services: dict[str, TestClient], cloud: Cloud
+) -> None:
     generation = cloud.storage.write("runs/x/model.joblib", b"x")
 
     reply = services["trainer"].post(
-        "/pubsub/push", content=notification(cloud, "runs/x/model.joblib", generation))
+        "/pubsub/push", content=notification(cloud, "runs/x/model.joblib", generation)
+    )
 
     assert reply.json()["status"] == "ignored"
 
 
-def test_a_malformed_dataset_path_is_reported(services: dict[str, TestClient],
-                                              cloud: Cloud) -> None:
+def test_a_malformed_dataset_path_is_reported(
+    services: dict[str, TestClient], cloud: Cloud
+) -> None:
     generation = cloud.storage.write("datasets/iris/data.csv", b"a,b\n1,2\n")
 
     reply = services["trainer"].post(
-        "/pubsub/push", content=notification(cloud, "datasets/iris/data.csv", generation))
+        "/pubsub/push", content=notification(cloud, "datasets/iris/data.csv", generation)
+    )
 
     assert reply.json()["reason"] == "bad_dataset_path"
     assert "dt=YYYY-MM-DD" in reply.json()["detail"]

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def ingest(cloud: Cloud, iris_config: PipelineConfig,
-           monkeypatch: pytest.MonkeyPatch) -> TestClient:
+def ingest(
+    cloud: Cloud, iris_config: PipelineConfig, monkeypatch: pytest.MonkeyPatch
+) -> TestClient:
     monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
     monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
     monkeypatch.setenv("MLPIPE_MAX_INLINE_BYTES", "200000")
@@ -30,8 +31,9 @@ def ingest(cloud: Cloud, iris_config: PipelineConfig,
         yield client
 
 
-def request_bytes(csv: str = "", records: list[dict] | None = None,
-                  request_id: str = "req-1") -> bytes:
+def request_bytes(
+    csv: str = "", records: list[dict] | None = None, request_id: str = "req-1"
+) -> bytes:
     request = events_pb2.IngestRequest(request_id=request_id, dataset="iris")
     if records is not None:
         for record in records:
@@ -43,13 +45,15 @@ def request_bytes(csv: str = "", records: list[dict] | None = None,
     return events.encode(request)
 
 
-def test_inline_csv_lands_once_and_is_announced(ingest: TestClient, cloud: Cloud,
-                                                iris_csv: str) -> None:
+def test_inline_csv_lands_once_and_is_announced(
+    ingest: TestClient, cloud: Cloud, iris_csv: str
+) -> None:
     body = make_envelope(request_bytes(iris_csv), message_id="m1")
 
     first = ingest.post("/pubsub/push", content=body)
-    second = ingest.post("/pubsub/push", content=make_envelope(request_bytes(iris_csv),
-                                                                message_id="m2"))
+    second = ingest.post(
+        "/pubsub/push", content=make_envelope(request_bytes(iris_csv), message_id="m2")
+    )
 
     assert first.status_code == 200 and first.json()["status"] == "landed"
     assert second.status_code == 200 and second.json()["status"] == "duplicate"
@@ -62,12 +66,13 @@ def test_inline_csv_lands_once_and_is_announced(ingest: TestClient, cloud: Cloud
     assert stored.metadata["sha256"] == announced[0].dataset.sha256
     assert stored.metadata["row_count"] == "150"
     assert stored.data.decode().splitlines()[0] == (
-        "sepal_length,sepal_width,petal_length,petal_width,species")
+        "sepal_length,sepal_width,petal_length,petal_width,species"
+    )
 
 
-def test_announcement_carries_run_and_dataset(ingest: TestClient, cloud: Cloud,
-                                              iris_csv: str, iris_config: PipelineConfig
-                                              ) -> None:
+def test_announcement_carries_run_and_dataset(
+    ingest: TestClient, cloud: Cloud, iris_csv: str, iris_config: PipelineConfig
+) -> None:
     from mlpipe.lineage import run_id_for
     from mlpipe.storage import sha256_hex
 
@@ -86,9 +91,16 @@ def test_announcement_carries_run_and_dataset(ingest: TestClient, cloud: Cloud,
 
 
 def test_json_encoded_records_are_accepted(ingest: TestClient, cloud: Cloud) -> None:
-    rows = [{"sepal_length": 5.0 + i / 10, "sepal_width": 3.0, "petal_length": 1.5,
-             "petal_width": 0.2, "species": "setosa" if i % 2 else "virginica"}
-            for i in range(40)]
+    rows = [
+        {
+            "sepal_length": 5.0 + i / 10,
+            "sepal_width": 3.0,
+            "petal_length": 1.5,
+            "petal_width": 0.2,
+            "species": "setosa" if i % 2 else "virginica",
+        }
+        for i in range(40)
+    ]
     request = {"requestId": "json-1", "dataset": "iris", "inline": {"records": rows}}
 
     reply = ingest.post("/pubsub/push", content=make_envelope(json.dumps(request).encode()))
@@ -107,8 +119,7 @@ NO_TARGET = "sepal_length,sepal_width,petal_length,petal_width\n" + "1,2,3,4\n" 
     ("name", "data", "reason", "in_message", "request_id"),
     [
         # Undecodable requests are traced by the request_id attribute, the rest by their own.
-        ("not a proto", b"\x08\x96\x01\xff\xff\xff", "invalid_message", "IngestRequest",
-         "bad-1"),
+        ("not a proto", b"\x08\x96\x01\xff\xff\xff", "invalid_message", "IngestRequest", "bad-1"),
         ("bad JSON", b'{"dataset": "iris", "nope": 1}', "invalid_message", "nope", "bad-1"),
         ("malformed CSV", request_bytes(BAD_CSV_LINE), "malformed_csv", "line 3", "bad-1"),
         ("missing target", request_bytes(NO_TARGET), "missing_column", "species", "req-1"),
@@ -117,7 +128,12 @@ NO_TARGET = "sepal_length,sepal_width,petal_length,petal_width\n" + "1,2,3,4\n" 
     ],
 )
 def test_bad_requests_are_acknowledged_reported_and_kept(
-    ingest: TestClient, cloud: Cloud, name: str, data: bytes, reason: str, in_message: str,
+    ingest: TestClient,
+    cloud: Cloud,
+    name: str,
+    data: bytes,
+    reason: str,
+    in_message: str,
     request_id: str,
 ) -> None:
     body = make_envelope(data, attributes={"request_id": "bad-1"}, message_id=f"bad-{reason}")
@@ -137,10 +153,12 @@ def test_bad_requests_are_acknowledged_reported_and_kept(
     assert cloud.storage.list("datasets/") == []
 
 
-def test_unknown_pipeline_is_rejected_with_the_config_path(ingest: TestClient,
-                                                           cloud: Cloud) -> None:
-    request = events_pb2.IngestRequest(request_id="r", dataset="nosuch",
-                                       inline=events_pb2.InlineRows(csv="a\n1\n"))
+def test_unknown_pipeline_is_rejected_with_the_config_path(
+    ingest: TestClient, cloud: Cloud
+) -> None:
+    request = events_pb2.IngestRequest(
+        request_id="r", dataset="nosuch", inline=events_pb2.InlineRows(csv="a\n1\n")
+    )
 
     reply = ingest.post("/pubsub/push", content=make_envelope(events.encode(request)))
 
@@ -148,8 +166,9 @@ def test_unknown_pipeline_is_rejected_with_the_config_path(ingest: TestClient,
     assert "pipelines/nosuch/config.yaml" in reply.json()["detail"]
 
 
-def test_a_body_that_is_not_an_envelope_gets_400_and_is_kept(ingest: TestClient,
-                                                             cloud: Cloud) -> None:
+def test_a_body_that_is_not_an_envelope_gets_400_and_is_kept(
+    ingest: TestClient, cloud: Cloud
+) -> None:
     reply = ingest.post("/pubsub/push", content=b"hello, not pubsub")
 
     assert reply.status_code == 400

@@ -27,8 +27,9 @@ def test_concurrent_deliveries_of_one_run_register_one_version(cloud: Cloud) -> 
     registry = Registry(cloud.storage)
 
     with ThreadPoolExecutor(8) as pool:
-        versions = list(pool.map(lambda _: register_retrying(registry, "m", "run-a", b"A"),
-                                 range(8)))
+        versions = list(
+            pool.map(lambda _: register_retrying(registry, "m", "run-a", b"A"), range(8))
+        )
 
     assert set(versions) == {1}
     assert registry.versions("m") == [1]
@@ -40,8 +41,7 @@ def test_concurrent_runs_get_distinct_versions(cloud: Cloud) -> None:
     runs = [f"run-{i}" for i in range(6)]
 
     with ThreadPoolExecutor(6) as pool:
-        versions = list(pool.map(lambda r: register_retrying(registry, "m", r, r.encode()),
-                                 runs))
+        versions = list(pool.map(lambda r: register_retrying(registry, "m", r, r.encode()), runs))
 
     assert sorted(versions) == [1, 2, 3, 4, 5, 6]
     for run, version in zip(runs, versions, strict=True):

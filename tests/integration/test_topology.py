@@ -27,7 +27,8 @@ def test_apply_creates_everything_then_nothing(cloud: Cloud) -> None:
     assert second == []
     subscriber = pubsub_v1.SubscriberClient()
     sub = subscriber.get_subscription(
-        request={"subscription": subscriber.subscription_path(project, "trainer-push")})
+        request={"subscription": subscriber.subscription_path(project, "trainer-push")}
+    )
     assert sub.push_config.push_endpoint == endpoints(9)["trainer"]
     assert sub.dead_letter_policy.dead_letter_topic.endswith("/topics/dead-letters")
     assert sub.dead_letter_policy.max_delivery_attempts == 10

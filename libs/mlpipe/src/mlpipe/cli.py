@@ -274,8 +274,9 @@ def demo(
     """Start the stack, run an example end to end, ask the model for a prediction, stop."""
     stack = LocalStack(state_dir, base_port=base_port)
     previous = StackState.load(state_dir)
-    was_running = bool(previous and previous.processes
-                       and all(p.alive() for p in previous.processes))
+    was_running = bool(
+        previous and previous.processes and all(p.alive() for p in previous.processes)
+    )
     code = 1
     try:
         state = stack.up()
