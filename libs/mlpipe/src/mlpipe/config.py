@@ -13,7 +13,14 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mlpipe.errors import PermanentError
 from mlpipe.storage import Storage
@@ -29,19 +36,53 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ColumnType = Literal["numeric", "categorical", "datetime"]
+
+
 class DatasetSpec(_Strict):
     target: str = Field(description="The column to predict.")
     features: list[str] | None = Field(
-        default=None, description="Feature columns; all columns but the target when omitted."
+        default=None,
+        description="Feature columns; when omitted, every column but the target, the "
+        "excluded ones and datetime columns.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Columns never used.")
+    columns: dict[str, ColumnType] = Field(
+        default_factory=dict,
+        description="Column types; undeclared columns are numeric.",
     )
     min_rows: int = Field(default=10, ge=1)
     max_rows: int = Field(default=10_000_000, ge=1)
 
+    def column_type(self, column: str) -> ColumnType:
+        return self.columns.get(column, "numeric")
+
 
 class SplitSpec(_Strict):
+    strategy: Literal["random", "time"] = "random"
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     seed: int = 42
     stratify: bool = True
+    time_column: str | None = Field(
+        default=None, description="For strategy=time: the timestamp column to split on."
+    )
+    cutoff: str | None = Field(
+        default=None,
+        description="For strategy=time: rows at or after this ISO time are the holdout; "
+        "when omitted, the latest holdout_fraction of rows.",
+    )
+
+    @model_validator(mode="after")
+    def _time_needs_column(self) -> SplitSpec:
+        if self.strategy == "time" and not self.time_column:
+            raise ValueError("split.strategy 'time' needs split.time_column")
+        return self
+
+
+class PreprocessingSpec(_Strict):
+    impute: Literal["median", "mean", "most_frequent", "none"] = "median"
+    scale: bool = False
+    one_hot: bool = True
 
 
 class ModelSpec(_Strict):
@@ -49,6 +90,7 @@ class ModelSpec(_Strict):
     task: Literal["classification", "regression"] = "classification"
     estimator: str = "sklearn.ensemble.RandomForestClassifier"
     params: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
 
     @field_validator("estimator")
     @classmethod
@@ -61,14 +103,54 @@ class ModelSpec(_Strict):
         return value
 
 
+class VertexTrainingSpec(_Strict):
+    region: str = "us-central1"
+    machine_type: str = "n1-standard-4"
+    accelerator_type: str | None = Field(default=None, description="e.g. NVIDIA_TESLA_T4")
+    accelerator_count: int = Field(default=0, ge=0)
+    service_account: str | None = None
+
+    @model_validator(mode="after")
+    def _accelerators_pair(self) -> VertexTrainingSpec:
+        if bool(self.accelerator_type) != (self.accelerator_count > 0):
+            raise ValueError("accelerator_type and accelerator_count > 0 go together")
+        return self
+
+
+class TrainingSpec(_Strict):
+    backend: Literal["local", "vertex"] = "local"
+    vertex: VertexTrainingSpec = VertexTrainingSpec()
+
+
+class RelativeGate(_Strict):
+    """The challenger may not be worse than the champion by more than `max_degradation`."""
+
+    metric: str = Field(description="accuracy, macro_f1, weighted_f1, rmse, mae or r2")
+    max_degradation: float = Field(default=0.0, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            known = sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)
+            raise ValueError(f"unknown metric {value!r}; one of {known}")
+        return value
+
+
+HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1", "weighted_f1", "r2", "roc_auc"})
+LOWER_IS_BETTER = frozenset({"rmse", "mae"})
+
+
 class GatesSpec(_Strict):
-    """Absolute quality gates; an unset gate is not checked."""
+    """Quality gates; an unset gate is not checked. Relative gates need a champion."""
 
     min_accuracy: float | None = Field(default=None, ge=0, le=1)
     min_macro_f1: float | None = Field(default=None, ge=0, le=1)
     min_per_class_f1: float | None = Field(default=None, ge=0, le=1)
     max_rmse: float | None = Field(default=None, ge=0)
+    max_mae: float | None = Field(default=None, ge=0)
     min_r2: float | None = Field(default=None, le=1)
+    relative: list[RelativeGate] = Field(default_factory=list)
 
 
 class PipelineConfig(_Strict):
@@ -76,7 +158,24 @@ class PipelineConfig(_Strict):
     dataset: DatasetSpec
     split: SplitSpec = SplitSpec()
     model: ModelSpec
+    training: TrainingSpec = TrainingSpec()
     gates: GatesSpec = GatesSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        ds = self.dataset
+        if ds.features is not None and ds.target in ds.features:
+            raise ValueError(f"dataset.features includes the target {ds.target!r}")
+        time_col = self.split.time_column
+        if time_col and ds.columns.get(time_col, "datetime") != "datetime":
+            raise ValueError(f"split.time_column {time_col!r} is declared {ds.columns[time_col]}")
+        regression_gates = {"max_rmse", "max_mae", "min_r2"}
+        classification_gates = {"min_accuracy", "min_macro_f1", "min_per_class_f1"}
+        wrong = regression_gates if self.model.task == "classification" else classification_gates
+        used = {g for g in wrong if getattr(self.gates, g) is not None}
+        if used:
+            raise ValueError(f"gates {sorted(used)} do not apply to {self.model.task}")
+        return self
 
     def canonical_json(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -85,9 +184,11 @@ class PipelineConfig(_Strict):
         return hashlib.sha256(self.canonical_json()).hexdigest()
 
     def feature_columns(self, columns: list[str]) -> list[str]:
-        if self.dataset.features is not None:
-            return list(self.dataset.features)
-        return [c for c in columns if c != self.dataset.target]
+        ds = self.dataset
+        if ds.features is not None:
+            return list(ds.features)
+        skip = {ds.target, *ds.exclude, *(self.split.time_column or "",)}
+        return [c for c in columns if c not in skip and ds.column_type(c) != "datetime"]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -106,13 +207,39 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse_config(text: str | bytes, source: str = "config") -> PipelineConfig:
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_config(
+    text: str | bytes, source: str = "config", env: str | None = None
+) -> PipelineConfig:
+    """Validate a pipeline config; with `env`, first apply `environments.<env>` over it.
+
+    One file serves every environment: `environments: {prod: {gates: {min_accuracy: 0.9}}}`
+    overrides only what it names. An environment the file does not mention uses the base.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    environments = raw.pop("environments", None) or {}
+    if not isinstance(environments, dict) or not all(
+        isinstance(v, dict) for v in environments.values()
+    ):
+        raise ConfigError(f"{source}: environments must map names to override mappings")
+    if env and env in environments:
+        if "name" in environments[env]:
+            raise ConfigError(f"{source}: environments.{env}.name: cannot be overridden")
+        raw = _merge(raw, environments[env])
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
@@ -123,8 +250,9 @@ def config_path(pipeline: str) -> str:
     return f"pipelines/{pipeline}/config.yaml"
 
 
-def load_pipeline_config(storage: Storage, name: str) -> PipelineConfig:
-    """The registered config of pipeline `name`; a missing or invalid one is permanent."""
+def load_pipeline_config(storage: Storage, name: str, env: str | None = None) -> PipelineConfig:
+    """The registered config of pipeline `name` for `env`; a missing or invalid one is
+    permanent."""
     found = storage.read(config_path(name))
     if found is None:
         raise PermanentError(
@@ -133,7 +261,7 @@ def load_pipeline_config(storage: Storage, name: str) -> PipelineConfig:
             f"register one with `mlpipe pipeline apply`",
         )
     try:
-        return parse_config(found.data, source=found.uri)
+        return parse_config(found.data, source=found.uri, env=env)
     except ConfigError as exc:
         raise PermanentError("invalid_config", str(exc)) from exc
 

@@ -27,6 +27,7 @@ class CommonSettings(BaseSettings):
     )
     bucket: str = Field(description="Bucket holding datasets, runs, registry and quarantine.")
     code_version: str = Field(default="dev", description="git commit of the running code.")
+    env: str = Field(default="local", description="Environment whose config overrides apply.")
     log_level: str = "INFO"
     # Cloud Run sets PORT; the container must listen on all interfaces there. The local
     # stack sets MLPIPE_HOST=127.0.0.1.

@@ -38,6 +38,7 @@ class Landing:
     publisher: Publisher
     code_version: str
     max_inline_bytes: int
+    env: str = "local"
 
     def __call__(self, message: PushMessage) -> StepResult:
         return land(message, self)
@@ -162,7 +163,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         raise PermanentError("invalid_message", str(exc)) from exc
     if not request.dataset:
         raise PermanentError("invalid_message", "IngestRequest.dataset is empty")
-    config = load_pipeline_config(deps.storage, request.dataset)
+    config = load_pipeline_config(deps.storage, request.dataset, deps.env)
     ctx = events.context(
         producer="ingest",
         code_version=deps.code_version,

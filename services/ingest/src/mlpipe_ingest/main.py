@@ -23,7 +23,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     clients = Clients.create(settings, stage="ingest")
     app.state.clients = clients
     app.state.step = Landing(
-        clients.storage, clients.publisher, settings.code_version, settings.max_inline_bytes
+        clients.storage,
+        clients.publisher,
+        settings.code_version,
+        settings.max_inline_bytes,
+        settings.env,
     )
     yield
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlpipe import events
+from mlpipe.config import PipelineConfig
 from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class LocalJobLauncher:
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
-    def launch(self, started: events_pb2.TrainingStarted) -> str:
+    def launch(self, started: events_pb2.TrainingStarted, config: PipelineConfig) -> str:
         run_id = started.context.run_id
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{run_id}.log"

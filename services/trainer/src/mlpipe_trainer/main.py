@@ -12,30 +12,45 @@ from mlpipe.service import Clients, create_app
 from mlpipe.settings import CommonSettings, load_settings
 from mlpipe_trainer.launcher import LocalJobLauncher
 from mlpipe_trainer.recovery import crash_reporter
-from mlpipe_trainer.start import TrainingStarter
+from mlpipe_trainer.start import JobLauncher, TrainingStarter
+from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget
 
 
 class TrainerSettings(CommonSettings):
     job_log_dir: Path = Path("/tmp/mlpipe-jobs")
     # A claim older than this whose job never reported is taken over by the next delivery.
     training_lease_seconds: float = 900.0
+    # The image Vertex AI CustomJobs run (this service's own image); without it, pipelines
+    # that ask for the vertex backend are rejected with a message naming this setting.
+    trainer_image: str = ""
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(TrainerSettings)
     clients = Clients.create(settings, stage="trainer")
-    launcher = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients))
+    local = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients))
+    launchers: dict[str, JobLauncher] = {"local": local}
+    if settings.trainer_image:
+        target = VertexTarget(
+            settings.project,
+            settings.bucket,
+            settings.trainer_image,
+            settings.code_version,
+            settings.env,
+        )
+        launchers["vertex"] = VertexJobLauncher(target)
     app.state.clients = clients
     app.state.step = TrainingStarter(
         clients.storage,
         clients.publisher,
-        launcher,
+        launchers,
         settings.code_version,
         settings.training_lease_seconds,
+        settings.env,
     )
     yield
-    launcher.terminate_all()
+    local.terminate_all()
 
 
 app = create_app("trainer", lifespan)

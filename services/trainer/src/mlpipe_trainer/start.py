@@ -16,7 +16,7 @@ from typing import Protocol
 from google.api_core import exceptions as gexc
 
 from mlpipe import events, lineage
-from mlpipe.config import load_pipeline_config
+from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import EnvelopeError, PushMessage, parse_object_notification
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class JobLauncher(Protocol):
     backend: str
 
-    def launch(self, started: events_pb2.TrainingStarted) -> str:
+    def launch(self, started: events_pb2.TrainingStarted, config: PipelineConfig) -> str:
         """Start the training job for `started`; return a job id."""
         ...
 
@@ -39,9 +39,10 @@ class JobLauncher(Protocol):
 class TrainingStarter:
     storage: Storage
     publisher: Publisher
-    launcher: JobLauncher
+    launchers: dict[str, JobLauncher]
     code_version: str
     lease_seconds: float
+    env: str = "local"
 
     def __call__(self, message: PushMessage) -> StepResult:
         return start_training(message, self)
@@ -91,7 +92,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         return StepResult("ignored", {"object": note.uri})
 
     name, fmt = match["name"], match["ext"]
-    config = load_pipeline_config(deps.storage, name)
+    config = load_pipeline_config(deps.storage, name, deps.env)
     sha = note.metadata.get("sha256", "")
     if not sha:
         # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
@@ -142,11 +143,18 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         return StepResult("in_progress", {"detail": "a job for this run is running"}, run_id=run_id)
 
     deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
-    started = events_pb2.TrainingStarted(
-        context=ctx, dataset=dataset, backend=deps.launcher.backend
-    )
+    launcher = deps.launchers.get(config.training.backend)
+    if launcher is None:
+        raise PermanentError(
+            "backend_unavailable",
+            f"pipeline {name!r} asks for training backend {config.training.backend!r}; this "
+            f"trainer offers {sorted(deps.launchers)} (vertex needs MLPIPE_TRAINER_IMAGE)",
+            context=ctx,
+            dataset=dataset,
+        )
+    started = events_pb2.TrainingStarted(context=ctx, dataset=dataset, backend=launcher.backend)
     try:
-        started.job_id = deps.launcher.launch(started)
+        started.job_id = launcher.launch(started, config)
     except Exception:
         # Release the claim so the redelivery can start the job again.
         deps.storage.bucket.blob(paths.claim).delete(if_generation_match=claim_gen)

@@ -1,7 +1,8 @@
 """The training job's work: read the exact dataset bytes, split, fit, write the run's artifacts.
 
 Pure of transport: it reads and writes through `Storage` and returns the TrainingCompleted
-event; `job.py` publishes it.
+event; `job.py` publishes it. Every check that can fail runs before anything is written, so a
+failed run leaves no half-written artifacts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import time
 from typing import Any
 
 import joblib
-import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from mlpipe import events, lineage
 from mlpipe.config import ModelSpec, PipelineConfig, load_run_config
@@ -40,18 +44,30 @@ def build_estimator(spec: ModelSpec) -> Any:
         ) from exc
 
 
-def check_numeric(frame: pd.DataFrame, features: list[str], source: str) -> None:
-    for column in features:
-        if not pd.api.types.is_numeric_dtype(frame[column]):
-            coerced = pd.to_numeric(frame[column], errors="coerce")
-            bad = frame[column][coerced.isna() & frame[column].notna()]
-            example = bad.iloc[0] if len(bad) else "?"
-            row = int(bad.index[0]) + 2 if len(bad) else 0
-            raise PermanentError(
-                "wrong_type",
-                f"{source}: column {column!r} must be numeric; {len(bad)} value(s) are not "
-                f"(first: {example!r} on CSV line {row})",
-            )
+def build_pipeline(config: PipelineConfig, features: list[str]) -> Pipeline:
+    """Preprocessing from the column types, then the configured estimator."""
+    prep = config.model.preprocessing
+    numeric = [c for c in features if config.dataset.column_type(c) == "numeric"]
+    categorical = [c for c in features if config.dataset.column_type(c) == "categorical"]
+    numeric_steps: list[tuple[str, Any]] = []
+    if prep.impute != "none":
+        numeric_steps.append(("impute", SimpleImputer(strategy=prep.impute)))
+    if prep.scale:
+        numeric_steps.append(("scale", StandardScaler()))
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if numeric:
+        numeric_step = Pipeline(numeric_steps) if numeric_steps else "passthrough"
+        transformers.append(("numeric", numeric_step, numeric))
+    if categorical:
+        encoder: Any = (
+            OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+            if prep.one_hot
+            else OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1)
+        )
+        steps = [("impute", SimpleImputer(strategy="most_frequent")), ("encode", encoder)]
+        transformers.append(("categorical", Pipeline(steps), categorical))
+    columns = ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+    return Pipeline([("preprocess", columns), ("model", build_estimator(config.model))])
 
 
 def fetch_dataset(storage: Storage, dataset: events_pb2.DatasetRef) -> bytes:
@@ -79,15 +95,21 @@ def train(
     data = fetch_dataset(storage, started.dataset)
     frame = read_dataset(data, started.dataset.format or "csv", started.dataset.uri)
     features = check_columns(frame, config, started.dataset.uri)
-    check_numeric(frame, features, started.dataset.uri)
     split = split_rows(frame, config)
-    estimator = build_estimator(config.model)
+    estimator = build_pipeline(config, features)
 
     train_frame = frame.iloc[split.train]
+    y_train = train_frame[config.dataset.target]
+    if config.model.task == "classification" and y_train.nunique() < 2:
+        raise PermanentError(
+            "single_class",
+            f"the training split of {started.dataset.uri} has only class "
+            f"{y_train.iloc[0]!r} in {config.dataset.target!r}; a classifier needs two or more",
+        )
     t0 = time.perf_counter()
     try:
-        estimator.fit(train_frame[features], train_frame[config.dataset.target])
-    except ValueError as exc:
+        estimator.fit(train_frame[features], y_train)
+    except (ValueError, TypeError) as exc:
         raise PermanentError("fit_failed", f"{config.model.estimator}.fit failed: {exc}") from exc
     fit_seconds = time.perf_counter() - t0
 
@@ -97,6 +119,8 @@ def train(
         "target": config.dataset.target,
         "task": config.model.task,
         "run_id": run_id,
+        "feature_types": {c: config.dataset.column_type(c) for c in features},
+        "classes": [str(c) for c in getattr(estimator, "classes_", [])],
     }
     buffer = io.BytesIO()
     joblib.dump(bundle, buffer)
@@ -124,6 +148,8 @@ def train(
             "uri": storage.uri(paths.split),
             "seed": split.seed,
             "stratified": split.stratified,
+            "strategy": split.strategy,
+            "cutoff": split.cutoff,
             "train_rows": len(split.train),
             "holdout_rows": len(split.holdout),
         },
