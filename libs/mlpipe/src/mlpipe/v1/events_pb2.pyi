@@ -344,6 +344,8 @@ class GateResult(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     PASSED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "min_accuracy", "min_per_class_f1[setosa]" """
     metric: _builtins.str
@@ -353,6 +355,10 @@ class GateResult(_message.Message):
     threshold: _builtins.float
     value: _builtins.float
     passed: _builtins.bool
+    kind: _builtins.str
+    """"absolute" (a fixed threshold) or "relative" (against the current champion)."""
+    note: _builtins.str
+    """Why a gate was skipped or how its threshold was derived."""
     def __init__(
         self,
         *,
@@ -362,10 +368,12 @@ class GateResult(_message.Message):
         threshold: _builtins.float = ...,
         value: _builtins.float = ...,
         passed: _builtins.bool = ...,
+        kind: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "metric", b"metric", "name", b"name", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "kind", b"kind", "metric", b"metric", "name", b"name", "note", b"note", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -395,6 +403,26 @@ class EvaluationCompleted(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ChampionMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONTEXT_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     MODEL_URI_FIELD_NUMBER: _builtins.int
@@ -405,12 +433,17 @@ class EvaluationCompleted(_message.Message):
     GATES_FIELD_NUMBER: _builtins.int
     METRICS_URI_FIELD_NUMBER: _builtins.int
     HOLDOUT_ROWS_FIELD_NUMBER: _builtins.int
+    CHAMPION_METRICS_FIELD_NUMBER: _builtins.int
+    CHAMPION_VERSION_FIELD_NUMBER: _builtins.int
+    REPORT_URI_FIELD_NUMBER: _builtins.int
     model_uri: _builtins.str
     model_sha256: _builtins.str
     model_name: _builtins.str
     passed: _builtins.bool
     metrics_uri: _builtins.str
     holdout_rows: _builtins.int
+    champion_version: _builtins.int
+    report_uri: _builtins.str
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
@@ -419,6 +452,10 @@ class EvaluationCompleted(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]: ...
+    @_builtins.property
+    def champion_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The champion scored on the same holdout (empty when there is no champion)."""
+
     def __init__(
         self,
         *,
@@ -432,10 +469,13 @@ class EvaluationCompleted(_message.Message):
         gates: _abc.Iterable[Global___GateResult] | None = ...,
         metrics_uri: _builtins.str = ...,
         holdout_rows: _builtins.int = ...,
+        champion_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        champion_version: _builtins.int = ...,
+        report_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "gates", b"gates", "holdout_rows", b"holdout_rows", "metrics", b"metrics", "metrics_uri", b"metrics_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "passed", b"passed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["champion_metrics", b"champion_metrics", "champion_version", b"champion_version", "context", b"context", "dataset", b"dataset", "gates", b"gates", "holdout_rows", b"holdout_rows", "metrics", b"metrics", "metrics_uri", b"metrics_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "passed", b"passed", "report_uri", b"report_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
