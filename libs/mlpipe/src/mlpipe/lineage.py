@@ -44,6 +44,7 @@ class RunPaths:
         self.lineage = base + "lineage.json"
         self.training = base + "training.json"  # the TrainingCompleted event, written last
         self.metrics = base + "metrics.json"
+        self.report = base + "report.html"
         self.evaluation = base + "evaluation.json"  # the EvaluationCompleted event
         self.deployment = base + "deployment.json"  # the DeploymentCompleted event
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run

@@ -1,23 +1,35 @@
-"""The evaluator's step: TrainingCompleted → holdout metrics → gates → EvaluationCompleted."""
+"""The evaluator's step: TrainingCompleted → holdout metrics, the champion on the same
+holdout, gates → metrics.json + report.html → EvaluationCompleted."""
 
 from __future__ import annotations
 
 import io
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import joblib
+import pandas as pd
 
 from mlpipe import events, lineage
-from mlpipe.config import load_run_config
+from mlpipe.config import PipelineConfig, load_run_config
 from mlpipe.data import Split, read_dataset
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
+from mlpipe.registry import CHAMPION, Registry
 from mlpipe.service import StepResult
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
-from mlpipe_evaluator.metrics import apply_gates, classification_metrics, regression_metrics
+from mlpipe_evaluator import report
+from mlpipe_evaluator.metrics import (
+    apply_gates,
+    classification_details,
+    classification_metrics,
+    regression_details,
+    regression_metrics,
+    relative_gates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,57 @@ def _read_verified(storage: Storage, uri: str, sha256: str, what: str) -> bytes:
     if sha256 and sha256_hex(obj.data) != sha256:
         raise PermanentError("sha256_mismatch", f"{what} {uri} does not match its sha256")
     return obj.data
+
+
+def score(
+    bundle: dict[str, Any], holdout: pd.DataFrame, config: PipelineConfig
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics (and report details) of a model bundle on a holdout frame."""
+    estimator = bundle["estimator"]
+    features = bundle["features"]
+    y_true = holdout[config.dataset.target].tolist()
+    predictions = list(estimator.predict(holdout[features]))
+    if config.model.task == "regression":
+        return regression_metrics(y_true, predictions), regression_details(y_true, predictions)
+    metrics = classification_metrics(y_true, predictions)
+    proba = (
+        estimator.predict_proba(holdout[features]) if hasattr(estimator, "predict_proba") else None
+    )
+    extra, details = classification_details(
+        y_true, predictions, proba, getattr(estimator, "classes_", ())
+    )
+    return metrics | extra, details
+
+
+def champion_metrics(
+    storage: Storage, model: str, run_id: str, holdout: pd.DataFrame, config: PipelineConfig
+) -> tuple[dict[str, float] | None, int, str]:
+    """The current champion scored on this run's holdout: (metrics, version, note)."""
+    registry = Registry(storage)
+    version = registry.alias(model, CHAMPION)
+    if version is None:
+        return None, 0, ""
+    champion = registry.get(model, version)
+    if champion is None:
+        return None, 0, f"champion v{version} is not readable"
+    if champion.run_id == run_id:
+        return None, 0, f"this run is already champion v{version}"
+    bundle = joblib.load(io.BytesIO(registry.load_artifact(champion)))  # sha256 verified
+    missing = [f for f in bundle["features"] if f not in holdout.columns]
+    if missing or bundle.get("task", config.model.task) != config.model.task:
+        return (
+            None,
+            version,
+            (
+                f"champion v{version} cannot score this holdout "
+                f"(needs {missing or bundle.get('task')})"
+            ),
+        )
+    try:
+        metrics, _ = score(bundle, holdout, config)
+    except (ValueError, TypeError, KeyError) as exc:
+        return None, version, f"champion v{version} failed on this holdout: {exc}"
+    return metrics, version, ""
 
 
 def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
@@ -73,26 +136,16 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
     data = _read_verified(deps.storage, trained.dataset.uri, trained.dataset.sha256, "dataset")
     frame = read_dataset(data, trained.dataset.format or "csv", trained.dataset.uri)
     holdout = frame.iloc[split.holdout]
-    predictions = bundle["estimator"].predict(holdout[bundle["features"]])
-    y_true = holdout[config.dataset.target].tolist()
-    if config.model.task == "classification":
-        metrics = classification_metrics(y_true, list(predictions))
-    else:
-        metrics = regression_metrics(y_true, list(predictions))
-    gates = apply_gates(config.gates, metrics)
+
+    metrics, details = score(bundle, holdout, config)
+    champion, champion_version, note = champion_metrics(
+        deps.storage, trained.model_name, run_id, holdout, config
+    )
+    gates = apply_gates(config.gates, metrics) + relative_gates(
+        config.gates, metrics, champion, note
+    )
     passed = all(g.passed for g in gates)
 
-    deps.storage.write_json(
-        paths.metrics,
-        {
-            "run_id": run_id,
-            "task": config.model.task,
-            "holdout_rows": len(holdout),
-            "metrics": metrics,
-            "passed": passed,
-            "gates": [events.to_dict(g) for g in gates],
-        },
-    )
     result = events_pb2.EvaluationCompleted(
         context=events.next_context(
             trained.context, producer="evaluator", code_version=deps.code_version
@@ -106,7 +159,26 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
         gates=gates,
         metrics_uri=deps.storage.uri(paths.metrics),
         holdout_rows=len(holdout),
+        champion_metrics=champion or {},
+        champion_version=champion_version if champion else 0,
+        report_uri=deps.storage.uri(paths.report),
     )
+    deps.storage.write_json(
+        paths.metrics,
+        {
+            "run_id": run_id,
+            "task": config.model.task,
+            "holdout_rows": len(holdout),
+            "metrics": metrics,
+            "passed": passed,
+            "champion": {"version": champion_version, "metrics": champion, "note": note},
+            "gates": [events.to_dict(g) for g in gates],
+            "details": details,
+        },
+    )
+    page = report.render(result, details, deps.storage.read_json(paths.lineage))
+    deps.storage.write(paths.report, page.encode(), content_type="text/html; charset=utf-8")
+    # The recorded event is written last: a run is "evaluated" only once all of it exists.
     if deps.storage.create_if_absent(paths.evaluation, events.to_json(result).encode()) is None:
         # A concurrent delivery recorded its result first: publish that one, not ours.
         recorded = deps.storage.read(paths.evaluation)
@@ -114,7 +186,7 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
             result = events.from_json(events_pb2.EvaluationCompleted, recorded.data)
     deps.publisher.publish(result)
     failed = [
-        f"{g.name}={g.value:.4f} (needs {g.comparison} {g.threshold})"
+        f"{g.name}={g.value:.4f} (needs {g.comparison} {g.threshold:.4g})"
         for g in gates
         if not g.passed
     ]
