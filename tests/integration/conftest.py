@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from fastapi.testclient import TestClient
 from google.cloud import pubsub_v1
 from google.protobuf.message import Message
 
@@ -15,6 +17,7 @@ from mlpipe.config import PipelineConfig, config_path, parse_config
 from mlpipe.failures import FailureReporter
 from mlpipe.localstack import StackState
 from mlpipe.publishing import Publisher
+from mlpipe.push import make_envelope
 from mlpipe.storage import Storage, make_client
 from tests.conftest import REPO, unique
 
@@ -108,3 +111,68 @@ def iris_config() -> PipelineConfig:
 @pytest.fixture
 def iris_csv() -> str:
     return (REPO / "examples/iris/iris.csv").read_text()
+
+
+def notification(cloud: Cloud, path: str, generation: int, message_id: str = "n1") -> bytes:
+    """A push body exactly as Cloud Storage's Pub/Sub notification (JSON_API_V1) sends it."""
+    resource = {
+        "kind": "storage#object",
+        "bucket": cloud.storage.bucket_name,
+        "name": path,
+        "generation": str(generation),
+        "metadata": {},
+    }
+    return make_envelope(
+        json.dumps(resource).encode(),
+        attributes={
+            "bucketId": cloud.storage.bucket_name,
+            "objectId": path,
+            "objectGeneration": str(generation),
+            "eventType": "OBJECT_FINALIZE",
+            "payloadFormat": "JSON_API_V1",
+            "notificationConfig": "projects/_/x",
+        },
+        message_id=message_id,
+    )
+
+
+@pytest.fixture
+def services(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, TestClient]]:
+    monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
+    monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
+    monkeypatch.setenv("MLPIPE_JOB_LOG_DIR", str(tmp_path_factory.mktemp("jobs")))
+    from mlpipe_deployer.main import app as deployer
+    from mlpipe_evaluator.main import app as evaluator
+    from mlpipe_predictor.main import app as predictor
+    from mlpipe_trainer.main import app as trainer
+
+    cloud.watch(
+        events.TRAINING_STARTED,
+        events.TRAINING_COMPLETED,
+        events.EVALUATION_COMPLETED,
+        events.DEPLOYMENT_COMPLETED,
+        events.PIPELINE_FAILURES,
+    )
+    with (
+        TestClient(trainer) as t,
+        TestClient(evaluator) as e,
+        TestClient(deployer) as d,
+        TestClient(predictor) as p,
+    ):
+        yield {"trainer": t, "evaluator": e, "deployer": d, "predictor": p}
+
+
+def upload(cloud: Cloud, csv_text: str, name: str = "iris") -> tuple[str, int]:
+    """A user's direct upload: no ingest, no sha256 metadata."""
+    path = f"datasets/{name}/dt=2026-11-23/upload-1.csv"
+    return path, cloud.storage.write(path, csv_text.encode(), content_type="text/csv")
+
+
+def forward(client: TestClient, event: Message, n: int = 1) -> dict:
+    reply = client.post(
+        "/pubsub/push", content=make_envelope(events.encode(event), message_id=f"fwd-{n}")
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()

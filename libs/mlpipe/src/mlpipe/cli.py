@@ -11,11 +11,13 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe import events
+from mlpipe import cli_runs, events
 from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
+from mlpipe.errors import PermanentError
 from mlpipe.follow import EventWatcher, Observed
 from mlpipe.lineage import RunPaths
 from mlpipe.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe.modeling import build_estimator
 from mlpipe.publishing import Publisher
 from mlpipe.registry import CHAMPION, Registry
 from mlpipe.storage import Storage, make_client
@@ -97,27 +99,34 @@ def down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
 
 
 # --- pipelines ------------------------------------------------------------------------------
-def _load_config_file(path: Path) -> PipelineConfig:
+def _load_config_file(path: Path) -> tuple[PipelineConfig, str]:
+    """The validated config and the file's text; the estimator is built once to check it."""
     try:
-        return parse_config(path.read_text(), source=str(path))
+        text = path.read_text()
+        config = parse_config(text, source=str(path))
     except (ConfigError, OSError) as exc:
         raise _fail(str(exc)) from None
+    try:
+        build_estimator(config.model)
+    except PermanentError as exc:
+        raise _fail(f"{path}: model: {exc.message}") from None
+    return config, text
 
 
 @pipeline_app.command("apply")
 def pipeline_apply(file: Path, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """Validate a pipeline config and register it in the bucket."""
-    config = _load_config_file(file)
+    config, text = _load_config_file(file)
     state = _running_stack(state_dir)
     with client_env(state):
-        uri = _apply_config(_storage(state), config)
+        uri = _apply_config(_storage(state), config, text)
     typer.echo(f"registered {config.name} ({config.sha256()[:12]}) at {uri}")
 
 
-def _apply_config(storage: Storage, config: PipelineConfig) -> str:
-    storage.write(
-        config_path(config.name), config.to_yaml().encode(), content_type="application/yaml"
-    )
+def _apply_config(storage: Storage, config: PipelineConfig, text: str) -> str:
+    """Register the file as written, `environments` included: each environment's services
+    resolve their own overrides."""
+    storage.write(config_path(config.name), text.encode(), content_type="application/yaml")
     return storage.uri(config_path(config.name))
 
 
@@ -231,10 +240,10 @@ def follow_run(
 
 def run_example(state: StackState, example: str, timeout: float) -> int:
     folder = find_example(example)
-    config = _load_config_file(folder / "pipeline.yaml")
+    config, text = _load_config_file(folder / "pipeline.yaml")
     csv_text = (folder / f"{example}.csv").read_text()
     with client_env(state):
-        uri = _apply_config(_storage(state), config)
+        uri = _apply_config(_storage(state), config, text)
         typer.echo(f"pipeline {config.name}: config {config.sha256()[:12]} at {uri}")
         request_id = uuid.uuid4().hex
         request = events_pb2.IngestRequest(
@@ -297,10 +306,14 @@ def demo(
 
 def _sample_instance(example: str) -> dict[str, Any]:
     folder = find_example(example)
-    config = _load_config_file(folder / "pipeline.yaml")
+    config, _ = _load_config_file(folder / "pipeline.yaml")
     header, first = (folder / f"{example}.csv").read_text().splitlines()[:2]
     row = dict(zip(header.split(","), first.split(","), strict=True))
-    return {k: float(v) for k, v in row.items() if k in config.feature_columns(list(row))}
+    return {
+        k: float(v) if config.dataset.column_type(k) == "numeric" else v
+        for k, v in row.items()
+        if k in config.feature_columns(list(row))
+    }
 
 
 # --- looking --------------------------------------------------------------------------------
@@ -390,6 +403,8 @@ def predict(
     if reply.status_code != 200:
         raise typer.Exit(1)
 
+
+cli_runs.register(app)
 
 if __name__ == "__main__":
     app()

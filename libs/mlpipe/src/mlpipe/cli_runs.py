@@ -1,0 +1,147 @@
+"""`mlpipe` commands to look at runs, reports, versions and lineage."""
+
+from __future__ import annotations
+
+import json
+import webbrowser
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlpipe.lineage import RunPaths
+from mlpipe.localstack import StackState, client_env
+from mlpipe.registry import CHAMPION, Registry
+from mlpipe.storage import Storage, make_client
+
+DEFAULT_STATE_DIR = Path(".mlpipe")
+StateDir = Annotated[
+    Path, typer.Option(help="Where the local stack keeps PIDs and logs.", envvar="MLPIPE_STATE_DIR")
+]
+
+
+def _storage(state_dir: Path) -> Storage:
+    state = StackState.load(state_dir)
+    if state is None:
+        typer.secho(
+            f"the local stack is not running (state dir {state_dir}); start it with `mlpipe up`",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    client_env(state).__enter__()  # for the rest of this command
+    return Storage(make_client(state.project), state.bucket)
+
+
+def _outcome(storage: Storage, run_id: str) -> dict[str, Any]:
+    paths = RunPaths(run_id)
+    row: dict[str, Any] = {"run_id": run_id, "state": "training"}
+    lineage = storage.read_json(paths.lineage) or {}
+    row["pipeline"] = lineage.get("dataset", {}).get("name", "")
+    if (failed := storage.read_json(paths.failed)) is not None:
+        row.update(state="failed", detail=f"{failed.get('stage')}: {failed.get('reason')}")
+    elif (done := storage.read_json(paths.deployment)) is not None:
+        row.update(
+            state="deployed" if done.get("deployed") else "not deployed",
+            detail=f"v{done.get('version', 0)}" if done.get("deployed") else done.get("reason", ""),
+        )
+    elif (evaluated := storage.read_json(paths.evaluation)) is not None:
+        row.update(state="evaluated", detail="passed" if evaluated.get("passed") else "failed")
+    elif storage.exists(paths.training):
+        row["state"] = "trained"
+    return row
+
+
+def runs(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """List runs with their outcome."""
+    storage = _storage(state_dir)
+    run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
+    for run_id in run_ids:
+        row = _outcome(storage, run_id)
+        typer.echo(f"{run_id}  {row['pipeline']:<12} {row['state']:<13} {row.get('detail', '')}")
+    if not run_ids:
+        typer.echo("no runs yet")
+
+
+def report(
+    run_id: str,
+    out: Annotated[Path | None, typer.Option(help="Where to save the HTML report.")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open it in a browser.")] = False,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Save a run's HTML report locally (and open it); print its gates and metrics."""
+    storage = _storage(state_dir)
+    paths = RunPaths(run_id)
+    page = storage.read(paths.report)
+    metrics = storage.read_json(paths.metrics)
+    if page is None or metrics is None:
+        typer.secho(
+            f"run {run_id} has no report (not evaluated yet, or failed: see "
+            f"`mlpipe status {run_id}`)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+    target = out or state_dir / "reports" / f"{run_id}.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(page.data)
+    typer.echo(f"run {run_id}: gates {'passed' if metrics['passed'] else 'FAILED'}")
+    for gate in metrics["gates"]:
+        verdict = "pass" if gate.get("passed") else "FAIL"
+        if str(gate.get("note", "")).startswith("not applied"):
+            verdict = "skip"
+        typer.echo(
+            f"  {verdict}  {gate['name']:<32} {gate.get('value', 0):.4f} "
+            f"{gate.get('comparison', '')} {gate.get('threshold', 0):.4g}  "
+            f"{gate.get('note', '')}"
+        )
+    typer.echo(f"report: {target.resolve()} (from {page.uri})")
+    if open_browser:
+        webbrowser.open(target.resolve().as_uri())
+
+
+def versions(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """A model's registered versions, with the champion marked."""
+    registry = Registry(_storage(state_dir))
+    champion = registry.alias(model, CHAMPION)
+    found = registry.versions(model)
+    if not found:
+        typer.echo(f"no versions of {model}")
+    for version in found:
+        mv = registry.get(model, version)
+        if mv is None:
+            continue
+        mark = f" ← {CHAMPION}" if version == champion else ""
+        metrics = mv.info.get("metrics", {})
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if "[" not in k)
+        typer.echo(
+            f"v{version}  run {mv.run_id}  {mv.info.get('registered_at', '')}  {shown}{mark}"
+        )
+
+
+def lineage(model: str, version: int, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Walk a model version back to its dataset bytes, config and commit."""
+    storage = _storage(state_dir)
+    mv = Registry(storage).get(model, version)
+    if mv is None:
+        typer.secho(f"{model} v{version} is not registered", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    record = storage.read_json(RunPaths(mv.run_id).lineage) or {}
+    chain = {
+        "model": f"{model} v{version}",
+        "artifact": {"uri": mv.model_uri, "sha256": mv.model_sha256},
+        "run_id": mv.run_id,
+        "dataset": record.get("dataset"),
+        "config": {"sha256": record.get("config_sha256"), "uri": record.get("config_uri")},
+        "code_version": record.get("code_version"),
+        "split": record.get("split"),
+        "estimator": record.get("model", {}).get("estimator"),
+        "params": record.get("model", {}).get("params"),
+        "metrics": mv.info.get("metrics"),
+    }
+    typer.echo(json.dumps(chain, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    for command in (runs, report, versions, lineage):
+        app.command()(command)
