@@ -29,13 +29,14 @@ START = dt.datetime(2026, 5, 4, tzinfo=dt.UTC)
 def weather(rng: random.Random, day: int, hour: int) -> tuple[float, float, float]:
     base = 14 + 6 * math.sin(day / 7) + 5 * math.sin((hour - 9) / 24 * 2 * math.pi)
     temp = base + rng.gauss(0, 1.5)
-    rain = max(0.0, rng.gauss(-0.4, 1.2)) if (day % 5) in (1, 2) else max(0.0, rng.gauss(-1, .5))
+    rain = max(0.0, rng.gauss(-0.4, 1.2)) if (day % 5) in (1, 2) else max(0.0, rng.gauss(-1, 0.5))
     wind = abs(rng.gauss(12, 5))
     return round(temp, 1), round(rain, 2), round(wind, 1)
 
 
-def net_change(kind: str, hour: int, weekday: int, temp: float, rain: float, wind: float,
-               rng: random.Random) -> float:
+def net_change(
+    kind: str, hour: int, weekday: int, temp: float, rain: float, wind: float, rng: random.Random
+) -> float:
     workday = weekday < 5
     morning = math.exp(-((hour - 8) ** 2) / 3)
     evening = math.exp(-((hour - 17.5) ** 2) / 4)
@@ -56,17 +57,37 @@ def main() -> None:
     out = Path(__file__).with_name("bikeshare.csv")
     with out.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["timestamp", "station", "station_kind", "hour", "weekday",
-                         "temperature_c", "precipitation_mm", "wind_kmh", "net_change"])
+        writer.writerow(
+            [
+                "timestamp",
+                "station",
+                "station_kind",
+                "hour",
+                "weekday",
+                "temperature_c",
+                "precipitation_mm",
+                "wind_kmh",
+                "net_change",
+            ]
+        )
         for day in range(DAYS):
             for hour in range(24):
                 when = START + dt.timedelta(days=day, hours=hour)
                 temp, rain, wind = weather(rng, day, hour)
                 for station, (kind, _) in STATIONS.items():
-                    writer.writerow([when.strftime("%Y-%m-%dT%H:%M:%SZ"), station, kind, hour,
-                                     when.weekday(), temp, rain, wind,
-                                     net_change(kind, hour, when.weekday(), temp, rain, wind,
-                                                rng)])
+                    writer.writerow(
+                        [
+                            when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            station,
+                            kind,
+                            hour,
+                            when.weekday(),
+                            temp,
+                            rain,
+                            wind,
+                            net_change(kind, hour, when.weekday(), temp, rain, wind, rng),
+                        ]
+                    )
     print(f"wrote {out}")
 
 

@@ -39,9 +39,15 @@ def main() -> None:
                 ndvi = (nir - red) / (nir + red)
                 if rng.random() < 0.02:
                     values[rng.randrange(len(values))] = float("nan")  # cloud-masked band
-                writer.writerow([f"f{field:05d}", region,
-                                 *["" if v != v else round(v, 1) for v in values],
-                                 round(ndvi, 4), crop])
+                writer.writerow(
+                    [
+                        f"f{field:05d}",
+                        region,
+                        *["" if v != v else round(v, 1) for v in values],
+                        round(ndvi, 4),
+                        crop,
+                    ]
+                )
     print(f"wrote {out}")
 
 
