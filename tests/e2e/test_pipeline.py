@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,3 +195,47 @@ def test_garbage_on_the_ingest_topic_is_reported_and_kept(stack: StackState) -> 
     assert kept is not None
     # The whole push envelope is kept, so the message can be replayed as it was delivered.
     assert parse_envelope(kept.data).data == b"\xff\x00garbage"
+
+
+@pytest.mark.parametrize(
+    ("example", "model"), [("bikeshare", "bikeshare-net-change"), ("crops", "crop-classifier")]
+)
+def test_the_other_examples_run_to_serving_with_a_report(
+    stack: StackState, example: str, model: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "MLPIPE_STATE_DIR": stack.state_dir}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mlpipe.cli", "run", "--example", example, "--timeout", "120"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    run_id = next(
+        line.split()[1] for line in result.stdout.splitlines() if line.strip().startswith("run ")
+    )
+    shown = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlpipe.cli",
+            "report",
+            run_id,
+            "--out",
+            str(tmp_path / "report.html"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"serving {model} v1" in result.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert "gates passed" in shown.stdout
+    page = (tmp_path / "report.html").read_text()
+    assert "<svg" in page and run_id in page
