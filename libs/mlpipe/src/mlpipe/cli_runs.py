@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import webbrowser
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +22,9 @@ StateDir = Annotated[
 ]
 
 
-def _storage(state_dir: Path) -> Storage:
+@contextmanager
+def _storage(state_dir: Path) -> Iterator[Storage]:
+    """The local stack's bucket, with the client pointed at its emulator inside the block."""
     state = StackState.load(state_dir)
     if state is None:
         typer.secho(
@@ -29,8 +33,8 @@ def _storage(state_dir: Path) -> Storage:
             err=True,
         )
         raise typer.Exit(1)
-    client_env(state).__enter__()  # for the rest of this command
-    return Storage(make_client(state.project), state.bucket)
+    with client_env(state):
+        yield Storage(make_client(state.project), state.bucket)
 
 
 def _outcome(storage: Storage, run_id: str) -> dict[str, Any]:
@@ -54,10 +58,11 @@ def _outcome(storage: Storage, run_id: str) -> dict[str, Any]:
 
 def runs(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """List runs with their outcome."""
-    storage = _storage(state_dir)
-    run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
-    for run_id in run_ids:
-        row = _outcome(storage, run_id)
+    with _storage(state_dir) as storage:
+        run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
+        rows = [_outcome(storage, run_id) for run_id in run_ids]
+    for row in rows:
+        run_id = row["run_id"]
         typer.echo(f"{run_id}  {row['pipeline']:<12} {row['state']:<13} {row.get('detail', '')}")
     if not run_ids:
         typer.echo("no runs yet")
@@ -70,10 +75,10 @@ def report(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Save a run's HTML report locally (and open it); print its gates and metrics."""
-    storage = _storage(state_dir)
     paths = RunPaths(run_id)
-    page = storage.read(paths.report)
-    metrics = storage.read_json(paths.metrics)
+    with _storage(state_dir) as storage:
+        page = storage.read(paths.report)
+        metrics = storage.read_json(paths.metrics)
     if page is None or metrics is None:
         typer.secho(
             f"run {run_id} has no report (not evaluated yet, or failed: see "
@@ -102,15 +107,14 @@ def report(
 
 def versions(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """A model's registered versions, with the champion marked."""
-    registry = Registry(_storage(state_dir))
-    champion = registry.alias(model, CHAMPION)
-    found = registry.versions(model)
+    with _storage(state_dir) as storage:
+        registry = Registry(storage)
+        champion = registry.alias(model, CHAMPION)
+        found = [mv for v in registry.versions(model) if (mv := registry.get(model, v))]
     if not found:
         typer.echo(f"no versions of {model}")
-    for version in found:
-        mv = registry.get(model, version)
-        if mv is None:
-            continue
+    for mv in found:
+        version = mv.version
         mark = f" ← {CHAMPION}" if version == champion else ""
         metrics = mv.info.get("metrics", {})
         shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()) if "[" not in k)
@@ -121,12 +125,12 @@ def versions(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
 
 def lineage(model: str, version: int, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """Walk a model version back to its dataset bytes, config and commit."""
-    storage = _storage(state_dir)
-    mv = Registry(storage).get(model, version)
+    with _storage(state_dir) as storage:
+        mv = Registry(storage).get(model, version)
+        record = {} if mv is None else storage.read_json(RunPaths(mv.run_id).lineage) or {}
     if mv is None:
         typer.secho(f"{model} v{version} is not registered", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-    record = storage.read_json(RunPaths(mv.run_id).lineage) or {}
     chain = {
         "model": f"{model} v{version}",
         "artifact": {"uri": mv.model_uri, "sha256": mv.model_sha256},

@@ -69,7 +69,7 @@ def metrics_table(
 
 def confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
     n = len(labels)
-    cell, left, top = 56, 120, 90
+    cell, left, top = 56, 120, 120
     width, height = left + cell * n + 20, top + cell * n + 20
     parts = [
         f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
@@ -82,7 +82,7 @@ def confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
     for j, label in enumerate(labels):
         x = left + j * cell + cell / 2
         parts.append(
-            f"<text x='{x}' y='{top - 8}' font-size='11' text-anchor='end' "
+            f"<text x='{x}' y='{top - 8}' font-size='11' text-anchor='start' "
             f"transform='rotate(-35 {x} {top - 8})'>{_e(label)}</text>"
         )
     for i, row in enumerate(matrix):
