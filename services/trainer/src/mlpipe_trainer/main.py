@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 
 from mlpipe.service import Clients, create_app
 from mlpipe.settings import CommonSettings, load_settings
-from mlpipe_trainer.launcher import LocalJobLauncher
+from mlpipe_trainer.launcher import LocalJobLauncher, Runner
 from mlpipe_trainer.recovery import crash_reporter
 from mlpipe_trainer.start import JobLauncher, TrainingStarter
 from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget
@@ -23,13 +24,16 @@ class TrainerSettings(CommonSettings):
     # The image Vertex AI CustomJobs run (this service's own image); without it, pipelines
     # that ask for the vertex backend are rejected with a message naming this setting.
     trainer_image: str = ""
+    # warm: jobs fork from a pre-imported server (fast start); subprocess: a fresh interpreter.
+    job_runner: Runner = "warm"
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(TrainerSettings)
     clients = Clients.create(settings, stage="trainer")
-    local = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients))
+    local = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients), settings.job_runner)
+    await asyncio.to_thread(local.warm_up)
     launchers: dict[str, JobLauncher] = {"local": local}
     if settings.trainer_image:
         target = VertexTarget(
