@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mlpipe/v1/events.proto\x12\tmlpipe.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x01\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ode_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x07 \x01(\t\"n\n\nDatasetRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\"C\n\nInlineRows\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\x12(\n\x07records\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xc0\x01\n\rIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.mlpipe.v1.DataFormat\x12\x30\n\x0crequested_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06inline\x18\n \x01(\x0b\x32\x15.mlpipe.v1.InlineRowsH\x00\x42\x08\n\x06source\"\x89\x01\n\rDatasetLanded\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\"\x82\x01\n\x0fTrainingStarted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x89\x03\n\x11TrainingCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x11\n\testimator\x18\x07 \x01(\t\x12\x12\n\ntrain_rows\x18\x08 \x01(\x03\x12\x14\n\x0choldout_rows\x18\t \x01(\x03\x12\x11\n\tsplit_uri\x18\n \x01(\t\x12\x13\n\x0blineage_uri\x18\x0b \x01(\t\x12\x13\n\x0b\x66it_seconds\x18\x0c \x01(\x01\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\nGateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x12\n\ncomparison\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06passed\x18\x06 \x01(\x08\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xa6\x04\n\x13\x45valuationCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x0e\n\x06passed\x18\x06 \x01(\x08\x12<\n\x07metrics\x18\x07 \x03(\x0b\x32+.mlpipe.v1.EvaluationCompleted.MetricsEntry\x12$\n\x05gates\x18\x08 \x03(\x0b\x32\x15.mlpipe.v1.GateResult\x12\x13\n\x0bmetrics_uri\x18\t \x01(\t\x12\x14\n\x0choldout_rows\x18\n \x01(\x03\x12M\n\x10\x63hampion_metrics\x18\x0b \x03(\x0b\x32\x33.mlpipe.v1.EvaluationCompleted.ChampionMetricsEntry\x12\x18\n\x10\x63hampion_version\x18\x0c \x01(\x03\x12\x12\n\nreport_uri\x18\r \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x43hampionMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8e\x02\n\x13\x44\x65ploymentCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05\x61lias\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65ployed\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tmodel_uri\x18\x08 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\t \x01(\t\x12\x0e\n\x06target\x18\n \x01(\t\x12\x18\n\x10previous_version\x18\x0b \x01(\x03\"\xe0\x01\n\x0ePipelineFailed\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0equarantine_uri\x18\x06 \x01(\t\x12\x19\n\x11source_message_id\x18\x07 \x01(\t\x12\x1b\n\x13source_subscription\x18\x08 \x01(\t*W\n\nDataFormat\x12\x1b\n\x17\x44\x41TA_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_FORMAT_CSV\x10\x01\x12\x17\n\x13\x44\x41TA_FORMAT_PARQUET\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mlpipe/v1/events.proto\x12\tmlpipe.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x01\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\x15\n\rconfig_sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x63ode_version\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08producer\x18\x07 \x01(\t\x12\x30\n\x0crequested_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9d\x01\n\nDatasetRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x11\n\trow_count\x18\x05 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12-\n\tlanded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\nInlineRows\x12\x0b\n\x03\x63sv\x18\x01 \x01(\t\x12(\n\x07records\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\xc0\x01\n\rIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12%\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x15.mlpipe.v1.DataFormat\x12\x30\n\x0crequested_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06inline\x18\n \x01(\x0b\x32\x15.mlpipe.v1.InlineRowsH\x00\x42\x08\n\x06source\"\x89\x01\n\rDatasetLanded\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x17\n\x0f\x61lready_present\x18\x03 \x01(\x08\x12\x0f\n\x07\x63olumns\x18\x04 \x03(\t\"\x82\x01\n\x0fTrainingStarted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x89\x03\n\x11TrainingCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x0c\n\x04task\x18\x06 \x01(\t\x12\x11\n\testimator\x18\x07 \x01(\t\x12\x12\n\ntrain_rows\x18\x08 \x01(\x03\x12\x14\n\x0choldout_rows\x18\t \x01(\x03\x12\x11\n\tsplit_uri\x18\n \x01(\t\x12\x13\n\x0blineage_uri\x18\x0b \x01(\t\x12\x13\n\x0b\x66it_seconds\x18\x0c \x01(\x01\x12.\n\nstarted_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x01\n\nGateResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x12\n\ncomparison\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06passed\x18\x06 \x01(\x08\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xa6\x04\n\x13\x45valuationCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x11\n\tmodel_uri\x18\x03 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x0e\n\x06passed\x18\x06 \x01(\x08\x12<\n\x07metrics\x18\x07 \x03(\x0b\x32+.mlpipe.v1.EvaluationCompleted.MetricsEntry\x12$\n\x05gates\x18\x08 \x03(\x0b\x32\x15.mlpipe.v1.GateResult\x12\x13\n\x0bmetrics_uri\x18\t \x01(\t\x12\x14\n\x0choldout_rows\x18\n \x01(\x03\x12M\n\x10\x63hampion_metrics\x18\x0b \x03(\x0b\x32\x33.mlpipe.v1.EvaluationCompleted.ChampionMetricsEntry\x12\x18\n\x10\x63hampion_version\x18\x0c \x01(\x03\x12\x12\n\nreport_uri\x18\r \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14\x43hampionMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8e\x02\n\x13\x44\x65ploymentCompleted\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05\x61lias\x18\x05 \x01(\t\x12\x10\n\x08\x64\x65ployed\x18\x06 \x01(\x08\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tmodel_uri\x18\x08 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\t \x01(\t\x12\x0e\n\x06target\x18\n \x01(\t\x12\x18\n\x10previous_version\x18\x0b \x01(\x03\"\xe0\x01\n\x0ePipelineFailed\x12&\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x15.mlpipe.v1.RunContext\x12&\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.mlpipe.v1.DatasetRef\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x16\n\x0equarantine_uri\x18\x06 \x01(\t\x12\x19\n\x11source_message_id\x18\x07 \x01(\t\x12\x1b\n\x13source_subscription\x18\x08 \x01(\t*W\n\nDataFormat\x12\x1b\n\x17\x44\x41TA_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TA_FORMAT_CSV\x10\x01\x12\x17\n\x13\x44\x41TA_FORMAT_PARQUET\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATIONCOMPLETED_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._loaded_options = None
   _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DATAFORMAT']._serialized_start=2521
-  _globals['_DATAFORMAT']._serialized_end=2608
+  _globals['_DATAFORMAT']._serialized_start=2619
+  _globals['_DATAFORMAT']._serialized_end=2706
   _globals['_RUNCONTEXT']._serialized_start=101
-  _globals['_RUNCONTEXT']._serialized_end=278
-  _globals['_DATASETREF']._serialized_start=280
-  _globals['_DATASETREF']._serialized_end=390
-  _globals['_INLINEROWS']._serialized_start=392
-  _globals['_INLINEROWS']._serialized_end=459
-  _globals['_INGESTREQUEST']._serialized_start=462
-  _globals['_INGESTREQUEST']._serialized_end=654
-  _globals['_DATASETLANDED']._serialized_start=657
-  _globals['_DATASETLANDED']._serialized_end=794
-  _globals['_TRAININGSTARTED']._serialized_start=797
-  _globals['_TRAININGSTARTED']._serialized_end=927
-  _globals['_TRAININGCOMPLETED']._serialized_start=930
-  _globals['_TRAININGCOMPLETED']._serialized_end=1323
-  _globals['_GATERESULT']._serialized_start=1326
-  _globals['_GATERESULT']._serialized_end=1466
-  _globals['_EVALUATIONCOMPLETED']._serialized_start=1469
-  _globals['_EVALUATIONCOMPLETED']._serialized_end=2019
-  _globals['_EVALUATIONCOMPLETED_METRICSENTRY']._serialized_start=1917
-  _globals['_EVALUATIONCOMPLETED_METRICSENTRY']._serialized_end=1963
-  _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._serialized_start=1965
-  _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._serialized_end=2019
-  _globals['_DEPLOYMENTCOMPLETED']._serialized_start=2022
-  _globals['_DEPLOYMENTCOMPLETED']._serialized_end=2292
-  _globals['_PIPELINEFAILED']._serialized_start=2295
-  _globals['_PIPELINEFAILED']._serialized_end=2519
+  _globals['_RUNCONTEXT']._serialized_end=328
+  _globals['_DATASETREF']._serialized_start=331
+  _globals['_DATASETREF']._serialized_end=488
+  _globals['_INLINEROWS']._serialized_start=490
+  _globals['_INLINEROWS']._serialized_end=557
+  _globals['_INGESTREQUEST']._serialized_start=560
+  _globals['_INGESTREQUEST']._serialized_end=752
+  _globals['_DATASETLANDED']._serialized_start=755
+  _globals['_DATASETLANDED']._serialized_end=892
+  _globals['_TRAININGSTARTED']._serialized_start=895
+  _globals['_TRAININGSTARTED']._serialized_end=1025
+  _globals['_TRAININGCOMPLETED']._serialized_start=1028
+  _globals['_TRAININGCOMPLETED']._serialized_end=1421
+  _globals['_GATERESULT']._serialized_start=1424
+  _globals['_GATERESULT']._serialized_end=1564
+  _globals['_EVALUATIONCOMPLETED']._serialized_start=1567
+  _globals['_EVALUATIONCOMPLETED']._serialized_end=2117
+  _globals['_EVALUATIONCOMPLETED_METRICSENTRY']._serialized_start=2015
+  _globals['_EVALUATIONCOMPLETED_METRICSENTRY']._serialized_end=2061
+  _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._serialized_start=2063
+  _globals['_EVALUATIONCOMPLETED_CHAMPIONMETRICSENTRY']._serialized_end=2117
+  _globals['_DEPLOYMENTCOMPLETED']._serialized_start=2120
+  _globals['_DEPLOYMENTCOMPLETED']._serialized_end=2390
+  _globals['_PIPELINEFAILED']._serialized_start=2393
+  _globals['_PIPELINEFAILED']._serialized_end=2617
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,7 @@ class RunContext(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Deterministic: derived from the dataset's sha256 and the pipeline config's hash."""
     pipeline: _builtins.str
@@ -69,6 +70,12 @@ class RunContext(_message.Message):
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When this event was produced."""
 
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp:
+        """When the run's data was asked for (the IngestRequest, or the upload for direct drops):
+        every event can be placed on the run's timeline.
+        """
+
     def __init__(
         self,
         *,
@@ -79,10 +86,11 @@ class RunContext(_message.Message):
         request_id: _builtins.str = ...,
         event_time: _timestamp_pb2.Timestamp | None = ...,
         producer: _builtins.str = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "requested_at", b"requested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_version", b"code_version", "config_sha256", b"config_sha256", "event_time", b"event_time", "pipeline", b"pipeline", "producer", b"producer", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_version", b"code_version", "config_sha256", b"config_sha256", "event_time", b"event_time", "pipeline", b"pipeline", "producer", b"producer", "request_id", b"request_id", "requested_at", b"requested_at", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -100,6 +108,7 @@ class DatasetRef(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ROW_COUNT_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    LANDED_AT_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """gs://bucket/datasets/<name>/dt=YYYY-MM-DD/<id>.csv"""
     generation: _builtins.int
@@ -111,6 +120,10 @@ class DatasetRef(_message.Message):
     row_count: _builtins.int
     format: _builtins.str
     """"csv" or "parquet" """
+    @_builtins.property
+    def landed_at(self) -> _timestamp_pb2.Timestamp:
+        """when the object was created in GCS"""
+
     def __init__(
         self,
         *,
@@ -120,10 +133,11 @@ class DatasetRef(_message.Message):
         name: _builtins.str = ...,
         row_count: _builtins.int = ...,
         format: _builtins.str = ...,
+        landed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["landed_at", b"landed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "generation", b"generation", "name", b"name", "row_count", b"row_count", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "generation", b"generation", "landed_at", b"landed_at", "name", b"name", "row_count", b"row_count", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
