@@ -239,3 +239,25 @@ def test_the_other_examples_run_to_serving_with_a_report(
     assert "gates passed" in shown.stdout
     page = (tmp_path / "report.html").read_text()
     assert "<svg" in page and run_id in page
+
+
+def test_a_run_has_a_timeline_from_request_to_deployment(stack: StackState) -> None:
+    from mlpipe.cli_runs import run_timeline
+
+    storage = Storage(make_client(stack.project), stack.bucket)
+    version = Registry(storage).get("iris-classifier", 1)
+    assert version is not None
+
+    hops = run_timeline(storage, version.run_id)
+
+    assert [label for label, _ in hops] == [
+        "requested",
+        "landed in GCS",
+        "training job started",
+        "fit started",
+        "model written",
+        "evaluated",
+        "deployed",
+    ]
+    times = [when for _, when in hops]
+    assert times == sorted(times)

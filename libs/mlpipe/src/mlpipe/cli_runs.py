@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import webbrowser
 from collections.abc import Iterator
@@ -146,6 +147,55 @@ def lineage(model: str, version: int, state_dir: StateDir = DEFAULT_STATE_DIR) -
     typer.echo(json.dumps(chain, indent=2))
 
 
+def _when(value: Any) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def run_timeline(storage: Storage, run_id: str) -> list[tuple[str, dt.datetime]]:
+    """The run's hops from the events its steps recorded, in time order."""
+    paths = RunPaths(run_id)
+    started = storage.read_json(paths.started) or {}
+    trained = storage.read_json(paths.training) or {}
+    evaluated = storage.read_json(paths.evaluation) or {}
+    deployed = storage.read_json(paths.deployment) or {}
+    first = started or trained
+    points = [
+        ("requested", first.get("context", {}).get("requested_at")),
+        ("landed in GCS", first.get("dataset", {}).get("landed_at")),
+        ("training job started", started.get("context", {}).get("event_time")),
+        ("fit started", trained.get("started_at")),
+        ("model written", trained.get("finished_at")),
+        ("evaluated", evaluated.get("context", {}).get("event_time")),
+        (
+            "deployed" if deployed.get("deployed") else "deployment decided",
+            deployed.get("context", {}).get("event_time"),
+        ),
+    ]
+    return [(label, when) for label, value in points if (when := _when(value))]
+
+
+def print_timeline(storage: Storage, run_id: str) -> None:
+    hops = run_timeline(storage, run_id)
+    if not hops:
+        typer.echo(f"run {run_id} has no recorded events yet")
+        return
+    origin = hops[0][1]
+    previous = origin
+    typer.echo(f"run {run_id}")
+    for label, when in hops:
+        typer.echo(
+            f"  {when.isoformat(timespec='milliseconds')}  +{(when - origin).total_seconds():7.3f}s"
+            f"  ({(when - previous).total_seconds() * 1000:7.1f} ms)  {label}"
+        )
+        previous = when
+
+
+def timeline(run_id: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Each hop of a run, from request to deployment, with its duration."""
+    with _storage(state_dir) as storage:
+        print_timeline(storage, run_id)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (runs, report, versions, lineage):
+    for command in (runs, report, versions, lineage, timeline):
         app.command()(command)

@@ -39,6 +39,7 @@ class RunPaths:
         base = run_prefix(run_id)
         self.claim = base + "claim.json"
         self.config = base + "config.json"  # the config snapshot the run is keyed on
+        self.started = base + "started.json"  # the TrainingStarted event
         self.model = base + "model.joblib"
         self.split = base + "split.json"
         self.lineage = base + "lineage.json"

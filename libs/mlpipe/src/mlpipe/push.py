@@ -119,6 +119,7 @@ class ObjectNotification:
     metadata: dict[str, str]
     size: int
     content_type: str
+    time_created: dt.datetime | None = None
 
     @property
     def uri(self) -> str:
@@ -150,4 +151,5 @@ def parse_object_notification(message: PushMessage) -> ObjectNotification:
         else {},
         size=int(resource.get("size") or 0),
         content_type=str(resource.get("contentType") or ""),
+        time_created=_parse_time(resource["timeCreated"]) if resource.get("timeCreated") else None,
     )

@@ -199,6 +199,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         if request.HasField("requested_at")
         else message.publish_time
     )
+    ctx.requested_at.CopyFrom(events.timestamp(when))
     path = lineage.dataset_path(config.name, when.date(), sha[:16], ext)
     metadata = {
         "sha256": sha,
@@ -206,6 +207,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         "row_count": str(len(table.rows)),
         "columns": ",".join(table.header),
         "request_id": request.request_id,
+        "requested_at": when.isoformat(),
     }
     generation = deps.storage.create_if_absent(
         path,
@@ -214,9 +216,12 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         metadata=metadata,
     )
     already = generation is None
+    landed_at = dt.datetime.now(dt.UTC)
     if generation is None:
         existing = deps.storage.bucket.get_blob(path)
         generation = int(existing.generation) if existing is not None else 0
+        if existing is not None and existing.time_created is not None:
+            landed_at = existing.time_created
     ctx.run_id = lineage.run_id_for(sha, ctx.config_sha256)
     landed = events_pb2.DatasetLanded(
         context=ctx,
@@ -227,6 +232,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             name=config.name,
             row_count=len(table.rows),
             format=ext,
+            landed_at=events.timestamp(landed_at),
         ),
         already_present=already,
         columns=table.header,

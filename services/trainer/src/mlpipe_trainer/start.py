@@ -74,6 +74,14 @@ def _claim(storage: Storage, paths: lineage.RunPaths, body: dict, lease: float) 
         return None
 
 
+def _requested_at(metadata: dict[str, str], default: dt.datetime) -> dt.datetime:
+    """The ingest request's time from the object's metadata; the upload time otherwise."""
+    try:
+        return dt.datetime.fromisoformat(metadata["requested_at"])
+    except (KeyError, ValueError):
+        return default
+
+
 def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     try:
         note = parse_object_notification(message)
@@ -118,6 +126,9 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         format=fmt,
         row_count=int(note.metadata.get("row_count") or 0),
     )
+    landed_at = note.time_created or dt.datetime.now(dt.UTC)
+    dataset.landed_at.CopyFrom(events.timestamp(landed_at))
+    ctx.requested_at.CopyFrom(events.timestamp(_requested_at(note.metadata, landed_at)))
     paths = lineage.RunPaths(run_id)
 
     done = deps.storage.read(paths.training)
@@ -159,6 +170,9 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         # Release the claim so the redelivery can start the job again.
         deps.storage.bucket.blob(paths.claim).delete(if_generation_match=claim_gen)
         raise
+    deps.storage.write(
+        paths.started, events.to_json(started).encode(), content_type="application/json"
+    )
     deps.publisher.publish(started)
     log.info(
         "started %s training job %s for %s",
