@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from google.protobuf.message import Message
 
+from mlpipe import events
 from mlpipe import storage as gcs
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.failures import FailureReporter
@@ -57,6 +59,34 @@ class Clients:
             storage, publisher, stage=stage, code_version=settings.code_version
         )
         return cls(settings, storage, publisher, failures)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode_message(cls: type[M], message: PushMessage) -> M:
+    """The push message's payload as `cls` (binary or JSON); undecodable is permanent."""
+    try:
+        return events.decode(
+            cls, message.data, message.attributes.get(events.SCHEMA_ENCODING_ATTR, "")
+        )
+    except events.EventDecodeError as exc:
+        raise PermanentError("invalid_message", str(exc)) from exc
+
+
+def republish_recorded(
+    storage: gcs.Storage, publisher: Publisher, path: str, cls: type[Message]
+) -> bool:
+    """If a step already recorded its outcome at `path`, publish it again and say so.
+
+    Each step records the event it emitted; a redelivery re-publishes that event instead of
+    redoing the work, so a chain that stalled after the record resumes where it stopped.
+    """
+    recorded = storage.read(path)
+    if recorded is None:
+        return False
+    publisher.publish(events.from_json(cls, recorded.data))
+    return True
 
 
 def handle_push(

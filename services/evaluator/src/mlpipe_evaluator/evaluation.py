@@ -18,7 +18,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
 from mlpipe.registry import CHAMPION, Registry
-from mlpipe.service import StepResult
+from mlpipe.service import StepResult, decode_message, republish_recorded
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator import report
@@ -105,22 +105,15 @@ def champion_metrics(
 
 
 def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
-    try:
-        trained = events.decode(
-            events_pb2.TrainingCompleted,
-            message.data,
-            message.attributes.get(events.SCHEMA_ENCODING_ATTR, ""),
-        )
-    except events.EventDecodeError as exc:
-        raise PermanentError("invalid_message", str(exc)) from exc
+    trained = decode_message(events_pb2.TrainingCompleted, message)
     run_id = trained.context.run_id
     if not lineage.RUN_ID_PATTERN.match(run_id):
         raise PermanentError("invalid_message", f"TrainingCompleted has bad run_id {run_id!r}")
     paths = lineage.RunPaths(run_id)
 
-    recorded = deps.storage.read(paths.evaluation)
-    if recorded is not None:
-        deps.publisher.publish(events.from_json(events_pb2.EvaluationCompleted, recorded.data))
+    if republish_recorded(
+        deps.storage, deps.publisher, paths.evaluation, events_pb2.EvaluationCompleted
+    ):
         return StepResult(
             "duplicate", {"detail": "already evaluated; event re-published"}, run_id=run_id
         )

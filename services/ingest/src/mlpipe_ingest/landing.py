@@ -19,7 +19,7 @@ from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
-from mlpipe.service import StepResult
+from mlpipe.service import StepResult, decode_message
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
@@ -153,14 +153,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             f"{deps.max_inline_bytes}; upload the file to "
             f"{deps.storage.uri('datasets/<name>/dt=YYYY-MM-DD/')} instead",
         )
-    try:
-        request = events.decode(
-            events_pb2.IngestRequest,
-            message.data,
-            message.attributes.get(events.SCHEMA_ENCODING_ATTR, ""),
-        )
-    except events.EventDecodeError as exc:
-        raise PermanentError("invalid_message", str(exc)) from exc
+    request = decode_message(events_pb2.IngestRequest, message)
     if not request.dataset:
         raise PermanentError("invalid_message", "IngestRequest.dataset is empty")
     config = load_pipeline_config(deps.storage, request.dataset, deps.env)

@@ -20,7 +20,7 @@ from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import EnvelopeError, PushMessage, parse_object_notification
-from mlpipe.service import StepResult
+from mlpipe.service import StepResult, republish_recorded
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
@@ -131,11 +131,9 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     ctx.requested_at.CopyFrom(events.timestamp(_requested_at(note.metadata, landed_at)))
     paths = lineage.RunPaths(run_id)
 
-    done = deps.storage.read(paths.training)
-    if done is not None:
-        # Resume the chain from the recorded event: every later step is idempotent.
-        completed = events.from_json(events_pb2.TrainingCompleted, done.data)
-        deps.publisher.publish(completed)
+    if republish_recorded(
+        deps.storage, deps.publisher, paths.training, events_pb2.TrainingCompleted
+    ):
         return StepResult(
             "duplicate", {"detail": "run already trained; event re-published"}, run_id=run_id
         )
