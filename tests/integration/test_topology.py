@@ -1,47 +1,114 @@
-"""The topology applied to the Pub/Sub emulator: complete, and idempotent."""
+"""The topology applied to the Pub/Sub emulator through `mlpipe.infra` (the path `mlpipe up`
+and `mlpipe infra apply --env local` take): complete, idempotent, and a plan that names exactly
+what drifted."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pytest
 from google.cloud import pubsub_v1
 
-from mlpipe import topology
+from mlpipe import infra, topology
+from mlpipe.topology import TOPOLOGY
+from tests.conftest import REPO
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration
 
+ENVIRONMENTS = REPO / "infra" / "environments"
 
-def endpoints(port: int) -> dict[str, str]:
-    return {s: f"http://127.0.0.1:{port}/{s}/pubsub/push" for s in topology.TOPOLOGY.services}
+
+def local(project: str, base_port: int = 9000, **services: str) -> infra.Target:
+    """The local environment for `project`, its services on consecutive ports from
+    `base_port`, or at `services[name]`."""
+    env = infra.load_environment("local", ENVIRONMENTS)
+    if services:
+        env = env.model_copy(
+            update={"services": {s: infra.ServiceSettings(url=u) for s, u in services.items()}}
+        )
+    ports = {s: base_port + i for i, s in enumerate(TOPOLOGY.services)}
+    return infra.resolve(env, "local", project=project, bucket=project, ports=ports)
 
 
 def test_apply_creates_everything_then_nothing(cloud: Cloud) -> None:
-    project = cloud.project + "-t"
+    target = local(cloud.project + "-t")
 
-    first = topology.apply(project, endpoints(9))
-    second = topology.apply(project, endpoints(9))
+    first = infra.apply(target)
+    second = infra.apply(target)
 
-    kinds = [(c.action, c.kind) for c in first]
-    assert kinds.count(("create", "topic")) == len(topology.TOPOLOGY.topics)
-    assert kinds.count(("create", "push subscription")) == len(topology.TOPOLOGY.push)
-    assert second == []
+    kinds = [(c.action, c.kind) for c in first.changes]
+    assert kinds.count(("create", "topic")) == len(TOPOLOGY.topics)
+    assert kinds.count(("create", "push subscription")) == len(TOPOLOGY.push)
+    assert kinds.count(("create", "pull subscription")) == len(TOPOLOGY.pull)
+    assert len(first.changes) == len(first.pending)
+    assert second.changes == [] and second.summary() == "no changes: it matches the topology"
     subscriber = pubsub_v1.SubscriberClient()
     sub = subscriber.get_subscription(
-        request={"subscription": subscriber.subscription_path(project, "trainer-push")}
+        request={"subscription": target.subscription_path("evaluator-push")}
     )
-    assert sub.push_config.push_endpoint == endpoints(9)["trainer"]
-    assert sub.dead_letter_policy.dead_letter_topic.endswith("/topics/dead-letters")
+    assert sub.push_config.push_endpoint == "http://127.0.0.1:9002/pubsub/push"
+    assert not sub.push_config.oidc_token.service_account_email
+    assert sub.ack_deadline_seconds == 300
+    assert sub.dead_letter_policy.dead_letter_topic == target.topic_path("dead-letters")
     assert sub.dead_letter_policy.max_delivery_attempts == 10
+    assert sub.retry_policy.minimum_backoff == timedelta(seconds=1)
+    assert sub.retry_policy.maximum_backoff == timedelta(seconds=60)
+    archive = subscriber.get_subscription(
+        request={"subscription": target.subscription_path("dead-letters-archive")}
+    )
+    assert archive.message_retention_duration == timedelta(days=7)
 
 
-def test_plan_reports_a_moved_endpoint_without_changing_it(cloud: Cloud) -> None:
+def test_plan_shows_exactly_the_moved_endpoint_and_apply_fixes_only_it(cloud: Cloud) -> None:
     project = cloud.project + "-m"
-    topology.apply(project, endpoints(9))
+    infra.apply(local(project))
+    moved = local(project, trainer="http://127.0.0.1:9999")
 
-    planned = topology.apply(project, endpoints(10), dry_run=True)
-    applied = topology.apply(project, endpoints(10))
+    planned = infra.plan(moved)
+    subscriber = pubsub_v1.SubscriberClient()
+    path = moved.subscription_path("trainer-push")
+    unchanged = subscriber.get_subscription(request={"subscription": path})
+    applied = infra.apply(moved)
 
-    assert {str(c) for c in planned} == {str(c) for c in applied}
-    assert all(c.action == "update" for c in applied)
-    assert len(applied) == len(topology.TOPOLOGY.push)
-    assert topology.apply(project, endpoints(10)) == []
+    assert [str(c) for c in planned.changes] == [
+        "update push subscription trainer-push: push endpoint "
+        "http://127.0.0.1:9001/pubsub/push → http://127.0.0.1:9999/pubsub/push"
+    ]
+    assert unchanged.push_config.push_endpoint == "http://127.0.0.1:9001/pubsub/push"
+    assert [str(c) for c in applied.changes] == [str(c) for c in planned.changes]
+    now = subscriber.get_subscription(request={"subscription": path})
+    assert now.push_config.push_endpoint == "http://127.0.0.1:9999/pubsub/push"
+    assert now.dead_letter_policy.max_delivery_attempts == 10  # the rest kept
+    assert infra.plan(moved).changes == []
+
+
+def test_a_drifted_setting_is_put_back(cloud: Cloud) -> None:
+    target = local(cloud.project + "-d")
+    infra.apply(target)
+    subscriber = pubsub_v1.SubscriberClient()
+    path = target.subscription_path("deployer-push")
+    subscriber.update_subscription(
+        request={
+            "subscription": {"name": path, "ack_deadline_seconds": 15},
+            "update_mask": {"paths": ["ack_deadline_seconds"]},
+        }
+    )
+
+    applied = infra.apply(target)
+
+    assert [str(c) for c in applied.changes] == [
+        "update push subscription deployer-push: ack deadline 15 → 120"
+    ]
+    sub = subscriber.get_subscription(request={"subscription": path})
+    assert sub.ack_deadline_seconds == 120
+
+
+def test_create_topics_makes_only_the_missing_topics(cloud: Cloud) -> None:
+    project = cloud.project + "-c"
+
+    first = topology.create_topics(project, ("gcs-objects", "dead-letters"))
+    second = topology.create_topics(project, ("gcs-objects", "ingest-requests"))
+
+    assert first == ["gcs-objects", "dead-letters"]
+    assert second == ["ingest-requests"]

@@ -12,6 +12,7 @@ import httpx
 import typer
 
 from mlpipe import cli_runs, events
+from mlpipe.cli_infra import infra_app
 from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
 from mlpipe.errors import PermanentError
 from mlpipe.follow import EventWatcher, Observed
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 pipeline_app = typer.Typer(help="Pipeline configs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(infra_app, name="infra")
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[

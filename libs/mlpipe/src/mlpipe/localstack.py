@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from mlpipe import topology
+from mlpipe import infra, topology
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +284,18 @@ class LocalStack:
 
         with client_env(st):
             if services:
-                endpoints = {s: f"{st.url(s)}/pubsub/push" for s in SERVICES}
-                changes = topology.apply(st.project, endpoints)
+                # The same apply as `mlpipe infra apply --env local`.
+                try:
+                    target = infra.local_target(st.project, st.bucket, st.service_ports)
+                except infra.InfraError as exc:
+                    raise StackError(str(exc)) from None
+                made = len(infra.apply(target).pending)
             else:
                 # fake-gcs-server needs its notification topic to exist before it starts.
-                changes = topology.create_topics(
-                    st.project, (topology.TOPOLOGY.notification.topic,)
+                made = len(
+                    topology.create_topics(st.project, (topology.TOPOLOGY.notification.topic,))
                 )
-        progress(f"topology         {len(changes)} change(s) applied")
+        progress(f"topology         {made} change(s) applied (env local)")
 
         note = topology.TOPOLOGY.notification
         gcs = self._spawn(

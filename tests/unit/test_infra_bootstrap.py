@@ -1,0 +1,94 @@
+"""infra/bootstrap.sh agrees with the environment files and the Cloud Build files (the names of
+service accounts, services and the bucket), justifies every role it grants, and the `mlpipe
+infra` commands explain what is wrong before touching anything."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlpipe import infra
+from mlpipe.cli import app
+from mlpipe.topology import TOPOLOGY
+
+REPO = Path(__file__).resolve().parents[2]
+BOOTSTRAP = REPO / "infra" / "bootstrap.sh"
+SCRIPT = BOOTSTRAP.read_text()
+
+
+def test_bootstrap_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(BOOTSTRAP)], check=True)
+
+
+def test_every_role_granted_is_justified_by_a_comment() -> None:
+    lines = SCRIPT.splitlines()
+    grants = [i for i, ln in enumerate(lines) if "roles/" in ln and not ln.lstrip().startswith("#")]
+    unjustified = []
+    for i in grants:
+        above = i - 1
+        while lines[above].rstrip().endswith("\\") or lines[above].lstrip().startswith("for "):
+            above -= 1  # the command's first line, then what encloses it
+        if not lines[above].lstrip().startswith("#"):
+            unjustified.append(lines[i].strip())
+
+    assert len(grants) >= 10
+    assert unjustified == []
+
+
+def test_bootstrap_creates_the_accounts_the_environments_name() -> None:
+    services = re.search(r"^SERVICES=\((.*)\)$", SCRIPT, re.M)
+    assert services is not None
+    assert tuple(services.group(1).split()) == TOPOLOGY.services
+    assert 'ensure_sa "mlpipe-$s"' in SCRIPT and 'ensure_sa "mlpipe-push-$s"' in SCRIPT
+    for name in ("dev", "staging", "prod"):
+        env = infra.load_environment(name, REPO / "infra" / "environments")
+        target = infra.resolve(env, name, project="acme-ml", project_number=1)
+        for route in target.routes:
+            service = route.subscription.service
+            assert route.service_account == f"mlpipe-push-{service}@acme-ml.iam.gserviceaccount.com"
+            assert route.cloud_run_service.endswith(f"/services/mlpipe-{service}")
+        assert target.bucket == "acme-ml-mlpipe"  # bootstrap's BUCKET="${PROJECT}-mlpipe"
+        assert target.runtime_accounts == {
+            s: f"mlpipe-{s}@acme-ml.iam.gserviceaccount.com" for s in TOPOLOGY.services
+        }
+
+
+@pytest.mark.parametrize("service", TOPOLOGY.services)
+def test_cloud_build_deploys_what_the_environments_expect(service: str) -> None:
+    build = (REPO / "cloudbuild" / f"{service}.yaml").read_text()
+
+    assert f"      - mlpipe-{service}\n" in build  # gcloud run deploy mlpipe-<service>
+    assert f"mlpipe-{service}@$PROJECT_ID.iam.gserviceaccount.com" in build
+    assert "_BUCKET: ${PROJECT_ID}-mlpipe" in build
+
+
+def test_infra_is_a_command_group() -> None:
+    result = CliRunner().invoke(app, ["infra", "--help"])
+
+    assert result.exit_code == 0
+    assert "plan" in result.output and "apply" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--env", "qa"], "no environment 'qa'"),
+        (["--env", "local", "--state-dir", "/nonexistent"], "start it with `mlpipe up`"),
+        (["--env", "dev"], "project_number is not set"),
+        (["--env", "dev", "--project", "other-proj"], "pass its --project-number too"),
+    ],
+)
+def test_plan_explains_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+
+    result = CliRunner().invoke(app, ["infra", "plan", *args])
+
+    assert result.exit_code == 1
+    assert message in result.output
