@@ -8,8 +8,10 @@ from fastapi.testclient import TestClient
 
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, parse_config
+from mlpipe.push import make_envelope
 from mlpipe.registry import Registry
 from mlpipe.storage import sha256_hex
+from mlpipe.v1 import events_pb2
 from tests.integration.conftest import Cloud, forward, notification, upload
 
 pytestmark = pytest.mark.integration
@@ -188,3 +190,44 @@ def test_predictor_rejects_bad_instances_with_400(
     assert big.status_code == 413
     assert predictor.post("/predict", content=b"{not json").status_code == 400
     assert predictor.get("/readyz").status_code == 200
+
+
+def test_identical_bytes_ingested_under_a_new_config_start_a_new_run(
+    services: dict[str, TestClient], cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.apply_config(iris_config)
+    path, generation = upload(cloud, iris_csv)
+    services["trainer"].post("/pubsub/push", content=notification(cloud, path, generation))
+    first = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)[0]
+    changed = parse_config(iris_config.to_yaml().replace("n_estimators: 100", "n_estimators: 20"))
+    cloud.apply_config(changed)
+    sha = sha256_hex(iris_csv.encode())
+    landed = events_pb2.DatasetLanded(
+        context=events_pb2.RunContext(request_id="again", pipeline="iris"),
+        dataset=events_pb2.DatasetRef(
+            uri=cloud.storage.uri(path),
+            generation=generation,
+            sha256=sha,
+            name="iris",
+            format="csv",
+            row_count=150,
+        ),
+    )
+    attributes = {events.EVENT_TYPE_ATTR: "mlpipe.v1.DatasetLanded"}
+
+    fresh = services["trainer"].post(
+        "/pubsub/push",
+        content=make_envelope(events.encode(landed), attributes=attributes, message_id="l1"),
+    )
+    landed.already_present = True
+    again = services["trainer"].post(
+        "/pubsub/push",
+        content=make_envelope(events.encode(landed), attributes=attributes, message_id="l2"),
+    )
+    second = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
+
+    assert fresh.json()["status"] == "ignored"  # its own notification starts a new object
+    assert again.json()["status"] == "started"
+    assert [t.context.run_id for t in second] == [lineage.run_id_for(sha, changed.sha256())]
+    assert second[0].context.run_id != first.context.run_id
+    assert second[0].context.request_id == "again"

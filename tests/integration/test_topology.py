@@ -63,19 +63,19 @@ def test_apply_creates_everything_then_nothing(cloud: Cloud) -> None:
 def test_plan_shows_exactly_the_moved_endpoint_and_apply_fixes_only_it(cloud: Cloud) -> None:
     project = cloud.project + "-m"
     infra.apply(local(project))
-    moved = local(project, trainer="http://127.0.0.1:9999")
+    moved = local(project, evaluator="http://127.0.0.1:9999")
 
     planned = infra.plan(moved)
     subscriber = pubsub_v1.SubscriberClient()
-    path = moved.subscription_path("trainer-push")
+    path = moved.subscription_path("evaluator-push")
     unchanged = subscriber.get_subscription(request={"subscription": path})
     applied = infra.apply(moved)
 
     assert [str(c) for c in planned.changes] == [
-        "update push subscription trainer-push: push endpoint "
-        "http://127.0.0.1:9001/pubsub/push → http://127.0.0.1:9999/pubsub/push"
+        "update push subscription evaluator-push: push endpoint "
+        "http://127.0.0.1:9002/pubsub/push → http://127.0.0.1:9999/pubsub/push"
     ]
-    assert unchanged.push_config.push_endpoint == "http://127.0.0.1:9001/pubsub/push"
+    assert unchanged.push_config.push_endpoint == "http://127.0.0.1:9002/pubsub/push"
     assert [str(c) for c in applied.changes] == [str(c) for c in planned.changes]
     now = subscriber.get_subscription(request={"subscription": path})
     assert now.push_config.push_endpoint == "http://127.0.0.1:9999/pubsub/push"

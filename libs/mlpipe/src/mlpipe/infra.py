@@ -655,7 +655,11 @@ def iam_bindings(target: Target) -> list[IamBinding]:
                     f"{service} publishes its events here",
                 )
             )
-    return bindings
+    # Two subscriptions pushing to one service with one identity need one invoker binding.
+    unique: dict[tuple[str, str, str], IamBinding] = {}
+    for binding in bindings:
+        unique.setdefault((binding.resource, binding.role, binding.member), binding)
+    return list(unique.values())
 
 
 def policy_with(policy: policy_pb2.Policy, role: str, member: str) -> policy_pb2.Policy | None:

@@ -48,6 +48,13 @@ def _parse_time(value: Any) -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _integer(value: Any, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EnvelopeError(f"{name} is not an integer: {value!r}") from None
+
+
 def parse_envelope(body: bytes) -> PushMessage:
     """Parse a push request body; raise EnvelopeError saying what is wrong with it."""
     if len(body) > MAX_ENVELOPE_BYTES:
@@ -74,14 +81,14 @@ def parse_envelope(body: bytes) -> PushMessage:
     ):
         raise EnvelopeError("message.attributes is not a map of strings")
     message_id = message.get("messageId") or message.get("message_id") or ""
-    attempt = envelope.get("deliveryAttempt") or 0
+    attempt = _integer(envelope.get("deliveryAttempt") or 0, "deliveryAttempt")
     return PushMessage(
         data=data,
         attributes=dict(attributes),
         message_id=str(message_id),
         publish_time=_parse_time(message.get("publishTime") or message.get("publish_time")),
         subscription=str(envelope.get("subscription") or ""),
-        delivery_attempt=int(attempt) if isinstance(attempt, int | str) else 0,
+        delivery_attempt=attempt,
         ordering_key=str(message.get("orderingKey") or ""),
         raw=body,
     )
@@ -139,12 +146,14 @@ def parse_object_notification(message: PushMessage) -> ObjectNotification:
             resource = loaded if isinstance(loaded, dict) else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             resource = {}
-    generation = attrs.get("objectGeneration") or str(resource.get("generation") or "0")
+    generation = _integer(
+        attrs.get("objectGeneration") or resource.get("generation") or 0, "objectGeneration"
+    )
     metadata = resource.get("metadata") or {}
     return ObjectNotification(
         bucket=attrs["bucketId"],
         name=attrs["objectId"],
-        generation=int(generation),
+        generation=generation,
         event_type=attrs["eventType"],
         metadata={str(k): str(v) for k, v in metadata.items()}
         if isinstance(metadata, dict)

@@ -82,6 +82,8 @@ TOPOLOGY = Topology(
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
         PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer"),
+        # Identical bytes land once; re-ingesting them under a changed config starts its run.
+        PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer"),
         PushSubscription("evaluator-push", events.TRAINING_COMPLETED, "evaluator", 300),
         PushSubscription("deployer-push", events.EVALUATION_COMPLETED, "deployer", 120),
         PushSubscription("predictor-push", events.DEPLOYMENT_COMPLETED, "predictor", 120),

@@ -19,9 +19,9 @@ from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
-from mlpipe.push import EnvelopeError, PushMessage, parse_object_notification
-from mlpipe.service import StepResult, republish_recorded
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.push import EnvelopeError, ObjectNotification, PushMessage, parse_object_notification
+from mlpipe.service import StepResult, decode_message, republish_recorded
+from mlpipe.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,52 @@ def _requested_at(metadata: dict[str, str], default: dt.datetime) -> dt.datetime
         return default
 
 
+def _relanded(message: PushMessage) -> ObjectNotification | None:
+    """A DatasetLanded for content that was already there, as the notification GCS would
+    have sent for it; None for any other DatasetLanded.
+
+    Ingest names objects by content, so identical bytes land once and GCS notifies once. When
+    they are ingested again under a changed config, this is what starts the new run.
+    """
+    landed = decode_message(events_pb2.DatasetLanded, message)
+    if not landed.already_present:
+        return None  # the object's own notification starts that run
+    bucket, name = parse_gs_uri(landed.dataset.uri)
+    metadata = {
+        "sha256": landed.dataset.sha256,
+        "row_count": str(landed.dataset.row_count),
+        "request_id": landed.context.request_id,
+    }
+    if landed.context.HasField("requested_at"):
+        metadata["requested_at"] = landed.context.requested_at.ToDatetime(dt.UTC).isoformat()
+    return ObjectNotification(
+        bucket=bucket,
+        name=name,
+        generation=landed.dataset.generation,
+        event_type="OBJECT_FINALIZE",
+        metadata=metadata,
+        size=0,
+        content_type="",
+        time_created=landed.dataset.landed_at.ToDatetime(dt.UTC)
+        if landed.dataset.HasField("landed_at")
+        else None,
+    )
+
+
 def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
-    try:
-        note = parse_object_notification(message)
-    except EnvelopeError as exc:
-        raise PermanentError("invalid_notification", str(exc)) from exc
+    if (
+        message.attributes.get(events.EVENT_TYPE_ATTR)
+        == events_pb2.DatasetLanded.DESCRIPTOR.full_name
+    ):
+        relanded = _relanded(message)
+        if relanded is None:
+            return StepResult("ignored", {"detail": "new objects start runs by notification"})
+        note = relanded
+    else:
+        try:
+            note = parse_object_notification(message)
+        except EnvelopeError as exc:
+            raise PermanentError("invalid_notification", str(exc)) from exc
     if note.event_type != "OBJECT_FINALIZE" or note.bucket != deps.storage.bucket_name:
         return StepResult("ignored", {"object": note.uri, "event": note.event_type})
     match = lineage.DATASET_PATH.match(note.name)
