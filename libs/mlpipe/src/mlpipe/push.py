@@ -158,7 +158,7 @@ def parse_object_notification(message: PushMessage) -> ObjectNotification:
         metadata={str(k): str(v) for k, v in metadata.items()}
         if isinstance(metadata, dict)
         else {},
-        size=int(resource.get("size") or 0),
+        size=_integer(resource.get("size") or 0, "size"),
         content_type=str(resource.get("contentType") or ""),
         time_created=_parse_time(resource["timeCreated"]) if resource.get("timeCreated") else None,
     )

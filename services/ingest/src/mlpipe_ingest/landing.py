@@ -138,10 +138,11 @@ def validate(table: Table, config: PipelineConfig) -> None:
             f"{config.dataset.min_rows}..{config.dataset.max_rows}",
         )
     t = table.header.index(target)
-    empty = [i + 2 for i, row in enumerate(table.rows) if not row[t]]
+    # Data rows counted from 1, as they land (blank input lines are dropped first).
+    empty = [i + 1 for i, row in enumerate(table.rows) if not row[t]]
     if empty:
         raise PermanentError(
-            "null_target", f"{len(empty)} row(s) have no {target!r} (CSV lines {empty[:10]})"
+            "null_target", f"{len(empty)} row(s) have no {target!r} (data rows {empty[:10]})"
         )
 
 
