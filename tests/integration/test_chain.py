@@ -102,8 +102,11 @@ def test_a_dataset_without_the_target_column_fails_cleanly(
 
     assert [f.reason for f in failed] == ["missing_column"]
     assert "species" in failed[0].message and path in failed[0].message
-    assert failed[0].stage == "training-job"
-    assert failed[0].quarantine_uri == cloud.storage.uri(path)
+    # Checked by the trainer before any job, and the upload copied to quarantine.
+    assert failed[0].stage == "trainer"
+    assert failed[0].quarantine_uri.startswith(cloud.storage.uri("quarantine/missing_column/"))
+    kept = cloud.storage.read(cloud.storage.path_of(failed[0].quarantine_uri))
+    assert kept is not None and kept.data == (no_target + "\n").encode()
     run_id = failed[0].context.run_id
     assert cloud.storage.exists(f"runs/{run_id}/failed.json")
     assert not cloud.storage.exists(f"runs/{run_id}/model.joblib")

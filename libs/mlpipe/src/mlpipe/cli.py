@@ -11,8 +11,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe import cli_runs, events
+from mlpipe import cli_rollout, cli_runs, events
 from mlpipe.cli_infra import infra_app
+from mlpipe.cli_schedule import schedule_app
 from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
 from mlpipe.errors import PermanentError
 from mlpipe.follow import EventWatcher, Observed
@@ -32,6 +33,7 @@ app = typer.Typer(
 pipeline_app = typer.Typer(help="Pipeline configs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(infra_app, name="infra")
+app.add_typer(schedule_app, name="schedule")
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
@@ -367,6 +369,7 @@ def status(
                 f"model {model}: versions {versions}, {CHAMPION} "
                 f"{'v' + str(champion) if champion else '-'}"
             )
+            typer.echo(f"  traffic: {cli_rollout.describe_traffic(registry, model)}")
             for v in versions:
                 mv = registry.get(model, v)
                 if mv is not None:
@@ -379,7 +382,18 @@ def status(
         served = httpx.get(f"{state.url('predictor')}/v1/models", timeout=2).json()["models"]
         typer.echo(
             "predictor serves: "
-            + (", ".join(f"{m} v{i['version']}" for m, i in served.items()) or "nothing yet")
+            + (
+                ", ".join(
+                    f"{m} v{i['version']}"
+                    + (
+                        f" + canary v{c['version']} {c['percent']}%"
+                        if (c := i.get("canary"))
+                        else ""
+                    )
+                    for m, i in served.items()
+                )
+                or "nothing yet"
+            )
         )
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         typer.echo(f"predictor unreachable: {exc}")
@@ -407,6 +421,7 @@ def predict(
 
 
 cli_runs.register(app)
+cli_rollout.register(app)
 
 if __name__ == "__main__":
     app()

@@ -53,6 +53,14 @@ class DatasetSpec(_Strict):
     )
     min_rows: int = Field(default=10, ge=1)
     max_rows: int = Field(default=10_000_000, ge=1)
+    key: list[str] = Field(
+        default_factory=list,
+        description="Primary-key columns: rows repeating a key are rejected. Empty: no key.",
+    )
+    required_non_null: list[str] = Field(
+        default_factory=list,
+        description="Columns that must have a value in every row (the target always must).",
+    )
 
     def column_type(self, column: str) -> ColumnType:
         return self.columns.get(column, "numeric")
@@ -178,7 +186,13 @@ class PipelineConfig(_Strict):
         return self
 
     def canonical_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        dumped = self.model_dump(mode="json")
+        # Fields added later are left out while unset, so existing configs keep their hash
+        # (and their run ids).
+        for added in ("key", "required_non_null"):
+            if not dumped["dataset"][added]:
+                del dumped["dataset"][added]
+        return json.dumps(dumped, sort_keys=True).encode()
 
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical_json()).hexdigest()

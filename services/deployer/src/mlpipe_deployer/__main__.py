@@ -1,4 +1,5 @@
 from mlpipe.service import run
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.settings import load_settings
+from mlpipe_deployer.settings import DeployerSettings
 
-run("mlpipe_deployer.main:app", "deployer", load_settings(CommonSettings))
+run("mlpipe_deployer.main:app", "deployer", load_settings(DeployerSettings))

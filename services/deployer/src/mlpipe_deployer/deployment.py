@@ -1,22 +1,34 @@
-"""The deployer's step: EvaluationCompleted → (on pass) register a version, move the champion.
+"""The deployer's step: EvaluationCompleted → (on pass) compile and check an ONNX model,
+register a version, roll it out (promote it, or start a canary), make the target match.
 
 Registration is idempotent on run_id (see mlpipe.registry); the recorded DeploymentCompleted
-makes a redelivery re-publish the same outcome instead of deploying again.
+makes a redelivery re-publish the same outcome instead of deploying again. A target that
+fails transiently answers 5xx; the retry finds the version registered and the aliases moved,
+and only applies the target again.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import joblib
+import pandas as pd
 
 from mlpipe import events, lineage
+from mlpipe.data import Split, read_dataset
 from mlpipe.errors import PermanentError
+from mlpipe.model_inputs import schema_from_bundle
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
-from mlpipe.registry import CHAMPION, Registry
-from mlpipe.service import StepResult
+from mlpipe.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares
+from mlpipe.service import StepResult, decode_message
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_deployer.onnx_compile import ONNX, SKLEARN, Compiled, compile_model
+from mlpipe_deployer.targets import DeployTarget, LocalTarget
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +39,10 @@ class Deployer:
     publisher: Publisher
     registry: Registry
     code_version: str
-    target: str = "local"
+    target: DeployTarget = field(default_factory=LocalTarget)
+    canary_percent: int = 0
+    promote_after: int = 0
+    compile_onnx: bool = True
 
     def __call__(self, message: PushMessage) -> StepResult:
         return deploy(message, self)
@@ -42,15 +57,90 @@ def _gate_summary(evaluation: events_pb2.EvaluationCompleted) -> str:
     return "quality gates failed: " + "; ".join(failed) if failed else ""
 
 
-def deploy(message: PushMessage, deps: Deployer) -> StepResult:
-    try:
-        evaluation = events.decode(
-            events_pb2.EvaluationCompleted,
-            message.data,
-            message.attributes.get(events.SCHEMA_ENCODING_ATTR, ""),
+def holdout_frame(storage: Storage, evaluation: events_pb2.EvaluationCompleted) -> pd.DataFrame:
+    """The run's holdout rows: runs/<run_id>/split.json over the exact dataset bytes."""
+    split_doc = storage.read_json(lineage.RunPaths(evaluation.context.run_id).split)
+    if split_doc is None:
+        return pd.DataFrame()
+    ref = evaluation.dataset
+    obj = storage.read(storage.path_of(ref.uri), generation=ref.generation or None)
+    if obj is None or (ref.sha256 and sha256_hex(obj.data) != ref.sha256):
+        return pd.DataFrame()
+    frame = read_dataset(obj.data, ref.format or "csv", ref.uri)
+    return frame.iloc[Split.from_json(split_doc).holdout]
+
+
+def compile_for(
+    storage: Storage, evaluation: events_pb2.EvaluationCompleted, artifact: bytes, enabled: bool
+) -> tuple[Compiled, dict[str, Any]]:
+    """(the ONNX verdict, the bundle) for a verified artifact."""
+    # Verified against the evaluated sha256 by the caller before unpickling.
+    bundle = joblib.load(io.BytesIO(artifact))
+    if not enabled:
+        return Compiled(
+            SKLEARN,
+            "ONNX compilation is off (MLPIPE_COMPILE_ONNX=false)",
+            schema_from_bundle(bundle),
+        ), bundle
+    holdout = holdout_frame(storage, evaluation)
+    compiled = compile_model(bundle, holdout)
+    if holdout.empty:
+        compiled.note = "the run's split or dataset is not readable: " + compiled.note
+    return compiled, bundle
+
+
+def register_version(
+    deps: Deployer, evaluation: events_pb2.EvaluationCompleted, artifact: bytes
+) -> ModelVersion:
+    run_id = evaluation.context.run_id
+    existing = deps.registry.version_for_run(evaluation.model_name, run_id)
+    if existing is not None:
+        found = deps.registry.get(evaluation.model_name, existing)
+        if found is not None:
+            return found
+    compiled, bundle = compile_for(deps.storage, evaluation, artifact, deps.compile_onnx)
+    log.info("runtime %s: %s", compiled.runtime, compiled.note)
+    extra = {"model.onnx": compiled.onnx} if compiled.runtime == ONNX and compiled.onnx else {}
+    version, _created = deps.registry.register(
+        evaluation.model_name,
+        run_id,
+        artifact,
+        info={
+            "dataset": events.to_dict(evaluation.dataset),
+            "config_sha256": evaluation.context.config_sha256,
+            "code_version": evaluation.context.code_version,
+            "metrics": dict(evaluation.metrics),
+            "gates": [events.to_dict(g) for g in evaluation.gates],
+            "lineage_uri": deps.storage.uri(lineage.RunPaths(run_id).lineage),
+            "metrics_uri": evaluation.metrics_uri,
+            "task": str(bundle.get("task", "")),
+            "target": str(bundle.get("target", "")),
+            "classes": [str(c) for c in bundle.get("classes", [])],
+            "input_schema": [f.to_json() for f in compiled.schema],
+            "runtime": compiled.runtime,
+            "runtime_note": compiled.note,
+            "runtime_check": compiled.details,
+        },
+        extra_artifacts=extra,
+    )
+    return version
+
+
+def roll_out(deps: Deployer, model: str, version: int) -> tuple[bool, int | None, str, str]:
+    """Promote `version`, or start it as a canary. (moved, previous champion, alias, action)."""
+    champion = deps.registry.alias(model, CHAMPION)
+    if deps.canary_percent > 0 and champion is not None and champion != version:
+        started, _ = deps.registry.start_canary(
+            model, version, deps.canary_percent, deps.promote_after
         )
-    except events.EventDecodeError as exc:
-        raise PermanentError("invalid_message", str(exc)) from exc
+        current = deps.registry.traffic(model)
+        return started or current.canary == version, champion, CANARY, "canary"
+    moved, previous = deps.registry.move_alias(model, version)
+    return moved or previous == version, previous, CHAMPION, "promote"
+
+
+def deploy(message: PushMessage, deps: Deployer) -> StepResult:
+    evaluation = decode_message(events_pb2.EvaluationCompleted, message)
     run_id = evaluation.context.run_id
     if not lineage.RUN_ID_PATTERN.match(run_id) or not evaluation.model_name:
         raise PermanentError(
@@ -64,14 +154,16 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
             "duplicate", {"detail": "already decided; event re-published"}, run_id=run_id
         )
 
+    model = evaluation.model_name
     outcome = events_pb2.DeploymentCompleted(
         context=events.next_context(
             evaluation.context, producer="deployer", code_version=deps.code_version
         ),
         dataset=evaluation.dataset,
-        model_name=evaluation.model_name,
+        model_name=model,
         alias=CHAMPION,
-        target=deps.target,
+        target=deps.target.name,
+        requested_by="deployer",
     )
     if not evaluation.passed:
         outcome.deployed = False
@@ -82,28 +174,26 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
             raise PermanentError(
                 "artifact_mismatch", f"{evaluation.model_uri} is missing or differs from its sha256"
             )
-        version, _created = deps.registry.register(
-            evaluation.model_name,
-            run_id,
-            artifact.data,
-            info={
-                "dataset": events.to_dict(evaluation.dataset),
-                "config_sha256": evaluation.context.config_sha256,
-                "code_version": evaluation.context.code_version,
-                "metrics": dict(evaluation.metrics),
-                "gates": [events.to_dict(g) for g in evaluation.gates],
-                "lineage_uri": deps.storage.uri(paths.lineage),
-                "metrics_uri": evaluation.metrics_uri,
-            },
-        )
-        moved, previous = deps.registry.move_alias(evaluation.model_name, version.version)
+        version = register_version(deps, evaluation, artifact.data)
+        deployed, previous, alias, action = roll_out(deps, model, version.version)
+        traffic = deps.registry.traffic(model)
         outcome.version = version.version
         outcome.model_uri = version.model_uri
         outcome.model_sha256 = version.model_sha256
         outcome.previous_version = previous or 0
-        outcome.deployed = moved or previous == version.version
-        if not outcome.deployed:
-            outcome.reason = f"version {previous} is already {CHAMPION} and is newer"
+        outcome.deployed = deployed
+        outcome.alias = alias
+        outcome.action = action
+        outcome.runtime = str(version.info.get("runtime", SKLEARN))
+        outcome.runtime_note = str(version.info.get("runtime_note", ""))
+        if deployed:
+            versions = {v: deps.registry.get(model, v) for v, _, _ in traffic.shares()}
+            outcome.target_resource = deps.target.apply(
+                model, traffic, {v: mv for v, mv in versions.items() if mv is not None}
+            )
+            outcome.traffic.extend(traffic_shares(traffic))
+        else:
+            outcome.reason = f"a newer version (v{previous}) is already {alias}"
     if deps.storage.create_if_absent(paths.deployment, events.to_json(outcome).encode()) is None:
         recorded = deps.storage.read(paths.deployment)
         if recorded is not None:
@@ -114,10 +204,10 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
         "deployed" if outcome.deployed else "did not deploy",
         outcome.model_name,
         outcome.version,
-        outcome.reason or "now champion",
+        outcome.reason or f"now {outcome.alias} ({outcome.runtime})",
     )
     return StepResult(
         "deployed" if outcome.deployed else "not_deployed",
-        {"version": outcome.version, "reason": outcome.reason},
+        {"version": outcome.version, "reason": outcome.reason, "runtime": outcome.runtime},
         run_id=run_id,
     )

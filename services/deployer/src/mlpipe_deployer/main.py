@@ -1,27 +1,70 @@
-"""deployer service: EvaluationCompleted → registry version + champion alias."""
+"""deployer service: EvaluationCompleted → registry version + rollout; promote/rollback routes."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from mlpipe.registry import Registry
-from mlpipe.service import Clients, create_app
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe import events
+from mlpipe.registry import Registry, RolloutError
+from mlpipe.service import RETRYABLE, Clients, create_app
+from mlpipe.settings import load_settings
+from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
+from mlpipe_deployer.onnx_compile import warm_up
+from mlpipe_deployer.settings import DeployerSettings
+from mlpipe_deployer.targets import make_target
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = load_settings(CommonSettings)
+    settings = load_settings(DeployerSettings)
     clients = Clients.create(settings, stage="deployer")
+    if settings.compile_onnx:
+        warm_up()
     app.state.clients = clients
     app.state.step = Deployer(
-        clients.storage, clients.publisher, Registry(clients.storage), settings.code_version
+        clients.storage,
+        clients.publisher,
+        Registry(clients.storage),
+        settings.code_version,
+        make_target(settings),
+        settings.canary_percent,
+        settings.canary_promote_after,
+        settings.compile_onnx,
     )
     yield
 
 
 app = create_app("deployer", lifespan)
+
+
+async def _step(request: Request, model: str, action: str) -> JSONResponse:
+    deps: Deployer = request.app.state.step
+    who = request.headers.get("x-mlpipe-requested-by", "cli")[:64]
+    try:
+        if action == "promote":
+            done = await run_in_threadpool(rollout.promote, deps, model, who)
+        else:
+            done = await run_in_threadpool(rollout.rollback, deps, model, who)
+    except RolloutError as exc:
+        return JSONResponse({"error": {"code": 409, "message": str(exc)}}, status_code=409)
+    except RETRYABLE as exc:
+        return JSONResponse({"error": {"code": 503, "message": str(exc)}}, status_code=503)
+    return JSONResponse(events.to_dict(done))
+
+
+@app.post("/v1/models/{model}:promote")
+async def promote(model: str, request: Request) -> JSONResponse:
+    """Give the canary 100% of the traffic: it becomes the champion."""
+    return await _step(request, model, "promote")
+
+
+@app.post("/v1/models/{model}:rollback")
+async def rollback(model: str, request: Request) -> JSONResponse:
+    """Stop the canary, or move the champion back to the version it replaced."""
+    return await _step(request, model, "rollback")

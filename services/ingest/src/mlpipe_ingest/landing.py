@@ -12,7 +12,9 @@ import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
 
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
@@ -20,8 +22,12 @@ from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
 from mlpipe.service import StepResult, decode_message
+from mlpipe.sources_schema import check_frame, describe_schema, schema_of
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from mlpipe_ingest.sources import SourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ class Landing:
     code_version: str
     max_inline_bytes: int
     env: str = "local"
+    sources: SourceSettings | None = None
 
     def __call__(self, message: PushMessage) -> StepResult:
         return land(message, self)
@@ -49,6 +56,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int):  # JSON from an http or gcs source (Struct values are floats)
+        return str(value)
     if isinstance(value, float):
         if math.isnan(value):
             return ""
@@ -166,22 +175,30 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         request_id=request.request_id,
     )
 
-    source = request.WhichOneof("source")
-    if source != "inline":
-        raise PermanentError("unsupported_source", f"source {source!r} is not supported")
-    inline = request.inline
-    if inline.csv and inline.records:
-        raise PermanentError("invalid_message", "inline has both csv and records; send one")
-    if inline.csv:
-        table = table_from_csv(inline.csv)
-    elif inline.records:
-        table = table_from_records([events.to_dict(r) for r in inline.records])
-    else:
-        raise PermanentError("empty_dataset", "inline has neither csv nor records")
+    # sources.py builds on this module's Table and parsers, hence the late import.
+    from mlpipe_ingest.sources import SourceSettings, table_from_request
+
+    try:
+        table, source = table_from_request(
+            request,
+            message,
+            deps.storage.client,
+            deps.sources or SourceSettings.default(deps.storage.bucket_name),
+        )
+    except PermanentError as exc:
+        # Inline rows that cannot be parsed are reported as before, traced by the message's
+        # request_id attribute; a fetched source's failure carries the run context.
+        if request.WhichOneof("source") != "inline":
+            exc.context = ctx
+        raise
     try:
         validate(table, config)
+        check_frame(pd.DataFrame(table.rows, columns=table.header, dtype=str), config, source)
     except PermanentError as exc:
         exc.context = ctx
+        if not exc.message.startswith(source):
+            exc.message = f"{source}: {exc.message}"
+            exc.args = (exc.message,)
         raise
 
     parquet = request.format == events_pb2.DATA_FORMAT_PARQUET
@@ -197,9 +214,10 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
     path = lineage.dataset_path(config.name, when.date(), sha[:16], ext)
     metadata = {
         "sha256": sha,
-        "source": "inline",
+        "source": source[:1000],
         "row_count": str(len(table.rows)),
         "columns": ",".join(table.header),
+        "schema": describe_schema(schema_of(config, table.header)),
         "request_id": request.request_id,
         "requested_at": when.isoformat(),
     }

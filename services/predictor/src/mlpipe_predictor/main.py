@@ -1,85 +1,89 @@
-"""predictor service: serves each model's champion; reloads on DeploymentCompleted."""
+"""predictor service: serves each model's champion (and canary); reloads on DeploymentCompleted;
+Vertex AI-compatible predict API; batch prediction jobs."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from mlpipe import events
+from mlpipe.errors import PermanentError
 from mlpipe.registry import Registry
 from mlpipe.service import Clients, create_app
-from mlpipe.settings import CommonSettings, load_settings
-from mlpipe_predictor.models import DeploymentListener, InvalidInstances, ModelStore, warm_up
-
-MAX_BODY_BYTES = 1_500_000  # Vertex AI online prediction's request limit
+from mlpipe.settings import load_settings
+from mlpipe.v1 import events_pb2
+from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
+from mlpipe_predictor.models import ModelStore, promote_canary
+from mlpipe_predictor.runtime import warm_up
+from mlpipe_predictor.settings import PredictorSettings
+from mlpipe_predictor.steps import BatchJobs, PredictorStep
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = load_settings(CommonSettings)
+    settings = load_settings(PredictorSettings)
     clients = Clients.create(settings, stage="predictor")
     warm_up()
-    store = ModelStore(Registry(clients.storage))
+    pinned = (settings.serve_model, settings.serve_version) if settings.serve_model else None
+    store = ModelStore(Registry(clients.storage), threads=settings.onnx_threads, pinned=pinned)
+    store.on_promotion = partial(
+        promote_canary, store, clients.publisher.publish, settings.code_version
+    )
     store.load_all()
+    app.state.settings = settings
     app.state.clients = clients
     app.state.store = store
-    app.state.step = DeploymentListener(store)
+    app.state.jobs = BatchJobs(clients.storage, store, settings.batch_chunk_rows)
+    app.state.step = PredictorStep(store, app.state.jobs)
     yield
 
 
-app = create_app("predictor", lifespan)
+service = create_app("predictor", lifespan)
+service.add_route(
+    "/v1/projects/{project}/locations/{location}/endpoints/{endpoint}",
+    vertex_endpoint,
+    methods=["GET"],
+    include_in_schema=False,
+)
+# uvicorn runs this: POST /predict, /v1/models/{m}:predict and the Vertex AI :predict route
+# are answered before FastAPI; every other route and the lifespan are FastAPI's.
+app = PredictRoutes(service)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "message": message}}, status_code=status)
-
-
-async def _predict(request: Request, model: str | None) -> JSONResponse:
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        return _error(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
-    try:
-        payload: Any = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _error(400, f"body is not JSON: {exc}")
-    if not isinstance(payload, dict) or "instances" not in payload:
-        return _error(400, "body must be an object with an 'instances' list")
-    name = model or payload.get("model")
-    try:
-        served = request.app.state.store.get(name)
-    except KeyError as exc:
-        return _error(404, f"no model {name!r} is being served" if name else str(exc.args[0]))
-    try:
-        predictions = served.predict(payload["instances"])
-    except InvalidInstances as exc:
-        return _error(400, str(exc))
-    return JSONResponse(
-        {"predictions": predictions, "model": served.name, "modelVersionId": str(served.version)}
-    )
-
-
-@app.post("/predict")
-async def predict(request: Request) -> JSONResponse:
-    return await _predict(request, None)
-
-
-@app.post("/v1/models/{model}:predict")
-async def predict_model(model: str, request: Request) -> JSONResponse:
-    return await _predict(request, model)
-
-
-@app.get("/v1/models")
+@service.get("/v1/models")
 def served_models(request: Request) -> dict[str, Any]:
     return {"models": request.app.state.store.served()}
 
 
-@app.get("/readyz")
+@service.get("/readyz")
 def ready(request: Request) -> JSONResponse:
     served = request.app.state.store.served()
     return JSONResponse(
         {"ready": bool(served), "models": served}, status_code=200 if served else 503
     )
+
+
+@service.post("/v1/batchPredictions")
+async def start_batch(request: Request) -> JSONResponse:
+    """Start a batch job; the body is a BatchPredictionRequest in its JSON encoding."""
+    try:
+        batch = events.decode(events_pb2.BatchPredictionRequest, await request.body(), "JSON")
+        state = request.app.state.jobs.start(batch)
+    except events.EventDecodeError as exc:
+        return error(400, str(exc))
+    except PermanentError as exc:
+        return error(400, exc.message)
+    return JSONResponse(state, status_code=200 if state["state"] == "succeeded" else 202)
+
+
+@service.get("/v1/batchPredictions/{model}/{batch_id}")
+def batch_status(model: str, batch_id: str, request: Request) -> JSONResponse:
+    state = request.app.state.jobs.status(model, batch_id)
+    if state is None:
+        return error(404, f"no batch {batch_id!r} of {model}")
+    return JSONResponse(state)

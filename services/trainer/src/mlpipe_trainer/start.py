@@ -17,10 +17,13 @@ from google.api_core import exceptions as gexc
 
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
+from mlpipe.data import check_columns, read_dataset
 from mlpipe.errors import PermanentError
+from mlpipe.failures import FailureReporter
 from mlpipe.publishing import Publisher
 from mlpipe.push import EnvelopeError, ObjectNotification, PushMessage, parse_object_notification
 from mlpipe.service import StepResult, decode_message, republish_recorded
+from mlpipe.sources_schema import check_frame
 from mlpipe.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
 
@@ -114,6 +117,55 @@ def _relanded(message: PushMessage) -> ObjectNotification | None:
     )
 
 
+def check_upload(data: bytes, fmt: str, uri: str, config: PipelineConfig) -> PermanentError | None:
+    """The first problem of an uploaded dataset for `config`, or None when it can train."""
+    try:
+        frame = read_dataset(data, fmt, uri)
+        check_frame(frame, config, uri)
+        check_columns(frame, config, uri)
+    except PermanentError as exc:
+        return exc
+    return None
+
+
+def reject_upload(
+    deps: TrainingStarter,
+    note: ObjectNotification,
+    data: bytes,
+    problem: PermanentError,
+    ctx: events_pb2.RunContext,
+    dataset: events_pb2.DatasetRef,
+) -> events_pb2.PipelineFailed:
+    """Copy the upload to `quarantine/<reason>/`, publish PipelineFailed, mark the run failed.
+
+    The copy keeps the bad bytes even when the user replaces or deletes the upload; the run's
+    failed marker makes a redelivered notification a duplicate.
+    """
+    failures = FailureReporter(
+        deps.storage, deps.publisher, stage="trainer", code_version=deps.code_version
+    )
+    object_id = f"{note.name}#{note.generation}"
+    quarantine_uri = failures.quarantine(
+        problem.reason,
+        data,
+        key=object_id.replace("/", "_"),
+        metadata={"message": problem.message[:1000], "object": note.uri},
+    )
+    failed = failures.report(
+        reason=problem.reason,
+        message=f"{problem.message} (uploaded file, generation {note.generation})",
+        context=ctx,
+        dataset=dataset,
+        quarantine_uri=quarantine_uri,
+    )
+    deps.storage.write(
+        lineage.RunPaths(ctx.run_id).failed,
+        events.to_json(failed).encode(),
+        content_type="application/json",
+    )
+    return failed
+
+
 def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     if (
         message.attributes.get(events.EVENT_TYPE_ATTR)
@@ -143,12 +195,14 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     name, fmt = match["name"], match["ext"]
     config = load_pipeline_config(deps.storage, name, deps.env)
     sha = note.metadata.get("sha256", "")
+    uploaded: bytes | None = None
     if not sha:
         # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
         obj = deps.storage.read(note.name, generation=note.generation)
         if obj is None:
             return StepResult("ignored", {"object": note.uri, "detail": "object is gone"})
         sha = sha256_hex(obj.data)
+        uploaded = obj.data
     config_sha = config.sha256()
     run_id = lineage.run_id_for(sha, config_sha)
     ctx = events.context(
@@ -180,6 +234,16 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         )
     if deps.storage.exists(paths.failed):
         return StepResult("duplicate", {"detail": "run already failed"}, run_id=run_id)
+    if uploaded is not None:
+        # Ingest checked what it landed; a direct upload is checked here, before any job.
+        problem = check_upload(uploaded, fmt, note.uri, config)
+        if problem is not None:
+            failed = reject_upload(deps, note, uploaded, problem, ctx, dataset)
+            return StepResult(
+                "rejected",
+                {"reason": failed.reason, "quarantine_uri": failed.quarantine_uri},
+                run_id=run_id,
+            )
 
     claim = {
         "run_id": run_id,

@@ -182,6 +182,8 @@ class IngestRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     REQUESTED_AT_FIELD_NUMBER: _builtins.int
     INLINE_FIELD_NUMBER: _builtins.int
+    HTTP_FIELD_NUMBER: _builtins.int
+    GCS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen id used to follow the request through the chain."""
     dataset: _builtins.str
@@ -192,6 +194,14 @@ class IngestRequest(_message.Message):
     def requested_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def inline(self) -> Global___InlineRows: ...
+    @_builtins.property
+    def http(self) -> Global___HttpSource:
+        """Rows fetched over HTTP(S) by ingest (several URLs are concatenated into one dataset)."""
+
+    @_builtins.property
+    def gcs(self) -> Global___GcsSource:
+        """An object in an allowed bucket: CSV, Parquet or JSON lines."""
+
     def __init__(
         self,
         *,
@@ -200,12 +210,14 @@ class IngestRequest(_message.Message):
         format: Global___DataFormat.ValueType = ...,
         requested_at: _timestamp_pb2.Timestamp | None = ...,
         inline: Global___InlineRows | None = ...,
+        http: Global___HttpSource | None = ...,
+        gcs: Global___GcsSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inline", b"inline", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gcs", b"gcs", "http", b"http", "inline", b"inline", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "format", b"format", "inline", b"inline", "request_id", b"request_id", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "format", b"format", "gcs", b"gcs", "http", b"http", "inline", b"inline", "request_id", b"request_id", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["inline"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["inline", "http", "gcs"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -510,6 +522,12 @@ class DeploymentCompleted(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    RUNTIME_NOTE_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
+    TARGET_RESOURCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.int
     """Registry version created for this run (0 when nothing was deployed)."""
@@ -522,12 +540,28 @@ class DeploymentCompleted(_message.Message):
     """the registered artifact"""
     model_sha256: _builtins.str
     target: _builtins.str
-    """"local", ..."""
+    """"local", "cloud_run" or "vertex" """
     previous_version: _builtins.int
+    runtime: _builtins.str
+    """How the predictor runs `version`: "onnx" (compiled at deploy time and checked against
+    scikit-learn on the run's holdout) or "sklearn" (the registered artifact itself).
+    """
+    runtime_note: _builtins.str
+    """How the ONNX model was checked, or why scikit-learn is used instead."""
+    action: _builtins.str
+    """The rollout step this event records: "promote" (to 100%), "canary", "rollback"."""
+    target_resource: _builtins.str
+    """What the target changed: a Cloud Run revision, a Vertex AI model version, ..."""
+    requested_by: _builtins.str
+    """Who asked for this step: "deployer", "cli", or "predictor" (automatic promotion)."""
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
     def dataset(self) -> Global___DatasetRef: ...
+    @_builtins.property
+    def traffic(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrafficShare]:
+        """The model's traffic split after this step (one share per served version)."""
+
     def __init__(
         self,
         *,
@@ -542,14 +576,95 @@ class DeploymentCompleted(_message.Message):
         model_sha256: _builtins.str = ...,
         target: _builtins.str = ...,
         previous_version: _builtins.int = ...,
+        runtime: _builtins.str = ...,
+        runtime_note: _builtins.str = ...,
+        action: _builtins.str = ...,
+        traffic: _abc.Iterable[Global___TrafficShare] | None = ...,
+        target_resource: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "context", b"context", "dataset", b"dataset", "deployed", b"deployed", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "previous_version", b"previous_version", "reason", b"reason", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alias", b"alias", "context", b"context", "dataset", b"dataset", "deployed", b"deployed", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "previous_version", b"previous_version", "reason", b"reason", "requested_by", b"requested_by", "runtime", b"runtime", "runtime_note", b"runtime_note", "target", b"target", "target_resource", b"target_resource", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeploymentCompleted: _TypeAlias = DeploymentCompleted  # noqa: Y015
+
+@_typing.final
+class TrafficShare(_message.Message):
+    """One served version's share of a model's online traffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    percent: _builtins.int
+    alias: _builtins.str
+    """"champion" or "canary" """
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        percent: _builtins.int = ...,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficShare: _TypeAlias = TrafficShare  # noqa: Y015
+
+@_typing.final
+class BatchPredictionRequest(_message.Message):
+    """Score a dataset in GCS with a model (its champion unless `version` is set); predictions go to
+    predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro, a summary to predictions/<model>/metrics/.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    INPUT_URI_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KEY_COLUMN_FIELD_NUMBER: _builtins.int
+    CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """client-chosen; names the outputs, so a retry rewrites the same ones"""
+    model_name: _builtins.str
+    input_uri: _builtins.str
+    """gs://bucket/path.csv or .parquet, with the model's feature columns"""
+    version: _builtins.int
+    """0: the champion when the request is handled"""
+    key_column: _builtins.str
+    """a column identifying each row; empty: the row number"""
+    chunk_rows: _builtins.int
+    """rows scored per chunk (0: a default)"""
+    @_builtins.property
+    def context(self) -> Global___RunContext: ...
+    def __init__(
+        self,
+        *,
+        context: Global___RunContext | None = ...,
+        batch_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        input_uri: _builtins.str = ...,
+        version: _builtins.int = ...,
+        key_column: _builtins.str = ...,
+        chunk_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk_rows", b"chunk_rows", "context", b"context", "input_uri", b"input_uri", "key_column", b"key_column", "model_name", b"model_name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchPredictionRequest: _TypeAlias = BatchPredictionRequest  # noqa: Y015
 
 @_typing.final
 class PipelineFailed(_message.Message):
@@ -601,3 +716,84 @@ class PipelineFailed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PipelineFailed: _TypeAlias = PipelineFailed  # noqa: Y015
+
+@_typing.final
+class HttpSource(_message.Message):
+    """IngestRequest.http: one or more URLs whose responses are parsed and concatenated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    URLS_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    RECORDS_PATH_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    format: _builtins.str
+    """"csv" or "json"; empty: csv if the URL path ends in .csv, else json"""
+    records_path: _builtins.str
+    """For JSON: a dotted path to the list of records, e.g. "data.hourly"; empty: the top level."""
+    @_builtins.property
+    def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """e.g. an API key header"""
+
+    def __init__(
+        self,
+        *,
+        urls: _abc.Iterable[_builtins.str] | None = ...,
+        format: _builtins.str = ...,
+        records_path: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "headers", b"headers", "records_path", b"records_path", "urls", b"urls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpSource: _TypeAlias = HttpSource  # noqa: Y015
+
+@_typing.final
+class GcsSource(_message.Message):
+    """IngestRequest.gcs: gs://bucket/object of CSV (.csv), Parquet (.parquet) or JSON lines (.jsonl)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URI_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    uri: _builtins.str
+    format: _builtins.str
+    """"csv", "parquet" or "jsonl"; empty: from the object's extension"""
+    def __init__(
+        self,
+        *,
+        uri: _builtins.str = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GcsSource: _TypeAlias = GcsSource  # noqa: Y015

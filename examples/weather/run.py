@@ -1,0 +1,70 @@
+"""Run the weather example on a running local stack (`make up`):
+
+    uv run python examples/weather/run.py
+
+Serves the two providers on 127.0.0.1 (a free port), registers pipeline.yaml, publishes one
+IngestRequest whose `http` source lists both URLs, and follows the run until the model serves
+(or fails). The server stops when the run is over. MLPIPE_STATE_DIR picks another stack.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from providers import Providers  # noqa: E402
+
+from mlpipe import events  # noqa: E402
+from mlpipe.cli import DEFAULT_STATE_DIR, follow_run  # noqa: E402
+from mlpipe.config import config_path, parse_config  # noqa: E402
+from mlpipe.follow import EventWatcher  # noqa: E402
+from mlpipe.localstack import StackState, client_env  # noqa: E402
+from mlpipe.publishing import Publisher  # noqa: E402
+from mlpipe.storage import Storage, make_client  # noqa: E402
+from mlpipe.v1 import events_pb2  # noqa: E402
+
+
+def weather_request(urls: list[str], request_id: str) -> events_pb2.IngestRequest:
+    request = events_pb2.IngestRequest(
+        request_id=request_id, dataset="weather", requested_at=events.timestamp()
+    )
+    request.http.urls.extend(urls)
+    request.http.format = "json"
+    request.http.records_path = "data.hourly"
+    return request
+
+
+def main() -> int:
+    state = StackState.load(Path(os.environ.get("MLPIPE_STATE_DIR", DEFAULT_STATE_DIR)))
+    if state is None:
+        print("the local stack is not running: start it with `make up`", file=sys.stderr)
+        return 1
+    text = (HERE / "pipeline.yaml").read_text()
+    config = parse_config(text)
+    providers = Providers()
+    try:
+        with client_env(state):
+            Storage(make_client(state.project), state.bucket).write(
+                config_path(config.name), text.encode()
+            )
+            request_id = uuid.uuid4().hex
+            with EventWatcher(state.project) as watcher:
+                t0 = time.monotonic()
+                Publisher(state.project).publish(
+                    weather_request(providers.urls, request_id),
+                    attributes={"request_id": request_id},
+                )
+                print(f"published IngestRequest {request_id} for {providers.urls}")
+                return follow_run(state, watcher, request_id, t0, 180.0)
+    finally:
+        providers.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

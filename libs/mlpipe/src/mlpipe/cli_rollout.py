@@ -1,0 +1,138 @@
+"""`mlpipe` rollout and batch commands: promote, rollback, batch-predict.
+
+promote and rollback ask the deployer (which owns the rollout and its target) to take the
+step; batch-predict asks the predictor to score a dataset in GCS, then follows the job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+from mlpipe import events
+from mlpipe.localstack import StackState, client_env
+from mlpipe.registry import Registry
+from mlpipe.storage import Storage, make_client
+from mlpipe.v1 import events_pb2
+
+DEFAULT_STATE_DIR = Path(".mlpipe")
+StateDir = Annotated[
+    Path, typer.Option(help="Where the local stack keeps PIDs and logs.", envvar="MLPIPE_STATE_DIR")
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def _stack(state_dir: Path) -> StackState:
+    state = StackState.load(state_dir)
+    if state is None or not state.processes or not all(p.alive() for p in state.processes):
+        raise _fail(
+            f"the local stack is not running (state dir {state_dir}); start it with `mlpipe up`"
+        )
+    return state
+
+
+def describe_traffic(registry: Registry, model: str) -> str:
+    """'v1 90% champion, v2 10% canary (promoted after 50 successful predictions)'."""
+    traffic = registry.traffic(model)
+    shares = ", ".join(f"v{v} {p}% {alias}" for v, p, alias in traffic.shares()) or "none"
+    if traffic.canary is not None and traffic.promote_after:
+        shares += f" (promoted after {traffic.promote_after} successful predictions)"
+    return shares
+
+
+def _rollout(model: str, action: str, state_dir: Path) -> None:
+    state = _stack(state_dir)
+    try:
+        reply = httpx.post(
+            f"{state.url('deployer')}/v1/models/{model}:{action}",
+            headers={"x-mlpipe-requested-by": "cli"},
+            timeout=120,
+        )
+    except httpx.HTTPError as exc:
+        raise _fail(f"the deployer did not answer: {exc}") from None
+    if reply.status_code != 200:
+        try:
+            message = reply.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = reply.text
+        raise _fail(f"{action} {model}: {message}")
+    done: dict[str, Any] = reply.json()
+    split = ", ".join(
+        f"v{t.get('version', 0)} {t.get('percent', 0)}% {t.get('alias', '')}"
+        for t in done.get("traffic", [])
+    )
+    typer.echo(f"{model}: {done.get('reason', action)}; traffic now {split}")
+
+
+def promote(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Give a model's canary 100% of the traffic: it becomes the champion."""
+    _rollout(model, "promote", state_dir)
+
+
+def rollback(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Stop a model's canary, or move its champion back to the version it replaced."""
+    _rollout(model, "rollback", state_dir)
+
+
+def batch_predict(
+    model: str,
+    input_uri: Annotated[str, typer.Argument(help="gs://... (CSV or Parquet), or a local file")],
+    batch_id: Annotated[str | None, typer.Option(help="Names the outputs.")] = None,
+    version: Annotated[int, typer.Option(help="0: the champion.")] = 0,
+    key_column: Annotated[str, typer.Option(help="Column identifying each row.")] = "",
+    chunk_rows: int = 0,
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
+    timeout: float = 600.0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Score a dataset with a model: predictions/<model>/dt=YYYY-MM-DD/<id>.avro + metrics."""
+    state = _stack(state_dir)
+    batch_id = batch_id or uuid.uuid4().hex[:16]
+    if not input_uri.startswith("gs://"):
+        local = Path(input_uri)
+        if not local.is_file():
+            raise _fail(f"{input_uri} is neither gs://... nor a local file")
+        with client_env(state):
+            storage = Storage(make_client(state.project), state.bucket)
+            path = f"batch-inputs/{batch_id}/{local.name}"
+            storage.write(path, local.read_bytes())
+            input_uri = storage.uri(path)
+        typer.echo(f"uploaded {local} to {input_uri}")
+    request = events_pb2.BatchPredictionRequest(
+        context=events.context(producer="cli", code_version=state.code_version),
+        batch_id=batch_id,
+        model_name=model,
+        input_uri=input_uri,
+        version=version,
+        key_column=key_column,
+        chunk_rows=chunk_rows,
+    )
+    base = state.url("predictor")
+    reply = httpx.post(f"{base}/v1/batchPredictions", content=events.to_json(request), timeout=30)
+    if reply.status_code not in (200, 202):
+        raise _fail(f"batch {batch_id}: {reply.text}")
+    status: dict[str, Any] = reply.json()
+    typer.echo(f"batch {batch_id}: {status.get('state')}")
+    deadline = time.monotonic() + timeout
+    while wait and status.get("state") == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = httpx.get(f"{base}/v1/batchPredictions/{model}/{batch_id}", timeout=10).json()
+    typer.echo(json.dumps(status, indent=2))
+    if status.get("state") == "failed":
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(promote)
+    app.command()(rollback)
+    app.command("batch-predict")(batch_predict)

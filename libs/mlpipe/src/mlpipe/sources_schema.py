@@ -1,0 +1,110 @@
+"""Checking a dataset from any source against its pipeline's schema, before it lands or trains.
+
+Shared by ingest (every source) and the trainer (direct uploads into `datasets/`). The frame
+may hold strings (as ingest parses them) or typed values (as pandas reads a file); an empty
+string counts as a missing value. Each problem is a PermanentError naming the source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mlpipe.config import ColumnType, PipelineConfig
+from mlpipe.errors import PermanentError
+
+
+def _missing(values: pd.Series) -> pd.Series:
+    if values.dtype == object or pd.api.types.is_string_dtype(values):
+        return values.isna() | (values.astype(str).str.strip() == "")
+    return values.isna()
+
+
+def _first_rows(mask: pd.Series) -> list[int]:
+    """Data rows (counted from 1) where `mask` holds, at most ten."""
+    return [int(i) + 1 for i in np.flatnonzero(mask.to_numpy())[:10]]
+
+
+def required_columns(config: PipelineConfig, columns: list[str]) -> list[str]:
+    ds = config.dataset
+    needed = [ds.target, *config.feature_columns(columns)]
+    if config.split.strategy == "time" and config.split.time_column:
+        needed.append(config.split.time_column)
+    needed += [*ds.key, *ds.required_non_null]
+    return list(dict.fromkeys(needed))
+
+
+def schema_of(config: PipelineConfig, columns: list[str]) -> dict[str, ColumnType]:
+    """Each column's type: as declared; undeclared, numeric, but a classification target
+    that is not declared is a label (categorical)."""
+    ds = config.dataset
+    labels = config.model.task == "classification"
+    return {
+        c: "categorical" if labels and c == ds.target and c not in ds.columns else ds.column_type(c)
+        for c in columns
+    }
+
+
+def describe_schema(schema: dict[str, ColumnType]) -> str:
+    """`column:type,...` as recorded in a landed object's metadata."""
+    return ",".join(f"{c}:{t}" for c, t in schema.items())
+
+
+def check_frame(frame: pd.DataFrame, config: PipelineConfig, source: str) -> None:
+    """Raise a PermanentError naming the first problem of `frame` for `config`."""
+    ds = config.dataset
+    columns = [str(c) for c in frame.columns]
+    if len(frame) == 0:
+        raise PermanentError("header_only", f"{source} has a header but no rows")
+    missing = [c for c in required_columns(config, columns) if c not in columns]
+    if missing:
+        raise PermanentError(
+            "missing_column",
+            f"{source} lacks column(s) {missing} required by pipeline {config.name!r} "
+            f"(found: {columns})",
+        )
+    n = len(frame)
+    if not ds.min_rows <= n <= ds.max_rows:
+        raise PermanentError(
+            "row_count",
+            f"{source} has {n} rows; pipeline {config.name!r} accepts {ds.min_rows}..{ds.max_rows}",
+        )
+    for column in dict.fromkeys([ds.target, *ds.required_non_null]):
+        empty = _missing(frame[column])
+        if empty.any():
+            reason = "null_target" if column == ds.target else "null_value"
+            raise PermanentError(
+                reason,
+                f"{source}: {int(empty.sum())} row(s) have no {column!r} "
+                f"(data rows {_first_rows(empty)})",
+            )
+    typed = [*config.feature_columns(columns)]
+    if config.model.task == "regression":
+        typed.append(ds.target)
+    typed += [c for c in ds.columns if c in columns]
+    for column in dict.fromkeys(typed):
+        kind = ds.column_type(column)
+        values = frame[column]
+        if kind == "categorical" or pd.api.types.is_numeric_dtype(values):
+            continue
+        present = ~_missing(values)
+        if kind == "numeric":
+            parsed = pd.to_numeric(values.where(present), errors="coerce")
+        else:
+            parsed = pd.to_datetime(values.where(present), errors="coerce", utc=True)
+        bad = parsed.isna() & present
+        if bad.any():
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise PermanentError(
+                "wrong_type",
+                f"{source}: column {column!r} is declared {kind}; {int(bad.sum())} value(s) "
+                f"are not (first: {values.iloc[first]!r} on data row {first + 1})",
+            )
+    if ds.key:
+        repeated = frame.duplicated(subset=ds.key, keep="first")
+        if repeated.any():
+            raise PermanentError(
+                "duplicate_key",
+                f"{source}: {int(repeated.sum())} row(s) repeat a key {ds.key} "
+                f"(data rows {_first_rows(repeated)})",
+            )

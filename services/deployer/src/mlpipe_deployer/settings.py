@@ -1,0 +1,57 @@
+"""The deployer's settings: where models roll out to, and how (MLPIPE_* environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from mlpipe.settings import CommonSettings
+
+# `cloud_run` is the spelling of infra/environments/*.yaml's deploy_target; `cloudrun` works too.
+TARGETS = {"local": "local", "cloud_run": "cloud_run", "cloudrun": "cloud_run", "vertex": "vertex"}
+
+
+class DeployerSettings(CommonSettings):
+    deploy_target: str = Field(
+        default="local", description="local (the predictor service), cloud_run or vertex."
+    )
+    canary_percent: int = Field(
+        default=0, ge=0, le=99, description="Traffic a new version gets first; 0 promotes it."
+    )
+    canary_promote_after: int = Field(
+        default=0,
+        ge=0,
+        description="Promote a canary by itself after this many successful predictions "
+        "(local target; 0: only `mlpipe promote`).",
+    )
+    compile_onnx: bool = Field(default=True, description="Compile and check an ONNX model.")
+    region: str = "us-central1"
+    # cloud_run: the predictor service that gets one revision per served version.
+    cloud_run_service: str = "mlpipe-predictor"
+    predictor_image: str = Field(
+        default="", description="The predictor's container image (cloud_run and vertex)."
+    )
+    # vertex: the endpoint models deploy to, and the machines that serve them.
+    vertex_endpoint: str = Field(default="", description="Endpoint id (numeric) or resource name.")
+    vertex_machine_type: str = "n1-standard-2"
+    vertex_min_replicas: int = Field(default=1, ge=1)
+    vertex_max_replicas: int = Field(default=1, ge=1)
+
+    @field_validator("deploy_target")
+    @classmethod
+    def _known_target(cls, value: str) -> str:
+        if value not in TARGETS:
+            raise ValueError(
+                f"must be one of local, cloud_run (or cloudrun), vertex; not {value!r}"
+            )
+        return TARGETS[value]
+
+    @model_validator(mode="after")
+    def _target_settings(self) -> DeployerSettings:
+        missing = []
+        if self.deploy_target in ("cloud_run", "vertex") and not self.predictor_image:
+            missing.append("MLPIPE_PREDICTOR_IMAGE")
+        if self.deploy_target == "vertex" and not self.vertex_endpoint:
+            missing.append("MLPIPE_VERTEX_ENDPOINT")
+        if missing:
+            raise ValueError(f"deploy target {self.deploy_target} needs {', '.join(missing)}")
+        return self

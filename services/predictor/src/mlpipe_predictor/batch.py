@@ -1,0 +1,222 @@
+"""Batch prediction: score a dataset in GCS with a model version, chunk by chunk.
+
+    predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro   one record per input row
+    predictions/<model>/metrics/<batch_id>.json         rows, duration, version: written last
+
+The input is read as a stream (CSV in chunks, Parquet in record batches) and the Avro file
+is written as the chunks are scored, so memory holds one chunk at a time. The Avro object is
+uploaded whole once complete (GCS makes it visible atomically); the metrics file, written
+after it, marks the batch done, so a redelivered request finds it and does not score again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fastavro
+import numpy as np
+import pandas as pd
+
+from mlpipe.errors import PermanentError
+from mlpipe.model_inputs import CATEGORICAL
+from mlpipe.registry import CHAMPION, Registry
+from mlpipe.storage import Storage
+from mlpipe.v1 import events_pb2
+from mlpipe_predictor.runtime import LoadedModel, load_version
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 10_000
+BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def avro_schema(task: str) -> dict[str, Any]:
+    prediction: Any = "double" if task == "regression" else "string"
+    return {
+        "type": "record",
+        "name": "Prediction",
+        "namespace": "mlpipe.v1",
+        "doc": "One input row's prediction by one model version.",
+        "fields": [
+            {"name": "key", "type": "string", "doc": "The input row's key column, or its number"},
+            {"name": "prediction", "type": ["null", prediction], "default": None},
+            {"name": "error", "type": ["null", "string"], "default": None},
+            {"name": "model", "type": "string"},
+            {"name": "model_version", "type": "long"},
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class BatchPaths:
+    model: str
+    batch_id: str
+    day: dt.date
+
+    @property
+    def output(self) -> str:
+        return f"predictions/{self.model}/dt={self.day.isoformat()}/{self.batch_id}.avro"
+
+    @property
+    def metrics(self) -> str:
+        return f"predictions/{self.model}/metrics/{self.batch_id}.json"
+
+
+def metrics_path(model: str, batch_id: str) -> str:
+    return f"predictions/{model}/metrics/{batch_id}.json"
+
+
+def check_request(request: events_pb2.BatchPredictionRequest) -> None:
+    if not BATCH_ID.match(request.batch_id):
+        raise PermanentError(
+            "invalid_batch_request",
+            f"batch_id {request.batch_id!r} must be 1-128 letters, digits, '_', '.' or '-'",
+        )
+    if not request.model_name:
+        raise PermanentError("invalid_batch_request", "model_name is required")
+    if not request.input_uri.startswith("gs://"):
+        raise PermanentError(
+            "invalid_batch_request", f"input_uri must be gs://..., not {request.input_uri!r}"
+        )
+
+
+def _chunks(storage: Storage, path: str, rows: int) -> Iterator[pd.DataFrame]:
+    blob = storage.bucket.blob(path)
+    if not blob.exists():
+        raise PermanentError("dataset_missing", f"{storage.uri(path)} does not exist")
+    with blob.open("rb") as stream:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=rows):
+                yield batch.to_pandas()
+        else:
+            yield from pd.read_csv(stream, chunksize=rows)
+
+
+def _score_chunk(
+    model: LoadedModel, chunk: pd.DataFrame, key_column: str, first_row: int
+) -> list[dict[str, Any]]:
+    names = [f.name for f in model.schema]
+    missing = [n for n in names if n not in chunk.columns]
+    if missing:
+        raise PermanentError(
+            "missing_column", f"the input lacks feature column(s) {missing} of {model.name}"
+        )
+    if key_column and key_column not in chunk.columns:
+        raise PermanentError("missing_column", f"the input has no key column {key_column!r}")
+    keys = (
+        chunk[key_column].astype(str).tolist()
+        if key_column
+        else [str(first_row + i) for i in range(len(chunk))]
+    )
+    rows = chunk[names].copy()
+    problems = np.full(len(rows), "", dtype=object)
+    for feature in model.schema:
+        values = rows[feature.name]
+        if feature.kind != CATEGORICAL:
+            numeric = pd.to_numeric(values, errors="coerce")
+            bad = (numeric.isna() & values.notna()).to_numpy()
+            problems[bad & (problems == "")] = f"{feature.name} is not a number"
+            rows[feature.name] = numeric
+            values = numeric
+        absent = values.isna().to_numpy()
+        if not feature.nullable:
+            problems[absent & (problems == "")] = f"{feature.name} is missing"
+    ok = problems == ""
+    predictions: list[Any] = [None] * len(rows)
+    if ok.any():
+        scored = model.predict_frame(rows[ok])
+        for position, value in zip(np.flatnonzero(ok), scored, strict=True):
+            predictions[position] = float(value) if model.task == "regression" else str(value)
+    return [
+        {
+            "key": key,
+            "prediction": prediction,
+            "error": problem or None,
+            "model": model.name,
+            "model_version": model.version,
+        }
+        for key, prediction, problem in zip(keys, predictions, problems.tolist(), strict=True)
+    ]
+
+
+def run_batch(
+    storage: Storage,
+    registry: Registry,
+    request: events_pb2.BatchPredictionRequest,
+    *,
+    loaded: LoadedModel | None = None,
+    default_chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, Any]:
+    """Score the request's input; return the metrics record written beside the output."""
+    check_request(request)
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC)
+    model_name = request.model_name
+    version = request.version or registry.alias(model_name, CHAMPION)
+    if not version:
+        raise PermanentError("no_model", f"{model_name} has no champion to score with")
+    model = (
+        loaded
+        if loaded is not None and loaded.version == version
+        else load_version(registry, model_name, version)
+    )
+    input_path = storage.path_of(request.input_uri)
+    paths = BatchPaths(model_name, request.batch_id, started_at.date())
+    chunk_rows = int(request.chunk_rows or default_chunk_rows)
+    counts = {"rows": 0, "invalid_rows": 0, "chunks": 0}
+
+    def records() -> Iterator[dict[str, Any]]:
+        for chunk in _chunks(storage, input_path, chunk_rows):
+            scored = _score_chunk(model, chunk, request.key_column, counts["rows"])
+            counts["rows"] += len(scored)
+            counts["chunks"] += 1
+            counts["invalid_rows"] += sum(1 for r in scored if r["error"])
+            yield from scored
+
+    with tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024) as out:
+        fastavro.writer(
+            out,
+            fastavro.parse_schema(avro_schema(model.task)),
+            records(),
+            codec="deflate",
+            metadata={"mlpipe.model": model_name, "mlpipe.model_version": str(model.version)},
+        )
+        out.seek(0)
+        storage.bucket.blob(paths.output).upload_from_file(out, content_type="application/avro")
+    duration = time.perf_counter() - started
+    metrics = {
+        "batch_id": request.batch_id,
+        "model": model_name,
+        "model_version": model.version,
+        "runtime": model.runtime,
+        "run_id": model.run_id,
+        "input_uri": request.input_uri,
+        "output_uri": storage.uri(paths.output),
+        "rows": counts["rows"],
+        "invalid_rows": counts["invalid_rows"],
+        "chunks": counts["chunks"],
+        "chunk_rows": chunk_rows,
+        "duration_seconds": round(duration, 4),
+        "rows_per_second": round(counts["rows"] / duration, 1) if duration > 0 else None,
+        "started_at": started_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    storage.write_json(paths.metrics, metrics)
+    log.info(
+        "batch %s: %d rows scored by %s v%d in %.2fs",
+        request.batch_id,
+        counts["rows"],
+        model_name,
+        model.version,
+        duration,
+    )
+    return metrics

@@ -1,0 +1,21 @@
+"""The predictor's settings (MLPIPE_* environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from mlpipe.settings import CommonSettings
+
+
+class PredictorSettings(CommonSettings):
+    # Vertex AI online prediction's request limit.
+    max_body_bytes: int = Field(default=1_500_000, ge=1024)
+    # A Cloud Run revision or a Vertex AI deployment serves exactly this model version
+    # (set by the deployer's cloud targets); empty: every model's champion (and canary).
+    serve_model: str = ""
+    serve_version: int = Field(default=0, ge=0)
+    onnx_threads: int = Field(default=1, ge=1)
+    batch_chunk_rows: int = Field(default=10_000, ge=1)
+    # Requests with at most this many instances are scored on the event loop (faster than a
+    # thread hop); bigger ones in the thread pool, so they never stall small ones.
+    inline_instances: int = Field(default=64, ge=0)

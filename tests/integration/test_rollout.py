@@ -1,0 +1,156 @@
+"""Canary rollouts on the local target: the split served, promotion by hand and by itself,
+rollback; every step a DeploymentCompleted with the split."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from mlpipe import events
+from mlpipe.cli_rollout import describe_traffic
+from mlpipe.config import PipelineConfig
+from mlpipe.registry import Registry
+from mlpipe.v1 import events_pb2
+from mlpipe_deployer import rollout
+from mlpipe_deployer.deployment import Deployer
+from tests.integration.conftest import Cloud
+from tests.integration.test_serving import SETOSA, deploy, predictor, renamed_iris, trained
+
+pytestmark = pytest.mark.integration
+
+
+def split(event: events_pb2.DeploymentCompleted) -> list[tuple[int, int, str]]:
+    return [(t.version, t.percent, t.alias) for t in event.traffic]
+
+
+def answered_by(url: str, n: int) -> Counter[str]:
+    with httpx.Client(base_url=url) as client:
+        return Counter(
+            client.post("/predict", json={"instances": [SETOSA]}).json()["modelVersionId"]
+            for _ in range(n)
+        )
+
+
+def test_a_canary_gets_its_share_then_promote_and_rollback_move_all_traffic(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    cloud.watch(events.DEPLOYMENT_COMPLETED)
+    v1 = deploy(cloud, trained(cloud, iris_config, iris_csv), canary_percent=25)
+    v2 = deploy(cloud, trained(cloud, iris_config, renamed_iris(iris_csv)), canary_percent=25)
+    registry = Registry(cloud.storage)
+    deps = Deployer(cloud.storage, cloud.publisher, registry, "test")
+
+    with predictor(cloud, monkeypatch) as served:
+        served.push(v2)
+        during = answered_by(served.url, 100)
+        shown = describe_traffic(registry, "iris-classifier")
+        promoted = rollout.promote(deps, "iris-classifier", "test")
+        served.push(promoted)
+        after_promotion = answered_by(served.url, 20)
+        rolled_back = rollout.rollback(deps, "iris-classifier", "test")
+        served.push(rolled_back)
+        after_rollback = answered_by(served.url, 20)
+
+    published = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=4)
+    assert (v1.action, v1.alias, split(v1)) == ("promote", "champion", [(1, 100, "champion")])
+    assert (v2.action, v2.alias, v2.previous_version) == ("canary", "canary", 1)
+    assert split(v2) == [(1, 75, "champion"), (2, 25, "canary")]
+    assert during == {"1": 75, "2": 25}
+    assert shown == "v1 75% champion, v2 25% canary"
+    assert (promoted.action, promoted.version, promoted.previous_version) == ("promote", 2, 1)
+    assert split(promoted) == [(2, 100, "champion")]
+    assert promoted.requested_by == "test" and promoted.context.run_id == v2.context.run_id
+    assert after_promotion == {"2": 20}
+    assert (rolled_back.action, rolled_back.version, rolled_back.previous_version) == (
+        "rollback",
+        1,
+        2,
+    )
+    assert split(rolled_back) == [(1, 100, "champion")]
+    assert after_rollback == {"1": 20}
+    assert [e.action for e in published] == ["promote", "canary", "promote", "rollback"]
+
+
+def test_a_canary_that_serves_enough_requests_without_errors_promotes_itself(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    cloud.watch(events.DEPLOYMENT_COMPLETED)
+    v2 = deploy(
+        cloud,
+        trained(cloud, iris_config, renamed_iris(iris_csv)),
+        canary_percent=50,
+        promote_after=10,
+    )
+    registry = Registry(cloud.storage)
+
+    with predictor(cloud, monkeypatch) as served:
+        served.push(v2)
+        # Every other request is the canary's: its 10th success is the 19th request.
+        answered_by(served.url, 18)
+        assert registry.traffic("iris-classifier").canary == 2
+        answered_by(served.url, 1)
+        deadline = time.monotonic() + 10
+        while registry.traffic("iris-classifier").champion != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        models = httpx.get(f"{served.url}/v1/models").json()["models"]
+
+    published = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=2)
+    promoted = published[-1]
+    assert registry.traffic("iris-classifier").shares() == [(2, 100, "champion")]
+    assert (promoted.action, promoted.requested_by, promoted.version) == ("promote", "predictor", 2)
+    assert "after 10 successful predictions" in promoted.reason
+    assert split(promoted) == [(2, 100, "champion")]
+    assert models["iris-classifier"]["version"] == 2 and "canary" not in models["iris-classifier"]
+
+
+def test_rollback_during_a_canary_stops_it_and_the_deployer_routes_say_what_cannot_be_done(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    deploy(cloud, trained(cloud, iris_config, renamed_iris(iris_csv)), canary_percent=10)
+    monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
+    monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
+    from mlpipe_deployer.main import app
+
+    with TestClient(app) as deployer:
+        stopped = deployer.post("/v1/models/iris-classifier:rollback")
+        nothing = deployer.post("/v1/models/iris-classifier:promote")
+        no_history = deployer.post("/v1/models/iris-classifier:rollback")
+
+    assert stopped.status_code == 200
+    assert stopped.json()["reason"] == "canary v2 stopped; v1 keeps 100%"
+    assert stopped.json()["traffic"] == [{"version": "1", "percent": 100, "alias": "champion"}]
+    assert nothing.status_code == 409
+    assert nothing.json()["error"]["message"] == "iris-classifier has no canary to promote"
+    assert no_history.status_code == 409 and "no earlier champion" in no_history.text
+    assert Registry(cloud.storage).traffic("iris-classifier").shares() == [(1, 100, "champion")]
+
+
+def test_the_registry_rollout_steps_never_go_back_by_accident(cloud: Cloud) -> None:
+    from mlpipe.registry import RolloutError
+
+    registry = Registry(cloud.storage)
+    for run in ("a", "b", "c", "d"):
+        registry.register("m", run * 16, run.encode(), {})
+    for version in (1, 2, 3):
+        registry.move_alias("m", version)
+
+    stale = registry.start_canary("m", 4, 10)
+    older = registry.start_canary("m", 3, 10)  # a late redelivery of an older deployment
+    with pytest.raises(RolloutError, match="canary is v4, not v3"):
+        registry.promote("m", expected=3)
+    with pytest.raises(RolloutError, match=r"1\.\.99%"):
+        registry.start_canary("m", 5, 100)
+    registry.promote("m", expected=4)
+    steps = [registry.rollback("m")[:2] for _ in range(3)]
+    with pytest.raises(RolloutError, match="no earlier champion"):
+        registry.rollback("m")
+
+    assert stale == (True, None) and older == (False, 4)
+    assert steps == [(3, 4), (2, 3), (1, 2)]
+    assert registry.traffic("m").shares() == [(1, 100, "champion")]
