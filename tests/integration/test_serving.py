@@ -22,7 +22,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format, struct_pb2
 
-from mlpipe import events, lineage
+from mlpipe import events, lineage, topology
 from mlpipe.config import PipelineConfig, parse_config
 from mlpipe.localstack import free_port
 from mlpipe.push import make_envelope, parse_envelope
@@ -350,7 +350,7 @@ def test_batch_prediction_scores_a_gcs_dataset_in_chunks_into_avro(
     assert records[4]["prediction"] is None and records[4]["error"] == "sepal_width is not a number"
 
 
-def test_a_batch_request_event_is_accepted_on_the_push_route(
+def test_a_batch_request_delivery_is_acknowledged_only_when_its_job_is_done(
     cloud: Cloud,
     monkeypatch: pytest.MonkeyPatch,
     iris_v1: events_pb2.DeploymentCompleted,
@@ -362,22 +362,62 @@ def test_a_batch_request_event_is_accepted_on_the_push_route(
         model_name="iris-classifier",
         input_uri=cloud.storage.uri("inputs/iris.csv"),
     )
-    attributes = {events.EVENT_TYPE_ATTR: request.DESCRIPTOR.full_name}
+    # As the batch-prediction-requests subscription delivers it (no event_type attribute).
+    subscription = f"projects/{cloud.project}/subscriptions/{topology.BATCH_PUSH}"
+
+    def deliver() -> httpx.Response:
+        return httpx.post(
+            f"{served.url}/pubsub/push",
+            content=make_envelope(events.encode(request), subscription=subscription),
+        )
 
     with predictor(cloud, monkeypatch) as served:
-        reply = httpx.post(
-            f"{served.url}/pubsub/push",
-            content=make_envelope(events.encode(request), attributes=attributes),
-        )
+        first = deliver()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if cloud.storage.exists("predictions/iris-classifier/metrics/pushed.json"):
                 break
             time.sleep(0.1)
+        redelivered = deliver()
 
-    assert reply.status_code == 200 and reply.json()["status"] == "running"
+    # Not acknowledged while running: a job lost with its process would start again.
+    assert first.status_code == 503 and "still running" in first.json()["detail"]
+    assert redelivered.status_code == 200, redelivered.text
+    assert redelivered.json()["status"] == "succeeded" and redelivered.json()["rows"] == 150
     metrics = cloud.storage.read_json("predictions/iris-classifier/metrics/pushed.json")
     assert metrics["rows"] == 150 and metrics["model_version"] == 1
+
+
+def test_a_failed_batch_delivery_is_quarantined_once(
+    cloud: Cloud,
+    monkeypatch: pytest.MonkeyPatch,
+    iris_v1: events_pb2.DeploymentCompleted,
+) -> None:
+    request = events_pb2.BatchPredictionRequest(
+        batch_id="missing-input",
+        model_name="iris-classifier",
+        input_uri=cloud.storage.uri("inputs/not-there.csv"),
+    )
+    attributes = {events.EVENT_TYPE_ATTR: request.DESCRIPTOR.full_name}
+
+    with predictor(cloud, monkeypatch) as served:
+        replies = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            reply = httpx.post(
+                f"{served.url}/pubsub/push",
+                content=make_envelope(events.encode(request), attributes=attributes),
+            )
+            replies.append(reply)
+            if reply.status_code != 503:
+                break
+            time.sleep(0.2)
+
+    last = replies[-1]
+    assert last.status_code == 200 and last.json()["status"] == "rejected", last.text
+    assert "not-there.csv" in last.json()["detail"]
+    quarantined = last.json()["quarantine_uri"].removeprefix(f"gs://{cloud.storage.bucket_name}/")
+    assert cloud.storage.exists(quarantined)
 
 
 def test_the_crops_model_with_categories_and_missing_bands_serves_from_onnx(

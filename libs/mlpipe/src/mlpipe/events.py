@@ -27,6 +27,7 @@ EVALUATION_COMPLETED = "evaluation-completed"
 DEPLOYMENT_COMPLETED = "deployment-completed"
 PIPELINE_FAILURES = "pipeline-failures"
 DEAD_LETTERS = "dead-letters"
+BATCH_PREDICTION_REQUESTS = "batch-prediction-requests"
 
 TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.IngestRequest.DESCRIPTOR.full_name: INGEST_REQUESTS,

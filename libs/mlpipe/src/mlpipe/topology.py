@@ -19,6 +19,8 @@ from mlpipe import events
 
 # Every service receives its push deliveries on this route.
 PUSH_PATH = "/pubsub/push"
+# The predictor's subscription for batch-prediction requests.
+BATCH_PUSH = "predictor-batch-push"
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ TOPOLOGY = Topology(
         events.DEPLOYMENT_COMPLETED,
         events.PIPELINE_FAILURES,
         events.DEAD_LETTERS,
+        events.BATCH_PREDICTION_REQUESTS,
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
@@ -87,6 +90,17 @@ TOPOLOGY = Topology(
         PushSubscription("evaluator-push", events.TRAINING_COMPLETED, "evaluator", 300),
         PushSubscription("deployer-push", events.EVALUATION_COMPLETED, "deployer", 120),
         PushSubscription("predictor-push", events.DEPLOYMENT_COMPLETED, "predictor", 120),
+        # A batch job is acknowledged only once its metrics exist: until then each delivery
+        # answers 503, so a job lost with its instance is started again by the redelivery.
+        PushSubscription(
+            BATCH_PUSH,
+            events.BATCH_PREDICTION_REQUESTS,
+            "predictor",
+            ack_deadline_seconds=60,
+            max_delivery_attempts=100,
+            min_backoff_seconds=10,
+            max_backoff_seconds=600,
+        ),
     ),
     pull=(
         PullSubscription("pipeline-failures-archive", events.PIPELINE_FAILURES),

@@ -1,8 +1,10 @@
 """The predictor's push step and its batch jobs.
 
 DeploymentCompleted → reload the model's versions (hot swap). BatchPredictionRequest (the same
-push route, told apart by the event_type attribute) → a batch job in a background thread:
-long work never runs inside a push request.
+push route, told apart by its subscription or the event_type attribute) → a batch job in a
+background thread: long work never runs inside a push request. The delivery is acknowledged
+only once the job is done (its metrics exist): while it runs each redelivery answers 503, so a
+job lost with its process is started again, and a failed job is quarantined like any bad input.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlpipe import events
-from mlpipe.errors import PermanentError
+from mlpipe.errors import PermanentError, TransientError
 from mlpipe.push import PushMessage
 from mlpipe.service import StepResult, decode_message
 from mlpipe.storage import Storage
+from mlpipe.topology import BATCH_PUSH
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.batch import check_request, metrics_path, run_batch
 from mlpipe_predictor.models import ModelStore
@@ -72,6 +75,10 @@ class BatchJobs:
         with self._lock:
             self._running[key] = {"batch_id": request.batch_id, **state}
 
+    def forget(self, model: str, batch_id: str) -> None:
+        with self._lock:
+            self._running.pop(f"{model}/{batch_id}", None)
+
     def status(self, model: str, batch_id: str) -> dict[str, Any] | None:
         with self._lock:
             running = self._running.get(f"{model}/{batch_id}")
@@ -87,10 +94,11 @@ class PredictorStep:
     jobs: BatchJobs
 
     def __call__(self, message: PushMessage) -> StepResult:
-        if message.attributes.get(events.EVENT_TYPE_ATTR) == BATCH_REQUEST:
-            request = decode_message(events_pb2.BatchPredictionRequest, message)
-            state = self.jobs.start(request)
-            return StepResult(str(state.get("state")), {"batch_id": request.batch_id})
+        if (
+            message.subscription_name == BATCH_PUSH
+            or message.attributes.get(events.EVENT_TYPE_ATTR) == BATCH_REQUEST
+        ):
+            return self._batch(decode_message(events_pb2.BatchPredictionRequest, message))
         done = decode_message(events_pb2.DeploymentCompleted, message)
         if not done.deployed:
             return StepResult("ignored", {"reason": done.reason}, run_id=done.context.run_id)
@@ -100,4 +108,31 @@ class PredictorStep:
             "serving",
             {"model": done.model_name, "version": champion.version if champion else 0},
             run_id=done.context.run_id,
+        )
+
+    def _batch(self, request: events_pb2.BatchPredictionRequest) -> StepResult:
+        check_request(request)
+        state = self.jobs.status(request.model_name, request.batch_id)
+        if state is None:
+            state = self.jobs.start(request)
+        elif state.get("state") == "failed":
+            # Reported once; a replay after a fix starts the job again.
+            self.jobs.forget(request.model_name, request.batch_id)
+        if state.get("state") == "failed":
+            raise PermanentError(
+                f"batch_{state.get('reason', 'failed')}",
+                f"batch {request.batch_id} of {request.model_name} failed: {state.get('error')}",
+            )
+        if state.get("state") != "succeeded":
+            raise TransientError(
+                f"batch {request.batch_id} of {request.model_name} is still running; "
+                "acknowledged when its metrics are written"
+            )
+        return StepResult(
+            "succeeded",
+            {
+                "batch_id": request.batch_id,
+                "rows": state.get("rows"),
+                "output_uri": state.get("output_uri"),
+            },
         )
