@@ -212,6 +212,50 @@ def test_the_deployer_serves_onnx_only_after_it_agrees_on_the_holdout(
     assert models["iris-classifier"]["runtime"] == "onnx"
 
 
+def test_the_model_is_compiled_once_while_it_is_evaluated(
+    cloud: Cloud,
+    monkeypatch: pytest.MonkeyPatch,
+    iris_config: PipelineConfig,
+    iris_csv: str,
+) -> None:
+    from mlpipe_deployer import deployment
+
+    evaluation = trained(cloud, iris_config, iris_csv)
+    training_done = events_pb2.TrainingCompleted(
+        context=evaluation.context,
+        dataset=evaluation.dataset,
+        model_uri=evaluation.model_uri,
+        model_sha256=evaluation.model_sha256,
+        model_name=evaluation.model_name,
+    )
+    calls: list[str] = []
+    compile_for = deployment.compile_for
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        return compile_for(*args, **kwargs)
+
+    monkeypatch.setattr(deployment, "compile_for", counted)
+    deployer = Deployer(cloud.storage, cloud.publisher, Registry(cloud.storage), "test")
+    subscription = f"projects/{cloud.project}/subscriptions/{deployment.TRAINED_PUSH}"
+
+    early = deployer(
+        parse_envelope(make_envelope(events.encode(training_done), subscription=subscription))
+    )
+    again = deployer(
+        parse_envelope(make_envelope(events.encode(training_done), subscription=subscription))
+    )
+    deployer(parse_envelope(make_envelope(events.encode(evaluation))))
+
+    recorded = cloud.storage.read(lineage.RunPaths(evaluation.context.run_id).deployment)
+    assert recorded is not None
+    done = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
+    assert (early.status, again.status) == ("compiling", "duplicate")
+    # Compiled once, by the background worker; the deployment took its result.
+    assert len(calls) == 1 and calls[0].startswith("precompile"), calls
+    assert done.deployed and done.runtime == "onnx", done.runtime_note
+
+
 def test_without_onnx_the_pipeline_is_served_by_sklearn_and_the_event_says_why(
     cloud: Cloud, monkeypatch: pytest.MonkeyPatch, iris_config: PipelineConfig, iris_csv: str
 ) -> None:

@@ -217,6 +217,7 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         *((sub + f"{s}-push", "roles/pubsub.subscriber", pubsub_agent) for s in services),
         (sub + "trainer-landed-push", "roles/pubsub.subscriber", pubsub_agent),
         (sub + "predictor-batch-push", "roles/pubsub.subscriber", pubsub_agent),
+        (sub + "deployer-trained-push", "roles/pubsub.subscriber", pubsub_agent),
         (topic + "gcs-objects", "roles/pubsub.publisher", gcs_agent),
         *((run + s, "roles/run.invoker", sa(f"mlpipe-push-{s}")) for s in services),
         (topic + "datasets-landed", "roles/pubsub.publisher", sa("mlpipe-ingest")),

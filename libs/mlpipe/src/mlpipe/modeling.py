@@ -53,3 +53,43 @@ def build_pipeline(config: PipelineConfig, features: list[str]) -> Pipeline:
         transformers.append(("categorical", Pipeline(steps), categorical))
     columns = ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
     return Pipeline([("preprocess", columns), ("model", build_estimator(config.model))])
+
+
+WARM_UP_CONFIG = """
+name: warm-up
+dataset: {target: label, columns: {size: numeric, colour: categorical}}
+split: {holdout_fraction: 0.25, seed: 0}
+model:
+  name: warm-up
+  task: classification
+  estimator: sklearn.ensemble.RandomForestClassifier
+  params: {n_estimators: 2, random_state: 0, n_jobs: 1}
+"""
+WARM_UP_CSV = b"size,colour,label\n" + b"".join(
+    b"%d,%s,%s\n" % (i, (b"red", b"blue")[i % 2], (b"a", b"b")[i // 2 % 2]) for i in range(8)
+)
+
+
+def warm_up_model() -> tuple[Any, Any, Pipeline]:
+    """(bundle, holdout, fitted pipeline) of a tiny dataset, read, split and fitted by the
+    training path: long-lived processes run it at start-up so that first-call costs (lazy
+    imports, Cython and pandas first paths) are not paid by the first real run. Single
+    threaded (no OpenMP estimator), so a forkserver may run it before it forks."""
+    from mlpipe.config import parse_config
+    from mlpipe.data import read_dataset, split_rows
+
+    config = parse_config(WARM_UP_CONFIG, "warm-up")
+    frame = read_dataset(WARM_UP_CSV, "csv", "warm-up")
+    split = split_rows(frame, config)
+    features = ["size", "colour"]
+    train = frame.iloc[split.train]
+    pipeline = build_pipeline(config, features).fit(train[features], train["label"])
+    bundle = {
+        "estimator": pipeline,
+        "features": features,
+        "target": "label",
+        "task": "classification",
+        "feature_types": {c: config.dataset.column_type(c) for c in features},
+        "classes": [str(c) for c in pipeline.classes_],
+    }
+    return bundle, frame.iloc[split.holdout], pipeline

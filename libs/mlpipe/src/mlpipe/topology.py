@@ -89,6 +89,8 @@ TOPOLOGY = Topology(
         PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer"),
         PushSubscription("evaluator-push", events.TRAINING_COMPLETED, "evaluator", 300),
         PushSubscription("deployer-push", events.EVALUATION_COMPLETED, "deployer", 120),
+        # The deployer compiles the model for serving while the evaluator scores it.
+        PushSubscription("deployer-trained-push", events.TRAINING_COMPLETED, "deployer"),
         PushSubscription("predictor-push", events.DEPLOYMENT_COMPLETED, "predictor", 120),
         # A batch job is acknowledged only once its metrics exist: until then each delivery
         # answers 503, so a job lost with its instance is started again by the redelivery.

@@ -1,6 +1,11 @@
 """The deployer's step: EvaluationCompleted → (on pass) compile and check an ONNX model,
 register a version, roll it out (promote it, or start a canary), make the target match.
 
+TrainingCompleted → start that compilation at once, in the background, while the evaluator
+scores the model: the evaluation then finds it done (or waits for it) instead of paying for it
+on the way to serving. Only an optimisation: an evaluation whose compilation was not started in
+this process (another instance, a restart) compiles itself.
+
 Registration is idempotent on run_id (see mlpipe.registry); the recorded DeploymentCompleted
 makes a redelivery re-publish the same outcome instead of deploying again. A target that
 fails transiently answers 5xx; the retry finds the version registered and the aliases moved,
@@ -11,6 +16,9 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +41,50 @@ from mlpipe_deployer.targets import DeployTarget, LocalTarget
 log = logging.getLogger(__name__)
 
 
+# The deployer's subscription to TrainingCompleted (see mlpipe.topology).
+TRAINED_PUSH = "deployer-trained-push"
+TRAINING_COMPLETED = events_pb2.TrainingCompleted.DESCRIPTOR.full_name
+CompileResult = tuple[Compiled, dict[str, Any]]
+
+
+class Precompiled:
+    """ONNX compilations started on TrainingCompleted, keyed by (run_id, model sha256).
+
+    One worker thread: compilations run one at a time, beside the request threads. The newest
+    `limit` are kept; one that no evaluation claims (its gates failed) is simply dropped.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompile")
+        self._futures: OrderedDict[tuple[str, str], Future[CompileResult]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, key: tuple[str, str], compile_fn: Any) -> bool:
+        """Schedule `compile_fn()` under `key`; False when it is already there."""
+        with self._lock:
+            if key in self._futures:
+                return False
+            self._futures[key] = self._pool.submit(compile_fn)
+            while len(self._futures) > self.limit:
+                self._futures.popitem(last=False)
+            return True
+
+    def take(self, key: tuple[str, str], timeout: float = 120.0) -> CompileResult | None:
+        """The compilation started for `key` (waiting for it to finish), or None."""
+        with self._lock:
+            future = self._futures.pop(key, None)
+        if future is None:
+            return None
+        try:
+            return future.result(timeout=timeout)
+        except Exception:
+            log.warning(
+                "the early compilation of %s failed; compiling again", key[0], exc_info=True
+            )
+            return None
+
+
 @dataclass
 class Deployer:
     storage: Storage
@@ -43,8 +95,14 @@ class Deployer:
     canary_percent: int = 0
     promote_after: int = 0
     compile_onnx: bool = True
+    precompiled: Precompiled = field(default_factory=Precompiled)
 
     def __call__(self, message: PushMessage) -> StepResult:
+        if (
+            message.subscription_name == TRAINED_PUSH
+            or message.attributes.get(events.EVENT_TYPE_ATTR) == TRAINING_COMPLETED
+        ):
+            return precompile(message, self)
         return deploy(message, self)
 
 
@@ -57,7 +115,9 @@ def _gate_summary(evaluation: events_pb2.EvaluationCompleted) -> str:
     return "quality gates failed: " + "; ".join(failed) if failed else ""
 
 
-def holdout_frame(storage: Storage, evaluation: events_pb2.EvaluationCompleted) -> pd.DataFrame:
+def holdout_frame(
+    storage: Storage, evaluation: events_pb2.EvaluationCompleted | events_pb2.TrainingCompleted
+) -> pd.DataFrame:
     """The run's holdout rows: runs/<run_id>/split.json over the exact dataset bytes."""
     split_doc = storage.read_json(lineage.RunPaths(evaluation.context.run_id).split)
     if split_doc is None:
@@ -71,8 +131,11 @@ def holdout_frame(storage: Storage, evaluation: events_pb2.EvaluationCompleted) 
 
 
 def compile_for(
-    storage: Storage, evaluation: events_pb2.EvaluationCompleted, artifact: bytes, enabled: bool
-) -> tuple[Compiled, dict[str, Any]]:
+    storage: Storage,
+    evaluation: events_pb2.EvaluationCompleted | events_pb2.TrainingCompleted,
+    artifact: bytes,
+    enabled: bool,
+) -> CompileResult:
     """(the ONNX verdict, the bundle) for a verified artifact."""
     # Verified against the evaluated sha256 by the caller before unpickling.
     bundle = joblib.load(io.BytesIO(artifact))
@@ -98,7 +161,8 @@ def register_version(
         found = deps.registry.get(evaluation.model_name, existing)
         if found is not None:
             return found
-    compiled, bundle = compile_for(deps.storage, evaluation, artifact, deps.compile_onnx)
+    early = deps.precompiled.take((run_id, evaluation.model_sha256))
+    compiled, bundle = early or compile_for(deps.storage, evaluation, artifact, deps.compile_onnx)
     log.info("runtime %s: %s", compiled.runtime, compiled.note)
     extra = {"model.onnx": compiled.onnx} if compiled.runtime == ONNX and compiled.onnx else {}
     version, _created = deps.registry.register(
@@ -137,6 +201,29 @@ def roll_out(deps: Deployer, model: str, version: int) -> tuple[bool, int | None
         return started or current.canary == version, champion, CANARY, "canary"
     moved, previous = deps.registry.move_alias(model, version)
     return moved or previous == version, previous, CHAMPION, "promote"
+
+
+def precompile(message: PushMessage, deps: Deployer) -> StepResult:
+    """Start compiling a freshly trained model while it is being evaluated."""
+    trained = decode_message(events_pb2.TrainingCompleted, message)
+    run_id = trained.context.run_id
+    if not deps.compile_onnx:
+        return StepResult("ignored", {"reason": "ONNX compilation is off"}, run_id=run_id)
+    if not lineage.RUN_ID_PATTERN.match(run_id) or not trained.model_sha256:
+        raise PermanentError(
+            "invalid_message", f"TrainingCompleted lacks a valid run_id/model_sha256 ({run_id!r})"
+        )
+    if deps.storage.exists(lineage.RunPaths(run_id).deployment):
+        return StepResult("ignored", {"reason": "already deployed"}, run_id=run_id)
+
+    def compile_now() -> CompileResult:
+        artifact = deps.storage.read(deps.storage.path_of(trained.model_uri))
+        if artifact is None or sha256_hex(artifact.data) != trained.model_sha256:
+            raise ValueError(f"{trained.model_uri} is missing or differs from its sha256")
+        return compile_for(deps.storage, trained, artifact.data, enabled=True)
+
+    started = deps.precompiled.start((run_id, trained.model_sha256), compile_now)
+    return StepResult("compiling" if started else "duplicate", {}, run_id=run_id)
 
 
 def deploy(message: PushMessage, deps: Deployer) -> StepResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,13 +20,16 @@ from mlpipe_deployer.onnx_compile import warm_up
 from mlpipe_deployer.settings import DeployerSettings
 from mlpipe_deployer.targets import make_target
 
+log = logging.getLogger(__name__)
+
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(DeployerSettings)
     clients = Clients.create(settings, stage="deployer")
     if settings.compile_onnx:
-        warm_up()
+        checked = await run_in_threadpool(warm_up)
+        log.info("ONNX compiler warmed up: %s", checked.note)
     app.state.clients = clients
     app.state.step = Deployer(
         clients.storage,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import joblib
@@ -17,7 +19,7 @@ from mlpipe.data import Split, read_dataset
 from mlpipe.errors import PermanentError
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
-from mlpipe.registry import CHAMPION, Registry
+from mlpipe.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.service import StepResult, decode_message, republish_recorded
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
@@ -39,6 +41,8 @@ class Evaluator:
     storage: Storage
     publisher: Publisher
     code_version: str
+    # Champions loaded by earlier runs, by their registered sha256 (a version never changes).
+    champions: ChampionCache = field(default_factory=lambda: ChampionCache())
 
     def __call__(self, message: PushMessage) -> StepResult:
         return evaluate(message, self)
@@ -73,8 +77,33 @@ def score(
     return metrics | extra, details
 
 
+class ChampionCache:
+    """The last few champions' unpickled bundles, keyed by their verified sha256."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._bundles: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, registry: Registry, champion: ModelVersion) -> dict[str, Any]:
+        with self._lock:
+            bundle = self._bundles.get(champion.model_sha256)
+        if bundle is None:
+            bundle = joblib.load(io.BytesIO(registry.load_artifact(champion)))  # sha256 verified
+            with self._lock:
+                self._bundles[champion.model_sha256] = bundle
+                while len(self._bundles) > self.size:
+                    self._bundles.popitem(last=False)
+        return bundle
+
+
 def champion_metrics(
-    storage: Storage, model: str, run_id: str, holdout: pd.DataFrame, config: PipelineConfig
+    storage: Storage,
+    model: str,
+    run_id: str,
+    holdout: pd.DataFrame,
+    config: PipelineConfig,
+    cache: ChampionCache | None = None,
 ) -> tuple[dict[str, float] | None, int, str]:
     """The current champion scored on this run's holdout: (metrics, version, note)."""
     registry = Registry(storage)
@@ -86,7 +115,7 @@ def champion_metrics(
         return None, 0, f"champion v{version} is not readable"
     if champion.run_id == run_id:
         return None, 0, f"this run is already champion v{version}"
-    bundle = joblib.load(io.BytesIO(registry.load_artifact(champion)))  # sha256 verified
+    bundle = (cache or ChampionCache()).load(registry, champion)
     missing = [f for f in bundle["features"] if f not in holdout.columns]
     if missing or bundle.get("task", config.model.task) != config.model.task:
         return (
@@ -132,7 +161,7 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
 
     metrics, details = score(bundle, holdout, config)
     champion, champion_version, note = champion_metrics(
-        deps.storage, trained.model_name, run_id, holdout, config
+        deps.storage, trained.model_name, run_id, holdout, config, deps.champions
     )
     gates = apply_gates(config.gates, metrics) + relative_gates(
         config.gates, metrics, champion, note

@@ -43,6 +43,7 @@ PRELOAD = [
     "sklearn.ensemble",
     "sklearn.linear_model",
     "pandas",
+    "mlpipe_trainer.warm",  # last: a tiny read, split and fit with everything above imported
 ]
 
 
