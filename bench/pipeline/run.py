@@ -1,4 +1,4 @@
-"""Pipeline latency, issue 8: mlpipe's iris chain (publish → serving) beside KFP local,
+"""Pipeline latency: mlpipe's iris chain (publish → serving) beside KFP local,
 Metaflow local and the bare functions, the emulators' own floor per hop, and the data path at
 10k, 100k and 1M rows.
 
