@@ -160,3 +160,35 @@ def test_a_relative_gate_without_a_champion_is_recorded_as_not_applied() -> None
 
     assert result.passed is True
     assert result.note == "not applied: no champion yet"
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        "sklearn.ensemble.RandomForestClassifier",
+        "sklearn.ensemble.ExtraTreesClassifier",
+        "sklearn.ensemble.HistGradientBoostingClassifier",
+        "sklearn.tree.DecisionTreeClassifier",
+        "sklearn.linear_model.LogisticRegression",  # not in the one-pass list: asked for both
+    ],
+)
+def test_labels_from_one_pass_equal_predict(estimator: str) -> None:
+    import importlib
+
+    import numpy as np
+    from sklearn.datasets import make_classification
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from mlpipe_evaluator.evaluation import predict_with_proba
+
+    module, name = estimator.rsplit(".", 1)
+    x, y = make_classification(1200, n_features=8, n_informative=5, n_classes=4, random_state=1)
+    labels = np.array([f"class-{v}" for v in y])
+    model = make_pipeline(StandardScaler(), getattr(importlib.import_module(module), name)())
+    model.fit(x[:900], labels[:900])
+
+    predicted, proba = predict_with_proba(model, x[900:])
+
+    assert predicted == list(model.predict(x[900:]))
+    assert proba is not None and np.allclose(proba, model.predict_proba(x[900:]))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import joblib
+import numpy as np
 import pandas as pd
 
 from mlpipe import events, lineage
@@ -57,6 +58,34 @@ def _read_verified(storage: Storage, uri: str, sha256: str, what: str) -> bytes:
     return obj.data
 
 
+# Classifiers whose predict() is, in scikit-learn's own code, classes_[argmax(predict_proba)]:
+# one pass over the trees gives both. Any other estimator is asked for both.
+LABELS_FROM_PROBA = frozenset(
+    {
+        "RandomForestClassifier",
+        "ExtraTreesClassifier",
+        "DecisionTreeClassifier",
+        "ExtraTreeClassifier",
+        "HistGradientBoostingClassifier",
+    }
+)
+
+
+def _final_step(estimator: Any) -> Any:
+    steps = getattr(estimator, "steps", None)
+    return steps[-1][1] if steps else estimator
+
+
+def predict_with_proba(estimator: Any, frame: pd.DataFrame) -> tuple[list[Any], Any]:
+    """(labels, probabilities or None) of a classifier, in one pass where that is exact."""
+    if not hasattr(estimator, "predict_proba"):
+        return list(estimator.predict(frame)), None
+    proba = estimator.predict_proba(frame)
+    if type(_final_step(estimator)).__name__ in LABELS_FROM_PROBA:
+        return list(estimator.classes_.take(np.argmax(proba, axis=1))), proba
+    return list(estimator.predict(frame)), proba
+
+
 def score(
     bundle: dict[str, Any], holdout: pd.DataFrame, config: PipelineConfig
 ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -64,13 +93,11 @@ def score(
     estimator = bundle["estimator"]
     features = bundle["features"]
     y_true = holdout[config.dataset.target].tolist()
-    predictions = list(estimator.predict(holdout[features]))
     if config.model.task == "regression":
+        predictions = list(estimator.predict(holdout[features]))
         return regression_metrics(y_true, predictions), regression_details(y_true, predictions)
+    predictions, proba = predict_with_proba(estimator, holdout[features])
     metrics = classification_metrics(y_true, predictions)
-    proba = (
-        estimator.predict_proba(holdout[features]) if hasattr(estimator, "predict_proba") else None
-    )
     extra, details = classification_details(
         y_true, predictions, proba, getattr(estimator, "classes_", ())
     )
