@@ -1,6 +1,6 @@
 """Run the weather example on a running local stack (`make up`):
 
-    uv run python examples/weather/run.py
+    uv run mlpipe run --example weather      (or: uv run python examples/weather/run.py)
 
 Serves the two providers on 127.0.0.1 (a free port), registers pipeline.yaml, publishes one
 IngestRequest whose `http` source lists both URLs, and follows the run until the model serves
@@ -61,7 +61,13 @@ def main() -> int:
                     attributes={"request_id": request_id},
                 )
                 print(f"published IngestRequest {request_id} for {providers.urls}")
-                return follow_run(state, watcher, request_id, t0, 180.0)
+                return follow_run(
+                    state,
+                    watcher,
+                    request_id,
+                    t0,
+                    float(os.environ.get("MLPIPE_RUN_TIMEOUT", "180")),
+                )
     finally:
         providers.stop()
 

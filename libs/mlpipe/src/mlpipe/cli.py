@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -244,6 +247,15 @@ def follow_run(
 
 def run_example(state: StackState, example: str, timeout: float) -> int:
     folder = find_example(example)
+    script = folder / "run.py"
+    if script.exists():
+        # An example that needs more than a CSV (providers to serve, say) drives itself.
+        env = {
+            **os.environ,
+            "MLPIPE_STATE_DIR": state.state_dir,
+            "MLPIPE_RUN_TIMEOUT": f"{timeout}",
+        }
+        return subprocess.call([sys.executable, str(script)], env=env)
     config, text = _load_config_file(folder / "pipeline.yaml")
     csv_text = (folder / f"{example}.csv").read_text()
     with client_env(state):
@@ -294,7 +306,7 @@ def demo(
     try:
         state = stack.up()
         code = run_example(state, example, timeout)
-        if code == 0:
+        if code == 0 and (find_example(example) / f"{example}.csv").exists():
             sample = _sample_instance(example)
             reply = httpx.post(
                 f"{state.url('predictor')}/predict", json={"instances": [sample]}, timeout=10
