@@ -19,6 +19,7 @@ from mlpipe.modeling import build_pipeline
 from mlpipe_deployer.onnx_compile import compile_model
 from mlpipe_predictor.api import PredictRoutes
 from mlpipe_predictor.models import CanaryWatch, ModelStore, Served
+from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
 from mlpipe_predictor.runtime import LoadedModel, onnx_session
 from tests.conftest import REPO
 
@@ -83,11 +84,17 @@ def regressor() -> LoadedModel:
     return loaded(bundle, holdout, "iris-regressor")
 
 
-def client_for(models: dict[str, Served], max_body: int = 4096) -> TestClient:
+def client_for(
+    models: dict[str, Served], max_body: int = 4096, log_capacity: int = 1000
+) -> TestClient:
     store = ModelStore(registry=None)  # type: ignore[arg-type]
     store._served = models
     state = types.SimpleNamespace(
-        store=store, settings=types.SimpleNamespace(max_body_bytes=max_body, inline_instances=8)
+        store=store,
+        settings=types.SimpleNamespace(max_body_bytes=max_body, inline_instances=8),
+        serving_metrics=ServingMetrics(),
+        # Never flushed here (no storage): the buffer is what the tests look at.
+        prediction_log=PredictionLog(storage=None, capacity=log_capacity),  # type: ignore[arg-type]
     )
 
     class Service:
@@ -249,3 +256,46 @@ def test_a_canary_with_an_error_is_never_promoted_by_itself() -> None:
     assert asked == [False] * 5 and watch.failed == 1
     fresh = CanaryWatch(3, promote_after=2)
     assert [fresh.record(True) for _ in range(4)] == [False, True, False, False]
+
+
+def test_requests_errors_and_latency_are_counted_per_model_version(iris: LoadedModel) -> None:
+    client = client_for({"iris-classifier": Served(iris)})
+    for _ in range(3):
+        assert (
+            client.post("/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]] * 2}).status_code
+            == 200
+        )
+    assert client.post("/predict", json={"instances": [[1, 2]]}).status_code == 400
+    assert (
+        client.post("/v1/models/nope:predict", json={"instances": [[1, 2, 3, 4]]}).status_code
+        == 404
+    )
+
+    state = client.app.state  # type: ignore[attr-defined]
+    text = state.serving_metrics.render(state.prediction_log.counts)
+    lines = set(text.splitlines())
+
+    assert 'mlpipe_predict_requests_total{model="iris-classifier",version="1"} 3' in lines
+    assert 'mlpipe_predict_instances_total{model="iris-classifier",version="1"} 6' in lines
+    # A bad request is counted against the model it named (its version is unknown then).
+    assert 'mlpipe_predict_errors_total{model="nope",version="-"} 1' in lines
+    assert 'mlpipe_predict_errors_total{model="-",version="-"} 1' in lines
+    assert 'mlpipe_predict_latency_seconds_count{model="iris-classifier",version="1"} 3' in lines
+    assert (
+        'mlpipe_predict_latency_seconds_bucket{model="iris-classifier",version="1",le="+Inf"} 3'
+        in lines
+    )
+    assert 'mlpipe_prediction_log_records_total{outcome="sampled"} 6' in lines
+    assert "# TYPE mlpipe_predict_latency_seconds histogram" in lines
+
+
+def test_a_full_prediction_log_drops_and_counts_without_failing_requests(iris: LoadedModel) -> None:
+    client = client_for({"iris-classifier": Served(iris)}, log_capacity=2)
+    for _ in range(5):
+        assert (
+            client.post("/predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]}).status_code == 200
+        )
+
+    log = client.app.state.prediction_log  # type: ignore[attr-defined]
+    assert log.counts["sampled"] == 2 and log.counts["dropped"] == 3
+    assert len(log._buffer) == 2

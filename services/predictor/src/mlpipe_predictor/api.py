@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -100,7 +101,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 
 async def score(
     state: Any, scope: Scope, receive: Receive, name: str | None
-) -> tuple[LoadedModel, list[Any]]:
+) -> tuple[LoadedModel, Any, list[Any]]:
     """Read, validate and score one request; raise BadRequest for anything the caller sent."""
     body = await read_body(scope, receive, state.settings.max_body_bytes)
     instances, probabilities, named = parse(body)
@@ -125,7 +126,7 @@ async def score(
         store.report(model.name, watch, ok=False)
         raise
     store.report(model.name, watch, ok=True)
-    return model, predictions
+    return model, instances, predictions
 
 
 def _model_path(project: str, location: str, model: str) -> str:
@@ -190,14 +191,22 @@ class PredictRoutes:
         name: str | None,
         vertex: dict[str, str] | None,
     ) -> None:
+        started = time.perf_counter()
+        state = self.app.state
+        served, version, count = name or "-", "-", 0
         try:
-            model, predictions = await score(self.app.state, scope, receive, name)
+            model, instances, predictions = await score(state, scope, receive, name)
             status, body = 200, reply(model, predictions, vertex)
+            served, version, count = model.name, str(model.version), len(predictions)
+            state.prediction_log.record(model, instances, predictions)
         except BadRequest as exc:
             status, body = exc.status, error_body(exc.status, exc.message)
         except Exception as exc:
             log.exception("prediction failed")
             status, body = 500, error_body(500, f"prediction failed: {type(exc).__name__}")
+        state.serving_metrics.observe(
+            served, version, time.perf_counter() - started, status == 200, count
+        )
         data = json.dumps(body, separators=(",", ":")).encode()
         await send(
             {

@@ -9,7 +9,8 @@ from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
 from mlpipe import events
 from mlpipe.errors import PermanentError
@@ -19,6 +20,7 @@ from mlpipe.settings import load_settings
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
 from mlpipe_predictor.models import ModelStore, promote_canary
+from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
 from mlpipe_predictor.runtime import warm_up
 from mlpipe_predictor.settings import PredictorSettings
 from mlpipe_predictor.steps import BatchJobs, PredictorStep
@@ -40,7 +42,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = store
     app.state.jobs = BatchJobs(clients.storage, store, settings.batch_chunk_rows)
     app.state.step = PredictorStep(store, app.state.jobs)
-    yield
+    app.state.serving_metrics = ServingMetrics()
+    app.state.prediction_log = PredictionLog(
+        clients.storage,
+        rate=settings.prediction_log_rate,
+        capacity=settings.prediction_log_buffer,
+        flush_seconds=settings.prediction_log_flush_seconds,
+    )
+    app.state.prediction_log.start()
+    try:
+        yield
+    finally:
+        await run_in_threadpool(app.state.prediction_log.stop)
 
 
 service = create_app("predictor", lifespan)
@@ -58,6 +71,33 @@ app = PredictRoutes(service)
 @service.get("/v1/models")
 def served_models(request: Request) -> dict[str, Any]:
     return {"models": request.app.state.store.served()}
+
+
+@service.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Serving metrics in Prometheus' text format (async: read on the loop that updates them)."""
+    state = request.app.state
+    return PlainTextResponse(
+        state.serving_metrics.render(state.prediction_log.counts),
+        media_type="text/plain; version=0.0.4",
+    )
+
+
+@service.get("/v1/monitoring")
+async def monitoring(request: Request) -> dict[str, Any]:
+    """The same figures as JSON, for `mlpipe status`."""
+    state = request.app.state
+    return {
+        "serving": state.serving_metrics.snapshot(),
+        "prediction_log": dict(state.prediction_log.counts),
+    }
+
+
+@service.post("/v1/monitoring:flush")
+async def flush_prediction_log(request: Request) -> dict[str, Any]:
+    """Write the buffered prediction log now (the drift check calls it before reading)."""
+    written = await run_in_threadpool(request.app.state.prediction_log.flush)
+    return {"written": written, **request.app.state.prediction_log.counts}
 
 
 @service.get("/readyz")

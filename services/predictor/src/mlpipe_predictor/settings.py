@@ -19,3 +19,9 @@ class PredictorSettings(CommonSettings):
     # Requests with at most this many instances are scored on the event loop (faster than a
     # thread hop); bigger ones in the thread pool, so they never stall small ones.
     inline_instances: int = Field(default=64, ge=0)
+    # Prediction logging for drift checks: the share of requests recorded (1: all, 0: off),
+    # the in-memory buffer (records beyond it are dropped and counted), and how often the
+    # buffer is written to monitoring/<model>/dt=YYYY-MM-DD/ in GCS.
+    prediction_log_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    prediction_log_buffer: int = Field(default=50_000, ge=1)
+    prediction_log_flush_seconds: float = Field(default=5.0, gt=0)
