@@ -185,3 +185,12 @@ def test_features_may_not_include_the_target() -> None:
 
     with pytest.raises(ConfigError, match=r"dataset\.features includes the target 'label'"):
         parse_config(text)
+
+
+def test_monitoring_settings_do_not_change_the_config_hash() -> None:
+    text = (REPO / "examples/bikeshare/pipeline.yaml").read_text()
+    config = parse_config(text)
+    tuned = parse_config(text.replace("psi_threshold: 0.2", "psi_threshold: 0.3"))
+    assert tuned.monitoring.psi_threshold == 0.3
+    assert tuned.sha256() == config.sha256()
+    assert "monitoring" not in config.canonical_json().decode()

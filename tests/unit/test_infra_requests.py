@@ -218,12 +218,15 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (sub + "trainer-landed-push", "roles/pubsub.subscriber", pubsub_agent),
         (sub + "predictor-batch-push", "roles/pubsub.subscriber", pubsub_agent),
         (sub + "deployer-trained-push", "roles/pubsub.subscriber", pubsub_agent),
+        (sub + "evaluator-monitor-push", "roles/pubsub.subscriber", pubsub_agent),
         (topic + "gcs-objects", "roles/pubsub.publisher", gcs_agent),
         *((run + s, "roles/run.invoker", sa(f"mlpipe-push-{s}")) for s in services),
         (topic + "datasets-landed", "roles/pubsub.publisher", sa("mlpipe-ingest")),
         (topic + "training-started", "roles/pubsub.publisher", sa("mlpipe-trainer")),
         (topic + "training-completed", "roles/pubsub.publisher", sa("mlpipe-trainer")),
         (topic + "evaluation-completed", "roles/pubsub.publisher", sa("mlpipe-evaluator")),
+        (topic + "drift-detected", "roles/pubsub.publisher", sa("mlpipe-evaluator")),
+        (topic + "ingest-requests", "roles/pubsub.publisher", sa("mlpipe-evaluator")),
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-deployer")),
         *(
             (topic + "pipeline-failures", "roles/pubsub.publisher", sa(f"mlpipe-{s}"))

@@ -161,6 +161,44 @@ class GatesSpec(_Strict):
     relative: list[RelativeGate] = Field(default_factory=list)
 
 
+class RetrainSpec(_Strict):
+    """Retraining when drift is detected, and the guard against retraining loops."""
+
+    enabled: bool = False
+    labels_prefix: str | None = Field(
+        default=None,
+        description="Object prefix in the bucket (e.g. labels/bikeshare/) of CSV files of "
+        "recent labelled rows (the dataset's columns, target included). A retrain lands the "
+        "original dataset plus these rows; without them it would land the same bytes again.",
+    )
+    cooldown_minutes: int = Field(
+        default=60, ge=1, description="At most one drift retrain per period of this length."
+    )
+    max_per_window: int = Field(default=3, ge=1)
+    window_hours: int = Field(default=24, ge=1)
+
+
+class MonitoringSpec(_Strict):
+    """Drift checks of the served champion: recent served inputs against its training rows."""
+
+    window_hours: float = Field(default=24.0, gt=0, description="Served inputs this recent.")
+    min_samples: int = Field(
+        default=100, ge=10, description="Fewer served rows than this: no verdict."
+    )
+    bins: int = Field(default=10, ge=2, le=100, description="Quantile bins for numeric PSI.")
+    psi_threshold: float = Field(default=0.2, gt=0)
+    ks_pvalue: float = Field(default=0.01, gt=0, lt=1)
+    ks_statistic: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="A KS test flags drift only when p < ks_pvalue and the statistic is at "
+        "least this (large samples make tiny, harmless shifts significant).",
+    )
+    prediction_psi_threshold: float = Field(default=0.2, gt=0)
+    retrain: RetrainSpec = RetrainSpec()
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline and dataset name.")
     dataset: DatasetSpec
@@ -168,6 +206,7 @@ class PipelineConfig(_Strict):
     model: ModelSpec
     training: TrainingSpec = TrainingSpec()
     gates: GatesSpec = GatesSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -192,6 +231,8 @@ class PipelineConfig(_Strict):
         for added in ("key", "required_non_null"):
             if not dumped["dataset"][added]:
                 del dumped["dataset"][added]
+        # Monitoring does not change what a run trains: tuning it starts no new run.
+        del dumped["monitoring"]
         return json.dumps(dumped, sort_keys=True).encode()
 
     def sha256(self) -> str:

@@ -28,6 +28,8 @@ DEPLOYMENT_COMPLETED = "deployment-completed"
 PIPELINE_FAILURES = "pipeline-failures"
 DEAD_LETTERS = "dead-letters"
 BATCH_PREDICTION_REQUESTS = "batch-prediction-requests"
+MONITORING_REQUESTS = "monitoring-requests"
+DRIFT_DETECTED = "drift-detected"
 
 TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.IngestRequest.DESCRIPTOR.full_name: INGEST_REQUESTS,
@@ -37,6 +39,9 @@ TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.EvaluationCompleted.DESCRIPTOR.full_name: EVALUATION_COMPLETED,
     events_pb2.DeploymentCompleted.DESCRIPTOR.full_name: DEPLOYMENT_COMPLETED,
     events_pb2.PipelineFailed.DESCRIPTOR.full_name: PIPELINE_FAILURES,
+    events_pb2.BatchPredictionRequest.DESCRIPTOR.full_name: BATCH_PREDICTION_REQUESTS,
+    events_pb2.MonitoringRequest.DESCRIPTOR.full_name: MONITORING_REQUESTS,
+    events_pb2.DriftDetected.DESCRIPTOR.full_name: DRIFT_DETECTED,
 }
 
 EVENT_TYPES: dict[str, type[Message]] = {
@@ -49,6 +54,9 @@ EVENT_TYPES: dict[str, type[Message]] = {
         events_pb2.EvaluationCompleted,
         events_pb2.DeploymentCompleted,
         events_pb2.PipelineFailed,
+        events_pb2.BatchPredictionRequest,
+        events_pb2.MonitoringRequest,
+        events_pb2.DriftDetected,
     )
 }
 

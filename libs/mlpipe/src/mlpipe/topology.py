@@ -21,6 +21,8 @@ from mlpipe import events
 PUSH_PATH = "/pubsub/push"
 # The predictor's subscription for batch-prediction requests.
 BATCH_PUSH = "predictor-batch-push"
+# The evaluator's subscription for drift-check requests.
+MONITOR_PUSH = "evaluator-monitor-push"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ TOPOLOGY = Topology(
         events.PIPELINE_FAILURES,
         events.DEAD_LETTERS,
         events.BATCH_PREDICTION_REQUESTS,
+        events.MONITORING_REQUESTS,
+        events.DRIFT_DETECTED,
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
@@ -89,6 +93,8 @@ TOPOLOGY = Topology(
         PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer"),
         PushSubscription("evaluator-push", events.TRAINING_COMPLETED, "evaluator", 300),
         PushSubscription("deployer-push", events.EVALUATION_COMPLETED, "deployer", 120),
+        # Drift checks run in the evaluator, which scores champions already.
+        PushSubscription(MONITOR_PUSH, events.MONITORING_REQUESTS, "evaluator", 300),
         # The deployer compiles the model for serving while the evaluator scores it.
         PushSubscription("deployer-trained-push", events.TRAINING_COMPLETED, "deployer"),
         PushSubscription("predictor-push", events.DEPLOYMENT_COMPLETED, "predictor", 120),
@@ -107,6 +113,7 @@ TOPOLOGY = Topology(
     pull=(
         PullSubscription("pipeline-failures-archive", events.PIPELINE_FAILURES),
         PullSubscription("dead-letters-archive", events.DEAD_LETTERS),
+        PullSubscription("drift-detected-archive", events.DRIFT_DETECTED),
     ),
     notification=BucketNotification(events.GCS_OBJECTS, "datasets/"),
     services=("ingest", "trainer", "evaluator", "deployer", "predictor"),
@@ -114,7 +121,13 @@ TOPOLOGY = Topology(
         "ingest": (events.DATASETS_LANDED, events.PIPELINE_FAILURES),
         # The training job runs as the trainer and publishes TrainingCompleted itself.
         "trainer": (events.TRAINING_STARTED, events.TRAINING_COMPLETED, events.PIPELINE_FAILURES),
-        "evaluator": (events.EVALUATION_COMPLETED, events.PIPELINE_FAILURES),
+        # A drift check publishes DriftDetected and, when allowed, a retraining request.
+        "evaluator": (
+            events.EVALUATION_COMPLETED,
+            events.PIPELINE_FAILURES,
+            events.DRIFT_DETECTED,
+            events.INGEST_REQUESTS,
+        ),
         "deployer": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
         "predictor": (events.PIPELINE_FAILURES,),
     },

@@ -23,6 +23,7 @@ from mlpipe.push import PushMessage
 from mlpipe.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.service import StepResult, decode_message, republish_recorded
 from mlpipe.storage import Storage, sha256_hex
+from mlpipe.topology import MONITOR_PUSH
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator import report
 from mlpipe_evaluator.metrics import (
@@ -36,6 +37,8 @@ from mlpipe_evaluator.metrics import (
 
 log = logging.getLogger(__name__)
 
+MONITORING_REQUEST = events_pb2.MonitoringRequest.DESCRIPTOR.full_name
+
 
 @dataclass
 class Evaluator:
@@ -46,7 +49,28 @@ class Evaluator:
     champions: ChampionCache = field(default_factory=lambda: ChampionCache())
 
     def __call__(self, message: PushMessage) -> StepResult:
+        if (
+            message.subscription_name == MONITOR_PUSH
+            or message.attributes.get(events.EVENT_TYPE_ATTR) == MONITORING_REQUEST
+        ):
+            return self.monitor(decode_message(events_pb2.MonitoringRequest, message))
         return evaluate(message, self)
+
+    def monitor(self, request: events_pb2.MonitoringRequest) -> StepResult:
+        from mlpipe_evaluator import monitor
+
+        result = monitor.check(
+            self.storage, self.publisher, self.code_version, request, self.champions.load
+        )
+        return StepResult(
+            result.status,
+            {
+                "check_id": result.report.get("check_id"),
+                "verdict": result.report.get("verdict"),
+                "retrain_request_id": result.report.get("retrain_request_id", ""),
+            },
+            run_id=str(result.report.get("run_id", "")),
+        )
 
 
 def _read_verified(storage: Storage, uri: str, sha256: str, what: str) -> bytes:

@@ -1,14 +1,20 @@
-"""evaluator service: TrainingCompleted → holdout metrics and quality gates."""
+"""evaluator service: TrainingCompleted → holdout metrics and quality gates; MonitoringRequest
+(or POST /v1/monitoring/{pipeline}:check) → a drift check of the pipeline's champion."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from mlpipe import events
+from mlpipe.errors import PermanentError
 from mlpipe.service import Clients, create_app
 from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator
 
 
@@ -22,3 +28,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = create_app("evaluator", lifespan)
+
+
+@app.post("/v1/monitoring/{pipeline}:check")
+async def check_drift(pipeline: str, request: Request, window_hours: float = 0.0) -> JSONResponse:
+    """Run a drift check now and answer its report (drift.json's content)."""
+    from mlpipe_evaluator import monitor
+
+    step: Evaluator = request.app.state.step
+    ask = events_pb2.MonitoringRequest(
+        request_id=request.headers.get("x-mlpipe-request-id", "")[:64],
+        pipeline=pipeline,
+        window_hours=window_hours,
+        requested_at=events.timestamp(),
+    )
+    try:
+        result = await run_in_threadpool(
+            monitor.check, step.storage, step.publisher, step.code_version, ask, step.champions.load
+        )
+    except PermanentError as exc:
+        status = 404 if exc.reason in {"no_champion", "unknown_pipeline"} else 400
+        return JSONResponse({"error": {"code": status, "message": exc.message}}, status_code=status)
+    return JSONResponse(result.report)

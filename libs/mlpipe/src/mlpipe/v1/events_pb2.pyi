@@ -797,3 +797,146 @@ class GcsSource(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GcsSource: _TypeAlias = GcsSource  # noqa: Y015
+
+@_typing.final
+class MonitoringRequest(_message.Message):
+    """Asks for a drift check of a pipeline's champion: the inputs it served recently against the
+    data it was trained on. Published by `mlpipe monitor check` and by schedules.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    pipeline: _builtins.str
+    """the pipeline whose model is checked"""
+    window_hours: _builtins.float
+    """served inputs this recent; 0: the pipeline's monitoring.window_hours"""
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        pipeline: _builtins.str = ...,
+        window_hours: _builtins.float = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["requested_at", b"requested_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "request_id", b"request_id", "requested_at", b"requested_at", "window_hours", b"window_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonitoringRequest: _TypeAlias = MonitoringRequest  # noqa: Y015
+
+@_typing.final
+class FeatureDrift(_message.Message):
+    """One feature's (or the prediction's) drift between training data and served inputs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PSI_FIELD_NUMBER: _builtins.int
+    KS_STATISTIC_FIELD_NUMBER: _builtins.int
+    KS_PVALUE_FIELD_NUMBER: _builtins.int
+    DRIFTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """"numeric" or "categorical" """
+    psi: _builtins.float
+    """population stability index over the reference's bins"""
+    ks_statistic: _builtins.float
+    """numeric only: two-sample Kolmogorov-Smirnov"""
+    ks_pvalue: _builtins.float
+    drifted: _builtins.bool
+    """a threshold was crossed"""
+    reason: _builtins.str
+    """which one, with the numbers"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        psi: _builtins.float = ...,
+        ks_statistic: _builtins.float = ...,
+        ks_pvalue: _builtins.float = ...,
+        drifted: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drifted", b"drifted", "kind", b"kind", "ks_pvalue", b"ks_pvalue", "ks_statistic", b"ks_statistic", "name", b"name", "psi", b"psi", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureDrift: _TypeAlias = FeatureDrift  # noqa: Y015
+
+@_typing.final
+class DriftDetected(_message.Message):
+    """A drift check crossed a threshold. drift.json and drift.html are at report_uri's folder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHECK_ID_FIELD_NUMBER: _builtins.int
+    SERVED_SAMPLES_FIELD_NUMBER: _builtins.int
+    REFERENCE_ROWS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PREDICTION_FIELD_NUMBER: _builtins.int
+    REPORT_URI_FIELD_NUMBER: _builtins.int
+    RETRAIN_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RETRAIN_NOTE_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    version: _builtins.int
+    """the champion checked"""
+    check_id: _builtins.str
+    served_samples: _builtins.int
+    reference_rows: _builtins.int
+    report_uri: _builtins.str
+    retrain_request_id: _builtins.str
+    """The retraining IngestRequest published for this drift, or why none was."""
+    retrain_note: _builtins.str
+    @_builtins.property
+    def context(self) -> Global___RunContext:
+        """the champion's run, producer "evaluator" """
+
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureDrift]:
+        """every feature checked, drifted or not"""
+
+    @_builtins.property
+    def prediction(self) -> Global___FeatureDrift: ...
+    @_builtins.property
+    def checked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        context: Global___RunContext | None = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        check_id: _builtins.str = ...,
+        served_samples: _builtins.int = ...,
+        reference_rows: _builtins.int = ...,
+        features: _abc.Iterable[Global___FeatureDrift] | None = ...,
+        prediction: Global___FeatureDrift | None = ...,
+        report_uri: _builtins.str = ...,
+        retrain_request_id: _builtins.str = ...,
+        retrain_note: _builtins.str = ...,
+        checked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "context", b"context", "prediction", b"prediction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["check_id", b"check_id", "checked_at", b"checked_at", "context", b"context", "features", b"features", "model_name", b"model_name", "prediction", b"prediction", "reference_rows", b"reference_rows", "report_uri", b"report_uri", "retrain_note", b"retrain_note", "retrain_request_id", b"retrain_request_id", "served_samples", b"served_samples", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftDetected: _TypeAlias = DriftDetected  # noqa: Y015
