@@ -261,3 +261,72 @@ def test_a_run_has_a_timeline_from_request_to_deployment(stack: StackState) -> N
     ]
     times = [when for _, when in hops]
     assert times == sorted(times)
+
+
+def cli(stack: StackState, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env={**os.environ, "MLPIPE_STATE_DIR": stack.state_dir},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_drift_from_the_cli_retrains_once_through_the_chain(
+    stack: StackState, tmp_path: Path
+) -> None:
+    if "bikeshare-net-change" not in served(stack):
+        ran = cli(stack, "-m", "mlpipe.cli", "run", "--example", "bikeshare", "--timeout", "120")
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    champion = served(stack)["bikeshare-net-change"]["version"]
+
+    sent = cli(stack, "examples/bikeshare/drift.py", "--rows", "600")
+    with EventWatcher(stack.project) as watcher:
+        first = cli(
+            stack,
+            "-m",
+            "mlpipe.cli",
+            "monitor",
+            "check",
+            "bikeshare",
+            "--out",
+            str(tmp_path / "d.html"),
+        )
+        retrain_id = next(
+            line.split()[1] for line in first.stdout.splitlines() if line.startswith("retrain: ")
+        )
+        retrained: list[Message] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not isinstance(
+            retrained[-1:] and retrained[-1],
+            events_pb2.DeploymentCompleted | events_pb2.PipelineFailed,
+        ):
+            for observed in watcher.events(timeout=1.0):
+                if observed.event.context.request_id == retrain_id:  # type: ignore[attr-defined]
+                    retrained.append(observed.event)
+    second = cli(stack, "-m", "mlpipe.cli", "monitor", "check", "bikeshare")
+
+    assert sent.returncode == 0, sent.stderr
+    assert first.returncode == 3, first.stdout + first.stderr  # 3: drift found
+    lines = first.stdout.splitlines()
+    assert {line.split()[1] for line in lines if line.startswith("  DRIFT ")} >= {
+        "temperature_c",
+        "wind_kmh",
+    }
+    stable = {line.split()[1] for line in lines if line.startswith("  stable ")}
+    assert {"station", "station_kind", "hour", "weekday"} <= stable
+    assert retrain_id.startswith("drift-cli-")
+    assert "<svg" in (tmp_path / "d.html").read_text()
+    # The retrain went through the whole chain, gated against the champion.
+    landed = [e for e in retrained if isinstance(e, events_pb2.DatasetLanded)]
+    assert landed and landed[0].context.request_id == retrain_id
+    evaluated = [e for e in retrained if isinstance(e, events_pb2.EvaluationCompleted)]
+    assert evaluated, [events.to_dict(e) for e in retrained]
+    assert evaluated[0].champion_version == champion
+    done = retrained[-1]
+    assert isinstance(done, events_pb2.DeploymentCompleted), done
+    # Drift is still there, but the cool-down holds the second retrain back.
+    assert second.returncode == 3
+    assert "retrain: none (" in second.stdout and "cool-down" in second.stdout

@@ -16,6 +16,7 @@ import typer
 
 from mlpipe import cli_rollout, cli_runs, events
 from mlpipe.cli_infra import infra_app
+from mlpipe.cli_monitor import monitor_app
 from mlpipe.cli_schedule import schedule_app
 from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
 from mlpipe.errors import PermanentError
@@ -37,6 +38,7 @@ pipeline_app = typer.Typer(help="Pipeline configs.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(infra_app, name="infra")
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(monitor_app, name="monitor")
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
@@ -406,6 +408,17 @@ def status(
                 )
                 or "nothing yet"
             )
+        )
+        live = httpx.get(f"{state.url('predictor')}/v1/monitoring", timeout=2).json()
+        for series, m in live["serving"].items():
+            typer.echo(
+                f"  {series}: {m['requests']} requests, {m['errors']} errors, "
+                f"{m['instances']} instances, mean {m['mean_latency_ms']} ms"
+            )
+        counts = live["prediction_log"]
+        typer.echo(
+            f"prediction log: {counts['sampled']} sampled, {counts['written']} written, "
+            f"{counts['dropped']} dropped, {counts['write_failed']} not written"
         )
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         typer.echo(f"predictor unreachable: {exc}")
