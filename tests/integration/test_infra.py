@@ -51,7 +51,8 @@ def test_gcp_push_subscriptions_carry_oidc_and_apply_once(cloud: Cloud) -> None:
     first = pubsub_apply(target)
     second = pubsub_apply(target)
 
-    assert len(first) == len(target.topology.topics) + len(target.topology.push) + 2
+    topology = target.topology
+    assert len(first) == len(topology.topics) + len(topology.push) + len(topology.pull)
     assert second == []
     sub = pubsub_v1.SubscriberClient().get_subscription(
         request={"subscription": target.subscription_path("ingest-push")}

@@ -71,9 +71,11 @@ def test_plan_shows_exactly_the_moved_endpoint_and_apply_fixes_only_it(cloud: Cl
     unchanged = subscriber.get_subscription(request={"subscription": path})
     applied = infra.apply(moved)
 
+    # Both of the evaluator's subscriptions follow it; nothing else changes.
     assert [str(c) for c in planned.changes] == [
-        "update push subscription evaluator-push: push endpoint "
+        f"update push subscription {name}: push endpoint "
         "http://127.0.0.1:9002/pubsub/push → http://127.0.0.1:9999/pubsub/push"
+        for name in ("evaluator-push", "evaluator-monitor-push")
     ]
     assert unchanged.push_config.push_endpoint == "http://127.0.0.1:9002/pubsub/push"
     assert [str(c) for c in applied.changes] == [str(c) for c in planned.changes]
