@@ -306,9 +306,11 @@ def test_drift_from_the_cli_retrains_once_through_the_chain(
             for observed in watcher.events(timeout=1.0):
                 if observed.event.context.request_id == retrain_id:  # type: ignore[attr-defined]
                     retrained.append(observed.event)
+    # New labelled rows arrive: only the cool-down stands in the way of a second retrain.
+    more = cli(stack, "examples/bikeshare/drift.py", "--rows", "50", "--seed", "2")
     second = cli(stack, "-m", "mlpipe.cli", "monitor", "check", "bikeshare")
 
-    assert sent.returncode == 0, sent.stderr
+    assert sent.returncode == 0 and more.returncode == 0, sent.stderr + more.stderr
     assert first.returncode == 3, first.stdout + first.stderr  # 3: drift found
     lines = first.stdout.splitlines()
     assert {line.split()[1] for line in lines if line.startswith("  DRIFT ")} >= {

@@ -171,3 +171,22 @@ def test_the_prediction_log_is_written_in_batches_off_the_request_path(
     ]
     assert len(written) == 40
     assert all('"version":1' in line and '"temperature_c"' in line for line in written)
+
+
+def test_labelled_rows_already_in_the_champions_dataset_start_no_retrain(
+    cloud: Cloud, bikeshare: tuple[PipelineConfig, pd.DataFrame]
+) -> None:
+    from mlpipe_evaluator.monitor import retrain_request
+
+    config, frame = bikeshare
+    labelled = drawn(frame, 50, seed=3, shift=True)
+    cloud.storage.write("labels/bikeshare/a.csv", labelled.to_csv(index=False).encode())
+    with_labels = pd.concat([frame, labelled], ignore_index=True).to_csv(index=False).encode()
+    more = drawn(frame, 20, seed=4, shift=True)
+
+    none_new, why = retrain_request(cloud.storage, config, with_labels, "csv", "c1")
+    cloud.storage.write("labels/bikeshare/b.csv", more.to_csv(index=False).encode())
+    request, note = retrain_request(cloud.storage, config, with_labels, "csv", "c2")
+
+    assert none_new is None and why.startswith("no new labelled rows")
+    assert request is not None and note.endswith("+ 20 new labelled rows")

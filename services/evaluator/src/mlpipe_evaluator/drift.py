@@ -218,9 +218,12 @@ def render_html(summary: dict[str, Any], drifts: list[Drift], prediction: Drift 
         f"</figcaption>{_bars(d)}</figure>"
         for d in [*drifts, *([prediction] if prediction else [])]
     )
+    shown = {k: v for k, v in summary.items() if k not in {"features", "prediction", "drifted"}}
+    if isinstance(shown.get("thresholds"), dict):
+        shown["thresholds"] = ", ".join(f"{k} {v}" for k, v in shown["thresholds"].items())
     facts = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in summary.items()
+        for k, v in shown.items()
     )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

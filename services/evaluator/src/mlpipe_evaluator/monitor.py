@@ -162,8 +162,11 @@ def retrain_request(
         )
     original = read_dataset(dataset, fmt, "champion dataset")
     labels = labelled_rows(storage, prefix, list(original.columns))
+    # Rows an earlier retrain already added are in the champion's dataset: only new ones count.
+    known = original.astype(str).apply(tuple, axis=1)
+    labels = labels[~labels.astype(str).apply(tuple, axis=1).isin(set(known))]
     if labels.empty:
-        return None, f"no labelled rows under {storage.uri(prefix)}"
+        return None, f"no new labelled rows under {storage.uri(prefix)}"
     combined = pd.concat([original, labels], ignore_index=True)
     path = f"{base(config.model.name)}retrain/{check_id}.csv"
     storage.write(path, combined.to_csv(index=False).encode(), content_type="text/csv")
@@ -174,7 +177,10 @@ def retrain_request(
     )
     request.gcs.uri = storage.uri(path)
     request.gcs.format = "csv"
-    return request, f"{len(original)} training rows + {len(labels)} labelled rows"
+    return (
+        request,
+        f"{len(original)} rows of the champion's dataset + {len(labels)} new labelled rows",
+    )
 
 
 def _proto(d: drift.Drift) -> events_pb2.FeatureDrift:
