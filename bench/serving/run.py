@@ -39,6 +39,10 @@ MLFLOW_VENV = Path(os.environ.get("MLPIPE_BENCH_MLFLOW_VENV", "/tmp/mlpipe-bench
 MLFLOW_SPEC = os.environ.get("MLPIPE_BENCH_MLFLOW_SPEC", "mlflow")
 
 
+PLAIN_ROUTE = "mlpipe predictor, HTTP `POST /predict`"
+LOGGING_OFF = "mlpipe predictor, HTTP `POST /predict`, prediction logging off"
+
+
 def machine_note() -> str:
     cpu = "unknown CPU"
     try:
@@ -286,6 +290,12 @@ def write_results(section: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000, help="per HTTP server")
+    parser.add_argument(
+        "--log-requests",
+        type=int,
+        default=20000,
+        help="requests for the prediction-logging on/off comparison (spans several flushes)",
+    )
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per server at most")
     parser.add_argument("--no-mlflow", action="store_true", help="skip MLflow")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -325,24 +335,41 @@ def main() -> int:
                 )
             )
 
-            port = free_port()
-            predictor_env = {**env, "PORT": str(port), "MLPIPE_HOST": "127.0.0.1"}
-            predictor = start(
-                [sys.executable, "-m", "mlpipe_predictor"], predictor_env, workdir / "p.log"
-            )
-            servers.append(predictor)
-            wait_http(port, "/readyz", 60, predictor)
-            for label, path in (
-                ("mlpipe predictor, HTTP `POST /predict`", "/predict"),
+            # Prediction logging off first, then on (the default): the same requests.
+            for rate, routes in (
+                ("0", ((LOGGING_OFF, "/predict"),)),
                 (
-                    "mlpipe predictor, HTTP Vertex `…/endpoints/iris-classifier:predict`",
-                    "/v1/projects/p/locations/l/endpoints/iris-classifier:predict",
+                    "1",
+                    (
+                        (PLAIN_ROUTE, "/predict"),
+                        (
+                            "mlpipe predictor, HTTP Vertex `…/endpoints/iris-classifier:predict`",
+                            "/v1/projects/p/locations/l/endpoints/iris-classifier:predict",
+                        ),
+                    ),
                 ),
             ):
-                client = HttpClient(port, path, {"instances": [ROW]})
-                results.append((label, measure(client, args.requests, 200, args.budget)))
-            print("mlpipe reply:", client.last.decode())
-            stop(predictor)
+                port = free_port()
+                predictor_env = {
+                    **env,
+                    "PORT": str(port),
+                    "MLPIPE_HOST": "127.0.0.1",
+                    "MLPIPE_PREDICTION_LOG_RATE": rate,
+                }
+                predictor = start(
+                    [sys.executable, "-m", "mlpipe_predictor"], predictor_env, workdir / "p.log"
+                )
+                servers.append(predictor)
+                wait_http(port, "/readyz", 60, predictor)
+                for label, path in routes:
+                    client = HttpClient(port, path, {"instances": [ROW]})
+                    # The logging comparison runs long enough to include background flushes.
+                    count = (
+                        args.log_requests if label in (PLAIN_ROUTE, LOGGING_OFF) else args.requests
+                    )
+                    results.append((label, measure(client, count, 200, args.budget)))
+                print("mlpipe reply:", client.last.decode())
+                stop(predictor)
 
             if not args.no_mlflow:
                 try:
@@ -397,8 +424,14 @@ def main() -> int:
     print()
     print(table(results))
     named = dict(results)
-    ours = named["mlpipe predictor, HTTP `POST /predict`"]
-    ratios = []
+    ours = named[PLAIN_ROUTE]
+    quiet = named[LOGGING_OFF]
+    ratios = [
+        "prediction logging on (every request) vs off: "
+        f"p50 x{ours['p50_ms'] / quiet['p50_ms']:.3f}, "
+        f"p99 x{ours['p99_ms'] / quiet['p99_ms']:.3f}, "
+        f"throughput x{ours['rps'] / quiet['rps']:.3f}"
+    ]
     mlflow_rows = [r for name, r in results if name.startswith("MLflow")]
     if mlflow_rows:
         theirs = mlflow_rows[0]
@@ -422,8 +455,10 @@ def main() -> int:
             "One row per request, one client on one keep-alive connection, sequential, on "
             "127.0.0.1; the same fitted RandomForest(100) iris pipeline everywhere (trained by "
             "the trainer's code, deployed by the deployer's step: ONNX compiled and checked on "
-            "the holdout). The predictor runs as `python -m mlpipe_predictor` (uvicorn, h11, "
-            "one worker); MLflow as `mlflow models serve --env-manager local` (its defaults) "
+            "the holdout). The predictor runs as `python -m mlpipe_predictor` (uvicorn with "
+            "httptools and uvloop, one worker), with its prediction log on (the default: every "
+            "request recorded and written to GCS in the background) and, for comparison, off; "
+            "MLflow as `mlflow models serve --env-manager local` (its defaults) "
             "from its own virtualenv.",
             "",
             "Command: `uv run --frozen python bench/serving/run.py`",

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import threading
+import time
 import uuid
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -208,7 +209,11 @@ class PredictionLog:
         if not taken:
             return 0
         files: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-        for stamp, model, instances, predictions in taken:
+        for n, (stamp, model, instances, predictions) in enumerate(taken):
+            if n % 64 == 63:
+                # Hand the GIL back to the event loop often: a flush of thousands of records
+                # would otherwise hold it for whole switch intervals (5 ms) at a time.
+                time.sleep(0)
             when = dt.datetime.fromtimestamp(stamp, dt.UTC)
             names = [f.name for f in model.schema]
             for instance, prediction in zip(instances, predictions, strict=False):
