@@ -297,3 +297,29 @@ def test_a_conditional_grant_is_not_taken_for_the_binding() -> None:
         conditional,
         policy_pb2.Binding(role="roles/run.invoker", members=[invoker().member]),
     ]
+
+
+def test_a_monitoring_schedule_publishes_a_drift_check_to_its_topic(dev: infra.Target) -> None:
+    schedule = infra.ScheduleSpec(
+        name="bikeshare-drift",
+        kind="monitoring",
+        schedule="30 6 * * *",
+        request={"pipeline": "bikeshare", "windowHours": 12},
+    )
+
+    job = infra.scheduler_job(dev, schedule)
+
+    assert job.description == "mlpipe dev: publishes a drift check of bikeshare"
+    assert job.pubsub_target.topic_name == f"projects/{PROJECT}/topics/monitoring-requests"
+    assert job.pubsub_target.attributes["event_type"] == "mlpipe.v1.MonitoringRequest"
+    pushed = events.decode(events_pb2.MonitoringRequest, job.pubsub_target.data)
+    assert pushed.pipeline == "bikeshare" and pushed.window_hours == 12
+
+
+def test_a_monitoring_schedule_needs_its_pipeline() -> None:
+    with pytest.raises(ValueError, match=r"request\.pipeline is required"):
+        infra.ScheduleSpec(name="x", kind="monitoring", schedule="0 * * * *", request={})
+    with pytest.raises(ValueError, match=r"not a valid mlpipe\.v1\.MonitoringRequest"):
+        infra.ScheduleSpec(
+            name="x", kind="monitoring", schedule="0 * * * *", request={"dataset": "iris"}
+        )

@@ -24,7 +24,6 @@ from mlpipe import events
 from mlpipe.infra import InfraError, ScheduleSpec, load_environment
 from mlpipe.localstack import StackState, client_env
 from mlpipe.publishing import Publisher
-from mlpipe.v1 import events_pb2
 
 schedule_app = typer.Typer(
     help="Fire Cloud Scheduler jobs on the local stack.", no_args_is_help=True
@@ -87,7 +86,7 @@ def cron_matches(expression: str, when: dt.datetime) -> bool:
 
 def fire(schedule: ScheduleSpec, publisher: Publisher) -> str:
     """Publish the schedule's request with a fresh request id and time; return the id."""
-    request: events_pb2.IngestRequest = schedule.ingest_request()
+    request = schedule.message()
     request.request_id = f"{schedule.name}-{uuid.uuid4().hex[:12]}"
     request.requested_at.CopyFrom(events.timestamp())
     publisher.publish(request, attributes={"request_id": request.request_id})

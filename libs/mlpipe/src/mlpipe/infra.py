@@ -69,9 +69,12 @@ class _Strict(BaseModel):
 
 
 class ScheduleSpec(_Strict):
-    """A Cloud Scheduler job that publishes one IngestRequest (JSON) on a cron schedule."""
+    """A Cloud Scheduler job that publishes one request (JSON) on a cron schedule: an
+    IngestRequest to the ingest topic (the default), or a MonitoringRequest (a drift check) to
+    the monitoring topic."""
 
     name: str = Field(pattern=r"^[a-zA-Z][a-zA-Z0-9_-]{0,62}$")
+    kind: Literal["ingest", "monitoring"] = "ingest"
     description: str = ""
     schedule: str = Field(description="unix-cron, five fields, e.g. '0 3 * * *'")
     time_zone: str = "Etc/UTC"
@@ -119,17 +122,35 @@ class ScheduleSpec(_Strict):
         if self.request is None:
             raise ValueError("request (or request_file) is required")
         try:
-            message = self.ingest_request()
+            message = self.message()
         except json_format.ParseError as exc:
-            raise ValueError(f"request is not a valid {INGEST_REQUEST}: {exc}") from None
+            kind = message_type(self.kind).DESCRIPTOR.full_name
+            raise ValueError(f"request is not a valid {kind}: {exc}") from None
+        if isinstance(message, events_pb2.MonitoringRequest):
+            if not message.pipeline:
+                raise ValueError("request.pipeline is required")
+            return self
         if not message.dataset:
             raise ValueError("request.dataset is required")
         if message.WhichOneof("source") is None:
             raise ValueError("request needs a source (e.g. inline)")
         return self
 
+    def message(self) -> events_pb2.IngestRequest | events_pb2.MonitoringRequest:
+        return json_format.ParseDict(self.request or {}, message_type(self.kind)())
+
     def ingest_request(self) -> events_pb2.IngestRequest:
         return json_format.ParseDict(self.request or {}, events_pb2.IngestRequest())
+
+    @property
+    def topic(self) -> str:
+        return events.MONITORING_REQUESTS if self.kind == "monitoring" else events.INGEST_REQUESTS
+
+
+def message_type(
+    kind: str,
+) -> type[events_pb2.IngestRequest] | type[events_pb2.MonitoringRequest]:
+    return events_pb2.MonitoringRequest if kind == "monitoring" else events_pb2.IngestRequest
 
 
 class ServiceSettings(_Strict):
@@ -514,17 +535,23 @@ def update_subscription_request(
 
 
 def scheduler_job(target: Target, schedule: ScheduleSpec) -> scheduler_v1.Job:
-    request = schedule.ingest_request()
+    request = schedule.message()
+    if isinstance(request, events_pb2.MonitoringRequest):
+        what, topic = f"a drift check of {request.pipeline}", schedule.topic
+    else:
+        what, topic = f"an IngestRequest for {request.dataset}", target.topology.schedule_topic
     return scheduler_v1.Job(
         name=f"{target.location}/jobs/{schedule.name}",
-        description=schedule.description
-        or f"mlpipe {target.env}: publishes an IngestRequest for {request.dataset}",
+        description=schedule.description or f"mlpipe {target.env}: publishes {what}",
         schedule=schedule.schedule,
         time_zone=schedule.time_zone,
         pubsub_target=scheduler_v1.PubsubTarget(
-            topic_name=target.topic_path(target.topology.schedule_topic),
+            topic_name=target.topic_path(topic),
             data=events.to_json(request).encode(),
-            attributes={events.EVENT_TYPE_ATTR: INGEST_REQUEST, "encoding": "JSON"},
+            attributes={
+                events.EVENT_TYPE_ATTR: request.DESCRIPTOR.full_name,
+                "encoding": "JSON",
+            },
         ),
     )
 
@@ -952,7 +979,8 @@ def schedule_changes(target: Target, clients: Clients) -> list[Change]:
     changes = []
     for schedule in target.schedules:
         desired = scheduler_job(target, schedule)
-        detail = f"'{schedule.schedule}' {schedule.time_zone} → {target.topology.schedule_topic}"
+        topic = target.topology.schedule_topic if schedule.kind == "ingest" else schedule.topic
+        detail = f"'{schedule.schedule}' {schedule.time_zone} → {topic}"
         try:
             existing = clients.scheduler.get_job(name=desired.name)
         except gexc.NotFound:
