@@ -78,7 +78,7 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
     settings = CommonSettings(project=state.project, bucket=state.bucket)
     put(
         "job: Clients.create() (storage + PublisherClient)",
-        lambda: Clients.create(settings, stage="bench"),
+        lambda: Clients.create(settings, stage="bench", receives_push=False),
     )
     # A fresh Publisher's first publish opens its gRPC channel: what each training job pays.
     topology.create_topics(state.project, ("bench-scratch",))

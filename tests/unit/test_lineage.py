@@ -69,3 +69,11 @@ def test_dataset_path_builds_what_the_pattern_recognises() -> None:
 )
 def test_other_shapes_are_not_dataset_paths(path: str) -> None:
     assert DATASET_PATH.match(path) is None
+
+
+def test_a_trailing_newline_does_not_pass_for_a_run_id_or_a_dataset_path() -> None:
+    from mlpipe import lineage
+
+    assert lineage.RUN_ID_PATTERN.match("0123456789abcdef")
+    assert not lineage.RUN_ID_PATTERN.match("0123456789abcdef\n")
+    assert not lineage.DATASET_PATH.match("datasets/iris/dt=2026-01-01/x.csv\n")

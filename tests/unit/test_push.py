@@ -196,3 +196,34 @@ def test_a_non_numeric_size_is_an_envelope_error() -> None:
 
     with pytest.raises(EnvelopeError, match="size"):
         parse_object_notification(_push(resource, GCS_ATTRIBUTES))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        "../registry",
+        "a/../b",
+        "/etc/passwd",
+        "a/b",
+        "",
+        ".hidden",
+        "tab\there",
+        "nl\n",
+        "bell\x07",
+        "x" * 129,
+        "über",
+    ],
+)
+def test_names_from_input_that_cannot_name_an_object_are_refused(name: str) -> None:
+    from mlpipe.storage import check_name_part
+
+    with pytest.raises(ValueError, match="cannot name an object"):
+        check_name_part(name, "batch_id")
+
+
+def test_ordinary_names_pass() -> None:
+    from mlpipe.storage import check_name_part
+
+    for name in ("iris-classifier", "nightly-2026-11-23", "v1.2_rc", "dt=2026-11-23"):
+        assert check_name_part(name, "batch_id") == name

@@ -11,10 +11,10 @@ import datetime as dt
 import hashlib
 import re
 
-RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DATASET_PATH = re.compile(
     r"^datasets/(?P<name>[a-z][a-z0-9_-]{0,62})/dt=(?P<date>\d{4}-\d{2}-\d{2})/"
-    r"(?P<id>[^/]+)\.(?P<ext>csv|parquet)$"
+    r"(?P<id>[^/]+)\.(?P<ext>csv|parquet)\Z"
 )
 
 

@@ -80,6 +80,9 @@ class StackState:
             "MLPIPE_PROJECT": self.project,
             "MLPIPE_BUCKET": self.bucket,
             "MLPIPE_CODE_VERSION": self.code_version,
+            # The emulators sign nothing: services here accept unauthenticated pushes, which
+            # they refuse to do anywhere the emulator hosts above are not set.
+            "MLPIPE_PUSH_AUTH": "none",
         }
 
     def save(self) -> None:

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from mlpipe import events
 from mlpipe import storage as gcs
+from mlpipe.auth import PushAuthError, PushVerifier, push_verifier
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.failures import FailureReporter
 from mlpipe.logs import run_context, setup_logging
@@ -50,15 +51,18 @@ class Clients:
     storage: gcs.Storage
     publisher: Publisher
     failures: FailureReporter
+    push_verifier: PushVerifier | None = None
 
     @classmethod
-    def create(cls, settings: CommonSettings, stage: str) -> Clients:
+    def create(cls, settings: CommonSettings, stage: str, receives_push: bool = True) -> Clients:
+        # First: a service that would accept unauthenticated pushes must not start at all.
+        verifier = push_verifier(settings) if receives_push else None
         storage = gcs.Storage(gcs.make_client(settings.project), settings.bucket)
         publisher = Publisher(settings.project, timeout=settings.publish_timeout_seconds)
         failures = FailureReporter(
             storage, publisher, stage=stage, code_version=settings.code_version
         )
-        return cls(settings, storage, publisher, failures)
+        return cls(settings, storage, publisher, failures, verifier)
 
 
 M = TypeVar("M", bound=Message)
@@ -156,7 +160,29 @@ def push_endpoint(
     async def receive(request: Request) -> JSONResponse:
         from starlette.concurrency import run_in_threadpool
 
-        body = await request.body()
+        clients: Clients | None = getattr(request.app.state, "clients", None)
+        verifier = clients.push_verifier if clients else None
+        if verifier is not None:
+            try:
+                await run_in_threadpool(verifier.verify, request.headers.get("authorization", ""))
+            except PushAuthError as exc:
+                log.warning("push refused (%d): %s", exc.status, exc.message)
+                return JSONResponse({"error": "unauthorized", "detail": exc.message}, exc.status)
+        limit = clients.settings.max_push_bytes if clients else 14_000_000
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return JSONResponse(
+                {"error": "too_large", "detail": f"push body over the {limit}-byte limit"}, 413
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return JSONResponse(
+                    {"error": "too_large", "detail": f"push body over the {limit}-byte limit"}, 413
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
         trace = request.headers.get("x-cloud-trace-context", "").split("/", 1)[0]
         status, reply = await run_in_threadpool(
             handle_push, body, get_step(request), get_failures(request), trace

@@ -6,7 +6,7 @@ Every setting is read from the environment with the `MLPIPE_` prefix (for exampl
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +34,16 @@ class CommonSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, validation_alias=AliasChoices("PORT", "MLPIPE_PORT"))
     publish_timeout_seconds: float = 30.0
+    # Push authentication (mlpipe.auth): "oidc" checks Pub/Sub's token on every push; "none"
+    # is for the emulators and refuses to start when they are not configured.
+    push_auth: Literal["oidc", "none"] = "oidc"
+    push_audience: str = Field(default="", description="This service's URL (the audience).")
+    push_service_account: str = Field(
+        default="", description="The push subscription's service account email."
+    )
+    push_certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
+    # A Pub/Sub message is at most 10 MB; its base64 push envelope about 13.4 MB.
+    max_push_bytes: int = Field(default=14_000_000, ge=1024)
 
 
 S = TypeVar("S", bound=BaseSettings)

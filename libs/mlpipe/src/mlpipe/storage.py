@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,22 @@ def parse_gs_uri(uri: str) -> tuple[str, str]:
         raise ValueError(f"not a gs://bucket/object URI: {uri!r}")
     bucket, _, name = uri[5:].partition("/")
     return bucket, name
+
+
+# One segment of an object name built from input (a model name, a batch id): starts with a
+# letter or digit, then letters, digits, '_', '.', '=' or '-'; never '..', '/', a control
+# character or an absolute path.
+NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
+
+
+def check_name_part(value: str, what: str) -> str:
+    """`value` if it is safe inside an object name; ValueError naming `what` otherwise."""
+    if not NAME_PART.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} cannot name an object: use 1-128 letters, digits, '_', '.', "
+            "'=' or '-', starting with a letter or digit, without '..'"
+        )
+    return value
 
 
 def sha256_hex(data: bytes) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,14 +26,13 @@ import pandas as pd
 from mlpipe.errors import PermanentError
 from mlpipe.model_inputs import CATEGORICAL
 from mlpipe.registry import CHAMPION, Registry
-from mlpipe.storage import Storage
+from mlpipe.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.runtime import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_ROWS = 10_000
-BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def avro_schema(task: str) -> dict[str, Any]:
@@ -74,13 +72,11 @@ def metrics_path(model: str, batch_id: str) -> str:
 
 
 def check_request(request: events_pb2.BatchPredictionRequest) -> None:
-    if not BATCH_ID.match(request.batch_id):
-        raise PermanentError(
-            "invalid_batch_request",
-            f"batch_id {request.batch_id!r} must be 1-128 letters, digits, '_', '.' or '-'",
-        )
-    if not request.model_name:
-        raise PermanentError("invalid_batch_request", "model_name is required")
+    try:
+        check_name_part(request.batch_id, "batch_id")
+        check_name_part(request.model_name, "model_name")
+    except ValueError as exc:
+        raise PermanentError("invalid_batch_request", str(exc)) from None
     if not request.input_uri.startswith("gs://"):
         raise PermanentError(
             "invalid_batch_request", f"input_uri must be gs://..., not {request.input_uri!r}"

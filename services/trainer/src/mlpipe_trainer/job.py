@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("training-job", settings.log_level, settings.project)
     started = events.from_json(events_pb2.TrainingStarted, args.started)
     bind_run_id(started.context.run_id)
-    clients = Clients.create(settings, stage="training-job")
+    clients = Clients.create(settings, stage="training-job", receives_push=False)
     paths = lineage.RunPaths(started.context.run_id)
     try:
         completed = train(clients.storage, started, settings.code_version)
