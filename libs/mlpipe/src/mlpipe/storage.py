@@ -20,6 +20,8 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from mlpipe.errors import PermanentError
+
 # Errors worth a retry: the caller should answer 5xx.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     gexc.ServiceUnavailable,
@@ -32,9 +34,17 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class BadObjectUri(PermanentError, ValueError):
+    """A gs:// URI that is malformed or names an object this pipeline does not own: the
+    message carrying it can never succeed (a push step acknowledges and quarantines it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_object_uri", message)
+
+
 def parse_gs_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("gs://") or "/" not in uri[5:]:
-        raise ValueError(f"not a gs://bucket/object URI: {uri!r}")
+        raise BadObjectUri(f"not a gs://bucket/object URI: {uri!r}")
     bucket, _, name = uri[5:].partition("/")
     return bucket, name
 
@@ -92,7 +102,7 @@ class Storage:
     def path_of(self, uri: str) -> str:
         bucket, name = parse_gs_uri(uri)
         if bucket != self.bucket_name:
-            raise ValueError(f"{uri} is not in bucket {self.bucket_name}")
+            raise BadObjectUri(f"{uri} is not in bucket {self.bucket_name}")
         return name
 
     def read(
