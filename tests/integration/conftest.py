@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -176,3 +177,8 @@ def forward(client: TestClient, event: Message, n: int = 1) -> dict:
     )
     assert reply.status_code == 200, reply.text
     return reply.json()
+
+
+def job_started(reply: Any) -> bool:
+    """The trainer started a job: it holds the notification (503) until the run is recorded."""
+    return reply.status_code == 503 and "started training job" in reply.json()["detail"]

@@ -12,7 +12,7 @@ from mlpipe.push import make_envelope
 from mlpipe.registry import Registry
 from mlpipe.storage import sha256_hex
 from mlpipe.v1 import events_pb2
-from tests.integration.conftest import Cloud, forward, notification, upload
+from tests.integration.conftest import Cloud, forward, job_started, notification, upload
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_a_dropped_file_trains_evaluates_deploys_and_serves(
     started = services["trainer"].post(
         "/pubsub/push", content=notification(cloud, path, generation)
     )
-    assert started.json()["status"] == "started"
+    assert job_started(started), started.text
     trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
     assert len(trained) == 1
     forward(services["evaluator"], trained[0])
@@ -230,7 +230,7 @@ def test_identical_bytes_ingested_under_a_new_config_start_a_new_run(
     second = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
 
     assert fresh.json()["status"] == "ignored"  # its own notification starts a new object
-    assert again.json()["status"] == "started"
+    assert job_started(again), again.text
     assert [t.context.run_id for t in second] == [lineage.run_id_for(sha, changed.sha256())]
     assert second[0].context.run_id != first.context.run_id
     assert second[0].context.request_id == "again"

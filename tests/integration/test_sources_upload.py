@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from mlpipe import events
 from mlpipe.config import PipelineConfig
-from tests.integration.conftest import Cloud, notification
+from tests.integration.conftest import Cloud, job_started, notification
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +42,6 @@ def test_a_bad_upload_is_quarantined_and_a_good_one_trains(
     kept = cloud.storage.read(cloud.storage.path_of(failed[0].quarantine_uri), with_metadata=True)
     assert kept is not None and kept.data == bad_csv.encode()
     assert kept.metadata["object"] == cloud.storage.uri(bad_path)
-    assert started.json()["status"] == "started"
+    assert job_started(started), started.text
     trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=60)
     assert [t.dataset.uri for t in trained] == [cloud.storage.uri(good_path)]

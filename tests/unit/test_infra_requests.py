@@ -77,7 +77,9 @@ def test_a_push_subscription_on_the_emulator_has_no_oidc(local: infra.Target) ->
     request = infra.push_subscription(local, route(local, "trainer-push"))
 
     assert request.push_config == PushConfig(push_endpoint="http://127.0.0.1:18683/pubsub/push")
-    assert request.dead_letter_policy.max_delivery_attempts == 10
+    # The trainer holds the notification of a running job: many attempts, a longer backoff.
+    assert request.dead_letter_policy.max_delivery_attempts == 100
+    assert request.retry_policy.maximum_backoff == timedelta(seconds=300)
 
 
 def test_a_pull_subscription_keeps_messages_seven_days(dev: infra.Target) -> None:

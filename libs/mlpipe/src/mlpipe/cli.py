@@ -15,6 +15,7 @@ import httpx
 import typer
 
 from mlpipe import cli_rollout, cli_runs, events
+from mlpipe.cli_failures import failures_app
 from mlpipe.cli_infra import infra_app
 from mlpipe.cli_monitor import monitor_app
 from mlpipe.cli_schedule import schedule_app
@@ -39,6 +40,7 @@ app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(infra_app, name="infra")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(failures_app, name="failures")
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[

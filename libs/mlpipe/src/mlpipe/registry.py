@@ -29,6 +29,7 @@ from google.protobuf import json_format
 
 from mlpipe import events
 from mlpipe.errors import TransientError
+from mlpipe.faults import fault_point
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
@@ -153,6 +154,7 @@ class Registry:
         """
         claim_path = f"{self._base(model)}runs/{run_id}.json"
         pending = json.dumps({"state": "pending", "claimed_at": time.time()}).encode()
+        version: int | None = None
         claim_gen = self.storage.create_if_absent(claim_path, pending)
         if claim_gen is None:
             existing = self.storage.read(claim_path)
@@ -170,6 +172,12 @@ class Registry:
                     f"run {run_id} is being registered by another delivery ({age:.0f}s ago)"
                 )
             log.warning("taking over a stale registry claim for run %s (%.0fs old)", run_id, age)
+            # The number the dead delivery allocated stays this run's: no gap, no second one.
+            if state.get("version") is not None:
+                version = int(state["version"])
+                pending = json.dumps(
+                    {"state": "pending", "claimed_at": time.time(), "version": version}
+                ).encode()
             try:
                 claim_gen = self.storage.write(
                     claim_path,
@@ -180,7 +188,22 @@ class Registry:
             except gexc.PreconditionFailed as exc:
                 raise TransientError(f"lost the race for run {run_id}'s claim") from exc
 
-        version = self._allocate_version(model, run_id)
+        if version is None:
+            version = self._allocate_version(model, run_id)
+            # Recorded in the claim, so a delivery that takes a stale claim over reuses it.
+            allocated_claim = json.dumps(
+                {"state": "pending", "claimed_at": time.time(), "version": version}
+            ).encode()
+            try:
+                claim_gen = self.storage.write(
+                    claim_path,
+                    allocated_claim,
+                    content_type="application/json",
+                    if_generation_match=claim_gen,
+                )
+            except gexc.PreconditionFailed as exc:
+                raise TransientError(f"run {run_id}'s registry claim was taken over") from exc
+        fault_point("deployer.after_claim")
         base = self.version_path(model, version)
         sha = sha256_hex(artifact)
         self.storage.write(base + "model.joblib", artifact)

@@ -71,6 +71,12 @@ class Topology:
         return next(s for s in self.push if s.name == name)
 
 
+TRAINING_HOLD: dict[str, int] = {
+    "max_delivery_attempts": 100,
+    "min_backoff_seconds": 2,
+    "max_backoff_seconds": 300,
+}
+
 TOPOLOGY = Topology(
     topics=(
         events.INGEST_REQUESTS,
@@ -88,9 +94,12 @@ TOPOLOGY = Topology(
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
-        PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer"),
+        # The delivery that starts a training job is acknowledged only once the run is
+        # recorded: until then it answers 503, so a job lost with its instance is started
+        # again by the redelivery (mlpipe_trainer.lease). Enough attempts for hours of training.
+        PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer", **TRAINING_HOLD),
         # Identical bytes land once; re-ingesting them under a changed config starts its run.
-        PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer"),
+        PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer", **TRAINING_HOLD),
         PushSubscription("evaluator-push", events.TRAINING_COMPLETED, "evaluator", 300),
         PushSubscription("deployer-push", events.EVALUATION_COMPLETED, "deployer", 120),
         # Drift checks run in the evaluator, which scores champions already.

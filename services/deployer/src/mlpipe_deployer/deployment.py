@@ -28,6 +28,7 @@ import pandas as pd
 from mlpipe import events, lineage
 from mlpipe.data import Split, read_dataset
 from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.model_inputs import schema_from_bundle
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
@@ -187,6 +188,7 @@ def register_version(
         },
         extra_artifacts=extra,
     )
+    fault_point("deployer.after_register")
     return version
 
 
@@ -285,6 +287,7 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
         recorded = deps.storage.read(paths.deployment)
         if recorded is not None:
             outcome = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
+    fault_point("deployer.before_publish")
     deps.publisher.publish(outcome)
     log.info(
         "%s %s v%d: %s",

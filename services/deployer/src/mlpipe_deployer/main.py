@@ -34,7 +34,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.step = Deployer(
         clients.storage,
         clients.publisher,
-        Registry(clients.storage),
+        Registry(clients.storage, settings.registry_claim_lease_seconds),
         settings.code_version,
         make_target(settings),
         settings.canary_percent,

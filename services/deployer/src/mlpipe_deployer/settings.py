@@ -24,6 +24,12 @@ class DeployerSettings(CommonSettings):
         "(local target; 0: only `mlpipe promote`).",
     )
     compile_onnx: bool = Field(default=True, description="Compile and check an ONNX model.")
+    registry_claim_lease_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A registration claim older than this (its deployer died half way) is "
+        "taken over by the next delivery.",
+    )
     region: str = "us-central1"
     # cloud_run: the predictor service that gets one revision per served version.
     cloud_run_service: str = "mlpipe-predictor"

@@ -18,6 +18,7 @@ from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_run_config
 from mlpipe.data import Split, read_dataset
 from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
 from mlpipe.registry import CHAMPION, ModelVersion, Registry
@@ -251,12 +252,14 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
     )
     page = report.render(result, details, deps.storage.read_json(paths.lineage))
     deps.storage.write(paths.report, page.encode(), content_type="text/html; charset=utf-8")
+    fault_point("evaluator.before_record")
     # The recorded event is written last: a run is "evaluated" only once all of it exists.
     if deps.storage.create_if_absent(paths.evaluation, events.to_json(result).encode()) is None:
         # A concurrent delivery recorded its result first: publish that one, not ours.
         recorded = deps.storage.read(paths.evaluation)
         if recorded is not None:
             result = events.from_json(events_pb2.EvaluationCompleted, recorded.data)
+    fault_point("evaluator.before_publish")
     deps.publisher.publish(result)
     failed = [
         f"{g.name}={g.value:.4f} (needs {g.comparison} {g.threshold:.4g})"

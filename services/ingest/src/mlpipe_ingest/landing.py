@@ -19,6 +19,7 @@ import pandas as pd
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.publishing import Publisher
 from mlpipe.push import PushMessage
 from mlpipe.service import StepResult, decode_message
@@ -234,6 +235,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         generation = int(existing.generation) if existing is not None else 0
         if existing is not None and existing.time_created is not None:
             landed_at = existing.time_created
+    fault_point("ingest.after_land")
     ctx.run_id = lineage.run_id_for(sha, ctx.config_sha256)
     landed = events_pb2.DatasetLanded(
         context=ctx,

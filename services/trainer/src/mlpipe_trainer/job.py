@@ -1,39 +1,76 @@
 """The training job process: `python -m mlpipe_trainer.job --started <TrainingStarted JSON>`.
 
 The same entry point runs as the local subprocess and as the container of a cloud job. Exit
-codes: 0 trained, 2 failed permanently (reported), 1 crashed (the launcher reports it).
+codes: 0 trained, 2 failed permanently (reported), 3 another delivery took the run over (the
+job recorded nothing), anything else crashed (the launcher releases the run's claim).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mlpipe import events, lineage
 from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.logs import bind_run_id, setup_logging
 from mlpipe.service import Clients
 from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_trainer import lease
+from mlpipe_trainer.launcher import FAILED, RECORDED, SUPERSEDED
 from mlpipe_trainer.training import train
 
 log = logging.getLogger("mlpipe_trainer.job")
+
+
+class JobSettings(CommonSettings):
+    # The claim's lease: renewed every quarter of it while the job runs (mlpipe_trainer.lease).
+    training_lease_seconds: float = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe_trainer.job")
     parser.add_argument("--started", required=True, help="TrainingStarted event as JSON")
     args = parser.parse_args(argv)
-    settings = load_settings(CommonSettings)
+    settings = load_settings(JobSettings)
     setup_logging("training-job", settings.log_level, settings.project)
     started = events.from_json(events_pb2.TrainingStarted, args.started)
     bind_run_id(started.context.run_id)
     clients = Clients.create(settings, stage="training-job", receives_push=False)
     paths = lineage.RunPaths(started.context.run_id)
+    heartbeat = lease.Heartbeat(
+        Storage(make_client(settings.project), settings.bucket),
+        paths.claim,
+        settings.training_lease_seconds,
+        started.job_id or f"pid-{os.getpid()}",
+    )
     try:
-        completed = train(clients.storage, started, settings.code_version)
+        heartbeat.start()
+        return _run(clients, started, paths, heartbeat, settings.code_version)
+    except lease.LostClaim as exc:
+        log.warning("stopping without recording anything: %s", exc)
+        return SUPERSEDED
+    finally:
+        heartbeat.stop()
+
+
+def _run(
+    clients: Clients,
+    started: events_pb2.TrainingStarted,
+    paths: lineage.RunPaths,
+    heartbeat: lease.Heartbeat,
+    code_version: str,
+) -> int:
+    try:
+        # Writes nothing until the model is fitted; `before_write` renews the claim first, so
+        # no other delivery can take the run over while the artifacts are written.
+        completed = train(clients.storage, started, code_version, before_write=heartbeat.renew)
     except PermanentError as exc:
+        heartbeat.renew()
         failed = clients.failures.report(
             reason=exc.reason,
             message=exc.message,
@@ -44,13 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         clients.storage.write(
             paths.failed, events.to_json(failed).encode(), content_type="application/json"
         )
-        return 2
-    # The marker is written last and holds the event, so a redelivery can re-publish it.
-    clients.storage.write(
-        paths.training, events.to_json(completed).encode(), content_type="application/json"
-    )
+        heartbeat.published()
+        return FAILED
+    # The marker is written last and holds the event, so a redelivery can re-publish it. It
+    # is created only if absent: should an earlier attempt have recorded the run, its event
+    # stands and is the one published.
+    if clients.storage.create_if_absent(paths.training, events.to_json(completed).encode()) is None:
+        recorded = clients.storage.read(paths.training)
+        if recorded is not None:
+            completed = events.from_json(events_pb2.TrainingCompleted, recorded.data)
+    fault_point("job.before_publish")
     clients.publisher.publish(completed)
-    return 0
+    heartbeat.published()
+    return RECORDED
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 - `subprocess`: a fresh `python -m mlpipe_trainer.job`, exactly what a cloud job runs.
 
 A watcher thread reaps each child; if it dies without recording a result (killed, out of
-memory, a bug), the watcher reports `job_crashed` and releases the run's claim so a
-redelivery or replay can start it again.
+memory, a bug, a shutdown), the watcher releases the run's claim so that the redelivery of
+the notification, which stays unacknowledged until the run is recorded, starts it again (see
+mlpipe_trainer.lease); after repeated crashes the run fails with `job_crashed`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -30,7 +32,10 @@ from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-CrashHandler = Callable[[events_pb2.TrainingStarted, int, Path], None]
+# (the job's TrainingStarted, its exit code, its log, whether the trainer is shutting down)
+CrashHandler = Callable[[events_pb2.TrainingStarted, int, Path, bool], None]
+# Exit codes of mlpipe_trainer.job that need nothing from the watcher.
+RECORDED, FAILED, SUPERSEDED = 0, 2, 3
 Runner = Literal["warm", "subprocess"]
 
 # Imported once by the forkserver; every warm job inherits them.
@@ -87,6 +92,9 @@ def _run_job(started_json: str, log_path: str, env: dict[str, str]) -> None:
     for key in [k for k in os.environ if k.startswith(PASSED_ENV)]:
         del os.environ[key]
     os.environ.update(env)
+    from mlpipe import faults
+
+    faults.reload_from_environment()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -113,7 +121,9 @@ class LocalJobLauncher:
         self.runner = runner
         self.python = python
         self._children: dict[str, Child] = {}
+        self._watchers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._stopping = False
         self._context = multiprocessing.get_context("forkserver")
         if runner == "warm":
             self._context.set_forkserver_preload(PRELOAD)
@@ -148,11 +158,13 @@ class LocalJobLauncher:
                     stdin=subprocess.DEVNULL,
                 )
         job_id = f"local-{run_id}-{child.pid}"
+        watcher = threading.Thread(
+            target=self._watch, args=(job_id, child, started, log_path), daemon=True, name=job_id
+        )
         with self._lock:
             self._children[job_id] = child
-        threading.Thread(
-            target=self._watch, args=(job_id, child, started, log_path), daemon=True, name=job_id
-        ).start()
+            self._watchers[job_id] = watcher
+        watcher.start()
         return job_id
 
     def _watch(
@@ -161,33 +173,51 @@ class LocalJobLauncher:
         code = child.wait()
         with self._lock:
             self._children.pop(job_id, None)
-        if code in (0, 2):
-            return
-        log.error(
-            "training job %s exited with %d; log at %s",
-            job_id,
-            code,
-            log_path,
-            extra={"run_id": started.context.run_id},
-        )
         try:
-            self.on_crash(started, code, log_path)
-        except Exception:
-            log.exception("could not report the crash of %s", job_id)
+            if code in (RECORDED, FAILED, SUPERSEDED):
+                return
+            stopping = self._stopping
+            (log.warning if stopping else log.error)(
+                "training job %s exited with %d%s; log at %s",
+                job_id,
+                code,
+                " (stopped by the shutdown)" if stopping else "",
+                log_path,
+                extra={"run_id": started.context.run_id},
+            )
+            try:
+                self.on_crash(started, code, log_path, stopping)
+            except Exception:
+                log.exception("could not report the end of %s", job_id)
+        finally:
+            with self._lock:
+                self._watchers.pop(job_id, None)
 
     def running(self) -> list[str]:
         with self._lock:
             return list(self._children)
 
-    def terminate_all(self, timeout: float = 5.0) -> None:
-        """On shutdown: stop children; their runs' claims expire and are retried."""
+    def terminate_all(self, grace: float = 3.0, timeout: float = 2.0) -> None:
+        """On shutdown: give running jobs `grace` seconds to finish, then stop them and
+        release their claims, so the redelivered notifications start them again elsewhere.
+        Within Cloud Run's 10 s between SIGTERM and SIGKILL."""
+        self._stopping = True
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
         with self._lock:
             children = list(self._children.values())
         for child in children:
             child.terminate()
+        deadline = time.monotonic() + timeout
         for child in children:
             waiter = threading.Thread(target=child.wait, daemon=True)
             waiter.start()
-            waiter.join(timeout)
+            waiter.join(max(0.1, deadline - time.monotonic()))
             if waiter.is_alive():
                 child.kill()
+        # The watchers release the claims; wait for them before the process exits.
+        with self._lock:
+            watchers = list(self._watchers.values())
+        for watcher in watchers:
+            watcher.join(max(0.1, deadline + 1.0 - time.monotonic()))

@@ -19,8 +19,14 @@ from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget
 
 class TrainerSettings(CommonSettings):
     job_log_dir: Path = Path("/tmp/mlpipe-jobs")
-    # A claim older than this whose job never reported is taken over by the next delivery.
-    training_lease_seconds: float = 900.0
+    # A running job renews its run's claim every quarter of this; a claim not renewed for this
+    # long belongs to a job that is gone, and the held notification's redelivery takes it over.
+    training_lease_seconds: float = 120.0
+    # A run whose job died this many times without recording a result fails (job_crashed).
+    training_max_crashes: int = 3
+    # On SIGTERM: how long running local jobs may take to finish before they are stopped and
+    # their claims released (Cloud Run allows 10 s in all).
+    shutdown_job_grace_seconds: float = 3.0
     # The image Vertex AI CustomJobs run (this service's own image); without it, pipelines
     # that ask for the vertex backend are rejected with a message naming this setting.
     trainer_image: str = ""
@@ -32,7 +38,11 @@ class TrainerSettings(CommonSettings):
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(TrainerSettings)
     clients = Clients.create(settings, stage="trainer")
-    local = LocalJobLauncher(settings.job_log_dir, crash_reporter(clients), settings.job_runner)
+    local = LocalJobLauncher(
+        settings.job_log_dir,
+        crash_reporter(clients, settings.training_max_crashes),
+        settings.job_runner,
+    )
     await asyncio.to_thread(local.warm_up)
     launchers: dict[str, JobLauncher] = {"local": local}
     if settings.trainer_image:
@@ -52,9 +62,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.code_version,
         settings.training_lease_seconds,
         settings.env,
+        settings.training_max_crashes,
     )
     yield
-    local.terminate_all()
+    await asyncio.to_thread(local.terminate_all, settings.shutdown_job_grace_seconds)
 
 
 app = create_app("trainer", lifespan)

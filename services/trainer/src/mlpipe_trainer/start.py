@@ -7,25 +7,23 @@ started and the handler returns at once. The job publishes TrainingCompleted its
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Protocol
-
-from google.api_core import exceptions as gexc
 
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.data import check_columns, read_dataset
-from mlpipe.errors import PermanentError
+from mlpipe.errors import PermanentError, TransientError
 from mlpipe.failures import FailureReporter
+from mlpipe.faults import fault_point
 from mlpipe.publishing import Publisher
 from mlpipe.push import EnvelopeError, ObjectNotification, PushMessage, parse_object_notification
-from mlpipe.service import StepResult, decode_message, republish_recorded
+from mlpipe.service import StepResult, decode_message
 from mlpipe.sources_schema import check_frame
 from mlpipe.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_trainer import lease
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +44,11 @@ class TrainingStarter:
     code_version: str
     lease_seconds: float
     env: str = "local"
+    # A run whose job died this many times without a result fails with job_crashed.
+    max_crashes: int = 3
 
     def __call__(self, message: PushMessage) -> StepResult:
         return start_training(message, self)
-
-
-def _claim(storage: Storage, paths: lineage.RunPaths, body: dict, lease: float) -> int | None:
-    """Claim the run; return the claim's generation, or None if a live claim exists."""
-    data = json.dumps(body).encode()
-    generation = storage.create_if_absent(paths.claim, data)
-    if generation is not None:
-        return generation
-    existing = storage.read(paths.claim)
-    if existing is None:
-        return storage.create_if_absent(paths.claim, data)
-    age = time.time() - float(existing.json().get("claimed_at", 0))
-    if age < lease:
-        return None
-    log.warning(
-        "run %s: claim is %.0fs old (lease %.0fs): taking it over", paths.run_id, age, lease
-    )
-    try:
-        return storage.write(
-            paths.claim,
-            data,
-            content_type="application/json",
-            if_generation_match=existing.generation,
-        )
-    except gexc.PreconditionFailed:
-        return None
 
 
 def _requested_at(metadata: dict[str, str], default: dt.datetime) -> dt.datetime:
@@ -226,9 +200,17 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     ctx.requested_at.CopyFrom(events.timestamp(_requested_at(note.metadata, landed_at)))
     paths = lineage.RunPaths(run_id)
 
-    if republish_recorded(
-        deps.storage, deps.publisher, paths.training, events_pb2.TrainingCompleted
-    ):
+    recorded = deps.storage.read(paths.training)
+    if recorded is not None:
+        current = lease.read(deps.storage, paths.claim)
+        if (
+            current is not None
+            and current.state == lease.PUBLISHED
+            and current.body.get("message_id") == message.message_id
+        ):
+            # The delivery held while its own job ran: the job published; just acknowledge.
+            return StepResult("trained", {"detail": "run recorded by its job"}, run_id=run_id)
+        deps.publisher.publish(events.from_json(events_pb2.TrainingCompleted, recorded.data))
         return StepResult(
             "duplicate", {"detail": "run already trained; event re-published"}, run_id=run_id
         )
@@ -245,18 +227,6 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
                 run_id=run_id,
             )
 
-    claim = {
-        "run_id": run_id,
-        "claimed_at": time.time(),
-        "dataset": note.uri,
-        "generation": note.generation,
-        "claimed_at_iso": dt.datetime.now(dt.UTC).isoformat(),
-    }
-    claim_gen = _claim(deps.storage, paths, claim, deps.lease_seconds)
-    if claim_gen is None:
-        return StepResult("in_progress", {"detail": "a job for this run is running"}, run_id=run_id)
-
-    deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
     launcher = deps.launchers.get(config.training.backend)
     if launcher is None:
         raise PermanentError(
@@ -266,22 +236,82 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
             context=ctx,
             dataset=dataset,
         )
+    # Until its job renews it, a claim lives as long as the backend may take to start one.
+    start_lease = float(getattr(launcher, "start_lease_seconds", 0) or deps.lease_seconds)
+    body = {
+        "run_id": run_id,
+        "dataset": note.uri,
+        "generation": note.generation,
+        "message_id": message.message_id,
+        "lease_seconds": start_lease,
+        "claimed_at_iso": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    claim, held = lease.take(deps.storage, paths.claim, body, deps.lease_seconds)
+    if claim is None:
+        if held is not None and held.body.get("message_id") == message.message_id:
+            # This delivery started the job: keep it unacknowledged until the run is
+            # recorded, so that a job lost with its instance is started again.
+            raise TransientError(
+                f"run {run_id} is training ({held.state}, job {held.body.get('job_id', '-')}); "
+                f"this notification is acknowledged once the run is recorded"
+            )
+        return StepResult(
+            "in_progress",
+            {"detail": "another delivery holds this run's claim"},
+            run_id=run_id,
+        )
+    if claim.crashes >= deps.max_crashes:
+        failed = fail_crashed(deps, ctx, dataset, claim)
+        return StepResult("failed", {"reason": failed.reason}, run_id=run_id)
+    fault_point("trainer.after_claim")
+
+    deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
     started = events_pb2.TrainingStarted(context=ctx, dataset=dataset, backend=launcher.backend)
     try:
         started.job_id = launcher.launch(started, config)
     except Exception:
         # Release the claim so the redelivery can start the job again.
-        deps.storage.bucket.blob(paths.claim).delete(if_generation_match=claim_gen)
+        lease.release(deps.storage, paths.claim, crashed=False)
         raise
+    fault_point("trainer.after_launch")
     deps.storage.write(
         paths.started, events.to_json(started).encode(), content_type="application/json"
     )
     deps.publisher.publish(started)
     log.info(
-        "started %s training job %s for %s",
+        "started %s training job %s for %s (attempt %d)",
         started.backend,
         started.job_id,
         note.uri,
+        claim.attempt,
         extra={"run_id": run_id},
     )
-    return StepResult("started", {"job_id": started.job_id}, run_id=run_id)
+    raise TransientError(
+        f"started training job {started.job_id} for run {run_id} (attempt {claim.attempt}); "
+        f"this notification is acknowledged once the run is recorded"
+    )
+
+
+def fail_crashed(
+    deps: TrainingStarter,
+    ctx: events_pb2.RunContext,
+    dataset: events_pb2.DatasetRef,
+    claim: lease.Claim,
+) -> events_pb2.PipelineFailed:
+    """The run's job died `crashes` times without a result: fail the run for good."""
+    failures = FailureReporter(
+        deps.storage, deps.publisher, stage="trainer", code_version=deps.code_version
+    )
+    failed = failures.report(
+        reason="job_crashed",
+        message=f"the training job of run {ctx.run_id} died {claim.crashes} times without "
+        f"recording a result (last job {claim.body.get('previous', {}).get('job_id', '-')}); "
+        f"see its log; fix the cause, then `mlpipe failures replay` the notification",
+        context=ctx,
+        dataset=dataset,
+    )
+    paths = lineage.RunPaths(ctx.run_id)
+    deps.storage.write(
+        paths.failed, events.to_json(failed).encode(), content_type="application/json"
+    )
+    return failed

@@ -11,11 +11,13 @@ import datetime as dt
 import logging
 import pickle
 import time
+from collections.abc import Callable
 
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_run_config
 from mlpipe.data import check_columns, read_dataset, split_rows
 from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.modeling import build_pipeline
 from mlpipe.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
@@ -39,7 +41,10 @@ def fetch_dataset(storage: Storage, dataset: events_pb2.DatasetRef) -> bytes:
 
 
 def train(
-    storage: Storage, started: events_pb2.TrainingStarted, code_version: str
+    storage: Storage,
+    started: events_pb2.TrainingStarted,
+    code_version: str,
+    before_write: Callable[[], None] = lambda: None,
 ) -> events_pb2.TrainingCompleted:
     began = dt.datetime.now(dt.UTC)
     run_id = started.context.run_id
@@ -81,7 +86,10 @@ def train(
     model_bytes = pickle.dumps(bundle, protocol=5)
     model_sha = sha256_hex(model_bytes)
 
+    fault_point("job.before_artifacts")
+    before_write()
     storage.write(paths.model, model_bytes)
+    fault_point("job.after_model")
     storage.write_json(paths.split, split.to_json())
     lineage_record = {
         "run_id": run_id,

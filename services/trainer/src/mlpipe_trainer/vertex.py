@@ -97,6 +97,9 @@ def regional_client(region: str) -> aiplatform_v1.JobServiceClient:
 
 class VertexJobLauncher:
     backend = "vertex"
+    # A CustomJob may queue for its machine before its first claim renewal: until then the
+    # claim holds this long (mlpipe_trainer.lease).
+    start_lease_seconds = 3600.0
 
     def __init__(self, target: VertexTarget, client_factory: ClientFactory = regional_client):
         self.target = target
