@@ -10,22 +10,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe.cli_runs import DEFAULT_STATE_DIR, StateDir, _storage
-from mlpipe.localstack import StackState
+from mlpipe.cli_runs import DEFAULT_STATE_DIR, StateDir, _storage, running_stack
 
 monitor_app = typer.Typer(help="Drift checks: served inputs against the champion's training data.")
-
-
-def _stack(state_dir: Path) -> StackState:
-    state = StackState.load(state_dir)
-    if state is None:
-        typer.secho(
-            f"the local stack is not running (state dir {state_dir}); start it with `mlpipe up`",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        raise typer.Exit(1)
-    return state
 
 
 def _row(feature: dict[str, Any]) -> str:
@@ -46,7 +33,7 @@ def check(
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Write the predictor's buffered log, run the check, print the verdict and the report."""
-    state = _stack(state_dir)
+    state = running_stack(state_dir)
     try:
         httpx.post(f"{state.url('predictor')}/v1/monitoring:flush", timeout=30).raise_for_status()
     except httpx.HTTPError as exc:

@@ -23,9 +23,8 @@ StateDir = Annotated[
 ]
 
 
-@contextmanager
-def _storage(state_dir: Path) -> Iterator[Storage]:
-    """The local stack's bucket, with the client pointed at its emulator inside the block."""
+def running_stack(state_dir: Path) -> StackState:
+    """The local stack's state, or exit 1 saying how to start it."""
     state = StackState.load(state_dir)
     if state is None:
         typer.secho(
@@ -34,6 +33,13 @@ def _storage(state_dir: Path) -> Iterator[Storage]:
             err=True,
         )
         raise typer.Exit(1)
+    return state
+
+
+@contextmanager
+def _storage(state_dir: Path) -> Iterator[Storage]:
+    """The local stack's bucket, with the client pointed at its emulator inside the block."""
+    state = running_stack(state_dir)
     with client_env(state):
         yield Storage(make_client(state.project), state.bucket)
 
