@@ -5,7 +5,7 @@ UV ?= uv
 export PATH := $(HOME)/.local/bin:$(PATH)
 PROTO_OUT := libs/mlpipe/src
 
-.PHONY: help bootstrap demo up down test lint typecheck protos check-protos
+.PHONY: help bootstrap demo up down test test-faults lint typecheck protos check-protos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/'
@@ -26,7 +26,10 @@ test: bootstrap ## lint, type-check, unit, integration and e2e tests
 	@$(UV) run --frozen ruff check .
 	@$(UV) run --frozen ruff format --check .
 	@$(UV) run --frozen mypy libs services
-	@$(UV) run --frozen pytest
+	@$(UV) run --frozen pytest -m "not faults"
+
+test-faults: bootstrap ## the fault suite: crashes, restarts, duplicates, bad inputs, a burst (~6 min)
+	@$(UV) run --frozen pytest -m faults tests/faults
 
 protos: ## regenerate the Python event code from protos/
 	$(UV) run --frozen python -m grpc_tools.protoc -I protos \

@@ -6,9 +6,9 @@ point, so the cost in production is one dict lookup. The value is `<point>` (SIG
 process there, as an out-of-memory kill or a lost instance would) or `<point>=pause:<seconds>`
 (stall there, to stop or restart something around it). Several are separated by commas.
 
-`MLPIPE_FAULT_ONCE_FILE=<path>` makes a fault fire once across processes and restarts: the
-first process to create that file fires, every later one passes, so a restarted service or a
-relaunched job runs through the point normally. docs/reliability.md lists every point.
+`MLPIPE_FAULT_ONCE_DIR=<dir>` makes each point fire once across processes and restarts: the
+first process to create `<dir>/<point>` fires, every later one passes, so a restarted service
+or a relaunched job runs through the point normally. docs/reliability.md lists every point.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def _parse(value: str) -> dict[str, float | None]:
 _FAULTS = _parse(os.environ.get("MLPIPE_FAULT_POINT", ""))
 
 
-def _claim_once() -> bool:
-    """True if this process may fire (no once-file is set, or it created the file first)."""
-    path = os.environ.get("MLPIPE_FAULT_ONCE_FILE", "")
-    if not path:
+def _claim_once(name: str) -> bool:
+    """True if this process may fire `name` (no once-dir is set, or it got there first)."""
+    directory = os.environ.get("MLPIPE_FAULT_ONCE_DIR", "")
+    if not directory:
         return True
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(os.path.join(directory, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
     with contextlib.suppress(OSError):
@@ -71,7 +71,7 @@ def _claim_once() -> bool:
 
 def fault_point(name: str) -> None:
     """Die or stall here if this process was started to do so; otherwise nothing."""
-    if name not in _FAULTS or not _claim_once():
+    if name not in _FAULTS or not _claim_once(name):
         return
     pause = _FAULTS[name]
     if pause is None:

@@ -22,8 +22,18 @@ def crash_reporter(clients: Clients, max_crashes: int = 3) -> CrashHandler:
         started: events_pb2.TrainingStarted, exit_code: int, log_path: Path, stopping: bool
     ) -> None:
         paths = lineage.RunPaths(started.context.run_id)
-        if clients.storage.exists(paths.training) or clients.storage.exists(paths.failed):
-            return  # recorded: the redelivery re-publishes what is missing
+        recorded = clients.storage.read(paths.training)
+        if recorded is not None:
+            # Recorded, but maybe never published (the job died or Pub/Sub was away): publish
+            # it now rather than wait for a redelivery that may never come.
+            claim = lease.read(clients.storage, paths.claim)
+            if claim is None or claim.state != lease.PUBLISHED:
+                clients.publisher.publish(
+                    events.from_json(events_pb2.TrainingCompleted, recorded.data)
+                )
+            return
+        if clients.storage.exists(paths.failed):
+            return
         released = lease.release(clients.storage, paths.claim, crashed=not stopping)
         crashes = released.crashes if released is not None else 0
         if crashes < max_crashes:
