@@ -190,3 +190,22 @@ def test_labelled_rows_already_in_the_champions_dataset_start_no_retrain(
 
     assert none_new is None and why.startswith("no new labelled rows")
     assert request is not None and note.endswith("+ 20 new labelled rows")
+
+
+def test_the_cool_down_holds_across_a_period_boundary(cloud: Cloud) -> None:
+    import datetime as dt
+
+    from mlpipe.config import MonitoringSpec, RetrainSpec
+    from mlpipe_evaluator.monitor import claim_retrain
+
+    spec = MonitoringSpec(retrain=RetrainSpec(enabled=True, cooldown_minutes=60))
+    before = dt.datetime(2026, 11, 23, 5, 59, 30, tzinfo=dt.UTC)
+    after = before + dt.timedelta(minutes=1)  # the next clock hour, one minute later
+    later = before + dt.timedelta(minutes=61)
+
+    first = claim_retrain(cloud.storage, "m", spec, before, "c1")
+    second = claim_retrain(cloud.storage, "m", spec, after, "c2")
+    third = claim_retrain(cloud.storage, "m", spec, later, "c3")
+
+    assert first[0] and not second[0] and "cool-down" in second[1]
+    assert third[0], third[1]

@@ -109,11 +109,21 @@ def claim_retrain(
         held = storage.read_json(path)
         return bool(held and held.get("check_id") == check_id)
 
-    if not take(f"{base(model)}retrains/cooldown-{period}"):
-        return False, (
-            f"cool-down: a drift retrain already started in this "
-            f"{retrain.cooldown_minutes}-minute period"
-        )
+    refused = (
+        False,
+        f"cool-down: a drift retrain already started in the last {retrain.cooldown_minutes} "
+        "minutes",
+    )
+    cooldown_slot = f"{base(model)}retrains/cooldown-{period}"
+    if not take(cooldown_slot):
+        return refused
+    # Periods are aligned to the clock: a retrain just before the boundary still counts.
+    previous = storage.read_json(f"{base(model)}retrains/cooldown-{period - 1}")
+    if previous and previous.get("check_id") != check_id:
+        since = now - dt.datetime.fromisoformat(previous["at"])
+        if since < dt.timedelta(minutes=retrain.cooldown_minutes):
+            storage.delete(cooldown_slot)  # ours, just made: leave the period to a later check
+            return refused
     window = int(now.timestamp() // (retrain.window_hours * 3600))
     for slot in range(retrain.max_per_window):
         if take(f"{base(model)}retrains/window-{window}-{slot}"):
