@@ -47,6 +47,14 @@ class _Series:
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
 
+# (metric, help text, _Series field) of the per-version counters.
+COUNTERS = (
+    ("mlpipe_predict_requests_total", "Predict requests answered.", "requests"),
+    ("mlpipe_predict_errors_total", "Predict requests answered with an error.", "errors"),
+    ("mlpipe_predict_instances_total", "Instances scored.", "instances"),
+)
+
+
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -79,34 +87,15 @@ class ServingMetrics:
         }
 
     def render(self, log_counts: dict[str, int] | None = None) -> str:
-        lines = [
-            "# HELP mlpipe_predict_requests_total Predict requests answered.",
-            "# TYPE mlpipe_predict_requests_total counter",
-        ]
         items = sorted(self._series.items())
-        for (model, version), s in items:
-            lines.append(
-                f'mlpipe_predict_requests_total{{model="{_label(model)}",version="{version}"}} '
-                f"{s.requests}"
-            )
-        lines += [
-            "# HELP mlpipe_predict_errors_total Predict requests answered with an error.",
-            "# TYPE mlpipe_predict_errors_total counter",
-        ]
-        for (model, version), s in items:
-            lines.append(
-                f'mlpipe_predict_errors_total{{model="{_label(model)}",version="{version}"}} '
-                f"{s.errors}"
-            )
-        lines += [
-            "# HELP mlpipe_predict_instances_total Instances scored.",
-            "# TYPE mlpipe_predict_instances_total counter",
-        ]
-        for (model, version), s in items:
-            lines.append(
-                f'mlpipe_predict_instances_total{{model="{_label(model)}",version="{version}"}} '
-                f"{s.instances}"
-            )
+        lines: list[str] = []
+        for metric, what, field_name in COUNTERS:
+            lines += [f"# HELP {metric} {what}", f"# TYPE {metric} counter"]
+            for (model, version), s in items:
+                lines.append(
+                    f'{metric}{{model="{_label(model)}",version="{version}"}} '
+                    f"{getattr(s, field_name)}"
+                )
         lines += [
             "# HELP mlpipe_predict_latency_seconds Time to answer a predict request.",
             "# TYPE mlpipe_predict_latency_seconds histogram",
