@@ -22,7 +22,7 @@ from mlpipe import events, lineage, topology
 from mlpipe.config import load_pipeline_config, load_run_config
 from mlpipe.data import Split, check_columns, read_dataset, split_rows
 from mlpipe.localstack import StackState
-from mlpipe.modeling import build_pipeline
+from mlpipe.modeling import build_pipeline, bundle_bytes, model_bundle
 from mlpipe.publishing import Publisher
 from mlpipe.registry import CHAMPION, Registry
 from mlpipe.service import Clients
@@ -114,22 +114,10 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
             train_frame[features], train_frame[config.dataset.target]
         ),
     )
-    bundle = {
-        "estimator": estimator,
-        "features": features,
-        "target": config.dataset.target,
-        "task": config.model.task,
-        "run_id": run_id,
-        "feature_types": {c: config.dataset.column_type(c) for c in features},
-        "classes": [str(c) for c in getattr(estimator, "classes_", [])],
-    }
-
-    def dump() -> bytes:
-        buffer = io.BytesIO()
-        joblib.dump(bundle, buffer)
-        return buffer.getvalue()
-
-    model_bytes = put("job: joblib.dump the model bundle", dump)
+    bundle = model_bundle(estimator, config, features, run_id)
+    model_bytes = put(
+        "job: pickle the model bundle (as the job does)", lambda: bundle_bytes(bundle)
+    )
     out["job: model bundle size (bytes)"] = {"first": len(model_bytes), "p50": len(model_bytes)}
     put(
         "job: write model.joblib (1 upload)",
