@@ -4,14 +4,20 @@ what drifted."""
 
 from __future__ import annotations
 
+import base64
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
 from google.cloud import pubsub_v1
 
-from mlpipe import infra, topology
+from mlpipe import events, infra, topology
 from mlpipe.topology import TOPOLOGY
-from tests.conftest import REPO
+from tests.conftest import REPO, free_base_port
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration
@@ -51,9 +57,10 @@ def test_apply_creates_everything_then_nothing(cloud: Cloud) -> None:
     assert not sub.push_config.oidc_token.service_account_email
     assert sub.ack_deadline_seconds == 300
     assert sub.dead_letter_policy.dead_letter_topic == target.topic_path("dead-letters")
-    assert sub.dead_letter_policy.max_delivery_attempts == 10
-    assert sub.retry_policy.minimum_backoff == timedelta(seconds=1)
-    assert sub.retry_policy.maximum_backoff == timedelta(seconds=60)
+    # The emulator redelivers a refused push after about a second: no retry policy (see
+    # infra.EMULATOR_MAX_DELIVERY_ATTEMPTS), so the most attempts Pub/Sub allows.
+    assert sub.dead_letter_policy.max_delivery_attempts == 100
+    assert "retry_policy" not in sub
     archive = subscriber.get_subscription(
         request={"subscription": target.subscription_path("dead-letters-archive")}
     )
@@ -81,7 +88,7 @@ def test_plan_shows_exactly_the_moved_endpoint_and_apply_fixes_only_it(cloud: Cl
     assert [str(c) for c in applied.changes] == [str(c) for c in planned.changes]
     now = subscriber.get_subscription(request={"subscription": path})
     assert now.push_config.push_endpoint == "http://127.0.0.1:9999/pubsub/push"
-    assert now.dead_letter_policy.max_delivery_attempts == 10  # the rest kept
+    assert now.dead_letter_policy.max_delivery_attempts == 100  # the rest kept
     assert infra.plan(moved).changes == []
 
 
@@ -106,6 +113,32 @@ def test_a_drifted_setting_is_put_back(cloud: Cloud) -> None:
     assert sub.ack_deadline_seconds == 120
 
 
+def test_a_retry_policy_on_the_emulator_is_drift_and_is_removed(cloud: Cloud) -> None:
+    target = local(cloud.project + "-r")
+    infra.apply(target)
+    subscriber = pubsub_v1.SubscriberClient()
+    path = target.subscription_path("trainer-push")
+    subscriber.update_subscription(
+        request={
+            "subscription": {
+                "name": path,
+                "retry_policy": {"minimum_backoff": "2s", "maximum_backoff": "300s"},
+            },
+            "update_mask": {"paths": ["retry_policy"]},
+        }
+    )
+
+    planned = infra.plan(target)
+    infra.apply(target)
+
+    assert [str(c) for c in planned.changes] == [
+        "update push subscription trainer-push: minimum backoff 2s → (none); "
+        "maximum backoff 300s → (none)"
+    ]
+    assert "retry_policy" not in subscriber.get_subscription(request={"subscription": path})
+    assert infra.plan(target).changes == []
+
+
 def test_create_topics_makes_only_the_missing_topics(cloud: Cloud) -> None:
     project = cloud.project + "-c"
 
@@ -114,3 +147,76 @@ def test_create_topics_makes_only_the_missing_topics(cloud: Cloud) -> None:
 
     assert first == ["gcs-objects", "dead-letters"]
     assert second == ["ingest-requests"]
+
+
+class Endpoint:
+    """A push endpoint on 127.0.0.1 that refuses connections until started (a service being
+    restarted), then accepts every delivery, keeping what it was sent."""
+
+    def __init__(self) -> None:
+        self.port = free_base_port(1)
+        self.accepted: set[str] = set()
+        self.server: http.server.ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        accepted = self.accepted
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                accepted.add(base64.b64decode(json.loads(body)["message"]["data"]).decode())
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def endpoint() -> Iterator[Endpoint]:
+    server = Endpoint()
+    yield server
+    server.stop()
+
+
+def test_messages_refused_together_are_all_pushed_again(cloud: Cloud, endpoint: Endpoint) -> None:
+    """Deliveries of one subscription refused together while its service restarts are all
+    redelivered once it is back: the local topology avoids the emulator's retry-policy stall
+    (infra.EMULATOR_MAX_DELIVERY_ATTEMPTS)."""
+    target = local(cloud.project + "-p", evaluator=endpoint.url)
+    infra.apply(target)
+    publisher = pubsub_v1.PublisherClient()
+    topic = target.topic_path(events.MONITORING_REQUESTS)
+    sent = {f"message-{i}" for i in range(5)}
+    for data in sorted(sent):
+        publisher.publish(topic, data.encode()).result()
+
+    time.sleep(8)  # the service is down, as for a restart: every push is refused
+    endpoint.start()
+    delivered = wait_for(lambda: endpoint.accepted >= sent, 60)
+    pubsub_v1.SubscriberClient().delete_subscription(
+        request={"subscription": target.subscription_path(topology.MONITOR_PUSH)}
+    )
+
+    assert delivered, f"pushed again once back: {sorted(endpoint.accepted)} of {sorted(sent)}"
+
+
+def wait_for(done: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

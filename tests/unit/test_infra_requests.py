@@ -73,13 +73,26 @@ def test_a_push_subscription_on_gcp_signs_with_its_own_account_for_its_service(
     )
 
 
-def test_a_push_subscription_on_the_emulator_has_no_oidc(local: infra.Target) -> None:
-    request = infra.push_subscription(local, route(local, "trainer-push"))
+def test_a_push_subscription_on_the_emulator_has_no_oidc_and_no_retry_policy(
+    local: infra.Target,
+) -> None:
+    request = infra.push_subscription(local, route(local, "evaluator-push"))
 
-    assert request.push_config == PushConfig(push_endpoint="http://127.0.0.1:18683/pubsub/push")
-    # The trainer holds the notification of a running job: many attempts, a longer backoff.
+    assert request.push_config == PushConfig(push_endpoint="http://127.0.0.1:18684/pubsub/push")
+    # The emulator redelivers about once a second without one (its retry policy can stall).
+    assert "retry_policy" not in request
     assert request.dead_letter_policy.max_delivery_attempts == 100
-    assert request.retry_policy.maximum_backoff == timedelta(seconds=300)
+
+
+def test_the_held_training_notification_gets_many_attempts_and_a_long_backoff(
+    dev: infra.Target,
+) -> None:
+    request = infra.push_subscription(dev, route(dev, "trainer-push"))
+
+    assert request.dead_letter_policy.max_delivery_attempts == 100
+    assert request.retry_policy == RetryPolicy(
+        minimum_backoff=timedelta(seconds=2), maximum_backoff=timedelta(seconds=300)
+    )
 
 
 def test_a_pull_subscription_keeps_messages_seven_days(dev: infra.Target) -> None:

@@ -446,6 +446,16 @@ def local_target(
 
 
 # --- request builders (pure) ------------------------------------------------------------------
+# On the Pub/Sub emulator a push subscription gets no retry policy. The emulator's retry-policy
+# redelivery can stop for good: when two failed deliveries of one subscription fall due in the
+# same millisecond, its delayed-message bookkeeping throws, and the task that redelivers that
+# subscription's expired messages dies silently (seen with emulator 0.8.20: three deliveries
+# refused while a service restarted were never pushed again). Without a retry policy the
+# emulator pushes a refused message again after about a second, so it is allowed the most
+# attempts Pub/Sub accepts before dead-lettering (about a hundred seconds of retrying).
+EMULATOR_MAX_DELIVERY_ATTEMPTS = 100
+
+
 def push_subscription(target: Target, route: PushRoute) -> Subscription:
     sub = route.subscription
     push_config = PushConfig(push_endpoint=route.endpoint)
@@ -453,20 +463,24 @@ def push_subscription(target: Target, route: PushRoute) -> Subscription:
         push_config.oidc_token = PushConfig.OidcToken(
             service_account_email=route.service_account, audience=route.service_url
         )
-    return Subscription(
+    subscription = Subscription(
         name=target.subscription_path(sub.name),
         topic=target.topic_path(sub.topic),
         push_config=push_config,
         ack_deadline_seconds=sub.ack_deadline_seconds,
         dead_letter_policy=DeadLetterPolicy(
             dead_letter_topic=target.topic_path(target.topology.dead_letter_topic),
-            max_delivery_attempts=sub.max_delivery_attempts,
-        ),
-        retry_policy=RetryPolicy(
-            minimum_backoff=timedelta(seconds=sub.min_backoff_seconds),
-            maximum_backoff=timedelta(seconds=sub.max_backoff_seconds),
+            max_delivery_attempts=(
+                EMULATOR_MAX_DELIVERY_ATTEMPTS if target.emulated else sub.max_delivery_attempts
+            ),
         ),
     )
+    if not target.emulated:
+        subscription.retry_policy = RetryPolicy(
+            minimum_backoff=timedelta(seconds=sub.min_backoff_seconds),
+            maximum_backoff=timedelta(seconds=sub.max_backoff_seconds),
+        )
+    return subscription
 
 
 def pull_subscription(target: Target, pull: PullSubscription) -> Subscription:
@@ -518,6 +532,9 @@ def subscription_differences(
     for path, label, read in _SUBSCRIPTION_FIELDS:
         is_message = path != "ack_deadline_seconds"
         if is_message and not Subscription.pb(desired).HasField(path):
+            # Pub/Sub sets no retry policy of its own: one that is there but not wanted is drift.
+            if path == "retry_policy" and Subscription.pb(existing).HasField(path):
+                found.append((path, f"{label} {_show(read(existing))} → (none)"))
             continue
         want, have = read(desired), read(existing)
         if want != have:
