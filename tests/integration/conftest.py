@@ -181,4 +181,9 @@ def forward(client: TestClient, event: Message, n: int = 1) -> dict:
 
 def job_started(reply: Any) -> bool:
     """The trainer started a job: it holds the notification (503) until the run is recorded."""
-    return reply.status_code == 503 and "started training job" in reply.json()["detail"]
+    body = reply.json()
+    return (
+        reply.status_code == 503
+        and body.get("status") == "held"
+        and "started training job" in body["detail"]
+    )

@@ -140,6 +140,18 @@ def test_failed_gates_deploy_nothing_and_say_why(
     assert services["predictor"].get("/readyz").status_code == 503
 
 
+def test_a_deployment_of_a_model_the_registry_does_not_know_is_ignored(
+    services: dict[str, TestClient], cloud: Cloud
+) -> None:
+    done = events_pb2.DeploymentCompleted(model_name="never-registered", deployed=True, version=3)
+
+    reply = forward(services["predictor"], done)
+
+    assert reply["status"] == "ignored" and reply["model"] == "never-registered"
+    assert "no champion or canary" in reply["reason"]
+    assert services["predictor"].get("/readyz").status_code == 503
+
+
 def test_objects_outside_datasets_are_ignored(
     services: dict[str, TestClient], cloud: Cloud
 ) -> None:

@@ -425,7 +425,8 @@ def test_a_batch_request_delivery_is_acknowledged_only_when_its_job_is_done(
         redelivered = deliver()
 
     # Not acknowledged while running: a job lost with its process would start again.
-    assert first.status_code == 503 and "still running" in first.json()["detail"]
+    assert first.status_code == 503 and first.json()["status"] == "held"
+    assert "still running" in first.json()["detail"]
     assert redelivered.status_code == 200, redelivered.text
     assert redelivered.json()["status"] == "succeeded" and redelivered.json()["rows"] == 150
     metrics = cloud.storage.read_json("predictions/iris-classifier/metrics/pushed.json")

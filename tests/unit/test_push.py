@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mlpipe.errors import Held, TransientError
 from mlpipe.push import (
     MAX_ENVELOPE_BYTES,
     EnvelopeError,
@@ -17,6 +18,7 @@ from mlpipe.push import (
     parse_envelope,
     parse_object_notification,
 )
+from mlpipe.service import StepResult, handle_push
 
 
 def _body(message: Any, **envelope: Any) -> bytes:
@@ -227,3 +229,26 @@ def test_ordinary_names_pass() -> None:
 
     for name in ("iris-classifier", "nightly-2026-11-23", "v1.2_rc", "dt=2026-11-23"):
         assert check_name_part(name, "batch_id") == name
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "level"),
+    [
+        (Held("run r1 is training; acknowledged once the run is recorded"), "held", "INFO"),
+        (TransientError("gcs unavailable"), None, "WARNING"),
+    ],
+)
+def test_a_held_delivery_is_answered_503_without_a_warning(
+    error: Exception, status: str | None, level: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def step(message: PushMessage) -> StepResult:
+        raise error
+
+    caplog.set_level("INFO", logger="mlpipe.service")
+    # The reporter is only used for permanent failures and invalid envelopes.
+    code, reply = handle_push(make_envelope(b"x", message_id="m1"), step, failures=None)  # type: ignore[arg-type]
+
+    assert code == 503
+    assert reply.get("status") == status and reply["detail"] == str(error)
+    assert [r.levelname for r in caplog.records] == [level]
+    assert str(error) in caplog.records[0].getMessage()

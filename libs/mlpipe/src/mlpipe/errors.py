@@ -23,3 +23,9 @@ class PermanentError(Exception):
 
 class TransientError(Exception):
     """Worth retrying later (a dependency is down, a claim is held): answer 5xx."""
+
+
+class Held(TransientError):
+    """Not a failure: the message started work that is still under way (a training job, a
+    batch job). It is answered 503 and stays unacknowledged until that work is recorded, so
+    that work lost with its instance is started again by the redelivery."""

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from mlpipe import events
 from mlpipe import storage as gcs
 from mlpipe.auth import PushAuthError, PushVerifier, push_verifier
-from mlpipe.errors import PermanentError, TransientError
+from mlpipe.errors import Held, PermanentError, TransientError
 from mlpipe.failures import FailureReporter
 from mlpipe.logs import run_context, setup_logging
 from mlpipe.publishing import Publisher
@@ -135,6 +135,13 @@ def handle_push(
                 "detail": exc.message,
                 "quarantine_uri": failed.quarantine_uri,
             }
+        except Held as exc:
+            log.info(
+                "held until its work is recorded: %s",
+                exc,
+                extra={"delivery_attempt": message.delivery_attempt},
+            )
+            return 503, {"status": "held", "detail": str(exc)}
         except RETRYABLE as exc:
             log.warning(
                 "transient failure, asking Pub/Sub to retry: %s",

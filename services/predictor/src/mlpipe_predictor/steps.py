@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlpipe import events
-from mlpipe.errors import PermanentError, TransientError
+from mlpipe.errors import Held, PermanentError
 from mlpipe.push import PushMessage
 from mlpipe.service import StepResult, decode_message
 from mlpipe.storage import Storage
@@ -103,12 +103,22 @@ class PredictorStep:
         if not done.deployed:
             return StepResult("ignored", {"reason": done.reason}, run_id=done.context.run_id)
         served = self.store.refresh(done.model_name)
-        champion = served.champion if served else None
-        return StepResult(
-            "serving",
-            {"model": done.model_name, "version": champion.version if champion else 0},
-            run_id=done.context.run_id,
-        )
+        if served is None:
+            return StepResult(
+                "ignored",
+                {
+                    "model": done.model_name,
+                    "reason": "not served here: no champion or canary in the registry, "
+                    "or this predictor is pinned to another model",
+                },
+                run_id=done.context.run_id,
+            )
+        detail: dict[str, object] = {"model": done.model_name}
+        if served.champion is not None:
+            detail["version"] = served.champion.version
+        if served.canary is not None:
+            detail["canary"] = served.canary.version
+        return StepResult("serving", detail, run_id=done.context.run_id)
 
     def _batch(self, request: events_pb2.BatchPredictionRequest) -> StepResult:
         check_request(request)
@@ -124,7 +134,7 @@ class PredictorStep:
                 f"batch {request.batch_id} of {request.model_name} failed: {state.get('error')}",
             )
         if state.get("state") != "succeeded":
-            raise TransientError(
+            raise Held(
                 f"batch {request.batch_id} of {request.model_name} is still running; "
                 "acknowledged when its metrics are written"
             )

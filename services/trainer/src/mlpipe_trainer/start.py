@@ -14,7 +14,7 @@ from typing import Protocol
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.data import check_columns, read_dataset
-from mlpipe.errors import PermanentError, TransientError
+from mlpipe.errors import Held, PermanentError
 from mlpipe.failures import FailureReporter
 from mlpipe.faults import fault_point
 from mlpipe.publishing import Publisher
@@ -251,7 +251,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         if held is not None and held.body.get("message_id") == message.message_id:
             # This delivery started the job: keep it unacknowledged until the run is
             # recorded, so that a job lost with its instance is started again.
-            raise TransientError(
+            raise Held(
                 f"run {run_id} is training ({held.state}, job {held.body.get('job_id', '-')}); "
                 f"this notification is acknowledged once the run is recorded"
             )
@@ -286,7 +286,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         claim.attempt,
         extra={"run_id": run_id},
     )
-    raise TransientError(
+    raise Held(
         f"started training job {started.job_id} for run {run_id} (attempt {claim.attempt}); "
         f"this notification is acknowledged once the run is recorded"
     )
