@@ -31,7 +31,7 @@ test: bootstrap ## lint, type-check, unit, integration and e2e tests
 test-faults: bootstrap ## fault suite: duplicate storm, bad-input catalogue, 1000-request burst (~2 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_faults.py
 
-test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures replay (~8 min; not yet reliable in one session)
+test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures replay (~4 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_recovery.py
 
 protos: ## regenerate the Python event code from protos/
