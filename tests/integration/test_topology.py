@@ -92,17 +92,22 @@ def test_plan_shows_exactly_the_moved_endpoint_and_apply_fixes_only_it(cloud: Cl
     assert infra.plan(moved).changes == []
 
 
-def test_a_drifted_setting_is_put_back(cloud: Cloud) -> None:
-    target = local(cloud.project + "-d")
+def applied_then_changed(
+    target: infra.Target, name: str, **fields: object
+) -> tuple[pubsub_v1.SubscriberClient, str]:
+    """Apply the topology, then change `fields` of subscription `name` behind its back."""
     infra.apply(target)
     subscriber = pubsub_v1.SubscriberClient()
-    path = target.subscription_path("deployer-push")
+    path = target.subscription_path(name)
     subscriber.update_subscription(
-        request={
-            "subscription": {"name": path, "ack_deadline_seconds": 15},
-            "update_mask": {"paths": ["ack_deadline_seconds"]},
-        }
+        request={"subscription": {"name": path, **fields}, "update_mask": {"paths": list(fields)}}
     )
+    return subscriber, path
+
+
+def test_a_drifted_setting_is_put_back(cloud: Cloud) -> None:
+    target = local(cloud.project + "-d")
+    subscriber, path = applied_then_changed(target, "deployer-push", ack_deadline_seconds=15)
 
     applied = infra.apply(target)
 
@@ -115,17 +120,8 @@ def test_a_drifted_setting_is_put_back(cloud: Cloud) -> None:
 
 def test_a_retry_policy_on_the_emulator_is_drift_and_is_removed(cloud: Cloud) -> None:
     target = local(cloud.project + "-r")
-    infra.apply(target)
-    subscriber = pubsub_v1.SubscriberClient()
-    path = target.subscription_path("trainer-push")
-    subscriber.update_subscription(
-        request={
-            "subscription": {
-                "name": path,
-                "retry_policy": {"minimum_backoff": "2s", "maximum_backoff": "300s"},
-            },
-            "update_mask": {"paths": ["retry_policy"]},
-        }
+    subscriber, path = applied_then_changed(
+        target, "trainer-push", retry_policy={"minimum_backoff": "2s", "maximum_backoff": "300s"}
     )
 
     planned = infra.plan(target)

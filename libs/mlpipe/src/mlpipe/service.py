@@ -135,20 +135,18 @@ def handle_push(
                 "detail": exc.message,
                 "quarantine_uri": failed.quarantine_uri,
             }
-        except Held as exc:
-            log.info(
-                "held until its work is recorded: %s",
-                exc,
-                extra={"delivery_attempt": message.delivery_attempt},
-            )
-            return 503, {"status": "held", "detail": str(exc)}
         except RETRYABLE as exc:
-            log.warning(
-                "transient failure, asking Pub/Sub to retry: %s",
+            # Both stay unacknowledged; a held delivery's work is under way, not failing.
+            held = isinstance(exc, Held)
+            log.log(
+                logging.INFO if held else logging.WARNING,
+                "%s: %s",
+                "held until its work is recorded" if held else "transient failure, retry",
                 exc,
                 extra={"delivery_attempt": message.delivery_attempt},
             )
-            return 503, {"error": "transient", "detail": str(exc)}
+            kind = {"status": "held"} if held else {"error": "transient"}
+            return 503, {**kind, "detail": str(exc)}
         except Exception as exc:
             log.exception(
                 "unexpected error handling message %s",
