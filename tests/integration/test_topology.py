@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 from google.cloud import pubsub_v1
 
-from mlpipe import events, infra, topology
+from mlpipe import cli_failures, events, infra, topology
 from mlpipe.topology import TOPOLOGY
 from tests.conftest import REPO, free_base_port
 from tests.integration.conftest import Cloud
@@ -216,3 +216,32 @@ def wait_for(done: Callable[[], bool], seconds: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def test_the_emulator_dead_letters_what_is_refused_and_failures_replays_it(
+    cloud: Cloud, endpoint: Endpoint
+) -> None:
+    """A message refused until the subscription's attempts run out lands in the dead-letter
+    archive as Pub/Sub records it; `mlpipe failures` lists it and replays it to its topic."""
+    target = local(cloud.project + "-l", evaluator=endpoint.url)
+    policy = {"dead_letter_topic": target.topic_path("dead-letters"), "max_delivery_attempts": 5}
+    subscriber, path = applied_then_changed(
+        target, topology.MONITOR_PUSH, dead_letter_policy=policy
+    )
+    publisher = pubsub_v1.PublisherClient()
+    sent = publisher.publish(
+        target.topic_path(events.MONITORING_REQUESTS), b"check-1", event_type="test"
+    ).result()
+
+    assert wait_for(lambda: len(cli_failures.dead_letters(target.project)) == 1, 60)
+    letter = cli_failures.dead_letters(target.project)[0]
+    endpoint.start()
+    replayed = cli_failures.replay_dead_letter(target.project, letter.id)
+    delivered = wait_for(lambda: "check-1" in endpoint.accepted, 30)
+    left = cli_failures.dead_letters(target.project)
+    subscriber.delete_subscription(request={"subscription": path})
+
+    assert letter.source.rsplit("/", 1)[-1] == topology.MONITOR_PUSH
+    assert letter.detail == "5 delivery attempt(s); event test" and letter.size == len(b"check-1")
+    assert replayed.startswith(f"{events.MONITORING_REQUESTS} message ") and sent not in replayed
+    assert delivered and left == []
