@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,19 @@ def free_base_port(count: int = 7) -> int:
         if all(port_free(base + i) for i in range(count)):
             return base
     raise RuntimeError("no run of free ports found")
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `check` until it returns something truthy (errors count as not yet); return it,
+    or fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            found = check()
+            if found:
+                return found
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 def unique(prefix: str) -> str:

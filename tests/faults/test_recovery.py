@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from mlpipe.publishing import Publisher
 from mlpipe.registry import Registry
 from mlpipe.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
-from tests.conftest import REPO, free_base_port, unique
+from tests.conftest import REPO, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -214,17 +214,6 @@ def _iris_config_sha() -> str:
     from mlpipe.config import parse_config
 
     return parse_config((REPO / "examples/iris/pipeline.yaml").read_text()).sha256()
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            found = check()
-            if found:
-                return found
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {timeout}s")
 
 
 def assert_one_complete_run(storage: Storage, run_id: str) -> events_pb2.DeploymentCompleted:

@@ -9,7 +9,7 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
@@ -17,7 +17,7 @@ from google.cloud import pubsub_v1
 
 from mlpipe import cli_failures, events, infra, topology
 from mlpipe.topology import TOPOLOGY
-from tests.conftest import REPO, free_base_port
+from tests.conftest import REPO, free_base_port, wait_until
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration
@@ -201,21 +201,10 @@ def test_messages_refused_together_are_all_pushed_again(cloud: Cloud, endpoint: 
 
     time.sleep(8)  # the service is down, as for a restart: every push is refused
     endpoint.start()
-    delivered = wait_for(lambda: endpoint.accepted >= sent, 60)
+    wait_until(lambda: endpoint.accepted >= sent, 60, f"all of {sorted(sent)} pushed again")
     pubsub_v1.SubscriberClient().delete_subscription(
         request={"subscription": target.subscription_path(topology.MONITOR_PUSH)}
     )
-
-    assert delivered, f"pushed again once back: {sorted(endpoint.accepted)} of {sorted(sent)}"
-
-
-def wait_for(done: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_the_emulator_dead_letters_what_is_refused_and_failures_replays_it(
@@ -233,15 +222,18 @@ def test_the_emulator_dead_letters_what_is_refused_and_failures_replays_it(
         target.topic_path(events.MONITORING_REQUESTS), b"check-1", event_type="test"
     ).result()
 
-    assert wait_for(lambda: len(cli_failures.dead_letters(target.project)) == 1, 60)
-    letter = cli_failures.dead_letters(target.project)[0]
+    letters = wait_until(
+        lambda: cli_failures.dead_letters(target.project), 60, "the refused message dead-lettered"
+    )
+    letter = letters[0]
     endpoint.start()
     replayed = cli_failures.replay_dead_letter(target.project, letter.id)
-    delivered = wait_for(lambda: "check-1" in endpoint.accepted, 30)
+    wait_until(lambda: "check-1" in endpoint.accepted, 30, "the replayed message pushed")
     left = cli_failures.dead_letters(target.project)
     subscriber.delete_subscription(request={"subscription": path})
 
+    assert len(letters) == 1
     assert letter.source.rsplit("/", 1)[-1] == topology.MONITOR_PUSH
     assert letter.detail == "5 delivery attempt(s); event test" and letter.size == len(b"check-1")
     assert replayed.startswith(f"{events.MONITORING_REQUESTS} message ") and sent not in replayed
-    assert delivered and left == []
+    assert left == []
