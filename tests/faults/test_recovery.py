@@ -454,7 +454,9 @@ def test_failures_lists_dead_letters_and_quarantine_and_replays_them_after_a_fix
     after = mlpipe(state)
 
     assert listed.returncode == 0, listed.stderr
-    assert dead_id in listed.stdout and "from ingest-push" in listed.stdout
+    # A dead letter's line starts with its message id (a short number, so match the line).
+    dead_line = f"\n  {dead_id}  from "
+    assert dead_line in listed.stdout and "from ingest-push" in listed.stdout
     assert kept in listed.stdout and "unknown_pipeline" in listed.stdout
     assert replayed_kept.returncode == 0, replayed_kept.stderr
     assert "ingest-requests message" in replayed_kept.stdout
@@ -470,5 +472,5 @@ def test_failures_lists_dead_letters_and_quarantine_and_replays_them_after_a_fix
     }
     assert {early.request_id, lost.request_id} <= landed
     assert again.returncode == 1 and "replayed already" in again.stderr
-    assert dead_id not in after.stdout and "[replayed as ingest-requests/" in after.stdout
+    assert dead_line not in after.stdout and "[replayed as ingest-requests/" in after.stdout
     FIGURES["failures_replayed"] = 2
