@@ -1,0 +1,166 @@
+"""The runtime definition of each service (`infra/runtime.yaml`): memory, CPU, concurrency,
+request timeout, CPU allocation, instances and extra environment.
+
+One definition feeds the Cloud Run deploy (`mlpipe infra run-flags`), and the local container
+stack (`mlpipe up --containers`), so a service runs locally under the limits it ships with.
+Each Cloud Run rule checked here names its source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlpipe.topology import TOPOLOGY
+
+RUNTIME_FILE = "runtime.yaml"
+_QUANTITY = re.compile(r"^(\d+)(Mi|Gi)$")
+_UNITS = {"Mi": 1024**2, "Gi": 1024**3}
+MIB = 1024**2
+GIB = 1024**3
+
+
+class RuntimeDefinitionError(ValueError):
+    """infra/runtime.yaml is missing or invalid; the message names the key."""
+
+
+def memory_bytes(quantity: str) -> int:
+    match = _QUANTITY.match(quantity)
+    if not match:
+        raise ValueError(f"{quantity!r} is not a memory size such as 512Mi or 2Gi")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+class ServiceRuntime(BaseModel):
+    """What one service's instances get."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory: str
+    cpu: float
+    concurrency: int = Field(ge=1, le=1000)  # Cloud Run: 1 to 1000 (configuring/concurrency)
+    # Cloud Run services: up to 3600 s (configuring/request-timeout).
+    timeout_seconds: int = Field(ge=1, le=3600)
+    cpu_always_allocated: bool
+    min_instances: int = Field(ge=0)
+    max_instances: int = Field(ge=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        size = memory_bytes(value)
+        # Cloud Run (configuring/services/memory-limits): 512 MiB minimum in the second
+        # generation execution environment, 32 GiB maximum.
+        if not 512 * MIB <= size <= 32 * GIB:
+            raise ValueError(f"{value}: Cloud Run allows 512Mi to 32Gi (second generation)")
+        return value
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value: float) -> float:
+        # Cloud Run (configuring/services/cpu): 1, 2, 4, 6 or 8 CPUs, or a fraction below 1.
+        if value not in (1, 2, 4, 6, 8) and not 0.08 <= value < 1:
+            raise ValueError(f"{value}: Cloud Run allows 1, 2, 4, 6 or 8 CPUs, or under 1")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in value if k in CLOUD_RUN_RESERVED)
+        if reserved:
+            # Cloud Run sets these itself and refuses them (container-contract#env-vars).
+            raise ValueError(f"{reserved[0]} is set by Cloud Run itself")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServiceRuntime:
+        size = memory_bytes(self.memory)
+        # Cloud Run (configuring/services/memory-limits, "Required minimum CPUs").
+        for above, cpus in ((24 * GIB, 8), (16 * GIB, 6), (8 * GIB, 4), (4 * GIB, 2)):
+            if size > above and self.cpu < cpus:
+                raise ValueError(
+                    f"memory {self.memory} needs at least {cpus} CPUs on Cloud Run "
+                    f"(more than {above // GIB} GiB), not {self.cpu:g}"
+                )
+        # Cloud Run (configuring/services/cpu): below 1 CPU, concurrency must be 1 and CPU
+        # is allocated only during requests.
+        if self.cpu < 1 and (self.concurrency != 1 or self.cpu_always_allocated):
+            raise ValueError("under 1 CPU, Cloud Run needs concurrency 1 and request-only CPU")
+        if self.min_instances > self.max_instances:
+            raise ValueError(
+                f"min_instances {self.min_instances} is above max_instances {self.max_instances}"
+            )
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.memory)
+
+
+# Set by Cloud Run in every instance (container-contract, "Environment variables").
+CLOUD_RUN_RESERVED = frozenset({"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"})
+
+
+def runtime_file(directory: Path | None = None) -> Path:
+    """`infra/runtime.yaml` beside `directory` (an environments folder) or above the working
+    directory or this package."""
+    from mlpipe import infra
+
+    return infra.environments_dir(directory).parent / RUNTIME_FILE
+
+
+def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, ServiceRuntime]:
+    """Every service's runtime in environment `env` (defaults, the service, then `env`'s
+    changes)."""
+    path = path or runtime_file()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise RuntimeDefinitionError(f"cannot read {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise RuntimeDefinitionError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RuntimeDefinitionError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - {"defaults", "services", "environments"})
+    if unknown:
+        raise RuntimeDefinitionError(f"{path}: {unknown[0]}: unknown key")
+    defaults = raw.get("defaults") or {}
+    services = raw.get("services") or {}
+    changes = (raw.get("environments") or {}).get(env) or {}
+    for where, names in (("services", services), (f"environments.{env}", changes)):
+        extra = sorted(set(names) - set(TOPOLOGY.services))
+        if extra:
+            raise RuntimeDefinitionError(
+                f"{path}: {where}.{extra[0]}: unknown service "
+                f"(known: {', '.join(TOPOLOGY.services)})"
+            )
+    runtimes = {}
+    for service in TOPOLOGY.services:
+        merged: dict[str, Any] = {
+            **defaults,
+            **(services.get(service) or {}),
+            **(changes.get(service) or {}),
+        }
+        merged["env"] = {
+            **(defaults.get("env") or {}),
+            **((services.get(service) or {}).get("env") or {}),
+            **((changes.get(service) or {}).get("env") or {}),
+        }
+        try:
+            runtimes[service] = ServiceRuntime.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "missing":
+                message = "required (set it under defaults or the service)"
+            where = f"{service}.{key}" if key else service
+            raise RuntimeDefinitionError(f"{path}: {where}: {message} (env {env})") from None
+    return runtimes
