@@ -5,7 +5,7 @@ UV ?= uv
 export PATH := $(HOME)/.local/bin:$(PATH)
 PROTO_OUT := libs/mlpipe/src
 
-.PHONY: help bootstrap demo up down test test-faults test-recovery lint typecheck protos check-protos
+.PHONY: help bootstrap demo up up-containers down test test-faults test-recovery test-containers lint typecheck protos check-protos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/'
@@ -19,6 +19,9 @@ demo: bootstrap ## run the iris example end to end on the local emulators, then 
 up: bootstrap ## start the local stack (emulators, topology, services)
 	@$(UV) run --frozen mlpipe up
 
+up-containers: bootstrap ## the same, each service as its image under Cloud Run's contract (needs dockerd)
+	@$(UV) run --frozen mlpipe up --containers
+
 down: ## stop everything `make up` started
 	@$(UV) run --frozen mlpipe down
 
@@ -26,13 +29,16 @@ test: bootstrap ## lint, type-check, unit, integration and e2e tests
 	@$(UV) run --frozen ruff check .
 	@$(UV) run --frozen ruff format --check .
 	@$(UV) run --frozen mypy libs services
-	@$(UV) run --frozen pytest -m "not faults"
+	@$(UV) run --frozen pytest -m "not faults and not containers"
 
 test-faults: bootstrap ## fault suite: duplicate storm, bad-input catalogue, 1000-request burst (~2 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_faults.py
 
 test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures replay (~4 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_recovery.py
+
+test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
+	@$(UV) run --frozen pytest -m containers tests/containers
 
 protos: ## regenerate the Python event code from protos/
 	$(UV) run --frozen python -m grpc_tools.protoc -I protos \

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.message import Message
 
+from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackState, client_env, port_free
+from mlpipe.v1 import events_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +41,26 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
                 return found
         time.sleep(0.2)
     raise AssertionError(f"{what} did not happen within {timeout}s")
+
+
+def collect(
+    watcher: EventWatcher, until: type[Message], run_id: str = "", timeout: float = 90.0
+) -> list[Message]:
+    """Events (of `run_id`, when given) until one of type `until` or a failure arrives."""
+    seen: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for observed in watcher.events(timeout=1.0):
+            event = observed.event
+            if run_id and event.context.run_id != run_id:  # type: ignore[attr-defined]
+                continue
+            seen.append(event)
+            if isinstance(event, until | events_pb2.PipelineFailed):
+                return seen
+            break
+    raise AssertionError(
+        f"no {until.__name__} within {timeout}s; saw {[type(e).__name__ for e in seen]}"
+    )
 
 
 def unique(prefix: str) -> str:

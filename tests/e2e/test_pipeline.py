@@ -26,7 +26,7 @@ from mlpipe.push import parse_envelope
 from mlpipe.registry import Registry
 from mlpipe.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
-from tests.conftest import REPO, free_base_port, unique
+from tests.conftest import REPO, collect, free_base_port, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -45,26 +45,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
         local.down(progress=lambda _: None)
         leftover = [p.name for p in state.processes if p.alive()]
         assert leftover == [], f"still running after down: {leftover}"
-
-
-def collect(
-    watcher: EventWatcher, until: type[Message], run_id: str = "", timeout: float = 90.0
-) -> list[Message]:
-    """Events (of `run_id`, when given) until one of type `until` or a failure arrives."""
-    seen: list[Message] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for observed in watcher.events(timeout=1.0):
-            event = observed.event
-            if run_id and event.context.run_id != run_id:  # type: ignore[attr-defined]
-                continue
-            seen.append(event)
-            if isinstance(event, until | events_pb2.PipelineFailed):
-                return seen
-            break
-    raise AssertionError(
-        f"no {until.__name__} within {timeout}s; saw {[type(e).__name__ for e in seen]}"
-    )
 
 
 def served(state: StackState) -> dict:

@@ -56,12 +56,26 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _running_stack(state_dir: Path) -> StackState:
     state = StackState.load(state_dir)
-    if state is None or not state.processes or not all(p.alive() for p in state.processes):
+    if state is None or not state.running():
+        if state is not None and state.containers:
+            _echo_services(state)
         raise _fail(
             f"the local stack is not running (state dir {state_dir}); "
             f"start it with `mlpipe up`, or run `mlpipe demo`"
         )
     return state
+
+
+def _echo_services(state: StackState) -> None:
+    """Each service's process or container; a container that restarted shows its last lines."""
+    for proc in state.processes:
+        typer.echo(f"  {proc.name:<16} pid {proc.pid}  {'up' if proc.alive() else 'DOWN'}")
+    for container in state.containers:
+        described = container.describe()
+        typer.echo(f"  {container.service:<16} container {container.name}  {described}")
+        if not described.startswith("running") or "restarted" in described:
+            for line in container.logs(tail=8).splitlines():
+                typer.echo(f"      {line}")
 
 
 def _storage(state: StackState) -> Storage:
@@ -82,9 +96,16 @@ def up(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     base_port: BasePort = 8680,
     foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C stops all.")] = False,
+    containers: Annotated[
+        bool,
+        typer.Option(
+            help="Run each service as its image (services/Dockerfile) under Cloud Run's "
+            "contract and infra/runtime.yaml's limits, on the local Docker engine."
+        ),
+    ] = False,
 ) -> None:
     """Start the emulators, the topology and the five services on 127.0.0.1."""
-    stack = LocalStack(state_dir, base_port=base_port)
+    stack = LocalStack(state_dir, base_port=base_port, containers=containers)
     try:
         stack.up()
     except StackError as exc:
@@ -102,7 +123,7 @@ def up(
 
 @app.command()
 def down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
-    """Stop every process `mlpipe up` started, by PID."""
+    """Stop every process and container `mlpipe up` started, by PID and by name."""
     if StackState.load(state_dir) is None:
         typer.echo("nothing to stop")
         return
@@ -303,9 +324,7 @@ def demo(
     """Start the stack, run an example end to end, ask the model for a prediction, stop."""
     stack = LocalStack(state_dir, base_port=base_port)
     previous = StackState.load(state_dir)
-    was_running = bool(
-        previous and previous.processes and all(p.alive() for p in previous.processes)
-    )
+    was_running = bool(previous and previous.running())
     code = 1
     try:
         state = stack.up()
@@ -358,6 +377,9 @@ def status(
 ) -> None:
     """Runs, registry versions, champions and what the predictor serves."""
     state = _running_stack(state_dir)
+    if not run_id:
+        typer.echo(f"stack ({'containers' if state.containers else 'processes'}):")
+        _echo_services(state)
     with client_env(state):
         storage = _storage(state)
         if run_id:

@@ -34,7 +34,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _stack(state_dir: Path) -> StackState:
     state = StackState.load(state_dir)
-    if state is None or not state.processes or not all(p.alive() for p in state.processes):
+    if state is None or not state.running():
         raise _fail(
             f"the local stack is not running (state dir {state_dir}); start it with `mlpipe up`"
         )

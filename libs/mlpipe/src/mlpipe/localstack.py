@@ -1,7 +1,9 @@
 """The local stack: the Pub/Sub emulator, fake-gcs-server, the topology and the five services,
-each a real process bound to 127.0.0.1, started and stopped by PID.
+each a real process bound to 127.0.0.1, started and stopped by PID; or, with `containers=True`,
+each service as its shipped image under Cloud Run's contract (mlpipe.containers).
 
-State (PIDs, ports) lives in `<state_dir>/stack.json`; logs in `<state_dir>/logs/<name>.log`.
+State (PIDs, containers, ports) lives in `<state_dir>/stack.json`; logs in
+`<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import httpx
 
+from mlpipe import containers as docker
 from mlpipe import infra, topology
+from mlpipe.containers import Container
+from mlpipe.service_runtime import RuntimeDefinitionError, load_runtimes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,16 @@ class StackState:
     code_version: str
     state_dir: str
     processes: list[Proc] = field(default_factory=list)
+    containers: list[Container] = field(default_factory=list)
+
+    def running(self) -> bool:
+        """Every process and container of the stack is up (a restarting container counts:
+        Cloud Run would be starting a new instance)."""
+        return (
+            bool(self.processes)
+            and all(p.alive() for p in self.processes)
+            and all(c.alive() for c in self.containers)
+        )
 
     @property
     def pubsub_host(self) -> str:
@@ -96,6 +111,7 @@ class StackState:
             return None
         raw = json.loads(path.read_text())
         raw["processes"] = [Proc(**p) for p in raw.get("processes", [])]
+        raw["containers"] = [Container(**c) for c in raw.get("containers", [])]
         return cls(**raw)
 
 
@@ -189,7 +205,9 @@ class LocalStack:
         bucket: str = "mlpipe-local",
         code_version: str | None = None,
         env: dict[str, str] | None = None,
+        containers: bool = False,
     ) -> None:
+        self.containers = containers
         self.state_dir = state_dir.resolve()
         self.logs = self.state_dir / "logs"
         self.extra_env = env or {}
@@ -230,11 +248,12 @@ class LocalStack:
     ) -> StackState:
         """Start everything (or, with `services=False`, only the two emulators and the bucket)."""
         existing = StackState.load(self.state_dir)
-        if existing and existing.processes and all(p.alive() for p in existing.processes):
+        if existing and existing.running():
             progress(f"stack already running (state in {self.state_dir})")
             return existing
-        if existing and existing.processes:
+        if existing and (existing.processes or existing.containers):
             progress("a previous stack is partly down; stopping what is left of it")
+            docker.stop(existing.containers, progress)
             stop_processes(existing.processes, progress)
         ports = [self.state.pubsub_port, self.state.gcs_port, *self.state.service_ports.values()]
         taken = [p for p in ports if not port_free(p)]
@@ -247,7 +266,10 @@ class LocalStack:
         (self.logs / "jobs").mkdir(exist_ok=True)
         (self.state_dir / "pubsub-data").mkdir(exist_ok=True)
         self.state.processes = []
+        self.state.containers = []
         try:
+            if services and self.containers:
+                self._build_images(progress)
             self._start_all(timeout, progress, services)
         except BaseException:
             progress("start-up failed or was interrupted: stopping what was started")
@@ -345,8 +367,18 @@ class LocalStack:
                 client.create_bucket(st.bucket)
         progress(f"fake-gcs-server  {st.storage_host}  bucket gs://{st.bucket}")
 
+        if services and self.containers:
+            self._start_containers(timeout, progress)
+        elif services:
+            self._start_processes(base_env, timeout, progress)
+        progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
+
+    def _start_processes(
+        self, base_env: dict[str, str], timeout: float, progress: Callable[[str], None]
+    ) -> None:
+        st = self.state
         procs = []
-        for name in SERVICES if services else ():
+        for name in SERVICES:
             env = {
                 **base_env,
                 "PORT": str(st.service_ports[name]),
@@ -371,13 +403,90 @@ class LocalStack:
                 self._children[proc.name],
             )
             progress(f"{proc.name:<16} http://{HOST}:{proc.port}")
-        progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
+
+    # --- containers -----------------------------------------------------------------------
+    def _build_images(self, progress: Callable[[str], None]) -> None:
+        try:
+            docker.check_engine()
+            root = infra.environments_dir().parents[1]
+            docker.ensure_base_images(root, progress)
+            for name in SERVICES:
+                image, seconds = docker.build(name, root, self.state.code_version)
+                progress(f"image            {image} built in {seconds:.1f}s")
+        except (docker.DockerError, infra.InfraError) as exc:
+            raise StackError(str(exc)) from None
+
+    def _start_containers(self, timeout: float, progress: Callable[[str], None]) -> None:
+        st = self.state
+        try:
+            runtimes = load_runtimes("local")
+        except RuntimeDefinitionError as exc:
+            raise StackError(str(exc)) from None
+        # Only what a Cloud Run instance would have: the stack's client settings, not this
+        # shell's environment.
+        client = {**self.extra_env, **st.client_env(), "MLPIPE_HOST": HOST}
+        started = []
+        for name in SERVICES:
+            port = st.service_ports[name]
+            container = Container(
+                name=f"mlpipe-{name}-{st.pubsub_port}",
+                service=name,
+                port=port,
+                image=docker.IMAGE.format(service=name),
+                log=str(self.logs / f"{name}.log"),
+            )
+            runtime = runtimes[name]
+            env = {
+                **runtime.env,
+                **client,
+                **docker.cloud_run_env(name, port, st.code_version),
+            }
+            # Left over from a stack that was killed: same name, so it is ours.
+            docker.docker("rm", "--force", container.name, check=False)
+            try:
+                docker.run(container, runtime, env, {"dev.mlpipe.state-dir": str(self.state_dir)})
+            except docker.DockerError as exc:
+                raise StackError(f"{name}: {exc}") from None
+            st.containers.append(container)
+            st.save()
+            started.append((container, runtime))
+        for container, runtime in started:
+            self._wait_container(container, timeout)
+            progress(
+                f"{container.service:<16} http://{HOST}:{container.port}  container "
+                f"{container.name} ({runtime.memory}, {runtime.cpu:g} CPU)"
+            )
+
+    def _wait_container(self, container: Container, timeout: float) -> None:
+        """Until /healthz answers; a container that exits first is reported with its logs."""
+        deadline = time.monotonic() + timeout
+        url = f"http://{HOST}:{container.port}/healthz"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            state = container.state()
+            if not state or state.get("RestartCount", 0) > 0 or state.get("Status") == "exited":
+                raise StackError(
+                    f"{container.service} exited during start-up ({container.describe()}); "
+                    f"its last log lines:\n{_indent(container.logs(tail=15))}"
+                )
+            time.sleep(0.1)
+        raise StackError(
+            f"{container.service} was not ready after {timeout:.0f}s ({container.describe()}); "
+            f"its last log lines:\n{_indent(container.logs(tail=15))}"
+        )
 
     # --- stopping -------------------------------------------------------------------------
     def down(self, progress: Callable[[str], None] = print) -> None:
         state = StackState.load(self.state_dir) or self.state
+        # Services first, so nothing they do at shutdown meets a stopped emulator.
+        docker.stop(state.containers, progress)
         stop_processes(state.processes, progress)
         state.processes = []
+        state.containers = []
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / "stack.json").unlink()
 
@@ -406,6 +515,10 @@ def stop_processes(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         progress(f"stopped {proc.name} (pid {proc.pid})")
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines()) or "    (no output)"
 
 
 def _reaped(pid: int) -> bool:
