@@ -340,12 +340,22 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_chain(
-    runs: int, timeout: float, state_dir: Path, progress: Any = print, profile: bool = True
+    runs: int,
+    timeout: float,
+    state_dir: Path,
+    progress: Any = print,
+    profile: bool = True,
+    containers: bool = False,
 ) -> dict[str, Any]:
+    """`containers`: the services run as their images (`mlpipe up --containers`)."""
     base = free_base_port()
     suffix = uuid.uuid4().hex[:8]
     stack = LocalStack(
-        state_dir, base_port=base, project=f"bench-{suffix}", bucket=f"bench-{suffix}"
+        state_dir,
+        base_port=base,
+        project=f"bench-{suffix}",
+        bucket=f"bench-{suffix}",
+        containers=containers,
     )
     progress(f"chain: starting a stack on ports {base}..{base + 6} (state {state_dir})")
     t0 = time.monotonic()
