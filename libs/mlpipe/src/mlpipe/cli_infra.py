@@ -1,4 +1,5 @@
-"""`mlpipe infra plan|apply --env E`: the topology in the local stack or a GCP project."""
+"""`mlpipe infra plan|apply --env E`: the topology in the local stack or a GCP project;
+`mlpipe infra run-flags SERVICE --env E`: the `gcloud run deploy` flags of one service."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import typer
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import DefaultCredentialsError
 
-from mlpipe import infra
+from mlpipe import infra, service_runtime
 from mlpipe.localstack import StackState, client_env
+from mlpipe.topology import TOPOLOGY
 
 infra_app = typer.Typer(
     help="Provision the topology (topics, push subscriptions, dead letters, IAM, the bucket "
-    "notification, schedules) from infra/environments/<env>.yaml.",
+    "notification, schedules) from infra/environments/<env>.yaml, and render each service's "
+    "Cloud Run deploy flags from infra/runtime.yaml.",
     no_args_is_help=True,
 )
 
@@ -129,3 +132,54 @@ def apply(
     typer.echo(done.summary(applied=True))
     if done.blocked:
         raise _fail(f"{len(done.blocked)} change(s) blocked; see above, then apply again")
+
+
+@infra_app.command("run-flags")
+def run_flags(
+    service: Annotated[str, typer.Argument(help="ingest, trainer, evaluator, deployer, predictor")],
+    env: EnvName,
+    image: Annotated[str, typer.Option(help="The image to deploy (its immutable tag).")],
+    code_version: Annotated[str, typer.Option(help="The git commit it was built from.")],
+    project: Project = None,
+    project_number: ProjectNumber = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write the flags here instead of to standard output.")
+    ] = None,
+    environments_dir: EnvironmentsDir = None,
+) -> None:
+    """Render the flags file of `gcloud run deploy mlpipe-SERVICE --flags-file FILE`: limits,
+    scaling and CPU allocation from infra/runtime.yaml, identity, URL and environment from
+    infra/environments/<env>.yaml."""
+    try:
+        environment = infra.load_environment(env, environments_dir)
+        if environment.target != "gcp":
+            raise infra.InfraError(
+                f"env {env} is the local emulator stack; Cloud Run flags need a gcp environment"
+            )
+        if service not in TOPOLOGY.services:
+            raise infra.InfraError(
+                f"{service!r} is not a service (known: {', '.join(TOPOLOGY.services)})"
+            )
+        target = infra.resolve(environment, env, project=project, project_number=project_number)
+        runtime = service_runtime.load_runtimes(
+            env, service_runtime.runtime_file(environments_dir)
+        )[service]
+        flags = service_runtime.run_deploy_flags(
+            target, service, runtime, image=image, code_version=code_version
+        )
+    except (infra.InfraError, service_runtime.RuntimeDefinitionError) as exc:
+        raise _fail(str(exc)) from None
+    name = target.run_services[service].rsplit("/", 1)[-1]
+    text = service_runtime.render_flags_file(
+        flags,
+        f"gcloud run deploy {name} --flags-file=FILE\n"
+        f"Rendered by `mlpipe infra run-flags {service} --env {env}`\n"
+        f"from infra/runtime.yaml and infra/environments/{env}.yaml.",
+    )
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(
+            f"wrote {output}: flags of {name} in {target.project} ({target.region})", err=True
+        )

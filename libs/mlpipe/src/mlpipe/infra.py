@@ -317,6 +317,8 @@ class Target:
     region: str = ""
     project_number: int | None = None
     runtime_accounts: Mapping[str, str] = field(default_factory=dict)
+    # Each service's Cloud Run resource name (gcp only).
+    run_services: Mapping[str, str] = field(default_factory=dict)
     schedules: tuple[ScheduleSpec, ...] = ()
     topology: Topology = TOPOLOGY
 
@@ -333,6 +335,24 @@ class Target:
     @property
     def location(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
+
+    def push_receiver(self, service: str) -> tuple[str, str]:
+        """The OIDC audience and the identity of the push requests that reach `service`.
+
+        A service checks one of each (mlpipe.auth.PushVerifier), so every subscription that
+        pushes to it must sign as the same account."""
+        routes = [r for r in self.routes if r.subscription.service == service]
+        if not routes:
+            raise InfraError(f"{service}: no push subscription reaches it in the topology")
+        identities = {r.service_account: r.subscription.name for r in routes}
+        if len(identities) > 1:
+            listed = ", ".join(f"{name} as {account}" for account, name in identities.items())
+            raise InfraError(
+                f"{self.env}: the subscriptions that push to {service} sign as different "
+                f"accounts ({listed}); {service} checks one push identity "
+                f"(MLPIPE_PUSH_SERVICE_ACCOUNT): give them the same push_service_account"
+            )
+        return routes[0].service_url, routes[0].service_account
 
     def describe(self) -> str:
         where = "the emulators" if self.emulated else f"GCP, region {self.region}"
@@ -385,6 +405,17 @@ def resolve(
     values: dict[str, object] = {"project": project, "region": env.region or ""}
     if number is not None:
         values["project_number"] = number
+    runtime: dict[str, str] = {}
+    run_services: dict[str, str] = {}
+    if gcp:
+        for service in topology.services:
+            per_service = {**values, "service": service}
+            runtime[service] = _fill(
+                env.runtime_service_account, "runtime_service_account", per_service
+            )
+            run_services[service] = f"projects/{project}/locations/{env.region}/services/" + _fill(
+                env.cloud_run_service, "cloud_run_service", per_service
+            )
     routes = []
     for sub in topology.push:
         per_service = {**values, "service": sub.service}
@@ -396,27 +427,14 @@ def resolve(
             f"services.{sub.service}.url" if override else "service_url",
             per_service,
         ).rstrip("/")
-        account = run_service = ""
+        account = ""
         if gcp:
             account = _fill(
                 env.subscriptions[sub.name].push_service_account,
                 f"subscriptions.{sub.name}.push_service_account",
                 per_service,
             )
-            run_service = f"projects/{project}/locations/{env.region}/services/" + _fill(
-                env.cloud_run_service, "cloud_run_service", per_service
-            )
-        routes.append(PushRoute(sub, url, account, run_service))
-    runtime = (
-        {
-            s: _fill(
-                env.runtime_service_account, "runtime_service_account", {**values, "service": s}
-            )
-            for s in topology.services
-        }
-        if gcp
-        else {}
-    )
+        routes.append(PushRoute(sub, url, account, run_services.get(sub.service, "")))
     return Target(
         env=name,
         kind=env.target,
@@ -427,6 +445,7 @@ def resolve(
         region=env.region or "",
         project_number=number,
         runtime_accounts=runtime,
+        run_services=run_services,
         schedules=tuple(env.schedules),
         topology=topology,
     )

@@ -1,8 +1,10 @@
 """The runtime definition of each service (`infra/runtime.yaml`): memory, CPU, concurrency,
 request timeout, CPU allocation, instances and extra environment.
 
-One definition feeds the Cloud Run deploy (`mlpipe infra run-flags`), and the local container
-stack (`mlpipe up --containers`), so a service runs locally under the limits it ships with.
+One definition feeds the Cloud Run deploy (`mlpipe infra run-flags`, which renders
+`run_deploy_flags`), `mlpipe infra plan` (which compares it with the live services) and the
+local container stack (`mlpipe up --containers`), so a service runs locally under the limits it
+ships with. The environment a service gets is built in one place, `service_environment`.
 Each Cloud Run rule checked here names its source.
 """
 
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlpipe.topology import TOPOLOGY
+
+if TYPE_CHECKING:
+    from mlpipe.infra import Target
 
 RUNTIME_FILE = "runtime.yaml"
 _QUANTITY = re.compile(r"^(\d+)(Mi|Gi)$")
@@ -75,6 +80,12 @@ class ServiceRuntime(BaseModel):
         if reserved:
             # Cloud Run sets these itself and refuses them (container-contract#env-vars).
             raise ValueError(f"{reserved[0]} is set by Cloud Run itself")
+        derived = sorted(k for k in value if k in DERIVED_ENV)
+        if derived:
+            raise ValueError(
+                f"{derived[0]} comes from the environment file and the build "
+                f"(service_environment), not from runtime.yaml"
+            )
         return value
 
     @model_validator(mode="after")
@@ -104,6 +115,19 @@ class ServiceRuntime(BaseModel):
 
 # Set by Cloud Run in every instance (container-contract, "Environment variables").
 CLOUD_RUN_RESERVED = frozenset({"PORT", "K_SERVICE", "K_REVISION", "K_CONFIGURATION"})
+# Set by `service_environment` from the environment file and the build.
+DERIVED_ENV = frozenset(
+    {
+        "MLPIPE_PROJECT",
+        "MLPIPE_BUCKET",
+        "MLPIPE_CODE_VERSION",
+        "MLPIPE_ENV",
+        "MLPIPE_PUSH_AUTH",
+        "MLPIPE_PUSH_AUDIENCE",
+        "MLPIPE_PUSH_SERVICE_ACCOUNT",
+        "MLPIPE_TRAINER_IMAGE",
+    }
+)
 
 
 def runtime_file(directory: Path | None = None) -> Path:
@@ -164,3 +188,92 @@ def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, Ser
             where = f"{service}.{key}" if key else service
             raise RuntimeDefinitionError(f"{path}: {where}: {message} (env {env})") from None
     return runtimes
+
+
+def service_environment(
+    target: Target,
+    service: str,
+    runtime: ServiceRuntime,
+    *,
+    code_version: str,
+    image: str = "",
+) -> dict[str, str]:
+    """Every variable `service` needs on `target`, and nothing else: the project, bucket,
+    code version and environment; how push requests are checked (on GCP, the OIDC audience and
+    identity its subscriptions sign with, as `mlpipe infra apply` configures them); the
+    trainer's own image (Vertex AI CustomJobs run it); then runtime.yaml's `env`.
+
+    Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
+    env = {
+        "MLPIPE_PROJECT": target.project,
+        "MLPIPE_BUCKET": target.bucket,
+        "MLPIPE_CODE_VERSION": code_version,
+        "MLPIPE_ENV": target.env,
+    }
+    if target.emulated:
+        # The emulator sends no Authorization header (mlpipe.auth accepts none only there).
+        env["MLPIPE_PUSH_AUTH"] = "none"
+    else:
+        audience, account = target.push_receiver(service)
+        env |= {
+            "MLPIPE_PUSH_AUTH": "oidc",
+            "MLPIPE_PUSH_AUDIENCE": audience,
+            "MLPIPE_PUSH_SERVICE_ACCOUNT": account,
+        }
+    if service == "trainer" and image:
+        env["MLPIPE_TRAINER_IMAGE"] = image
+    return env | runtime.env
+
+
+def run_deploy_flags(
+    target: Target,
+    service: str,
+    runtime: ServiceRuntime,
+    *,
+    image: str,
+    code_version: str,
+) -> dict[str, Any]:
+    """The flags of `gcloud run deploy <cloud run service> --flags-file FILE` (see `gcloud
+    topic flags-file`): a flag that takes no value maps to None, `--set-env-vars` to a mapping.
+
+    `--set-env-vars` replaces every variable of the service, so a deploy leaves exactly
+    `service_environment` behind."""
+    if target.emulated:
+        raise ValueError(f"env {target.env} is the local emulator stack, not Cloud Run")
+    return {
+        "--project": target.project,
+        "--region": target.region,
+        "--image": image,
+        "--service-account": target.runtime_accounts[service],
+        # Only the push identities (roles/run.invoker, granted by `mlpipe infra apply`).
+        "--no-allow-unauthenticated": None,
+        # 512 MiB minimum and a full Linux kernel (configuring/execution-environments).
+        "--execution-environment": "gen2",
+        "--memory": runtime.memory,
+        "--cpu": f"{runtime.cpu:g}",
+        "--concurrency": runtime.concurrency,
+        "--timeout": f"{runtime.timeout_seconds}s",
+        "--min-instances": runtime.min_instances,
+        "--max-instances": runtime.max_instances,
+        # CPU outside requests: jobs and flushes that outlive the push (runtime.yaml says which).
+        "--no-cpu-throttling" if runtime.cpu_always_allocated else "--cpu-throttling": None,
+        "--set-env-vars": service_environment(
+            target, service, runtime, code_version=code_version, image=image
+        ),
+    }
+
+
+class _FlagsDumper(yaml.SafeDumper):
+    """Writes a flag without a value as `--flag:`, as `gcloud topic flags-file` shows it."""
+
+
+_FlagsDumper.add_representer(
+    type(None), lambda dumper, _: dumper.represent_scalar("tag:yaml.org,2002:null", "")
+)
+
+
+def render_flags_file(flags: dict[str, Any], header: str = "") -> str:
+    """`flags` as a gcloud flags file; `header` becomes leading comment lines."""
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    body = yaml.dump(flags, Dumper=_FlagsDumper, sort_keys=False, default_flow_style=False)
+    return comments + body
