@@ -9,9 +9,10 @@ subscription's dead-letter policy takes the message.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -23,14 +24,17 @@ from mlpipe import storage as gcs
 from mlpipe.auth import PushAuthError, PushVerifier, push_verifier
 from mlpipe.errors import Held, PermanentError, TransientError
 from mlpipe.failures import FailureReporter
-from mlpipe.logs import run_context, setup_logging
+from mlpipe.logs import CloudLoggingFormatter, run_context, setup_logging
 from mlpipe.publishing import Publisher
 from mlpipe.push import EnvelopeError, PushMessage, parse_envelope
-from mlpipe.settings import CommonSettings
+from mlpipe.settings import CommonSettings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
 
 RETRYABLE: tuple[type[Exception], ...] = (TransientError, *gcs.TRANSIENT_ERRORS)
+# A service that cannot start with the settings it was given exits with this code (sysexits'
+# EX_CONFIG): restarting it will not help; changing its configuration will.
+EXIT_CONFIG = 78
 
 
 @dataclass
@@ -197,8 +201,17 @@ def push_endpoint(
     return receive
 
 
-def run(app: str, service: str, settings: CommonSettings) -> None:
-    """Process entry point: JSON logs, then uvicorn on $PORT (Cloud Run's contract)."""
+def run(app: str, service: str, settings_class: type[CommonSettings]) -> None:
+    """Process entry point: settings, JSON logs, then uvicorn on $PORT (Cloud Run's contract).
+
+    A missing or invalid setting stops the process before the server starts: one CRITICAL
+    JSON line on stderr naming it, exit code EXIT_CONFIG, no traceback.
+    """
+    try:
+        settings = load_settings(settings_class)
+        push_verifier(settings)  # the lifespan builds it again; here it only stops a bad start
+    except SettingsError as exc:
+        exit_on_bad_settings(service, exc)
     setup_logging(service, settings.log_level, settings.project)
     uvicorn.run(
         app,
@@ -208,6 +221,15 @@ def run(app: str, service: str, settings: CommonSettings) -> None:
         access_log=False,
         timeout_graceful_shutdown=8,
     )
+
+
+def exit_on_bad_settings(service: str, error: SettingsError) -> NoReturn:
+    """Say which setting is wrong in one Cloud Logging line on stderr, and exit EXIT_CONFIG."""
+    record = log.makeRecord(
+        log.name, logging.CRITICAL, __file__, 0, "cannot start: %s", (error,), None
+    )
+    print(CloudLoggingFormatter(service).format(record), file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
 
 
 def create_app(service: str, lifespan: Any) -> FastAPI:

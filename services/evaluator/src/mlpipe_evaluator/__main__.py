@@ -1,4 +1,4 @@
 from mlpipe.service import run
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.settings import CommonSettings
 
-run("mlpipe_evaluator.main:app", "evaluator", load_settings(CommonSettings))
+run("mlpipe_evaluator.main:app", "evaluator", CommonSettings)
