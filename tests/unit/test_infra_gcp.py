@@ -1,4 +1,5 @@
-"""The GCP-only parts of `mlpipe infra plan/apply` (IAM, the GCS notification, Cloud Scheduler)
+"""The GCP-only parts of `mlpipe infra plan/apply` (IAM, the GCS notification, Cloud Scheduler,
+the Cloud Run services' runtime settings)
 at their client boundary: the real client libraries talk to an HTTP stand-in on 127.0.0.1 that
 answers from a table the test sets and records what they send."""
 
@@ -10,6 +11,7 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from google.cloud import pubsub_v1, run_v2, scheduler_v1, storage
 from google.iam.v1 import policy_pb2
 from google.protobuf import json_format
 
-from mlpipe import infra
+from mlpipe import infra, service_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "acme-ml-dev"
@@ -302,3 +304,155 @@ def test_a_schedule_as_configured_is_left_alone(
     google.reply("GET", f"/v1/{JOB}", json.loads(scheduler_v1.Job.to_json(live)))
 
     assert infra.schedule_changes(dev, clients) == []
+
+
+# --- Cloud Run services against infra/runtime.yaml ----------------------------------------------
+LOCATION = f"projects/{PROJECT}/locations/us-central1"
+
+
+@pytest.fixture
+def dev_runtimes() -> infra.Target:
+    env = infra.load_environment("dev", REPO / "infra" / "environments")
+    runtimes = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")
+    return infra.resolve(env, "dev", project=PROJECT, project_number=NUMBER, runtimes=runtimes)
+
+
+def deployed(service: str, **template: Any) -> run_v2.Service:
+    """A service as `gcloud run deploy` with Cloud Run's defaults leaves it, then `template`."""
+    live = run_v2.Service(
+        name=f"{LOCATION}/services/mlpipe-{service}",
+        uri=f"https://mlpipe-{service}-{NUMBER}.us-central1.run.app",
+        etag='"AY2x"',
+        generation=3,
+        template=run_v2.RevisionTemplate(
+            revision=f"mlpipe-{service}-00003-xyz",
+            service_account=f"mlpipe-{service}@{PROJECT}.iam.gserviceaccount.com",
+            max_instance_request_concurrency=80,
+            timeout=timedelta(seconds=300),
+            scaling=run_v2.RevisionScaling(min_instance_count=0, max_instance_count=100),
+            execution_environment=run_v2.ExecutionEnvironment.EXECUTION_ENVIRONMENT_GEN2,
+            containers=[
+                run_v2.Container(
+                    image=f"us-central1-docker.pkg.dev/{PROJECT}/mlpipe/{service}:abc1234",
+                    env=[run_v2.EnvVar(name="MLPIPE_ENV", value="dev")],
+                    resources=run_v2.ResourceRequirements(
+                        limits={"cpu": "1000m", "memory": "512Mi"}, cpu_idle=True
+                    ),
+                )
+            ],
+        ),
+    )
+    for key, value in template.items():
+        setattr(live.template, key, value)
+    return live
+
+
+def as_json(message: Any) -> Any:
+    return json.loads(type(message).to_json(message))
+
+
+def test_a_deployed_service_that_differs_from_its_runtime_definition_is_updated(
+    google: StandIn, clients: infra.Clients, dev_runtimes: infra.Target
+) -> None:
+    live = deployed("trainer")
+    name = live.name
+    google.reply("GET", f"/v2/{name}", as_json(live))
+    runtime = dev_runtimes.runtimes["trainer"]
+    account = dev_runtimes.runtime_accounts["trainer"]
+    wanted = infra.run_service_wanted(live, runtime, account)
+    google.reply(
+        "PATCH",
+        f"/v2/{name}",
+        {
+            "name": f"{LOCATION}/operations/op-1",
+            "done": True,
+            "response": {"@type": "type.googleapis.com/google.cloud.run.v2.Service"}
+            | as_json(wanted),
+        },
+    )
+
+    changes, notes = infra.run_service_changes(dev_runtimes, clients)
+
+    (change,) = changes
+    assert str(change) == (
+        "update cloud run service mlpipe-trainer: memory 512Mi → 2Gi; CPU 1000m → 2; "
+        "concurrency 80 → 20; max instances 100 → 10; CPU allocation during requests → always"
+    )
+    assert len(notes) == 4 and all("not deployed yet" in n for n in notes)
+    assert not google.sent("PATCH")  # a plan only reads
+    assert change.run is not None
+
+    change.run()
+
+    (sent,) = google.sent("PATCH")
+    # The REST transport carries the service's name in the path, the rest in the body.
+    assert sent.path == f"/v2/{name}"
+    assert run_v2.Service.from_json(json.dumps({**sent.body, "name": name})) == wanted
+    assert "updateMask" not in sent.query  # the whole service, read-modified-written
+    template = sent.body["template"]
+    assert template["containers"][0]["resources"] == {
+        "limits": {"cpu": "2", "memory": "2Gi"},
+        # cpu_idle false (always allocated) is proto3's default: absent from the JSON.
+    }
+    assert template["maxInstanceRequestConcurrency"] == 20
+    assert template["scaling"] == {"maxInstanceCount": 10}
+    assert template["timeout"] == "300s"
+    assert template["serviceAccount"] == account
+    # The deploy's image and variables stay; the etag refuses a concurrent deploy; Cloud Run
+    # names the new revision.
+    assert template["containers"][0]["image"] == live.template.containers[0].image
+    assert template["containers"][0]["env"] == [{"name": "MLPIPE_ENV", "value": "dev"}]
+    assert sent.body["etag"] == '"AY2x"'
+    assert "revision" not in template
+    assert live.template.revision == "mlpipe-trainer-00003-xyz"  # the live copy is untouched
+
+
+def test_a_service_as_defined_is_left_alone(
+    google: StandIn, clients: infra.Clients, dev_runtimes: infra.Target
+) -> None:
+    for service, runtime in dev_runtimes.runtimes.items():
+        live = infra.run_service_wanted(
+            deployed(service), runtime, dev_runtimes.runtime_accounts[service]
+        )
+        # Cloud Run may spell quantities its own way.
+        limits = live.template.containers[0].resources.limits
+        limits["cpu"] = f"{int(runtime.cpu * 1000)}m"
+        limits["memory"] = f"{service_runtime.memory_bytes(runtime.memory) // 2**20}Mi"
+        google.reply("GET", f"/v2/{live.name}", as_json(live))
+
+    changes, notes = infra.run_service_changes(dev_runtimes, clients)
+
+    assert changes == [] and notes == []
+
+
+def test_a_service_running_as_another_identity_on_gen1_is_corrected(
+    google: StandIn, clients: infra.Clients, dev_runtimes: infra.Target
+) -> None:
+    runtime = dev_runtimes.runtimes["ingest"]
+    live = infra.run_service_wanted(
+        deployed("ingest"), runtime, dev_runtimes.runtime_accounts["ingest"]
+    )
+    live.template.service_account = f"{NUMBER}-compute@developer.gserviceaccount.com"
+    live.template.execution_environment = run_v2.ExecutionEnvironment.EXECUTION_ENVIRONMENT_GEN1
+    live.template.timeout = timedelta(seconds=60)
+    google.reply("GET", f"/v2/{live.name}", as_json(live))
+
+    (change,), _ = infra.run_service_changes(dev_runtimes, clients)
+
+    assert change.detail == (
+        "timeout 60s → 300s; execution environment EXECUTION_ENVIRONMENT_GEN1 → "
+        f"EXECUTION_ENVIRONMENT_GEN2; service account {NUMBER}-compute@developer"
+        f".gserviceaccount.com → mlpipe-ingest@{PROJECT}.iam.gserviceaccount.com"
+    )
+
+
+def test_the_gcp_plan_ends_with_the_cloud_run_services(
+    google: StandIn, clients: infra.Clients, dev_runtimes: infra.Target
+) -> None:
+    live = deployed("predictor")
+    google.reply("GET", f"/v2/{live.name}", as_json(live))
+
+    planned = infra.plan(dev_runtimes, clients)
+
+    assert str(planned.changes[-1]).startswith("update cloud run service mlpipe-predictor:")
+    assert sum("not deployed yet" in n for n in planned.notes) == 4

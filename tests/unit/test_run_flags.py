@@ -202,3 +202,42 @@ def test_runtime_changes_name_only_known_environments() -> None:
     known = {p.stem for p in ENVIRONMENTS.glob("*.yaml")}
 
     assert set(raw.get("environments") or {}) <= known
+
+
+@pytest.mark.parametrize("command", ["plan", "apply", "run-flags"])
+def test_an_invalid_runtime_definition_stops_infra_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    environments = tmp_path / "environments"
+    environments.mkdir()
+    (environments / "dev.yaml").write_text((ENVIRONMENTS / "dev.yaml").read_text())
+    (tmp_path / "schedules").mkdir()
+    (tmp_path / "schedules" / "iris-smoke.json").write_text(
+        (REPO / "infra" / "schedules" / "iris-smoke.json").read_text()
+    )
+    raw = yaml.safe_load((REPO / "infra" / "runtime.yaml").read_text())
+    raw["services"]["trainer"]["memory"] = "64Gi"
+    (tmp_path / "runtime.yaml").write_text(yaml.safe_dump(raw))
+    service = ["trainer"] if command == "run-flags" else []
+    extra = ["--image", "i", "--code-version", "c"] if command == "run-flags" else []
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "infra",
+            command,
+            *service,
+            "--env",
+            "dev",
+            "--project-number",
+            "1",
+            *extra,
+            "--environments-dir",
+            str(environments),
+        ],
+    )
+
+    assert result.exit_code == 1
+    assert "trainer.memory: 64Gi: Cloud Run allows 512Mi to 32Gi" in result.output

@@ -19,8 +19,8 @@ from mlpipe.topology import TOPOLOGY
 
 infra_app = typer.Typer(
     help="Provision the topology (topics, push subscriptions, dead letters, IAM, the bucket "
-    "notification, schedules) from infra/environments/<env>.yaml, and render each service's "
-    "Cloud Run deploy flags from infra/runtime.yaml.",
+    "notification, schedules) from infra/environments/<env>.yaml and keep the Cloud Run "
+    "services' runtime settings as infra/runtime.yaml says; render a service's deploy flags.",
     no_args_is_help=True,
 )
 
@@ -66,7 +66,16 @@ def _target(
                 raise infra.InfraError(
                     f"{' and '.join(set_vars)} set: unset it to plan against the GCP project"
                 )
-            yield infra.resolve(environment, env, project=project, project_number=project_number)
+            runtimes = service_runtime.load_runtimes(
+                env, service_runtime.runtime_file(environments_dir)
+            )
+            yield infra.resolve(
+                environment,
+                env,
+                project=project,
+                project_number=project_number,
+                runtimes=runtimes,
+            )
             return
         state = StackState.load(state_dir)
         if state is None or not any(p.alive() for p in state.processes):
@@ -83,7 +92,7 @@ def _target(
         )
         with client_env(state):
             yield target
-    except infra.InfraError as exc:
+    except (infra.InfraError, service_runtime.RuntimeDefinitionError) as exc:
         raise _fail(str(exc)) from None
     except DefaultCredentialsError as exc:
         raise _fail(
@@ -160,12 +169,14 @@ def run_flags(
             raise infra.InfraError(
                 f"{service!r} is not a service (known: {', '.join(TOPOLOGY.services)})"
             )
-        target = infra.resolve(environment, env, project=project, project_number=project_number)
-        runtime = service_runtime.load_runtimes(
+        runtimes = service_runtime.load_runtimes(
             env, service_runtime.runtime_file(environments_dir)
-        )[service]
+        )
+        target = infra.resolve(
+            environment, env, project=project, project_number=project_number, runtimes=runtimes
+        )
         flags = service_runtime.run_deploy_flags(
-            target, service, runtime, image=image, code_version=code_version
+            target, service, target.runtimes[service], image=image, code_version=code_version
         )
     except (infra.InfraError, service_runtime.RuntimeDefinitionError) as exc:
         raise _fail(str(exc)) from None

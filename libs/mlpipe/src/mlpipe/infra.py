@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1, scheduler_v1, storage
 from google.cloud.storage.notification import BucketNotification
 from google.iam.v1 import iam_policy_pb2, policy_pb2  # type: ignore[import-untyped]
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import duration_pb2, field_mask_pb2, json_format
 from google.pubsub_v1.types import (
     DeadLetterPolicy,
     PushConfig,
@@ -49,8 +49,12 @@ from pydantic import (
 )
 
 from mlpipe import events
+from mlpipe.service_runtime import ServiceRuntime
 from mlpipe.topology import PUSH_PATH, TOPOLOGY, PullSubscription, PushSubscription, Topology
 from mlpipe.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from google.cloud import run_v2
 
 PROJECT_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
 ENV_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
@@ -319,6 +323,8 @@ class Target:
     runtime_accounts: Mapping[str, str] = field(default_factory=dict)
     # Each service's Cloud Run resource name (gcp only).
     run_services: Mapping[str, str] = field(default_factory=dict)
+    # What each Cloud Run service runs with (infra/runtime.yaml for this environment).
+    runtimes: Mapping[str, ServiceRuntime] = field(default_factory=dict)
     schedules: tuple[ScheduleSpec, ...] = ()
     topology: Topology = TOPOLOGY
 
@@ -382,10 +388,12 @@ def resolve(
     project_number: int | None = None,
     bucket: str | None = None,
     ports: Mapping[str, int] | None = None,
+    runtimes: Mapping[str, ServiceRuntime] | None = None,
     topology: Topology = TOPOLOGY,
 ) -> Target:
     """Fill in `env`'s templates for one project (the file's, or `project`); `ports` are a
-    running local stack's service ports."""
+    running local stack's service ports, `runtimes` the services' runtime definitions (which
+    a GCP plan compares with the deployed services)."""
     gcp = env.target == "gcp"
     if project and not re.match(PROJECT_PATTERN, project):
         raise InfraError(f"--project {project!r} is not a GCP project id")
@@ -446,6 +454,7 @@ def resolve(
         project_number=number,
         runtime_accounts=runtime,
         run_services=run_services,
+        runtimes=dict(runtimes or {}),
         schedules=tuple(env.schedules),
         topology=topology,
     )
@@ -749,6 +758,114 @@ def set_iam_policy_request(
     if policy is None:
         return None
     return iam_policy_pb2.SetIamPolicyRequest(resource=binding.resource, policy=policy)
+
+
+# What a Cloud Run service's revision template must say, per infra/runtime.yaml: (label, how to
+# read it from a run_v2.Service's template, how to say it). Read from the live service and from
+# the same service with the definition applied, so both sides go through one reader.
+def _cpu(quantity: str) -> float | str:
+    try:
+        return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    except ValueError:
+        return quantity
+
+
+def _memory(quantity: str) -> int | str:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", quantity)
+    if not match:
+        return quantity
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units |= {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    return int(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
+def _limits(template: Any) -> Mapping[str, str]:
+    return template.containers[0].resources.limits if template.containers else {}
+
+
+_RUN_FIELDS: tuple[tuple[str, Callable[[Any], Any], Callable[[Any], str]], ...] = (
+    (
+        "memory",
+        lambda t: _memory(_limits(t).get("memory", "")),
+        lambda t: _show(_limits(t).get("memory")),
+    ),
+    ("CPU", lambda t: _cpu(_limits(t).get("cpu", "")), lambda t: _show(_limits(t).get("cpu"))),
+    (
+        "concurrency",
+        lambda t: t.max_instance_request_concurrency,
+        lambda t: str(t.max_instance_request_concurrency),
+    ),
+    ("timeout", lambda t: t.timeout, lambda t: _show(t.timeout)),
+    (
+        "min instances",
+        lambda t: t.scaling.min_instance_count,
+        lambda t: str(t.scaling.min_instance_count),
+    ),
+    (
+        "max instances",
+        lambda t: t.scaling.max_instance_count,
+        lambda t: str(t.scaling.max_instance_count),
+    ),
+    (
+        "CPU allocation",
+        lambda t: bool(t.containers and t.containers[0].resources.cpu_idle),
+        lambda t: (
+            "during requests" if t.containers and t.containers[0].resources.cpu_idle else "always"
+        ),
+    ),
+    (
+        "execution environment",
+        lambda t: t.execution_environment,
+        lambda t: t.execution_environment.name,
+    ),
+    ("service account", lambda t: t.service_account, lambda t: _show(t.service_account)),
+)
+
+
+def run_service_wanted(
+    live: run_v2.Service, runtime: ServiceRuntime, service_account: str
+) -> run_v2.Service:
+    """`live` with the revision template set as `runtime` says; its image, variables and
+    everything else are the deploy's, kept as they are (and its etag, so a concurrent deploy
+    is refused, not overwritten)."""
+    from google.cloud import run_v2
+
+    wanted = run_v2.Service(live)
+    template = wanted.template
+    if not template.containers:
+        template.containers.append(run_v2.Container())
+    resources = template.containers[0].resources
+    resources.limits["memory"] = runtime.memory
+    resources.limits["cpu"] = f"{runtime.cpu:g}"
+    # cpu_idle: CPU only while requests are handled (false: allocated for the whole
+    # instance lifetime), the v2 form of `--cpu-throttling`.
+    resources.cpu_idle = not runtime.cpu_always_allocated
+    template.max_instance_request_concurrency = runtime.concurrency
+    template.timeout = duration_pb2.Duration(seconds=runtime.timeout_seconds)
+    template.scaling.min_instance_count = runtime.min_instances
+    template.scaling.max_instance_count = runtime.max_instances
+    template.execution_environment = run_v2.ExecutionEnvironment(
+        run_v2.ExecutionEnvironment.EXECUTION_ENVIRONMENT_GEN2
+    )
+    template.service_account = service_account
+    # A named revision cannot be created twice: let Cloud Run name the new one.
+    template.revision = ""
+    return wanted
+
+
+def run_service_differences(live: run_v2.Service, wanted: run_v2.Service) -> list[str]:
+    """What differs between the live revision template and the wanted one, as plan shows it."""
+    return [
+        f"{label} {say(live.template)} → {say(wanted.template)}"
+        for label, read, say in _RUN_FIELDS
+        if read(live.template) != read(wanted.template)
+    ]
+
+
+def update_run_service_request(wanted: run_v2.Service) -> run_v2.UpdateServiceRequest:
+    from google.cloud import run_v2
+
+    return run_v2.UpdateServiceRequest(service=wanted)
 
 
 # --- plan and apply ---------------------------------------------------------------------------
@@ -1058,9 +1175,48 @@ def emulator_notes(target: Target) -> list[str]:
     ]
 
 
+# Cloud Run rolls out a new revision before the update's operation is done.
+RUN_UPDATE_TIMEOUT_SECONDS = 600.0
+
+
+def _update_run_service(clients: Clients, request: run_v2.UpdateServiceRequest) -> None:
+    clients.run.update_service(request=request).result(timeout=RUN_UPDATE_TIMEOUT_SECONDS)
+
+
+def run_service_changes(target: Target, clients: Clients) -> tuple[list[Change], list[str]]:
+    """Each deployed service whose revision template differs from infra/runtime.yaml, and a
+    note for each service that is not deployed yet (its first deploy applies the definition)."""
+    changes, notes = [], []
+    for service, runtime in target.runtimes.items():
+        name = target.run_services[service]
+        short = name.rsplit("/", 1)[-1]
+        try:
+            live = clients.run.get_service(name=name)
+        except gexc.NotFound:
+            notes.append(
+                f"cloud run service {short}: not deployed yet; cloudbuild/service.yaml deploys "
+                f"it with infra/runtime.yaml's settings"
+            )
+            continue
+        wanted = run_service_wanted(live, runtime, target.runtime_accounts[service])
+        differences = run_service_differences(live, wanted)
+        if differences:
+            changes.append(
+                Change(
+                    "update",
+                    "cloud run service",
+                    short,
+                    "; ".join(differences),
+                    run=partial(_update_run_service, clients, update_run_service_request(wanted)),
+                )
+            )
+    return changes, notes
+
+
 def plan(target: Target, clients: Clients | None = None) -> Plan:
     """What `apply` would change, in the order it would: topics, subscriptions, IAM (which a
-    notification needs first), the bucket notification, schedules."""
+    notification needs first), the bucket notification, schedules, then the Cloud Run
+    services' runtime settings (infra/runtime.yaml)."""
     clients = clients or Clients(target.project)
     changes = topic_changes(target, clients) + subscription_changes(target, clients)
     if target.emulated:
@@ -1068,7 +1224,10 @@ def plan(target: Target, clients: Clients | None = None) -> Plan:
     changes += iam_changes(target, clients)
     changes += notification_changes(target, clients)
     changes += schedule_changes(target, clients)
-    return Plan(target, changes)
+    run_changes, notes = run_service_changes(target, clients)
+    if not target.runtimes:
+        notes.append("cloud run services: no runtime definition given, so not compared")
+    return Plan(target, changes + run_changes, notes)
 
 
 def apply(
