@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from mlpipe import events
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackError, StackState, client_env
 from mlpipe.publishing import Publisher
+from mlpipe.push import parse_envelope
 from mlpipe.registry import Registry
 from mlpipe.service_runtime import load_runtimes
 from mlpipe.storage import Storage, make_client
@@ -29,6 +31,7 @@ from mlpipe.v1 import events_pb2
 from tests.conftest import REPO, collect, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.containers
+JOB_PAUSE_SECONDS = 4
 
 
 def engine_missing() -> str:
@@ -53,6 +56,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
         project=unique("ctr"),
         bucket=unique("ctr"),
         containers=True,
+        # Every training job stalls 4 s before writing anything, so a test can kill the
+        # trainer's container while a job is surely running (mlpipe.faults).
+        env={"MLPIPE_FAULT_POINT": f"job.before_artifacts=pause:{JOB_PAUSE_SECONDS}"},
     )
     state = local.up(progress=print, timeout=180)
     try:
@@ -148,7 +154,9 @@ def test_a_csv_missing_a_column_is_quarantined(stack: StackState) -> None:
     assert failed.context.request_id == request_id
     assert "petal_width" in failed.message
     kept = storage.read(storage.path_of(failed.quarantine_uri))
-    assert kept is not None and b"sepal_length" in kept.data
+    assert kept is not None
+    # The whole push envelope is kept: the request, CSV and all, can be replayed as delivered.
+    assert b"sepal_length" in parse_envelope(kept.data).data
 
 
 def test_a_trainer_killed_mid_run_is_restarted_and_the_run_makes_one_version(
@@ -158,6 +166,8 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_makes_one_version(
     trainer = next(c for c in stack.containers if c.service == "trainer")
     before = trainer.state()["RestartCount"]
     csv_text = (REPO / "examples/crops/crops.csv").read_text()
+    applied = cli(stack, "pipeline", "apply", "examples/crops/pipeline.yaml")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
 
     with EventWatcher(stack.project) as watcher:
         Publisher(stack.project).publish(
@@ -170,7 +180,8 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_makes_one_version(
         started = collect(watcher, events_pb2.TrainingStarted, timeout=90)[-1]
         assert isinstance(started, events_pb2.TrainingStarted), started
         # What a crashed instance looks like: the container's process dies by SIGKILL, the
-        # job with it, and nothing is answered.
+        # job (stalled in its fault point) with it, and nothing is answered.
+        time.sleep(1)
         pid = trainer.inspect()["State"]["Pid"]  # type: ignore[index]
         os.kill(pid, 9)
         done = collect(watcher, events_pb2.DeploymentCompleted, started.context.run_id, 240)[-1]

@@ -27,7 +27,12 @@ import httpx
 from mlpipe import containers as docker
 from mlpipe import infra, topology
 from mlpipe.containers import Container
-from mlpipe.service_runtime import RuntimeDefinitionError, load_runtimes
+from mlpipe.service_runtime import (
+    RuntimeDefinitionError,
+    ServiceRuntime,
+    load_runtimes,
+    service_environment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,16 +378,38 @@ class LocalStack:
             self._start_processes(base_env, timeout, progress)
         progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
 
+    def _services(self) -> tuple[dict[str, ServiceRuntime], dict[str, dict[str, str]]]:
+        """Each service's runtime (infra/runtime.yaml, env local) and its own variables: what
+        its Cloud Run revision would get on the local target, plus the emulators' hosts and
+        this stack's extra settings."""
+        st = self.state
+        try:
+            runtimes = load_runtimes("local")
+            target = infra.local_target(st.project, st.bucket, st.service_ports)
+        except (RuntimeDefinitionError, infra.InfraError) as exc:
+            raise StackError(str(exc)) from None
+        hosts = {k: v for k, v in st.client_env().items() if k.endswith("_EMULATOR_HOST")}
+        return runtimes, {
+            name: {
+                **service_environment(target, name, runtimes[name], code_version=st.code_version),
+                **hosts,
+                **self.extra_env,
+                "MLPIPE_HOST": HOST,
+            }
+            for name in SERVICES
+        }
+
     def _start_processes(
         self, base_env: dict[str, str], timeout: float, progress: Callable[[str], None]
     ) -> None:
         st = self.state
+        _, own = self._services()
         procs = []
         for name in SERVICES:
             env = {
                 **base_env,
+                **own[name],
                 "PORT": str(st.service_ports[name]),
-                "MLPIPE_HOST": HOST,
                 "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
             }
             procs.append(
@@ -418,13 +445,8 @@ class LocalStack:
 
     def _start_containers(self, timeout: float, progress: Callable[[str], None]) -> None:
         st = self.state
-        try:
-            runtimes = load_runtimes("local")
-        except RuntimeDefinitionError as exc:
-            raise StackError(str(exc)) from None
-        # Only what a Cloud Run instance would have: the stack's client settings, not this
-        # shell's environment.
-        client = {**self.extra_env, **st.client_env(), "MLPIPE_HOST": HOST}
+        # Only what a Cloud Run instance would have: nothing of this shell's environment.
+        runtimes, own = self._services()
         started = []
         for name in SERVICES:
             port = st.service_ports[name]
@@ -436,11 +458,7 @@ class LocalStack:
                 log=str(self.logs / f"{name}.log"),
             )
             runtime = runtimes[name]
-            env = {
-                **runtime.env,
-                **client,
-                **docker.cloud_run_env(name, port, st.code_version),
-            }
+            env = {**own[name], **docker.cloud_run_env(name, port, st.code_version)}
             # Left over from a stack that was killed: same name, so it is ours.
             docker.docker("rm", "--force", container.name, check=False)
             try:
