@@ -22,6 +22,7 @@ from mlpipe.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.launcher import FAILED, RECORDED, SUPERSEDED
+from mlpipe_trainer.memory import volunteer_for_oom_killer
 from mlpipe_trainer.training import train
 
 log = logging.getLogger("mlpipe_trainer.job")
@@ -33,6 +34,7 @@ class JobSettings(CommonSettings):
 
 
 def main(argv: list[str] | None = None) -> int:
+    volunteer_for_oom_killer()
     parser = argparse.ArgumentParser(prog="mlpipe_trainer.job")
     parser.add_argument("--started", required=True, help="TrainingStarted event as JSON")
     args = parser.parse_args(argv)

@@ -6,10 +6,12 @@
   still gets its own process, memory and crash isolation.
 - `subprocess`: a fresh `python -m mlpipe_trainer.job`, exactly what a cloud job runs.
 
-A watcher thread reaps each child; if it dies without recording a result (killed, out of
-memory, a bug, a shutdown), the watcher releases the run's claim so that the redelivery of
-the notification, which stays unacknowledged until the run is recorded, starts it again (see
-mlpipe_trainer.lease); after repeated crashes the run fails with `job_crashed`.
+A watcher thread reaps each child; if it dies without recording a result (killed, a bug, a
+shutdown), the watcher releases the run's claim so that the redelivery of the notification,
+which stays unacknowledged until the run is recorded, starts it again (see
+mlpipe_trainer.lease); after repeated crashes the run fails with `job_crashed`. A job the
+OOM killer ended (SIGKILL while the cgroup's oom_kill count rose) would only be killed again:
+its run fails at once with `out_of_memory` (mlpipe_trainer.memory).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Literal, Protocol
@@ -29,11 +33,22 @@ from typing import Literal, Protocol
 from mlpipe import events
 from mlpipe.config import PipelineConfig
 from mlpipe.v1 import events_pb2
+from mlpipe_trainer.memory import MemoryBudget
 
 log = logging.getLogger(__name__)
 
-# (the job's TrainingStarted, its exit code, its log, whether the trainer is shutting down)
-CrashHandler = Callable[[events_pb2.TrainingStarted, int, Path, bool], None]
+
+@dataclass(frozen=True)
+class JobExit:
+    """How a local job ended without recording a result."""
+
+    code: int
+    log_path: Path
+    stopping: bool  # the trainer is shutting down and stopped it
+    out_of_memory: bool = False  # the kernel's OOM killer ended it
+
+
+CrashHandler = Callable[[events_pb2.TrainingStarted, JobExit], None]
 # Exit codes of mlpipe_trainer.job that need nothing from the watcher.
 RECORDED, FAILED, SUPERSEDED = 0, 2, 3
 Runner = Literal["warm", "subprocess"]
@@ -87,6 +102,14 @@ class _ForkedChild:
 PASSED_ENV = ("MLPIPE_", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "GOOGLE_")
 
 
+def killed_by_oom(code: int, oom_kills_before: int | None, oom_kills_after: int | None) -> bool:
+    """A job that died of SIGKILL while its cgroup's OOM kill count rose was the OOM killer's
+    victim (the job volunteers to be: mlpipe_trainer.job sets its oom_score_adj to 1000)."""
+    if oom_kills_before is None or oom_kills_after is None:
+        return False
+    return code == -signal.SIGKILL and oom_kills_after > oom_kills_before
+
+
 def _run_job(started_json: str, log_path: str, env: dict[str, str]) -> None:
     """The warm job's body, in the forked child: same entry point as the subprocess job."""
     for key in [k for k in os.environ if k.startswith(PASSED_ENV)]:
@@ -115,11 +138,14 @@ class LocalJobLauncher:
         on_crash: CrashHandler,
         runner: Runner = "warm",
         python: str = sys.executable,
+        memory: MemoryBudget | None = None,
     ):
         self.log_dir = log_dir
         self.on_crash = on_crash
         self.runner = runner
         self.python = python
+        # Its reservations end when the job exits; its OOM kill count tells how.
+        self.memory = memory
         self._children: dict[str, Child] = {}
         self._watchers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -139,6 +165,7 @@ class LocalJobLauncher:
         run_id = started.context.run_id
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{run_id}.log"
+        oom_kills = self.memory.oom_kills() if self.memory is not None else None
         child: Child
         if self.runner == "warm":
             env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
@@ -159,7 +186,10 @@ class LocalJobLauncher:
                 )
         job_id = f"local-{run_id}-{child.pid}"
         watcher = threading.Thread(
-            target=self._watch, args=(job_id, child, started, log_path), daemon=True, name=job_id
+            target=self._watch,
+            args=(job_id, child, started, log_path, oom_kills),
+            daemon=True,
+            name=job_id,
         )
         with self._lock:
             self._children[job_id] = child
@@ -168,25 +198,40 @@ class LocalJobLauncher:
         return job_id
 
     def _watch(
-        self, job_id: str, child: Child, started: events_pb2.TrainingStarted, log_path: Path
+        self,
+        job_id: str,
+        child: Child,
+        started: events_pb2.TrainingStarted,
+        log_path: Path,
+        oom_kills: int | None,
     ) -> None:
         code = child.wait()
         with self._lock:
             self._children.pop(job_id, None)
         try:
+            if self.memory is not None:
+                self.memory.release(started.context.run_id)
             if code in (RECORDED, FAILED, SUPERSEDED):
                 return
             stopping = self._stopping
+            out_of_memory = (
+                not stopping
+                and self.memory is not None
+                and killed_by_oom(code, oom_kills, self.memory.oom_kills())
+            )
+            cause = " (stopped by the shutdown)" if stopping else ""
+            if out_of_memory:
+                cause = " (killed by the out-of-memory killer)"
             (log.warning if stopping else log.error)(
                 "training job %s exited with %d%s; log at %s",
                 job_id,
                 code,
-                " (stopped by the shutdown)" if stopping else "",
+                cause,
                 log_path,
                 extra={"run_id": started.context.run_id},
             )
             try:
-                self.on_crash(started, code, log_path, stopping)
+                self.on_crash(started, JobExit(code, log_path, stopping, out_of_memory))
             except Exception:
                 log.exception("could not report the end of %s", job_id)
         finally:

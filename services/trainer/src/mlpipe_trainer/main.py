@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from pydantic import Field
 
 from mlpipe.service import Clients, create_app
 from mlpipe.settings import CommonSettings, load_settings
 from mlpipe_trainer.launcher import LocalJobLauncher, Runner
+from mlpipe_trainer.memory import MemoryBudget
 from mlpipe_trainer.recovery import crash_reporter
 from mlpipe_trainer.start import JobLauncher, TrainingStarter
 from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget
@@ -32,16 +34,21 @@ class TrainerSettings(CommonSettings):
     trainer_image: str = ""
     # warm: jobs fork from a pre-imported server (fast start); subprocess: a fresh interpreter.
     job_runner: Runner = "warm"
+    # The memory local jobs share with this server; 0: the limit of its cgroup (Cloud Run's,
+    # a container's). Datasets too large for it are refused with `dataset_too_large`.
+    memory_limit_bytes: int = Field(default=0, ge=0)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(TrainerSettings)
     clients = Clients.create(settings, stage="trainer")
+    memory = MemoryBudget(settings.memory_limit_bytes)
     local = LocalJobLauncher(
         settings.job_log_dir,
-        crash_reporter(clients, settings.training_max_crashes),
+        crash_reporter(clients, settings.training_max_crashes, memory),
         settings.job_runner,
+        memory=memory,
     )
     await asyncio.to_thread(local.warm_up)
     launchers: dict[str, JobLauncher] = {"local": local}
@@ -63,6 +70,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.training_lease_seconds,
         settings.env,
         settings.training_max_crashes,
+        memory,
     )
     yield
     await asyncio.to_thread(local.terminate_all, settings.shutdown_job_grace_seconds)

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from mlpipe import events, lineage
 from mlpipe.service import Clients
+from mlpipe.storage import BadObjectUri
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
-from mlpipe_trainer.launcher import CrashHandler
+from mlpipe_trainer.launcher import CrashHandler, JobExit
+from mlpipe_trainer.memory import MemoryBudget, object_size, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
 
-def crash_reporter(clients: Clients, max_crashes: int = 3) -> CrashHandler:
+def crash_reporter(
+    clients: Clients, max_crashes: int = 3, memory: MemoryBudget | None = None
+) -> CrashHandler:
     """Release a dead job's claim so the held notification's redelivery retries the run; after
-    `max_crashes` crashes, fail the run with `job_crashed` and keep the job's log tail."""
+    `max_crashes` crashes, fail the run with `job_crashed` and keep the job's log tail. A job
+    the OOM killer ended fails its run at once with `out_of_memory`: a retry would only be
+    killed again."""
 
-    def report(
-        started: events_pb2.TrainingStarted, exit_code: int, log_path: Path, stopping: bool
-    ) -> None:
+    def report(started: events_pb2.TrainingStarted, end: JobExit) -> None:
         paths = lineage.RunPaths(started.context.run_id)
         recorded = clients.storage.read(paths.training)
         if recorded is not None:
@@ -34,31 +37,66 @@ def crash_reporter(clients: Clients, max_crashes: int = 3) -> CrashHandler:
             return
         if clients.storage.exists(paths.failed):
             return
-        released = lease.release(clients.storage, paths.claim, crashed=not stopping)
+        released = lease.release(clients.storage, paths.claim, crashed=not end.stopping)
+        if end.out_of_memory and memory is not None:
+            _fail(clients, started, "out_of_memory", _oom_message(clients, started, memory))
+            return
         crashes = released.crashes if released is not None else 0
         if crashes < max_crashes:
             log.warning(
                 "run %s: claim released after its job exited with %d (%d crash(es) of %d "
                 "allowed); the redelivered notification starts it again",
                 started.context.run_id,
-                exit_code,
+                end.code,
                 crashes,
                 max_crashes,
                 extra={"run_id": started.context.run_id},
             )
             return
-        tail = log_path.read_bytes()[-20_000:] if log_path.exists() else b""
+        tail = end.log_path.read_bytes()[-20_000:] if end.log_path.exists() else b""
         kept = clients.failures.quarantine("job_crashed", tail, key=started.context.run_id)
-        failed = clients.failures.report(
-            reason="job_crashed",
-            message=f"the training job died {crashes} times without recording a result "
-            f"(last exit code {exit_code}); its log tail is kept at {kept}",
-            context=started.context,
-            dataset=started.dataset,
-            quarantine_uri=kept,
-        )
-        clients.storage.write(
-            paths.failed, events.to_json(failed).encode(), content_type="application/json"
+        _fail(
+            clients,
+            started,
+            "job_crashed",
+            f"the training job died {crashes} times without recording a result (last exit "
+            f"code {end.code}); its log tail is kept at {kept}",
+            kept,
         )
 
     return report
+
+
+def _oom_message(
+    clients: Clients, started: events_pb2.TrainingStarted, memory: MemoryBudget
+) -> str:
+    try:
+        path = clients.storage.path_of(started.dataset.uri)
+    except BadObjectUri:
+        size = None
+    else:
+        size = object_size(clients.storage, path, started.dataset.generation)
+    return out_of_memory_message(started.dataset.uri, size, memory.reading())
+
+
+def _fail(
+    clients: Clients,
+    started: events_pb2.TrainingStarted,
+    reason: str,
+    message: str,
+    quarantine_uri: str = "",
+) -> None:
+    """Publish the run's PipelineFailed and record it, so that redeliveries acknowledge."""
+    failed = clients.failures.report(
+        reason=reason,
+        message=message,
+        context=started.context,
+        dataset=started.dataset,
+        # Landed data is immutable: a dataset that cannot be trained here stays where it is.
+        quarantine_uri=quarantine_uri or started.dataset.uri,
+    )
+    clients.storage.write(
+        lineage.RunPaths(started.context.run_id).failed,
+        events.to_json(failed).encode(),
+        content_type="application/json",
+    )

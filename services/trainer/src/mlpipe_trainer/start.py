@@ -14,7 +14,7 @@ from typing import Protocol
 from mlpipe import events, lineage
 from mlpipe.config import PipelineConfig, load_pipeline_config
 from mlpipe.data import check_columns, read_dataset
-from mlpipe.errors import Held, PermanentError
+from mlpipe.errors import Held, PermanentError, TransientError
 from mlpipe.failures import FailureReporter
 from mlpipe.faults import fault_point
 from mlpipe.publishing import Publisher
@@ -24,6 +24,7 @@ from mlpipe.sources_schema import check_frame
 from mlpipe.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
+from mlpipe_trainer.memory import MemoryBudget, object_size
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class TrainingStarter:
     env: str = "local"
     # A run whose job died this many times without a result fails with job_crashed.
     max_crashes: int = 3
+    # The memory local jobs share with the trainer; None: not checked.
+    memory: MemoryBudget | None = None
 
     def __call__(self, message: PushMessage) -> StepResult:
         return start_training(message, self)
@@ -140,6 +143,20 @@ def reject_upload(
     return failed
 
 
+def _refuse_if_too_large(
+    memory: MemoryBudget,
+    note: ObjectNotification,
+    fmt: str,
+    size: int | None,
+    dataset: events_pb2.DatasetRef,
+    ctx: events_pb2.RunContext | None = None,
+) -> None:
+    """Raise `dataset_too_large` when a local job could never train this dataset here."""
+    problem = None if size is None else memory.too_large(note.uri, size, fmt)
+    if problem is not None:
+        raise PermanentError("dataset_too_large", problem, context=ctx, dataset=dataset)
+
+
 def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     if (
         message.attributes.get(events.EVENT_TYPE_ATTR)
@@ -168,9 +185,25 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
 
     name, fmt = match["name"], match["ext"]
     config = load_pipeline_config(deps.storage, name, deps.env)
+    memory = deps.memory if config.training.backend == "local" else None
+    size = None
+    if memory is not None:
+        # GCS's notification says; a relanded dataset's event does not: ask for its metadata.
+        size = note.size or object_size(deps.storage, note.name, note.generation)
     sha = note.metadata.get("sha256", "")
     uploaded: bytes | None = None
     if not sha:
+        if memory is not None:
+            # Hashing and checking an upload holds all of it in this server's memory.
+            _refuse_if_too_large(
+                memory,
+                note,
+                fmt,
+                size,
+                events_pb2.DatasetRef(
+                    uri=note.uri, generation=note.generation, name=name, format=fmt
+                ),
+            )
         # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
         obj = deps.storage.read(note.name, generation=note.generation)
         if obj is None:
@@ -236,6 +269,8 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
             context=ctx,
             dataset=dataset,
         )
+    if memory is not None:
+        _refuse_if_too_large(memory, note, fmt, size, dataset, ctx)
     # Until its job renews it, a claim lives as long as the backend may take to start one.
     start_lease = float(getattr(launcher, "start_lease_seconds", 0) or deps.lease_seconds)
     body = {
@@ -267,10 +302,19 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
 
     deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
     started = events_pb2.TrainingStarted(context=ctx, dataset=dataset, backend=launcher.backend)
+    if memory is not None and size is not None:
+        # Reserved until the job exits (the launcher releases it); beside the jobs running
+        # now it may not fit: the redelivery tries again.
+        waiting = memory.reserve(run_id, size, fmt)
+        if waiting is not None:
+            lease.release(deps.storage, paths.claim, crashed=False)
+            raise TransientError(waiting)
     try:
         started.job_id = launcher.launch(started, config)
     except Exception:
         # Release the claim so the redelivery can start the job again.
+        if memory is not None:
+            memory.release(run_id)
         lease.release(deps.storage, paths.claim, crashed=False)
         raise
     fault_point("trainer.after_launch")
