@@ -171,6 +171,8 @@ def test_on_the_emulators_a_service_takes_unauthenticated_pushes() -> None:
         "MLPIPE_ENV": "local",
         "MLPIPE_PUSH_AUTH": "none",
         "MLPIPE_TRAINER_IMAGE": "mlpipe-trainer:dev",
+        # runtime.yaml's local lease, inside the emulator's ~100 s of redelivery.
+        "MLPIPE_TRAINING_LEASE_SECONDS": "30",
     }
 
 
