@@ -23,11 +23,11 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from mlpipe import events, topology
-from mlpipe.config import config_path, parse_config
 from mlpipe.localstack import LocalStack, client_env, port_free
-from mlpipe.push import make_envelope
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import config_path, parse_config
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 
 CONFIG = """\

@@ -34,12 +34,12 @@ import httpx
 from common import IRIS_DIR, free_base_port, load, machine, p50_p95, shuffled_iris_csv
 from steps import profile_steps
 
-from mlpipe import events
-from mlpipe.config import config_path, parse_config
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackState, client_env
-from mlpipe.publishing import Publisher
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import config_path, parse_config
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 
 STAGES = (

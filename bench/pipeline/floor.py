@@ -34,11 +34,11 @@ from common import free_base_port, load, p50_p95
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import PushConfig, RetryPolicy, Subscription
 
-from mlpipe import events, topology
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import HOST, LocalStack, client_env, free_port
-from mlpipe.publishing import Publisher
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 
 
@@ -106,7 +106,8 @@ class Jitter:
 
 
 def push_subscription(project: str, name: str, topic: str, url: str) -> Subscription:
-    # The product's push subscription settings (mlpipe.topology.PushSubscription defaults).
+    # The product's push subscription settings (the defaults of
+    # mlpipe.messaging.topology.PushSubscription).
     return Subscription(
         name=f"projects/{project}/subscriptions/{name}",
         topic=f"projects/{project}/topics/{topic}",

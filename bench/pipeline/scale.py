@@ -3,8 +3,8 @@
     uv run --frozen python bench/pipeline/scale.py --repeats 3
 
 A synthetic regression dataset (10 numeric features, a noisy non-linear target) as Parquet
-bytes in memory. mlpipe: mlpipe.data.read_dataset → check_columns → split_rows →
-frame.iloc[train] → mlpipe.modeling.build_pipeline(config, features).fit, with the config
+bytes in memory. mlpipe: mlpipe.ml.data.read_dataset → check_columns → split_rows →
+frame.iloc[train] → mlpipe.ml.modeling.build_pipeline(config, features).fit, with the config
 parsed from the YAML below (HistGradientBoostingRegressor). Bare: pd.read_parquet →
 HistGradientBoostingRegressor(same params).fit on as many rows as mlpipe trains on (the first
 80%). Early stopping is off so both fit exactly max_iter trees whatever rows they get. The two
@@ -28,9 +28,9 @@ from common import load, p50_p95
 from sklearn.ensemble import HistGradientBoostingRegressor
 from threadpoolctl import threadpool_limits
 
-from mlpipe.config import parse_config
-from mlpipe.data import check_columns, read_dataset, split_rows
-from mlpipe.modeling import build_pipeline
+from mlpipe.ml.config import parse_config
+from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.modeling import build_pipeline
 
 CONFIG = """
 name: synthetic

@@ -18,16 +18,17 @@ from typing import Any
 import joblib
 from common import p50_p95
 
-from mlpipe import events, lineage, topology
-from mlpipe.config import load_pipeline_config, load_run_config
-from mlpipe.data import Split, check_columns, read_dataset, split_rows
 from mlpipe.localstack import StackState
-from mlpipe.modeling import build_pipeline, bundle_bytes, model_bundle
-from mlpipe.publishing import Publisher
-from mlpipe.registry import CHAMPION, Registry
-from mlpipe.service import Clients
-from mlpipe.settings import CommonSettings
-from mlpipe.storage import Storage, make_client, sha256_hex
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import load_pipeline_config, load_run_config
+from mlpipe.ml.data import Split, check_columns, read_dataset, split_rows
+from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
+from mlpipe.runtime.service import Clients
+from mlpipe.runtime.settings import CommonSettings
+from mlpipe.store import layout
+from mlpipe.store.registry import CHAMPION, Registry
+from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
 
 
@@ -61,7 +62,7 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
 
     storage = Storage(make_client(state.project), state.bucket)
     registry = Registry(storage)
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     out: dict[str, Any] = {}
 
     def put(label: str, fn: Callable[[], Any]) -> Any:

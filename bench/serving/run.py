@@ -136,13 +136,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def deploy_iris(workdir: Path) -> tuple[Any, Any, dict[str, str]]:
     """Emulators + the iris model trained and deployed into them. Returns (stack, the fitted
     pipeline, the env a predictor process needs)."""
-    from mlpipe import events, lineage, topology
-    from mlpipe.config import parse_config
     from mlpipe.localstack import LocalStack, client_env
-    from mlpipe.publishing import Publisher
-    from mlpipe.push import make_envelope, parse_envelope
-    from mlpipe.registry import Registry
-    from mlpipe.storage import Storage, make_client, sha256_hex
+    from mlpipe.messaging import events, topology
+    from mlpipe.messaging.publishing import Publisher
+    from mlpipe.messaging.push import make_envelope, parse_envelope
+    from mlpipe.ml.config import parse_config
+    from mlpipe.store import layout
+    from mlpipe.store.registry import Registry
+    from mlpipe.store.storage import Storage, make_client, sha256_hex
     from mlpipe.v1 import events_pb2
     from mlpipe_deployer.deployment import Deployer
     from mlpipe_trainer.training import train
@@ -157,7 +158,7 @@ def deploy_iris(workdir: Path) -> tuple[Any, Any, dict[str, str]]:
         data = (REPO / "examples/iris/iris.csv").read_bytes()
         path = "datasets/iris/dt=2026-11-23/bench.csv"
         generation = storage.write(path, data, content_type="text/csv")
-        run_id = lineage.run_id_for(sha256_hex(data), config.sha256())
+        run_id = layout.run_id_for(sha256_hex(data), config.sha256())
         storage.write(f"runs/{run_id}/config.json", config.canonical_json())
         context = events.context(
             producer="bench",
@@ -321,8 +322,8 @@ def main() -> int:
                 )
             )
             from mlpipe.localstack import client_env
-            from mlpipe.registry import Registry
-            from mlpipe.storage import Storage, make_client
+            from mlpipe.store.registry import Registry
+            from mlpipe.store.storage import Storage, make_client
             from mlpipe_predictor.runtime import load_version
 
             with client_env(stack.state):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from generate import net_change  # noqa: E402
 
 from mlpipe.localstack import StackState, client_env  # noqa: E402
-from mlpipe.storage import Storage, make_client  # noqa: E402
+from mlpipe.store.storage import Storage, make_client  # noqa: E402
 
 MODEL = "bikeshare-net-change"
 FEATURES = [

@@ -19,14 +19,14 @@ import httpx
 import pytest
 
 from mlpipe import containers as docker
-from mlpipe import events
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackError, StackState, client_env
-from mlpipe.publishing import Publisher
-from mlpipe.push import parse_envelope
-from mlpipe.registry import Registry
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import parse_envelope
 from mlpipe.service_runtime import load_runtimes
-from mlpipe.storage import Storage, make_client
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from tests.conftest import REPO, collect, free_base_port, unique, wait_until
 
@@ -57,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
         bucket=unique("ctr"),
         containers=True,
         # Every training job stalls 4 s before writing anything, so a test can kill the
-        # trainer's container while a job is surely running (mlpipe.faults).
+        # trainer's container while a job is surely running (mlpipe.runtime.faults).
         env={"MLPIPE_FAULT_POINT": f"job.before_artifacts=pause:{JOB_PAUSE_SECONDS}"},
     )
     state = local.up(progress=print, timeout=180)

@@ -18,13 +18,13 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 
-from mlpipe import events
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackState, client_env
-from mlpipe.publishing import Publisher
-from mlpipe.push import parse_envelope
-from mlpipe.registry import Registry
-from mlpipe.storage import Storage, make_client, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import parse_envelope
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
 from tests.conftest import REPO, collect, free_base_port, unique
 

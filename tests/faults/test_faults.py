@@ -21,14 +21,14 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 
-from mlpipe import events
-from mlpipe.config import config_path
 from mlpipe.follow import EventWatcher
 from mlpipe.localstack import LocalStack, StackState, client_env
-from mlpipe.publishing import Publisher
-from mlpipe.push import make_envelope
-from mlpipe.registry import Registry
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import config_path
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from tests.conftest import REPO, free_base_port, unique
 

@@ -3,7 +3,7 @@
 A supervisor restarts any service that dies, as Cloud Run starts a new instance. Services run
 with short leases (a dead job's run is taken over after 4 s, a dead registration after 3 s).
 
-- crash points: every named fault point (mlpipe.faults.POINTS) armed at once, each firing
+- crash points: every named fault point (mlpipe.runtime.faults.POINTS) armed at once, each firing
   once: one run goes through all of them, SIGKILLed at each, and still ends with one version;
 - emulator restarts: the Pub/Sub emulator and fake-gcs-server restarted mid-run;
 - SIGTERM: the trainer stopped while its job runs hands the run back within Cloud Run's 10 s.
@@ -26,8 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from mlpipe import faults, infra, lineage, topology
-from mlpipe.config import config_path
+from mlpipe import infra
 from mlpipe.localstack import (
     HOST,
     LocalStack,
@@ -37,9 +36,13 @@ from mlpipe.localstack import (
     fake_gcs_binary,
     stop_processes,
 )
-from mlpipe.publishing import Publisher
-from mlpipe.registry import Registry
-from mlpipe.storage import Storage, make_client, sha256_hex
+from mlpipe.messaging import topology
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import config_path
+from mlpipe.runtime import faults
+from mlpipe.store import layout
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
 from tests.conftest import REPO, free_base_port, unique, wait_until
 
@@ -207,21 +210,21 @@ def request(csv_text: str) -> tuple[events_pb2.IngestRequest, str]:
         dataset="iris",
         inline=events_pb2.InlineRows(csv=csv_text),
     )
-    return req, lineage.run_id_for(sha256_hex(csv_text.encode()), _iris_config_sha())
+    return req, layout.run_id_for(sha256_hex(csv_text.encode()), _iris_config_sha())
 
 
 def _iris_config_sha() -> str:
-    from mlpipe.config import parse_config
+    from mlpipe.ml.config import parse_config
 
     return parse_config((REPO / "examples/iris/pipeline.yaml").read_text()).sha256()
 
 
 def assert_one_complete_run(storage: Storage, run_id: str) -> events_pb2.DeploymentCompleted:
     """The run ended deployed with exactly one registry version; nothing partial is visible."""
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     recorded = storage.read(paths.deployment)
     assert recorded is not None
-    from mlpipe import events
+    from mlpipe.messaging import events
 
     deployment = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
     marker = storage.read(paths.training)
@@ -262,7 +265,7 @@ def test_a_run_survives_a_kill_at_every_fault_point(
 
     Publisher(state.project).publish(req)
     wait_until(
-        lambda: storage.exists(lineage.RunPaths(run_id).deployment), 240, "the run's deployment"
+        lambda: storage.exists(layout.RunPaths(run_id).deployment), 240, "the run's deployment"
     )
     elapsed = time.monotonic() - t0
     # Redeliveries of already-handled events arrive for a while: none may add anything.
@@ -331,7 +334,7 @@ def test_runs_complete_across_emulator_restarts(
         },
     )
     req, run_id = request(fresh_csv(11))
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     t0 = time.monotonic()
 
     Publisher(state.project).publish(req)
@@ -347,7 +350,7 @@ def test_runs_complete_across_emulator_restarts(
     req2, run2 = request(fresh_csv(23))
     Publisher(state.project).publish(req2)
     wait_until(
-        lambda: storage.exists(lineage.RunPaths(run2).deployment), 90, "the second deployment"
+        lambda: storage.exists(layout.RunPaths(run2).deployment), 90, "the second deployment"
     )
 
     assert_one_complete_run(storage, run_id)
@@ -372,7 +375,7 @@ def test_sigterm_hands_a_running_job_back_within_ten_seconds(
         {"MLPIPE_FAULT_POINT": "job.before_artifacts=pause:60", "MLPIPE_FAULT_ONCE_DIR": str(slow)},
     )
     req, run_id = request(fresh_csv(31))
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     Publisher(state.project).publish(req)
     wait_until(lambda: (slow / "job.before_artifacts").exists(), 60, "the job's stall")
     job_pid = int((slow / "job.before_artifacts").read_text())
@@ -415,7 +418,7 @@ def mlpipe(state: StackState, *args: str) -> subprocess.CompletedProcess[str]:
 def test_failures_lists_dead_letters_and_quarantine_and_replays_them_after_a_fix(
     supervised: tuple[StackState, Supervisor],
 ) -> None:
-    from mlpipe import events
+    from mlpipe.messaging import events
 
     state, _ = supervised
     storage = Storage(make_client(state.project), state.bucket)

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from google.cloud import pubsub_v1
 from google.protobuf.message import Message
 
-from mlpipe import events, topology
-from mlpipe.config import PipelineConfig, config_path, parse_config
-from mlpipe.failures import FailureReporter
 from mlpipe.localstack import StackState
-from mlpipe.publishing import Publisher
-from mlpipe.push import make_envelope
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import PipelineConfig, config_path, parse_config
+from mlpipe.runtime.failures import FailureReporter
+from mlpipe.store.storage import Storage, make_client
 from tests.conftest import REPO, unique
 
 pytestmark = pytest.mark.integration

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.push import make_envelope
-from mlpipe.registry import Registry
-from mlpipe.storage import sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.store import layout
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
 from tests.integration.conftest import Cloud, forward, job_started, notification, upload
 
@@ -39,7 +40,7 @@ def test_a_dropped_file_trains_evaluates_deploys_and_serves(
     )
 
     run_id = trained[0].context.run_id
-    assert run_id == lineage.run_id_for(sha256_hex(iris_csv.encode()), iris_config.sha256())
+    assert run_id == layout.run_id_for(sha256_hex(iris_csv.encode()), iris_config.sha256())
     assert evaluated[0].passed
     assert {g.name for g in evaluated[0].gates} >= {"min_accuracy", "min_per_class_f1[setosa]"}
     assert deployed[0].deployed and deployed[0].version == 1
@@ -243,6 +244,6 @@ def test_identical_bytes_ingested_under_a_new_config_start_a_new_run(
 
     assert fresh.json()["status"] == "ignored"  # its own notification starts a new object
     assert job_started(again), again.text
-    assert [t.context.run_id for t in second] == [lineage.run_id_for(sha, changed.sha256())]
+    assert [t.context.run_id for t in second] == [layout.run_id_for(sha, changed.sha256())]
     assert second[0].context.run_id != first.context.run_id
     assert second[0].context.request_id == "again"

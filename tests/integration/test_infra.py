@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mlpipe import infra
 from mlpipe.cli import app
 from mlpipe.localstack import StackState
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 from tests.conftest import REPO, unique
 from tests.integration.conftest import Cloud
 

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from google.protobuf import struct_pb2
 
-from mlpipe import events
-from mlpipe.config import PipelineConfig
-from mlpipe.push import make_envelope
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import PipelineConfig
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.main import app
 from tests.integration.conftest import Cloud
@@ -73,8 +73,8 @@ def test_inline_csv_lands_once_and_is_announced(
 def test_announcement_carries_run_and_dataset(
     ingest: TestClient, cloud: Cloud, iris_csv: str, iris_config: PipelineConfig
 ) -> None:
-    from mlpipe.lineage import run_id_for
-    from mlpipe.storage import sha256_hex
+    from mlpipe.store.layout import run_id_for
+    from mlpipe.store.storage import sha256_hex
 
     ingest.post("/pubsub/push", content=make_envelope(request_bytes(iris_csv)))
 

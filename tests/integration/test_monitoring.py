@@ -11,9 +11,9 @@ import httpx
 import pandas as pd
 import pytest
 
-from mlpipe import events, topology
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.push import make_envelope, parse_envelope
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.push import make_envelope, parse_envelope
+from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator
 from tests.integration.conftest import REPO, Cloud
@@ -195,7 +195,7 @@ def test_labelled_rows_already_in_the_champions_dataset_start_no_retrain(
 def test_the_cool_down_holds_across_a_period_boundary(cloud: Cloud) -> None:
     import datetime as dt
 
-    from mlpipe.config import MonitoringSpec, RetrainSpec
+    from mlpipe.ml.config import MonitoringSpec, RetrainSpec
     from mlpipe_evaluator.monitor import claim_retrain
 
     spec = MonitoringSpec(retrain=RetrainSpec(enabled=True, cooldown_minutes=60))

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlpipe.errors import TransientError
-from mlpipe.registry import Registry
+from mlpipe.runtime.errors import TransientError
+from mlpipe.store.registry import Registry
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration

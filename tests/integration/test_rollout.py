@@ -10,10 +10,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events
 from mlpipe.cli_rollout import describe_traffic
-from mlpipe.config import PipelineConfig
-from mlpipe.registry import Registry
+from mlpipe.messaging import events
+from mlpipe.ml.config import PipelineConfig
+from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
@@ -132,7 +132,7 @@ def test_rollback_during_a_canary_stops_it_and_the_deployer_routes_say_what_cann
 
 
 def test_the_registry_rollout_steps_never_go_back_by_accident(cloud: Cloud) -> None:
-    from mlpipe.registry import RolloutError
+    from mlpipe.store.registry import RolloutError
 
     registry = Registry(cloud.storage)
     for run in ("a", "b", "c", "d"):

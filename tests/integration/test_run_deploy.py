@@ -30,9 +30,9 @@ import yaml
 from typer.testing import CliRunner
 
 from mlpipe import infra, service_runtime
-from mlpipe.auth import push_verifier
 from mlpipe.cli import app
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.runtime.auth import push_verifier
+from mlpipe.runtime.settings import CommonSettings, load_settings
 from tests.conftest import REPO
 
 pytestmark = [

@@ -22,12 +22,13 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format, struct_pb2
 
-from mlpipe import events, lineage, topology
-from mlpipe.config import PipelineConfig, parse_config
 from mlpipe.localstack import free_port
-from mlpipe.push import make_envelope, parse_envelope
-from mlpipe.registry import Registry
-from mlpipe.storage import sha256_hex
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.push import make_envelope, parse_envelope
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.store import layout
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.deployment import Deployer
 from mlpipe_trainer.training import train
@@ -49,7 +50,7 @@ def trained(cloud: Cloud, config: PipelineConfig, csv_text: str) -> events_pb2.E
     data = csv_text.encode()
     path = f"datasets/{config.name}/dt=2026-11-23/{uuid.uuid4().hex[:16]}.csv"
     generation = cloud.storage.write(path, data, content_type="text/csv")
-    run_id = lineage.run_id_for(sha256_hex(data), config.sha256())
+    run_id = layout.run_id_for(sha256_hex(data), config.sha256())
     cloud.storage.write(f"runs/{run_id}/config.json", config.canonical_json())
     context = events.context(
         producer="test",
@@ -84,7 +85,7 @@ def deploy(
     """Run the deployer's real step on `evaluation`; return the DeploymentCompleted it made."""
     deployer = Deployer(cloud.storage, cloud.publisher, Registry(cloud.storage), "test", **options)
     deployer(parse_envelope(make_envelope(events.encode(evaluation))))
-    recorded = cloud.storage.read(lineage.RunPaths(evaluation.context.run_id).deployment)
+    recorded = cloud.storage.read(layout.RunPaths(evaluation.context.run_id).deployment)
     assert recorded is not None
     return events.from_json(events_pb2.DeploymentCompleted, recorded.data)
 
@@ -247,7 +248,7 @@ def test_the_model_is_compiled_once_while_it_is_evaluated(
     )
     deployer(parse_envelope(make_envelope(events.encode(evaluation))))
 
-    recorded = cloud.storage.read(lineage.RunPaths(evaluation.context.run_id).deployment)
+    recorded = cloud.storage.read(layout.RunPaths(evaluation.context.run_id).deployment)
     assert recorded is not None
     done = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
     assert (early.status, again.status) == ("compiling", "duplicate")

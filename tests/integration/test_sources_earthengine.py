@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlpipe import events
-from mlpipe.sources_earthengine import export
+from mlpipe.messaging import events
+from mlpipe_ingest.sources_earthengine import export
 from tests.integration.conftest import Cloud
 from tests.unit.test_sources_earthengine import SPEC, Clock, ScriptedTasks
 

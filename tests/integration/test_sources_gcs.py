@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.push import make_envelope
-from mlpipe.storage import Storage
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.main import app
 from tests.conftest import unique

@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events
-from mlpipe.config import PipelineConfig
-from mlpipe.push import make_envelope
-from mlpipe.storage import sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import PipelineConfig
+from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.main import app
 from tests.integration.conftest import Cloud

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlpipe import events
 from mlpipe.cli_schedule import find_schedule, fire
+from mlpipe.messaging import events
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration

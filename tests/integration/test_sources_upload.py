@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events
-from mlpipe.config import PipelineConfig
+from mlpipe.messaging import events
+from mlpipe.ml.config import PipelineConfig
 from tests.integration.conftest import Cloud, job_started, notification
 
 pytestmark = pytest.mark.integration

@@ -10,9 +10,9 @@ from types import ModuleType
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events
-from mlpipe.config import parse_config
-from mlpipe.push import make_envelope
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope
+from mlpipe.ml.config import parse_config
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.main import app
 from tests.conftest import REPO

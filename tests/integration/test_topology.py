@@ -15,8 +15,9 @@ from datetime import timedelta
 import pytest
 from google.cloud import pubsub_v1
 
-from mlpipe import cli_failures, events, infra, topology
-from mlpipe.topology import TOPOLOGY
+from mlpipe import cli_failures, infra
+from mlpipe.messaging import events, topology
+from mlpipe.messaging.topology import TOPOLOGY
 from tests.conftest import REPO, free_base_port, wait_until
 from tests.integration.conftest import Cloud
 

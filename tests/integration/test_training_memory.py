@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.errors import Held, TransientError
-from mlpipe.push import make_envelope, parse_envelope
-from mlpipe.service import Clients
-from mlpipe.settings import CommonSettings, load_settings
-from mlpipe.storage import sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.push import make_envelope, parse_envelope
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.runtime.errors import Held, TransientError
+from mlpipe.runtime.service import Clients
+from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe.store import layout
+from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.launcher import JobExit, LocalJobLauncher
@@ -162,9 +163,9 @@ def test_a_dataset_too_large_for_the_memory_limit_is_refused_before_any_job(
     assert cloud.pulled(events.TRAINING_STARTED, expect=0, timeout=0.5) == []
     if by_ingest:
         # The run is known, and nothing of it is recorded: a replay is a fresh start.
-        run_id = lineage.run_id_for(metadata["sha256"], bikeshare.sha256())
+        run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
         assert event.context.run_id == run_id
-        paths = lineage.RunPaths(run_id)
+        paths = layout.RunPaths(run_id)
         assert not cloud.storage.exists(paths.claim)
         assert not cloud.storage.exists(paths.failed)
 
@@ -181,7 +182,7 @@ def test_a_job_that_fits_alone_waits_while_running_jobs_hold_the_memory(
     )
     path, generation, metadata = land(cloud, BIKESHARE, by_ingest=True)
     body = gcs_notification(cloud, path, generation, len(BIKESHARE), metadata, "waits")
-    run_id = lineage.run_id_for(metadata["sha256"], bikeshare.sha256())
+    run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     assert memory.reserve("another-run", 40 * MiB, "csv") is None  # a running job: ~720 MiB
 
     with pytest.raises(TransientError) as waiting:
@@ -190,7 +191,7 @@ def test_a_job_that_fits_alone_waits_while_running_jobs_hold_the_memory(
     assert not isinstance(waiting.value, Held)
     assert f"run {run_id} waits for memory" in str(waiting.value)
     assert launcher.launched == []
-    claim = lease.read(cloud.storage, lineage.RunPaths(run_id).claim)
+    claim = lease.read(cloud.storage, layout.RunPaths(run_id).claim)
     assert claim is not None and claim.state == lease.RELEASED and claim.crashes == 0
 
     memory.release("another-run")  # that job ended
@@ -216,8 +217,8 @@ def test_a_job_killed_by_the_oom_killer_fails_its_run_at_once(
     )
     with pytest.raises(Held):
         start_training(parse_envelope(body), deps)  # claimed; its job "started"
-    run_id = lineage.run_id_for(metadata["sha256"], bikeshare.sha256())
-    paths = lineage.RunPaths(run_id)
+    run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
+    paths = layout.RunPaths(run_id)
     recorded = cloud.storage.read(paths.started)
     assert recorded is not None
     started = events.from_json(events_pb2.TrainingStarted, recorded.data)
@@ -303,7 +304,7 @@ def test_a_job_the_oom_killer_ends_for_real_fails_its_run_once(
     data = bikeshare_times(40)
     path, generation, metadata = land(cloud, data, by_ingest=True)
     body = gcs_notification(cloud, path, generation, len(data), metadata, "oom-real")
-    run_id = lineage.run_id_for(metadata["sha256"], bikeshare.sha256())
+    run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     t0 = time.monotonic()
 
     with pytest.raises(Held):
@@ -315,7 +316,7 @@ def test_a_job_the_oom_killer_ends_for_real_fails_its_run_once(
     assert "memory limit is 350 MiB (cgroup v1)" in failed[0].message
     assert failed[0].context.run_id == run_id
     assert (memory.reading().oom_kills or 0) >= 1
-    assert cloud.storage.exists(lineage.RunPaths(run_id).failed)
+    assert cloud.storage.exists(layout.RunPaths(run_id).failed)
     assert cloud.pulled(events.TRAINING_COMPLETED, expect=0, timeout=0.5) == []
     again = start_training(parse_envelope(body), deps)
     assert again.status == "duplicate"  # no second job, no crash loop

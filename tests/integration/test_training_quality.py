@@ -8,11 +8,12 @@ import datetime as dt
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.errors import PermanentError
-from mlpipe.registry import Registry
-from mlpipe.storage import Storage, make_client, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.store import layout
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator, evaluate
 from mlpipe_trainer.training import train
@@ -82,10 +83,10 @@ def _train_in(
     storage: Storage, config: PipelineConfig, data: bytes, fmt: str = "csv"
 ) -> events_pb2.TrainingCompleted:
     sha = sha256_hex(data)
-    run_id = lineage.run_id_for(sha, config.sha256())
+    run_id = layout.run_id_for(sha, config.sha256())
     path = f"datasets/{config.name}/dt=2026-11-23/{sha[:16]}.{fmt}"
     generation = storage.write(path, data)
-    storage.write(lineage.RunPaths(run_id).config, config.canonical_json())
+    storage.write(layout.RunPaths(run_id).config, config.canonical_json())
     started = events_pb2.TrainingStarted(
         context=events.context(
             producer="test",
@@ -111,7 +112,7 @@ def test_same_bytes_and_config_give_the_same_run_split_and_metrics(cloud: Cloud)
     for storage in (cloud.storage, other):
         trained = _train_in(storage, config, data)
         evaluate_direct(storage, cloud, trained)
-        paths = lineage.RunPaths(trained.context.run_id)
+        paths = layout.RunPaths(trained.context.run_id)
         results.append(
             (
                 trained.context.run_id,
@@ -127,7 +128,7 @@ def test_same_bytes_and_config_give_the_same_run_split_and_metrics(cloud: Cloud)
 
 
 def evaluate_direct(storage: Storage, cloud: Cloud, trained: events_pb2.TrainingCompleted) -> None:
-    from mlpipe.push import PushMessage
+    from mlpipe.messaging.push import PushMessage
 
     message = PushMessage(
         data=events.encode(trained),
@@ -147,7 +148,7 @@ def test_bikeshare_time_split_never_trains_on_the_future(cloud: Cloud) -> None:
     import pandas as pd
 
     frame = pd.read_csv(REPO / "examples/bikeshare/bikeshare.csv", parse_dates=["timestamp"])
-    split = cloud.storage.read_json(lineage.RunPaths(trained.context.run_id).split)
+    split = cloud.storage.read_json(layout.RunPaths(trained.context.run_id).split)
 
     train_times = frame.iloc[split["train"]]["timestamp"]
     holdout_times = frame.iloc[split["holdout"]]["timestamp"]

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from mlpipe.service import EXIT_CONFIG
+from mlpipe.runtime.service import EXIT_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/pyproject.toml"))
@@ -39,6 +39,16 @@ INSPECT = Path(__file__).with_name("inspect_service.py")
 # them: module name -> why. Each must also be guarded (inside a try that catches ImportError).
 # A lazily imported module that is missing is a dependency to add, not an entry for this list.
 OPTIONAL_IMPORTS: dict[str, str] = {}
+
+# Imports made by code that sits in a service's package but is not wired into the service yet:
+# (importing module, missing module) -> why. The change that wires it in adds the dependency
+# and removes the entry.
+NOT_WIRED: dict[tuple[str, str], str] = {
+    ("mlpipe_ingest.sources_earthengine", "ee"): (
+        "earthengine-api, for EeTasks only: written but not installed or wired "
+        "(docs/ingest-sources.md)"
+    ),
+}
 
 # A service that cannot start must say so promptly; this allows a cold import of the largest
 # service on a slow machine.
@@ -131,10 +141,12 @@ def test_every_import_resolves_in_the_service_environment(
         f"{u['in']}:{u['line']}: {u['module']}: {u['error']}"
         for u in report["unresolved"]
         if not (u["module"] in OPTIONAL_IMPORTS and u["guarded"])
+        and (u["in"], u["module"]) not in NOT_WIRED
     ]
     assert not missing, f"not in mlpipe-{svc}'s own environment:\n" + "\n".join(missing)
     # The library modules the service uses were read too, not only the service's own.
-    assert {f"mlpipe_{svc}.main", "mlpipe.service", "mlpipe.settings"} <= set(report["scanned"])
+    library = {"mlpipe.runtime.service", "mlpipe.runtime.settings"}
+    assert {f"mlpipe_{svc}.main", *library} <= set(report["scanned"])
 
 
 BAD_SETTINGS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe.config import ConfigError, parse_config
+from mlpipe.ml.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 IRIS = (REPO / "examples/iris/pipeline.yaml").read_text()

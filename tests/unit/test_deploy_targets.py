@@ -10,8 +10,8 @@ import pytest
 from google.cloud import aiplatform_v1, run_v2
 from google.protobuf import field_mask_pb2
 
-from mlpipe.registry import ModelVersion, Traffic
-from mlpipe.settings import SettingsError, load_settings
+from mlpipe.runtime.settings import SettingsError, load_settings
+from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.settings import DeployerSettings
 from mlpipe_deployer.targets import (
     CloudRunTarget,

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from mlpipe import events
+from mlpipe.messaging import events
 from mlpipe.v1 import events_pb2
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from mlpipe import infra
 from mlpipe.cli import app
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 
 REPO = Path(__file__).resolve().parents[2]
 BOOTSTRAP = REPO / "infra" / "bootstrap.sh"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mlpipe import infra
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENTS = REPO / "infra" / "environments"

@@ -7,8 +7,8 @@ import io
 import pyarrow.parquet as pq
 import pytest
 
-from mlpipe.config import PipelineConfig, parse_config
-from mlpipe.errors import PermanentError
+from mlpipe.ml.config import PipelineConfig, parse_config
+from mlpipe.runtime.errors import PermanentError
 from mlpipe_ingest.landing import (
     Table,
     table_from_csv,

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from mlpipe.logs import CloudLoggingFormatter, run_context
+from mlpipe.runtime.logs import CloudLoggingFormatter, run_context
 
 
 def _record(

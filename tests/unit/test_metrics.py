@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mlpipe.config import GatesSpec, RelativeGate
+from mlpipe.ml.config import GatesSpec, RelativeGate
 from mlpipe_evaluator.metrics import (
     apply_gates,
     classification_metrics,

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe.config import parse_config
-from mlpipe.data import check_columns, read_dataset, split_rows
-from mlpipe.modeling import build_pipeline
+from mlpipe.ml.config import parse_config
+from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.modeling import build_pipeline
 from mlpipe_deployer.onnx_compile import compile_model
 from mlpipe_predictor.api import PredictRoutes
 from mlpipe_predictor.models import CanaryWatch, ModelStore, Served

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlpipe.model_inputs import Feature
+from mlpipe.ml.model_inputs import Feature
 from mlpipe_deployer import onnx_compile
 from mlpipe_deployer.onnx_compile import compile_model, probe_rows
 from tests.unit.test_predictor_api import fitted, loaded

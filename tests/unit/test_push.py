@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from mlpipe.errors import Held, TransientError
-from mlpipe.push import (
+from mlpipe.messaging.push import (
     MAX_ENVELOPE_BYTES,
     EnvelopeError,
     PushMessage,
@@ -18,7 +17,8 @@ from mlpipe.push import (
     parse_envelope,
     parse_object_notification,
 )
-from mlpipe.service import StepResult, handle_push
+from mlpipe.runtime.errors import Held, TransientError
+from mlpipe.runtime.service import StepResult, handle_push
 
 
 def _body(message: Any, **envelope: Any) -> bytes:
@@ -218,14 +218,14 @@ def test_a_non_numeric_size_is_an_envelope_error() -> None:
     ],
 )
 def test_names_from_input_that_cannot_name_an_object_are_refused(name: str) -> None:
-    from mlpipe.storage import check_name_part
+    from mlpipe.store.storage import check_name_part
 
     with pytest.raises(ValueError, match="cannot name an object"):
         check_name_part(name, "batch_id")
 
 
 def test_ordinary_names_pass() -> None:
-    from mlpipe.storage import check_name_part
+    from mlpipe.store.storage import check_name_part
 
     for name in ("iris-classifier", "nightly-2026-11-23", "v1.2_rc", "dt=2026-11-23"):
         assert check_name_part(name, "batch_id") == name
@@ -244,7 +244,7 @@ def test_a_held_delivery_is_answered_503_without_a_warning(
     def step(message: PushMessage) -> StepResult:
         raise error
 
-    caplog.set_level("INFO", logger="mlpipe.service")
+    caplog.set_level("INFO", logger="mlpipe.runtime.service")
     # The reporter is only used for permanent failures and invalid envelopes.
     code, reply = handle_push(make_envelope(b"x", message_id="m1"), step, failures=None)  # type: ignore[arg-type]
 

@@ -21,10 +21,10 @@ from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from google.auth import crypt, jwt
 
-from mlpipe.auth import PushAuthError, PushVerifier, push_verifier
-from mlpipe.push import make_envelope
-from mlpipe.service import StepResult, create_app
-from mlpipe.settings import CommonSettings, SettingsError
+from mlpipe.messaging.push import make_envelope
+from mlpipe.runtime.auth import PushAuthError, PushVerifier, push_verifier
+from mlpipe.runtime.service import StepResult, create_app
+from mlpipe.runtime.settings import CommonSettings, SettingsError
 
 AUDIENCE = "https://mlpipe-ingest-123.us-central1.run.app"
 PUSHER = "mlpipe-push-ingest@acme.iam.gserviceaccount.com"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mlpipe import infra, service_runtime
 from mlpipe.cli import app
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENTS = REPO / "infra" / "environments"
@@ -125,7 +125,7 @@ def dev_with(**push_accounts: str) -> infra.Target:
 
 
 def test_a_service_pushed_to_by_two_identities_is_refused() -> None:
-    # The trainer checks one MLPIPE_PUSH_SERVICE_ACCOUNT (mlpipe.auth.PushVerifier).
+    # The trainer checks one MLPIPE_PUSH_SERVICE_ACCOUNT (mlpipe.runtime.auth.PushVerifier).
     target = dev_with(**{"trainer-landed-push": "other@acme-ml.iam.gserviceaccount.com"})
     runtime = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")["trainer"]
 

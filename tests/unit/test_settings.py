@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mlpipe.settings import CommonSettings, SettingsError, load_settings
+from mlpipe.runtime.settings import CommonSettings, SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from mlpipe.errors import PermanentError
-from mlpipe.sources_earthengine import ExportSpec, build_export_request, wait_for_export
+from mlpipe.runtime.errors import PermanentError
+from mlpipe_ingest.sources_earthengine import ExportSpec, build_export_request, wait_for_export
 
 SPEC = ExportSpec(
     asset="COPERNICUS/S2_SR_HARMONIZED/20260601T103031_20260601T103559_T31TFJ",

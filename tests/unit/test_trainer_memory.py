@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlpipe import events
-from mlpipe.config import parse_config
+from mlpipe.messaging import events
+from mlpipe.ml.config import parse_config
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer.launcher import JobExit, LocalJobLauncher, killed_by_oom
 from mlpipe_trainer.memory import (

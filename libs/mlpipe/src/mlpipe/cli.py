@@ -14,20 +14,21 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe import cli_rollout, cli_runs, events
+from mlpipe import cli_rollout, cli_runs
 from mlpipe.cli_failures import failures_app
 from mlpipe.cli_infra import infra_app
 from mlpipe.cli_monitor import monitor_app
 from mlpipe.cli_schedule import schedule_app
-from mlpipe.config import ConfigError, PipelineConfig, config_path, parse_config
-from mlpipe.errors import PermanentError
 from mlpipe.follow import EventWatcher, Observed
-from mlpipe.lineage import RunPaths
 from mlpipe.localstack import LocalStack, StackError, StackState, client_env
-from mlpipe.modeling import build_estimator
-from mlpipe.publishing import Publisher
-from mlpipe.registry import CHAMPION, Registry
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
+from mlpipe.ml.modeling import build_estimator
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.store.layout import RunPaths
+from mlpipe.store.registry import CHAMPION, Registry
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 
 app = typer.Typer(

@@ -15,7 +15,7 @@ from google.auth.exceptions import DefaultCredentialsError
 
 from mlpipe import infra, service_runtime
 from mlpipe.localstack import StackState, client_env
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 
 infra_app = typer.Typer(
     help="Provision the topology (topics, push subscriptions, dead letters, IAM, the bucket "

@@ -15,10 +15,10 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe import events
 from mlpipe.localstack import StackState, client_env
-from mlpipe.registry import Registry
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events
+from mlpipe.store.registry import Registry
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 
 DEFAULT_STATE_DIR = Path(".mlpipe")

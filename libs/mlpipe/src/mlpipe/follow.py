@@ -16,7 +16,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from google.protobuf.message import Message
 
-from mlpipe import events
+from mlpipe.messaging import events
 
 PROGRESS_TOPICS = (
     events.DATASETS_LANDED,

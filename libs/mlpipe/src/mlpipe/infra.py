@@ -1,4 +1,4 @@
-"""Provision the topology (`mlpipe.topology`) in one environment: the local emulators or a
+"""Provision the topology (`mlpipe.messaging.topology`) in one environment: the local emulators or a
 GCP project, with the settings of `infra/environments/<env>.yaml`.
 
 `plan()` reads what exists and lists the changes that would make it match; `apply()` runs
@@ -48,9 +48,15 @@ from pydantic import (
     model_validator,
 )
 
-from mlpipe import events
+from mlpipe.messaging import events
+from mlpipe.messaging.topology import (
+    PUSH_PATH,
+    TOPOLOGY,
+    PullSubscription,
+    PushSubscription,
+    Topology,
+)
 from mlpipe.service_runtime import ServiceRuntime
-from mlpipe.topology import PUSH_PATH, TOPOLOGY, PullSubscription, PushSubscription, Topology
 from mlpipe.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -345,7 +351,7 @@ class Target:
     def push_receiver(self, service: str) -> tuple[str, str]:
         """The OIDC audience and the identity of the push requests that reach `service`.
 
-        A service checks one of each (mlpipe.auth.PushVerifier), so every subscription that
+        A service checks one of each (mlpipe.runtime.auth.PushVerifier), so every subscription that
         pushes to it must sign as the same account."""
         routes = [r for r in self.routes if r.subscription.service == service]
         if not routes:
@@ -906,7 +912,7 @@ class Clients:
     @property
     def storage(self) -> Any:
         if self._storage is None:
-            from mlpipe.storage import make_client
+            from mlpipe.store.storage import make_client
 
             self._storage = make_client(self.project)
         return self._storage

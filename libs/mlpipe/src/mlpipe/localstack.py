@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 
 from mlpipe import containers as docker
-from mlpipe import infra, topology
+from mlpipe import infra
 from mlpipe.containers import Container
+from mlpipe.messaging import topology
 from mlpipe.service_runtime import (
     RuntimeDefinitionError,
     ServiceRuntime,
@@ -365,7 +366,7 @@ class LocalStack:
             self._children[gcs.name],
         )
         with client_env(st):
-            from mlpipe.storage import make_client
+            from mlpipe.store.storage import make_client
 
             client = make_client(st.project)
             if client.lookup_bucket(st.bucket) is None:

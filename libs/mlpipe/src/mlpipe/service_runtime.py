@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlpipe.topology import TOPOLOGY
+from mlpipe.messaging.topology import TOPOLOGY
 
 if TYPE_CHECKING:
     from mlpipe.infra import Target
@@ -211,7 +211,7 @@ def service_environment(
         "MLPIPE_ENV": target.env,
     }
     if target.emulated:
-        # The emulator sends no Authorization header (mlpipe.auth accepts none only there).
+        # The emulator sends no Authorization header (mlpipe.runtime.auth accepts none only there).
         env["MLPIPE_PUSH_AUTH"] = "none"
     else:
         audience, account = target.push_receiver(service)

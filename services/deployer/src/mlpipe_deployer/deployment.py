@@ -6,7 +6,7 @@ scores the model: the evaluation then finds it done (or waits for it) instead of
 on the way to serving. Only an optimisation: an evaluation whose compilation was not started in
 this process (another instance, a restart) compiles itself.
 
-Registration is idempotent on run_id (see mlpipe.registry); the recorded DeploymentCompleted
+Registration is idempotent on run_id (see mlpipe.store.registry); the recorded DeploymentCompleted
 makes a redelivery re-publish the same outcome instead of deploying again. A target that
 fails transiently answers 5xx; the retry finds the version registered and the aliases moved,
 and only applies the target again.
@@ -25,16 +25,17 @@ from typing import Any
 import joblib
 import pandas as pd
 
-from mlpipe import events, lineage
-from mlpipe.data import Split, read_dataset
-from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
-from mlpipe.model_inputs import schema_from_bundle
-from mlpipe.publishing import Publisher
-from mlpipe.push import PushMessage
-from mlpipe.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares
-from mlpipe.service import StepResult, decode_message
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import PushMessage
+from mlpipe.ml.data import Split, read_dataset
+from mlpipe.ml.model_inputs import schema_from_bundle
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.store import layout
+from mlpipe.store.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.onnx_compile import ONNX, SKLEARN, Compiled, compile_model
 from mlpipe_deployer.targets import DeployTarget, LocalTarget
@@ -42,7 +43,7 @@ from mlpipe_deployer.targets import DeployTarget, LocalTarget
 log = logging.getLogger(__name__)
 
 
-# The deployer's subscription to TrainingCompleted (see mlpipe.topology).
+# The deployer's subscription to TrainingCompleted (see mlpipe.messaging.topology).
 TRAINED_PUSH = "deployer-trained-push"
 TRAINING_COMPLETED = events_pb2.TrainingCompleted.DESCRIPTOR.full_name
 CompileResult = tuple[Compiled, dict[str, Any]]
@@ -120,7 +121,7 @@ def holdout_frame(
     storage: Storage, evaluation: events_pb2.EvaluationCompleted | events_pb2.TrainingCompleted
 ) -> pd.DataFrame:
     """The run's holdout rows: runs/<run_id>/split.json over the exact dataset bytes."""
-    split_doc = storage.read_json(lineage.RunPaths(evaluation.context.run_id).split)
+    split_doc = storage.read_json(layout.RunPaths(evaluation.context.run_id).split)
     if split_doc is None:
         return pd.DataFrame()
     ref = evaluation.dataset
@@ -176,7 +177,7 @@ def register_version(
             "code_version": evaluation.context.code_version,
             "metrics": dict(evaluation.metrics),
             "gates": [events.to_dict(g) for g in evaluation.gates],
-            "lineage_uri": deps.storage.uri(lineage.RunPaths(run_id).lineage),
+            "lineage_uri": deps.storage.uri(layout.RunPaths(run_id).lineage),
             "metrics_uri": evaluation.metrics_uri,
             "task": str(bundle.get("task", "")),
             "target": str(bundle.get("target", "")),
@@ -211,11 +212,11 @@ def precompile(message: PushMessage, deps: Deployer) -> StepResult:
     run_id = trained.context.run_id
     if not deps.compile_onnx:
         return StepResult("ignored", {"reason": "ONNX compilation is off"}, run_id=run_id)
-    if not lineage.RUN_ID_PATTERN.match(run_id) or not trained.model_sha256:
+    if not layout.RUN_ID_PATTERN.match(run_id) or not trained.model_sha256:
         raise PermanentError(
             "invalid_message", f"TrainingCompleted lacks a valid run_id/model_sha256 ({run_id!r})"
         )
-    if deps.storage.exists(lineage.RunPaths(run_id).deployment):
+    if deps.storage.exists(layout.RunPaths(run_id).deployment):
         return StepResult("ignored", {"reason": "already deployed"}, run_id=run_id)
 
     def compile_now() -> CompileResult:
@@ -231,11 +232,11 @@ def precompile(message: PushMessage, deps: Deployer) -> StepResult:
 def deploy(message: PushMessage, deps: Deployer) -> StepResult:
     evaluation = decode_message(events_pb2.EvaluationCompleted, message)
     run_id = evaluation.context.run_id
-    if not lineage.RUN_ID_PATTERN.match(run_id) or not evaluation.model_name:
+    if not layout.RUN_ID_PATTERN.match(run_id) or not evaluation.model_name:
         raise PermanentError(
             "invalid_message", f"EvaluationCompleted lacks a valid run_id/model_name ({run_id!r})"
         )
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     recorded = deps.storage.read(paths.deployment)
     if recorded is not None:
         deps.publisher.publish(events.from_json(events_pb2.DeploymentCompleted, recorded.data))

@@ -10,10 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from mlpipe import events
-from mlpipe.registry import Registry, RolloutError
-from mlpipe.service import RETRYABLE, Clients, create_app
-from mlpipe.settings import load_settings
+from mlpipe.messaging import events
+from mlpipe.runtime.service import RETRYABLE, Clients, create_app
+from mlpipe.runtime.settings import load_settings
+from mlpipe.store.registry import Registry, RolloutError
 from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
 from mlpipe_deployer.onnx_compile import warm_up

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlpipe.model_inputs import CATEGORICAL, Feature, onnx_feed_from_frame, schema_from_bundle
+from mlpipe.ml.model_inputs import CATEGORICAL, Feature, onnx_feed_from_frame, schema_from_bundle
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def warm_up() -> Compiled:
     first deployment."""
     for module in ("onnxruntime", "skl2onnx", "skl2onnx.common.data_types"):
         importlib.import_module(module)
-    from mlpipe.modeling import warm_up_model
+    from mlpipe.ml.modeling import warm_up_model
 
     bundle, holdout, _ = warm_up_model()
     return compile_model(bundle, holdout)

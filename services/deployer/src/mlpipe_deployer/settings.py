@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from mlpipe.settings import CommonSettings
+from mlpipe.runtime.settings import CommonSettings
 
 # `cloud_run` is the spelling of infra/environments/*.yaml's deploy_target; `cloudrun` works too.
 TARGETS = {"local": "local", "cloud_run": "cloud_run", "cloudrun": "cloud_run", "vertex": "vertex"}

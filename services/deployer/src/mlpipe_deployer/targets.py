@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from google.cloud import aiplatform_v1, run_v2
 from google.protobuf import field_mask_pb2
 
-from mlpipe.registry import ModelVersion, Traffic
+from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.settings import DeployerSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-from mlpipe.service import run
-from mlpipe.settings import CommonSettings
+from mlpipe.runtime.service import run
+from mlpipe.runtime.settings import CommonSettings
 
 run("mlpipe_evaluator.main:app", "evaluator", CommonSettings)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mlpipe.config import MonitoringSpec
+from mlpipe.ml.config import MonitoringSpec
 
 # Probabilities are floored at this in PSI, so an empty bin gives a large, finite term.
 EPSILON = 1e-4

@@ -14,17 +14,18 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, load_run_config
-from mlpipe.data import Split, read_dataset
-from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
-from mlpipe.publishing import Publisher
-from mlpipe.push import PushMessage
-from mlpipe.registry import CHAMPION, ModelVersion, Registry
-from mlpipe.service import StepResult, decode_message, republish_recorded
-from mlpipe.storage import Storage, sha256_hex
-from mlpipe.topology import MONITOR_PUSH
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import PushMessage
+from mlpipe.messaging.topology import MONITOR_PUSH
+from mlpipe.ml.config import PipelineConfig, load_run_config
+from mlpipe.ml.data import Split, read_dataset
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.service import StepResult, decode_message, republish_recorded
+from mlpipe.store import layout
+from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator import report
 from mlpipe_evaluator.metrics import (
@@ -188,9 +189,9 @@ def champion_metrics(
 def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
     trained = decode_message(events_pb2.TrainingCompleted, message)
     run_id = trained.context.run_id
-    if not lineage.RUN_ID_PATTERN.match(run_id):
+    if not layout.RUN_ID_PATTERN.match(run_id):
         raise PermanentError("invalid_message", f"TrainingCompleted has bad run_id {run_id!r}")
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
 
     if republish_recorded(
         deps.storage, deps.publisher, paths.evaluation, events_pb2.EvaluationCompleted

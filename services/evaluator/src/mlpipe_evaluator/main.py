@@ -10,10 +10,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from mlpipe import events
-from mlpipe.errors import PermanentError
-from mlpipe.service import Clients, create_app
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.messaging import events
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.service import Clients, create_app
+from mlpipe.runtime.settings import CommonSettings, load_settings
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator
 

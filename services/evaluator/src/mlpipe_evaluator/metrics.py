@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from mlpipe.config import HIGHER_IS_BETTER, GatesSpec
+from mlpipe.ml.config import HIGHER_IS_BETTER, GatesSpec
 from mlpipe.v1 import events_pb2
 
 

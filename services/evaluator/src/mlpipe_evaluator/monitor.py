@@ -25,13 +25,14 @@ from typing import Any
 
 import pandas as pd
 
-from mlpipe import events, lineage
-from mlpipe.config import MonitoringSpec, PipelineConfig, load_pipeline_config
-from mlpipe.data import Split, read_dataset
-from mlpipe.errors import PermanentError
-from mlpipe.publishing import Publisher
-from mlpipe.registry import CHAMPION, ModelVersion, Registry
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import MonitoringSpec, PipelineConfig, load_pipeline_config
+from mlpipe.ml.data import Split, read_dataset
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.store import layout
+from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator import drift
 
@@ -87,7 +88,7 @@ def training_rows(storage: Storage, champion: ModelVersion) -> tuple[pd.DataFram
             f"{champion.model} v{champion.version}'s training data {uri or '(none recorded)'} "
             "is missing or differs from its sha256",
         )
-    split_doc = storage.read_json(lineage.RunPaths(champion.run_id).split)
+    split_doc = storage.read_json(layout.RunPaths(champion.run_id).split)
     if split_doc is None:
         raise PermanentError("reference_missing", f"run {champion.run_id} has no split.json")
     frame = read_dataset(obj.data, fmt, uri)

@@ -1,4 +1,4 @@
-from mlpipe.service import run
+from mlpipe.runtime.service import run
 from mlpipe_ingest.main import IngestSettings
 
 run("mlpipe_ingest.main:app", "ingest", IngestSettings)

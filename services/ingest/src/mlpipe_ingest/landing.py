@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, load_pipeline_config
-from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
-from mlpipe.publishing import Publisher
-from mlpipe.push import PushMessage
-from mlpipe.service import StepResult, decode_message
-from mlpipe.sources_schema import check_frame, describe_schema, schema_of
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import PushMessage
+from mlpipe.ml.config import PipelineConfig, load_pipeline_config
+from mlpipe.ml.validation import check_frame, describe_schema, schema_of
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.store import layout
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         else message.publish_time
     )
     ctx.requested_at.CopyFrom(events.timestamp(when))
-    path = lineage.dataset_path(config.name, when.date(), sha[:16], ext)
+    path = layout.dataset_path(config.name, when.date(), sha[:16], ext)
     metadata = {
         "sha256": sha,
         "source": source[:1000],
@@ -236,7 +237,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         if existing is not None and existing.time_created is not None:
             landed_at = existing.time_created
     fault_point("ingest.after_land")
-    ctx.run_id = lineage.run_id_for(sha, ctx.config_sha256)
+    ctx.run_id = layout.run_id_for(sha, ctx.config_sha256)
     landed = events_pb2.DatasetLanded(
         context=ctx,
         dataset=events_pb2.DatasetRef(

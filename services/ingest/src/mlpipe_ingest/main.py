@@ -7,11 +7,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from mlpipe.service import Clients, create_app
-from mlpipe.settings import CommonSettings, load_settings
-from mlpipe.sources_http import HttpLimits
+from mlpipe.runtime.service import Clients, create_app
+from mlpipe.runtime.settings import CommonSettings, load_settings
 from mlpipe_ingest.landing import Landing
 from mlpipe_ingest.sources import SourceSettings
+from mlpipe_ingest.sources_http import HttpLimits
 
 
 class IngestSettings(CommonSettings):

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from mlpipe.model_inputs import InvalidInstances
+from mlpipe.ml.model_inputs import InvalidInstances
 from mlpipe_predictor.models import ModelStore
 from mlpipe_predictor.runtime import LoadedModel
 

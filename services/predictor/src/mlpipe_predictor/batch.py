@@ -23,10 +23,10 @@ import fastavro
 import numpy as np
 import pandas as pd
 
-from mlpipe.errors import PermanentError
-from mlpipe.model_inputs import CATEGORICAL
-from mlpipe.registry import CHAMPION, Registry
-from mlpipe.storage import Storage, check_name_part
+from mlpipe.ml.model_inputs import CATEGORICAL
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.store.registry import CHAMPION, Registry
+from mlpipe.store.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.runtime import LoadedModel, load_version
 

@@ -12,11 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from mlpipe import events
-from mlpipe.errors import PermanentError
-from mlpipe.registry import Registry
-from mlpipe.service import Clients, create_app
-from mlpipe.settings import load_settings
+from mlpipe.messaging import events
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.service import Clients, create_app
+from mlpipe.runtime.settings import load_settings
+from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
 from mlpipe_predictor.models import ModelStore, promote_canary

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpipe.registry import CANARY, CHAMPION, Registry, RolloutError
+from mlpipe.store.registry import CANARY, CHAMPION, Registry, RolloutError
 from mlpipe_predictor.runtime import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def promote_canary(
 ) -> None:
     """The automatic promotion of a canary that served `promote_after` requests without an
     error: the same registry step as `mlpipe promote`, recorded as a DeploymentCompleted."""
-    from mlpipe.registry import rollout_event
+    from mlpipe.store.registry import rollout_event
 
     watch = store.watch_of(model)
     count = watch.succeeded if watch else 0

@@ -24,7 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpipe.storage import Storage
+from mlpipe.store.storage import Storage
 from mlpipe_predictor.runtime import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlpipe.model_inputs import (
+from mlpipe.ml.model_inputs import (
     CATEGORICAL,
     Feature,
     InvalidInstances,
@@ -25,7 +25,7 @@ from mlpipe.model_inputs import (
     schema_from_bundle,
     schema_from_json,
 )
-from mlpipe.registry import Registry
+from mlpipe.store.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from mlpipe.settings import CommonSettings
+from mlpipe.runtime.settings import CommonSettings
 
 
 class PredictorSettings(CommonSettings):

@@ -1,4 +1,4 @@
-from mlpipe.service import run
+from mlpipe.runtime.service import run
 from mlpipe_trainer.main import TrainerSettings
 
 run("mlpipe_trainer.main:app", "trainer", TrainerSettings)

@@ -12,13 +12,14 @@ import logging
 import os
 import sys
 
-from mlpipe import events, lineage
-from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
-from mlpipe.logs import bind_run_id, setup_logging
-from mlpipe.service import Clients
-from mlpipe.settings import CommonSettings, load_settings
-from mlpipe.storage import Storage, make_client
+from mlpipe.messaging import events
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.logs import bind_run_id, setup_logging
+from mlpipe.runtime.service import Clients
+from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe.store import layout
+from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.launcher import FAILED, RECORDED, SUPERSEDED
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     started = events.from_json(events_pb2.TrainingStarted, args.started)
     bind_run_id(started.context.run_id)
     clients = Clients.create(settings, stage="training-job", receives_push=False)
-    paths = lineage.RunPaths(started.context.run_id)
+    paths = layout.RunPaths(started.context.run_id)
     heartbeat = lease.Heartbeat(
         Storage(make_client(settings.project), settings.bucket),
         paths.claim,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(
     clients: Clients,
     started: events_pb2.TrainingStarted,
-    paths: lineage.RunPaths,
+    paths: layout.RunPaths,
     heartbeat: lease.Heartbeat,
     code_version: str,
 ) -> int:

@@ -30,8 +30,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Literal, Protocol
 
-from mlpipe import events
-from mlpipe.config import PipelineConfig
+from mlpipe.messaging import events
+from mlpipe.ml.config import PipelineConfig
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer.memory import MemoryBudget
 
@@ -57,9 +57,9 @@ Runner = Literal["warm", "subprocess"]
 PRELOAD = [
     "mlpipe_trainer.job",
     "mlpipe_trainer.training",
-    "mlpipe.modeling",
-    "mlpipe.data",
-    "mlpipe.service",
+    "mlpipe.ml.modeling",
+    "mlpipe.ml.data",
+    "mlpipe.runtime.service",
     "sklearn.ensemble",
     "sklearn.linear_model",
     "pandas",
@@ -115,7 +115,7 @@ def _run_job(started_json: str, log_path: str, env: dict[str, str]) -> None:
     for key in [k for k in os.environ if k.startswith(PASSED_ENV)]:
         del os.environ[key]
     os.environ.update(env)
-    from mlpipe import faults
+    from mlpipe.runtime import faults
 
     faults.reload_from_environment()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -23,7 +23,7 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 
-from mlpipe.storage import TRANSIENT_ERRORS, Storage
+from mlpipe.store.storage import TRANSIENT_ERRORS, Storage
 
 log = logging.getLogger(__name__)
 

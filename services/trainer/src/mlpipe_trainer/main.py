@@ -10,8 +10,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from pydantic import Field
 
-from mlpipe.service import Clients, create_app
-from mlpipe.settings import CommonSettings, load_settings
+from mlpipe.runtime.service import Clients, create_app
+from mlpipe.runtime.settings import CommonSettings, load_settings
 from mlpipe_trainer.launcher import LocalJobLauncher, Runner
 from mlpipe_trainer.memory import MemoryBudget
 from mlpipe_trainer.recovery import crash_reporter

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from google.api_core import exceptions as gexc
 
-from mlpipe.storage import Storage
+from mlpipe.store.storage import Storage
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CGROUP_ROOT = Path("/sys/fs/cgroup")

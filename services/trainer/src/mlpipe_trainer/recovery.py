@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from mlpipe import events, lineage
-from mlpipe.service import Clients
-from mlpipe.storage import BadObjectUri
+from mlpipe.messaging import events
+from mlpipe.runtime.service import Clients
+from mlpipe.store import layout
+from mlpipe.store.storage import BadObjectUri
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.launcher import CrashHandler, JobExit
@@ -24,7 +25,7 @@ def crash_reporter(
     killed again."""
 
     def report(started: events_pb2.TrainingStarted, end: JobExit) -> None:
-        paths = lineage.RunPaths(started.context.run_id)
+        paths = layout.RunPaths(started.context.run_id)
         recorded = clients.storage.read(paths.training)
         if recorded is not None:
             # Recorded, but maybe never published (the job died or Pub/Sub was away): publish
@@ -96,7 +97,7 @@ def _fail(
         quarantine_uri=quarantine_uri or started.dataset.uri,
     )
     clients.storage.write(
-        lineage.RunPaths(started.context.run_id).failed,
+        layout.RunPaths(started.context.run_id).failed,
         events.to_json(failed).encode(),
         content_type="application/json",
     )

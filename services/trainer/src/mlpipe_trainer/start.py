@@ -11,17 +11,23 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, load_pipeline_config
-from mlpipe.data import check_columns, read_dataset
-from mlpipe.errors import Held, PermanentError, TransientError
-from mlpipe.failures import FailureReporter
-from mlpipe.faults import fault_point
-from mlpipe.publishing import Publisher
-from mlpipe.push import EnvelopeError, ObjectNotification, PushMessage, parse_object_notification
-from mlpipe.service import StepResult, decode_message
-from mlpipe.sources_schema import check_frame
-from mlpipe.storage import Storage, parse_gs_uri, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import (
+    EnvelopeError,
+    ObjectNotification,
+    PushMessage,
+    parse_object_notification,
+)
+from mlpipe.ml.config import PipelineConfig, load_pipeline_config
+from mlpipe.ml.data import check_columns, read_dataset
+from mlpipe.ml.validation import check_frame
+from mlpipe.runtime.errors import Held, PermanentError, TransientError
+from mlpipe.runtime.failures import FailureReporter
+from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.store import layout
+from mlpipe.store.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.memory import MemoryBudget, object_size
@@ -136,7 +142,7 @@ def reject_upload(
         quarantine_uri=quarantine_uri,
     )
     deps.storage.write(
-        lineage.RunPaths(ctx.run_id).failed,
+        layout.RunPaths(ctx.run_id).failed,
         events.to_json(failed).encode(),
         content_type="application/json",
     )
@@ -173,7 +179,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
             raise PermanentError("invalid_notification", str(exc)) from exc
     if note.event_type != "OBJECT_FINALIZE" or note.bucket != deps.storage.bucket_name:
         return StepResult("ignored", {"object": note.uri, "event": note.event_type})
-    match = lineage.DATASET_PATH.match(note.name)
+    match = layout.DATASET_PATH.match(note.name)
     if match is None:
         if note.name.startswith("datasets/"):
             raise PermanentError(
@@ -211,7 +217,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         sha = sha256_hex(obj.data)
         uploaded = obj.data
     config_sha = config.sha256()
-    run_id = lineage.run_id_for(sha, config_sha)
+    run_id = layout.run_id_for(sha, config_sha)
     ctx = events.context(
         producer="trainer",
         code_version=deps.code_version,
@@ -231,7 +237,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     landed_at = note.time_created or dt.datetime.now(dt.UTC)
     dataset.landed_at.CopyFrom(events.timestamp(landed_at))
     ctx.requested_at.CopyFrom(events.timestamp(_requested_at(note.metadata, landed_at)))
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
 
     recorded = deps.storage.read(paths.training)
     if recorded is not None:
@@ -354,7 +360,7 @@ def fail_crashed(
         context=ctx,
         dataset=dataset,
     )
-    paths = lineage.RunPaths(ctx.run_id)
+    paths = layout.RunPaths(ctx.run_id)
     deps.storage.write(
         paths.failed, events.to_json(failed).encode(), content_type="application/json"
     )

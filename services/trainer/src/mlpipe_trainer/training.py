@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from mlpipe import events, lineage
-from mlpipe.config import PipelineConfig, load_run_config
-from mlpipe.data import check_columns, read_dataset, split_rows
-from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
-from mlpipe.modeling import build_pipeline, bundle_bytes, model_bundle
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.ml.config import PipelineConfig, load_run_config
+from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.runtime.faults import fault_point
+from mlpipe.store import layout
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def train(
 ) -> events_pb2.TrainingCompleted:
     began = dt.datetime.now(dt.UTC)
     run_id = started.context.run_id
-    paths = lineage.RunPaths(run_id)
+    paths = layout.RunPaths(run_id)
     config: PipelineConfig = load_run_config(storage, run_id)
     data = fetch_dataset(storage, started.dataset)
     frame = read_dataset(data, started.dataset.format or "csv", started.dataset.uri)

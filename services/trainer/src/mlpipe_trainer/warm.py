@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from mlpipe.modeling import warm_up_model
+from mlpipe.ml.modeling import warm_up_model
 
 try:
     warm_up_model()

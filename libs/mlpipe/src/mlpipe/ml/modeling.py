@@ -12,8 +12,8 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
-from mlpipe.config import ModelSpec, PipelineConfig
-from mlpipe.errors import PermanentError
+from mlpipe.ml.config import ModelSpec, PipelineConfig
+from mlpipe.runtime.errors import PermanentError
 
 
 def build_estimator(spec: ModelSpec) -> Any:
@@ -98,8 +98,8 @@ def warm_up_model() -> tuple[Any, Any, Pipeline]:
     training path: long-lived processes run it at start-up so that first-call costs (lazy
     imports, Cython and pandas first paths) are not paid by the first real run. Single
     threaded (no OpenMP estimator), so a forkserver may run it before it forks."""
-    from mlpipe.config import parse_config
-    from mlpipe.data import read_dataset, split_rows
+    from mlpipe.ml.config import parse_config
+    from mlpipe.ml.data import read_dataset, split_rows
 
     config = parse_config(WARM_UP_CONFIG, "warm-up")
     frame = read_dataset(WARM_UP_CSV, "csv", "warm-up")

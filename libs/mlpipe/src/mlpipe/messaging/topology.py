@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from mlpipe import events
+from mlpipe.messaging import events
 
 # Every service receives its push deliveries on this route.
 PUSH_PATH = "/pubsub/push"

@@ -19,15 +19,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from google.protobuf.message import Message
 
-from mlpipe import events
-from mlpipe import storage as gcs
-from mlpipe.auth import PushAuthError, PushVerifier, push_verifier
-from mlpipe.errors import Held, PermanentError, TransientError
-from mlpipe.failures import FailureReporter
-from mlpipe.logs import CloudLoggingFormatter, run_context, setup_logging
-from mlpipe.publishing import Publisher
-from mlpipe.push import EnvelopeError, PushMessage, parse_envelope
-from mlpipe.settings import CommonSettings, SettingsError, load_settings
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import EnvelopeError, PushMessage, parse_envelope
+from mlpipe.runtime.auth import PushAuthError, PushVerifier, push_verifier
+from mlpipe.runtime.errors import Held, PermanentError, TransientError
+from mlpipe.runtime.failures import FailureReporter
+from mlpipe.runtime.logs import CloudLoggingFormatter, run_context, setup_logging
+from mlpipe.runtime.settings import CommonSettings, SettingsError, load_settings
+from mlpipe.store import storage as gcs
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import re
 
-from mlpipe import events
-from mlpipe.publishing import Publisher
-from mlpipe.push import PushMessage
-from mlpipe.storage import Storage, sha256_hex
+from mlpipe.messaging import events
+from mlpipe.messaging.publishing import Publisher
+from mlpipe.messaging.push import PushMessage
+from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mlpipe.errors import PermanentError, TransientError
-from mlpipe.failures import FailureReporter
+from mlpipe.runtime.errors import PermanentError, TransientError
+from mlpipe.runtime.failures import FailureReporter
 from mlpipe.v1 import events_pb2
 
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")

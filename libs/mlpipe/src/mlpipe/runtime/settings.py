@@ -34,7 +34,7 @@ class CommonSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, validation_alias=AliasChoices("PORT", "MLPIPE_PORT"))
     publish_timeout_seconds: float = 30.0
-    # Push authentication (mlpipe.auth): "oidc" checks Pub/Sub's token on every push; "none"
+    # Push authentication (mlpipe.runtime.auth): "oidc" checks Pub/Sub's token on every push; "none"
     # is for the emulators and refuses to start when they are not configured.
     push_auth: Literal["oidc", "none"] = "oidc"
     push_audience: str = Field(default="", description="This service's URL (the audience).")

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from mlpipe.lineage import DATASET_PATH, RUN_ID_PATTERN, dataset_path, run_id_for
+from mlpipe.store.layout import DATASET_PATH, RUN_ID_PATTERN, dataset_path, run_id_for
 
 DATASET_SHA = "a" * 64
 CONFIG_SHA = "b" * 64
@@ -72,8 +72,8 @@ def test_other_shapes_are_not_dataset_paths(path: str) -> None:
 
 
 def test_a_trailing_newline_does_not_pass_for_a_run_id_or_a_dataset_path() -> None:
-    from mlpipe import lineage
+    from mlpipe.store import layout
 
-    assert lineage.RUN_ID_PATTERN.match("0123456789abcdef")
-    assert not lineage.RUN_ID_PATTERN.match("0123456789abcdef\n")
-    assert not lineage.DATASET_PATH.match("datasets/iris/dt=2026-01-01/x.csv\n")
+    assert layout.RUN_ID_PATTERN.match("0123456789abcdef")
+    assert not layout.RUN_ID_PATTERN.match("0123456789abcdef\n")
+    assert not layout.DATASET_PATH.match("datasets/iris/dt=2026-01-01/x.csv\n")

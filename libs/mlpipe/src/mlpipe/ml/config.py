@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from mlpipe.errors import PermanentError
-from mlpipe.storage import Storage
+from mlpipe.runtime.errors import PermanentError
+from mlpipe.store.storage import Storage
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 

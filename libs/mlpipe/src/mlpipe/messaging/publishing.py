@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from google.cloud import pubsub_v1
 from google.protobuf.message import Message
 
-from mlpipe import events
+from mlpipe.messaging import events
 
 log = logging.getLogger(__name__)
 

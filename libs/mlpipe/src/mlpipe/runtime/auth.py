@@ -29,7 +29,7 @@ from typing import Any
 from google.auth import exceptions as auth_exceptions
 from google.auth import jwt
 
-from mlpipe.settings import CommonSettings, SettingsError
+from mlpipe.runtime.settings import CommonSettings, SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Pub/Sub: the typed events, publishing them, push envelopes, and the topology."""

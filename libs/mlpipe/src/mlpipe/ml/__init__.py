@@ -1,0 +1,1 @@
+"""Pipeline config, dataset validation, reading and splitting data, models and their inputs."""

@@ -1,0 +1,1 @@
+"""What every service runs on: push adapter, settings, auth, logs, failures, errors."""
