@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from google.protobuf.message import Message
 
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import LocalStack, StackState, client_env, port_free
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import LocalStack, StackState, client_env, port_free
 
 REPO = Path(__file__).resolve().parents[1]
 

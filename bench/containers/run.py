@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 from chain import run_chain
 from common import REPO, free_base_port, machine, p50_p95
 
-from mlpipe import containers as docker
-from mlpipe.localstack import HOST, LocalStack, StackState, client_env
-from mlpipe.service_runtime import MIB, load_runtimes
+from mlpipe_ops import containers as docker
+from mlpipe_ops.localstack import HOST, LocalStack, StackState, client_env
+from mlpipe_ops.service_runtime import MIB, load_runtimes
 
 READY_TARGET = 1.5  # seconds, p50, docker run → /healthz
 IDLE_TARGET = 256 * MIB
@@ -163,7 +163,7 @@ def peak_during_example(state: StackState, example: str) -> dict[str, Any]:
     sampler.start()
     t0 = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "mlpipe.cli", "run", "--example", example, "--timeout", "300"],
+        [sys.executable, "-m", "mlpipe_ops.cli", "run", "--example", example, "--timeout", "300"],
         cwd=REPO,
         env={**os.environ, "MLPIPE_STATE_DIR": state.state_dir},
         capture_output=True,
@@ -215,7 +215,7 @@ def main() -> None:
         with client_env(state):
             result["peak"] = peak_during_example(state, "bikeshare")
             iris = subprocess.run(
-                [sys.executable, "-m", "mlpipe.cli", "run", "--example", "iris"],
+                [sys.executable, "-m", "mlpipe_ops.cli", "run", "--example", "iris"],
                 cwd=REPO,
                 env={**os.environ, "MLPIPE_STATE_DIR": state.state_dir},
                 capture_output=True,

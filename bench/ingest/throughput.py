@@ -23,12 +23,12 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from mlpipe.localstack import LocalStack, client_env, port_free
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.push import make_envelope
 from mlpipe.ml.config import config_path, parse_config
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.localstack import LocalStack, client_env, port_free
 
 CONFIG = """\
 name: bench

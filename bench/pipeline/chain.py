@@ -5,7 +5,7 @@
 Starts a LocalStack (Pub/Sub emulator, fake-gcs-server, the five services) on free ports with a
 state dir under /tmp, registers examples/iris/pipeline.yaml, then for run i publishes an
 IngestRequest whose inline CSV is the iris rows shuffled with seed i (new bytes: a new object,
-a new run) and follows it with mlpipe.follow.EventWatcher, made before the first publish.
+a new run) and follows it with mlpipe_ops.follow.EventWatcher, made before the first publish.
 
 Wall-clock stamps (time.time(), one clock for every process on this machine): the publish, the
 arrival of each event at the watcher, and "serving" — the first GET /v1/models (polled every
@@ -34,13 +34,13 @@ import httpx
 from common import IRIS_DIR, free_base_port, load, machine, p50_p95, shuffled_iris_csv
 from steps import profile_steps
 
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import LocalStack, StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import config_path, parse_config
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import LocalStack, StackState, client_env
 
 STAGES = (
     "DatasetLanded",

@@ -62,7 +62,7 @@ def machine() -> dict[str, Any]:
 
 def free_base_port(count: int = 7) -> int:
     """A base port with `count` consecutive free ports on 127.0.0.1 (as tests/conftest.py)."""
-    from mlpipe.localstack import port_free
+    from mlpipe_ops.localstack import port_free
 
     rng = random.Random()
     for _ in range(200):

@@ -9,7 +9,7 @@ to a tiny local endpoint that only notes the time (a stdlib HTTP server, no Fast
   settings: ack deadline 60 s, backoff 1..60 s); publish call → request received.
 - gcs: write an object under the notification prefix of fake-gcs-server; the notification
   topic's push subscription posts to the endpoint; write call → request received.
-- pull: publish an event to a topic followed by mlpipe.follow.EventWatcher (streaming pull, as
+- pull: publish an event to a topic followed by mlpipe_ops.follow.EventWatcher (streaming pull, as
   the chain benchmark watches); publish call → event dequeued. This is the watcher's own lag,
   inside every arrival chain.py records.
 
@@ -34,12 +34,12 @@ from common import free_base_port, load, p50_p95
 from google.cloud import pubsub_v1
 from google.pubsub_v1.types import PushConfig, RetryPolicy, Subscription
 
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import HOST, LocalStack, client_env, free_port
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import HOST, LocalStack, client_env, free_port
 
 
 class Endpoint:

@@ -18,7 +18,6 @@ from typing import Any
 import joblib
 from common import p50_p95
 
-from mlpipe.localstack import StackState
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import load_pipeline_config, load_run_config
@@ -30,6 +29,7 @@ from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.localstack import StackState
 
 
 def _time(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:

@@ -136,7 +136,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def deploy_iris(workdir: Path) -> tuple[Any, Any, dict[str, str]]:
     """Emulators + the iris model trained and deployed into them. Returns (stack, the fitted
     pipeline, the env a predictor process needs)."""
-    from mlpipe.localstack import LocalStack, client_env
     from mlpipe.messaging import events, topology
     from mlpipe.messaging.publishing import Publisher
     from mlpipe.messaging.push import make_envelope, parse_envelope
@@ -146,6 +145,7 @@ def deploy_iris(workdir: Path) -> tuple[Any, Any, dict[str, str]]:
     from mlpipe.store.storage import Storage, make_client, sha256_hex
     from mlpipe.v1 import events_pb2
     from mlpipe_deployer.deployment import Deployer
+    from mlpipe_ops.localstack import LocalStack, client_env
     from mlpipe_trainer.training import train
     from tests.conftest import free_base_port
 
@@ -256,7 +256,7 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[by
 
 
 def free_port() -> int:
-    from mlpipe.localstack import free_port as pick
+    from mlpipe_ops.localstack import free_port as pick
 
     return pick()
 
@@ -321,9 +321,9 @@ def main() -> int:
                     measure(lambda: estimator.predict(frame), 300, 20, args.budget),
                 )
             )
-            from mlpipe.localstack import client_env
             from mlpipe.store.registry import Registry
             from mlpipe.store.storage import Storage, make_client
+            from mlpipe_ops.localstack import client_env
             from mlpipe_predictor.runtime import load_version
 
             with client_env(stack.state):

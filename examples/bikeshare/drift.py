@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE))
 
 from generate import net_change  # noqa: E402
 
-from mlpipe.localstack import StackState, client_env  # noqa: E402
 from mlpipe.store.storage import Storage, make_client  # noqa: E402
+from mlpipe_ops.localstack import StackState, client_env  # noqa: E402
 
 MODEL = "bikeshare-net-change"
 FEATURES = [

@@ -20,14 +20,14 @@ sys.path.insert(0, str(HERE))
 
 from providers import Providers  # noqa: E402
 
-from mlpipe.cli import DEFAULT_STATE_DIR, follow_run  # noqa: E402
-from mlpipe.follow import EventWatcher  # noqa: E402
-from mlpipe.localstack import StackState, client_env  # noqa: E402
 from mlpipe.messaging import events  # noqa: E402
 from mlpipe.messaging.publishing import Publisher  # noqa: E402
 from mlpipe.ml.config import config_path, parse_config  # noqa: E402
 from mlpipe.store.storage import Storage, make_client  # noqa: E402
 from mlpipe.v1 import events_pb2  # noqa: E402
+from mlpipe_ops.cli import DEFAULT_STATE_DIR, follow_run  # noqa: E402
+from mlpipe_ops.follow import EventWatcher  # noqa: E402
+from mlpipe_ops.localstack import StackState, client_env  # noqa: E402
 
 
 def weather_request(urls: list[str], request_id: str) -> events_pb2.IngestRequest:

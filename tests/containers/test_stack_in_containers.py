@@ -18,16 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlpipe import containers as docker
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import LocalStack, StackError, StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import parse_envelope
-from mlpipe.service_runtime import load_runtimes
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import containers as docker
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe_ops.service_runtime import load_runtimes
 from tests.conftest import REPO, collect, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.containers
@@ -72,7 +72,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
 
 def cli(state: StackState, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mlpipe.cli", *args],
+        [sys.executable, "-m", "mlpipe_ops.cli", *args],
         cwd=REPO,
         env={**os.environ, "MLPIPE_STATE_DIR": state.state_dir},
         capture_output=True,

@@ -18,14 +18,14 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import LocalStack, StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import parse_envelope
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import LocalStack, StackState, client_env
 from tests.conftest import REPO, collect, free_base_port, unique
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ def test_cli_runs_the_iris_example_to_serving(stack: StackState) -> None:
     env = {**os.environ, "MLPIPE_STATE_DIR": stack.state_dir}
 
     result = subprocess.run(
-        [sys.executable, "-m", "mlpipe.cli", "run", "--example", "iris", "--timeout", "120"],
+        [sys.executable, "-m", "mlpipe_ops.cli", "run", "--example", "iris", "--timeout", "120"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -189,7 +189,7 @@ def test_the_other_examples_run_to_serving_with_a_report(
     env = {**os.environ, "MLPIPE_STATE_DIR": stack.state_dir}
 
     result = subprocess.run(
-        [sys.executable, "-m", "mlpipe.cli", "run", "--example", example, "--timeout", "120"],
+        [sys.executable, "-m", "mlpipe_ops.cli", "run", "--example", example, "--timeout", "120"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -203,7 +203,7 @@ def test_the_other_examples_run_to_serving_with_a_report(
         [
             sys.executable,
             "-m",
-            "mlpipe.cli",
+            "mlpipe_ops.cli",
             "report",
             run_id,
             "--out",
@@ -225,7 +225,7 @@ def test_the_other_examples_run_to_serving_with_a_report(
 
 
 def test_a_run_has_a_timeline_from_request_to_deployment(stack: StackState) -> None:
-    from mlpipe.cli_runs import run_timeline
+    from mlpipe_ops.cli_runs import run_timeline
 
     storage = Storage(make_client(stack.project), stack.bucket)
     version = Registry(storage).get("iris-classifier", 1)
@@ -261,7 +261,9 @@ def test_drift_from_the_cli_retrains_once_through_the_chain(
     stack: StackState, tmp_path: Path
 ) -> None:
     if "bikeshare-net-change" not in served(stack):
-        ran = cli(stack, "-m", "mlpipe.cli", "run", "--example", "bikeshare", "--timeout", "120")
+        ran = cli(
+            stack, "-m", "mlpipe_ops.cli", "run", "--example", "bikeshare", "--timeout", "120"
+        )
         assert ran.returncode == 0, ran.stdout + ran.stderr
     champion = served(stack)["bikeshare-net-change"]["version"]
 
@@ -270,7 +272,7 @@ def test_drift_from_the_cli_retrains_once_through_the_chain(
         first = cli(
             stack,
             "-m",
-            "mlpipe.cli",
+            "mlpipe_ops.cli",
             "monitor",
             "check",
             "bikeshare",
@@ -291,7 +293,7 @@ def test_drift_from_the_cli_retrains_once_through_the_chain(
                     retrained.append(observed.event)
     # New labelled rows arrive: only the cool-down stands in the way of a second retrain.
     more = cli(stack, "examples/bikeshare/drift.py", "--rows", "50", "--seed", "2")
-    second = cli(stack, "-m", "mlpipe.cli", "monitor", "check", "bikeshare")
+    second = cli(stack, "-m", "mlpipe_ops.cli", "monitor", "check", "bikeshare")
 
     assert sent.returncode == 0 and more.returncode == 0, sent.stderr + more.stderr
     assert first.returncode == 3, first.stdout + first.stderr  # 3: drift found

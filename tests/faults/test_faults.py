@@ -21,8 +21,6 @@ import httpx
 import pytest
 from google.protobuf.message import Message
 
-from mlpipe.follow import EventWatcher
-from mlpipe.localstack import LocalStack, StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import make_envelope
@@ -30,6 +28,8 @@ from mlpipe.ml.config import config_path
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import LocalStack, StackState, client_env
 from tests.conftest import REPO, free_base_port, unique
 
 pytestmark = pytest.mark.faults

@@ -26,16 +26,6 @@ from typing import Any
 import httpx
 import pytest
 
-from mlpipe import infra
-from mlpipe.localstack import (
-    HOST,
-    LocalStack,
-    Proc,
-    StackState,
-    client_env,
-    fake_gcs_binary,
-    stop_processes,
-)
 from mlpipe.messaging import topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import config_path
@@ -44,6 +34,16 @@ from mlpipe.store import layout
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import infra
+from mlpipe_ops.localstack import (
+    HOST,
+    LocalStack,
+    Proc,
+    StackState,
+    client_env,
+    fake_gcs_binary,
+    stop_processes,
+)
 from tests.conftest import REPO, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.faults
@@ -406,7 +406,7 @@ def test_sigterm_hands_a_running_job_back_within_ten_seconds(
 
 def mlpipe(state: StackState, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mlpipe.cli", "failures", *args],
+        [sys.executable, "-m", "mlpipe_ops.cli", "failures", *args],
         cwd=REPO,
         env={**os.environ, "MLPIPE_STATE_DIR": state.state_dir},
         capture_output=True,

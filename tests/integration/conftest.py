@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from google.cloud import pubsub_v1
 from google.protobuf.message import Message
 
-from mlpipe.localstack import StackState
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import make_envelope
 from mlpipe.ml.config import PipelineConfig, config_path, parse_config
 from mlpipe.runtime.failures import FailureReporter
 from mlpipe.store.storage import Storage, make_client
+from mlpipe_ops.localstack import StackState
 from tests.conftest import REPO, unique
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,10 @@ import pytest
 from google.cloud import pubsub_v1
 from typer.testing import CliRunner
 
-from mlpipe import infra
-from mlpipe.cli import app
-from mlpipe.localstack import StackState
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import infra
+from mlpipe_ops.cli import app
+from mlpipe_ops.localstack import StackState
 from tests.conftest import REPO, unique
 from tests.integration.conftest import Cloud
 

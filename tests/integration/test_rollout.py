@@ -10,13 +10,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe.cli_rollout import describe_traffic
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
+from mlpipe_ops.cli_rollout import describe_traffic
 from tests.integration.conftest import Cloud
 from tests.integration.test_serving import SETOSA, deploy, predictor, renamed_iris, trained
 

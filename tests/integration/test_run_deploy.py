@@ -29,10 +29,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mlpipe import infra, service_runtime
-from mlpipe.cli import app
 from mlpipe.runtime.auth import push_verifier
 from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe_ops import infra, service_runtime
+from mlpipe_ops.cli import app
 from tests.conftest import REPO
 
 pytestmark = [

@@ -22,7 +22,6 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format, struct_pb2
 
-from mlpipe.localstack import free_port
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.push import make_envelope, parse_envelope
 from mlpipe.ml.config import PipelineConfig, parse_config
@@ -31,6 +30,7 @@ from mlpipe.store.registry import Registry
 from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.deployment import Deployer
+from mlpipe_ops.localstack import free_port
 from mlpipe_trainer.training import train
 from tests.integration.conftest import Cloud
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlpipe.cli_schedule import find_schedule, fire
 from mlpipe.messaging import events
+from mlpipe_ops.cli_schedule import find_schedule, fire
 from tests.integration.conftest import Cloud
 
 pytestmark = pytest.mark.integration

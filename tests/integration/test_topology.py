@@ -1,4 +1,4 @@
-"""The topology applied to the Pub/Sub emulator through `mlpipe.infra` (the path `mlpipe up`
+"""The topology applied to the Pub/Sub emulator through `mlpipe_ops.infra` (the path `mlpipe up`
 and `mlpipe infra apply --env local` take): complete, idempotent, and a plan that names exactly
 what drifted."""
 
@@ -15,9 +15,9 @@ from datetime import timedelta
 import pytest
 from google.cloud import pubsub_v1
 
-from mlpipe import cli_failures, infra
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import cli_failures, infra
 from tests.conftest import REPO, free_base_port, wait_until
 from tests.integration.conftest import Cloud
 

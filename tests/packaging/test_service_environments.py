@@ -129,6 +129,8 @@ def test_every_module_of_the_service_imports(
     # Installed from a built wheel, as in the image (--no-editable), not read from libs/.
     venv = built.python.parent.parent
     assert Path(report["library_file"]).is_relative_to(venv), report["library_file"]
+    # The operator side (CLI, infra, local stack) is no dependency of any service.
+    assert not list(venv.glob("lib/python*/site-packages/mlpipe_ops")), "mlpipe_ops installed"
 
 
 @pytest.mark.parametrize("svc", SERVICES)

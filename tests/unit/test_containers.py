@@ -460,7 +460,7 @@ def render_command(svc: str, env: str) -> list[str]:
 def rendered_flags(svc: str, env: str) -> dict:
     from typer.testing import CliRunner
 
-    from mlpipe.cli import app
+    from mlpipe_ops.cli import app
 
     args = render_command(svc, env)
     output = args[args.index("--output") + 1]
@@ -476,8 +476,8 @@ def rendered_flags(svc: str, env: str) -> dict:
 @pytest.mark.parametrize("env", GCP_ENVS)
 @pytest.mark.parametrize("svc", SERVICES)
 def test_the_rendered_flags_agree_with_the_runtime_definition(svc: str, env: str) -> None:
-    from mlpipe import infra
-    from mlpipe.service_runtime import load_runtimes
+    from mlpipe_ops import infra
+    from mlpipe_ops.service_runtime import load_runtimes
 
     flags = rendered_flags(svc, env)
     runtime = load_runtimes(env, ROOT / "infra" / "runtime.yaml")[svc]

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mlpipe import infra
-from mlpipe.cli import app
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import infra
+from mlpipe_ops.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 BOOTSTRAP = REPO / "infra" / "bootstrap.sh"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlpipe import infra
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import infra
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENTS = REPO / "infra" / "environments"

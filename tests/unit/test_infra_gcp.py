@@ -22,7 +22,7 @@ from google.cloud import pubsub_v1, run_v2, scheduler_v1, storage
 from google.iam.v1 import policy_pb2
 from google.protobuf import json_format
 
-from mlpipe import infra, service_runtime
+from mlpipe_ops import infra, service_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "acme-ml-dev"

@@ -20,10 +20,10 @@ from google.pubsub_v1.types import (
 )
 from google.type import expr_pb2
 
-from mlpipe import infra
 from mlpipe.messaging import events
 from mlpipe.messaging.topology import TOPOLOGY
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import infra
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENTS = REPO / "infra" / "environments"

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from mlpipe import infra, service_runtime
-from mlpipe.cli import app
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import infra, service_runtime
+from mlpipe_ops.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENTS = REPO / "infra" / "environments"

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from mlpipe.cli_schedule import CronError, cron_matches, loop
-from mlpipe.infra import ScheduleSpec
+from mlpipe_ops.cli_schedule import CronError, cron_matches, loop
+from mlpipe_ops.infra import ScheduleSpec
 
 UTC = dt.UTC
 

@@ -1,7 +1,7 @@
 """The one declarative topology: topics, push subscriptions, dead letters, the bucket notice,
 and which service publishes where.
 
-It names what exists in every environment; `mlpipe.infra` applies it, with the per-environment
+It names what exists in every environment; `mlpipe_ops.infra` applies it, with the per-environment
 settings of `infra/environments/<env>.yaml` (project, service URLs, push service accounts,
 schedules), to the emulators and to a real project by the same code.
 """

@@ -1,7 +1,7 @@
 """Who may push: Pub/Sub's OIDC token on every push request, checked before any handler runs.
 
 A push subscription in a real project signs each request with a Google-issued ID token for its
-push service account, with the receiving service's URL as audience (`mlpipe.infra` sets both).
+push service account, with the receiving service's URL as audience (`mlpipe_ops.infra` sets both).
 Cloud Run checks the token too when the service is private; checking it here as well means a
 service that is made public by mistake, or reached another way, still refuses strangers.
 

@@ -15,11 +15,11 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe.localstack import StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.localstack import StackState, client_env
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[

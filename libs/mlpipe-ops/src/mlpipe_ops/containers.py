@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlpipe.service_runtime import ServiceRuntime
+from mlpipe_ops.service_runtime import ServiceRuntime
 
 # Cloud Run: SIGTERM, then SIGKILL after 10 seconds (container-contract, "Instance shutdown").
 STOP_GRACE_SECONDS = 10

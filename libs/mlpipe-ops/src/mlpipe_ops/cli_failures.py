@@ -20,12 +20,12 @@ from typing import Annotated
 import typer
 from google.cloud import pubsub_v1
 
-from mlpipe.cli_runs import DEFAULT_STATE_DIR, StateDir, running_stack
-from mlpipe.localstack import StackState, client_env
 from mlpipe.messaging import topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import EnvelopeError, parse_envelope
 from mlpipe.store.storage import Storage, make_client
+from mlpipe_ops.cli_runs import DEFAULT_STATE_DIR, StateDir, running_stack
+from mlpipe_ops.localstack import StackState, client_env
 
 DEAD_LETTER_ARCHIVE = "dead-letters-archive"
 SOURCE_ATTR = "CloudPubSubDeadLetterSourceSubscription"

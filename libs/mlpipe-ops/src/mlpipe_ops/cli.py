@@ -14,13 +14,6 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe import cli_rollout, cli_runs
-from mlpipe.cli_failures import failures_app
-from mlpipe.cli_infra import infra_app
-from mlpipe.cli_monitor import monitor_app
-from mlpipe.cli_schedule import schedule_app
-from mlpipe.follow import EventWatcher, Observed
-from mlpipe.localstack import LocalStack, StackError, StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
@@ -30,6 +23,13 @@ from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import cli_rollout, cli_runs
+from mlpipe_ops.cli_failures import failures_app
+from mlpipe_ops.cli_infra import infra_app
+from mlpipe_ops.cli_monitor import monitor_app
+from mlpipe_ops.cli_schedule import schedule_app
+from mlpipe_ops.follow import EventWatcher, Observed
+from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
 
 app = typer.Typer(
     help="mlpipe: an event-driven ML pipeline for Google Cloud.",

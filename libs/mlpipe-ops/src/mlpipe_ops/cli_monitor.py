@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from mlpipe.cli_runs import DEFAULT_STATE_DIR, StateDir, _storage, running_stack
+from mlpipe_ops.cli_runs import DEFAULT_STATE_DIR, StateDir, _storage, running_stack
 
 monitor_app = typer.Typer(help="Drift checks: served inputs against the champion's training data.")
 

@@ -1,6 +1,6 @@
 """The local stack: the Pub/Sub emulator, fake-gcs-server, the topology and the five services,
 each a real process bound to 127.0.0.1, started and stopped by PID; or, with `containers=True`,
-each service as its shipped image under Cloud Run's contract (mlpipe.containers).
+each service as its shipped image under Cloud Run's contract (mlpipe_ops.containers).
 
 State (PIDs, containers, ports) lives in `<state_dir>/stack.json`; logs in
 `<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before).
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from mlpipe import containers as docker
-from mlpipe import infra
-from mlpipe.containers import Container
 from mlpipe.messaging import topology
-from mlpipe.service_runtime import (
+from mlpipe_ops import containers as docker
+from mlpipe_ops import infra
+from mlpipe_ops.containers import Container
+from mlpipe_ops.service_runtime import (
     RuntimeDefinitionError,
     ServiceRuntime,
     load_runtimes,

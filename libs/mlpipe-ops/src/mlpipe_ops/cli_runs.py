@@ -12,10 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from mlpipe.localstack import StackState, client_env
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
+from mlpipe_ops.localstack import StackState, client_env
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[

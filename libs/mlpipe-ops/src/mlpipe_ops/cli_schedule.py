@@ -20,10 +20,10 @@ from typing import Annotated
 
 import typer
 
-from mlpipe.infra import InfraError, ScheduleSpec, load_environment
-from mlpipe.localstack import StackState, client_env
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
+from mlpipe_ops.infra import InfraError, ScheduleSpec, load_environment
+from mlpipe_ops.localstack import StackState, client_env
 
 schedule_app = typer.Typer(
     help="Fire Cloud Scheduler jobs on the local stack.", no_args_is_help=True

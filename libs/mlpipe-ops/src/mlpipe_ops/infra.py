@@ -56,8 +56,8 @@ from mlpipe.messaging.topology import (
     PushSubscription,
     Topology,
 )
-from mlpipe.service_runtime import ServiceRuntime
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.service_runtime import ServiceRuntime
 
 if TYPE_CHECKING:
     from google.cloud import run_v2

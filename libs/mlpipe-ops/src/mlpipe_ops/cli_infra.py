@@ -13,9 +13,9 @@ import typer
 from google.api_core import exceptions as gexc
 from google.auth.exceptions import DefaultCredentialsError
 
-from mlpipe import infra, service_runtime
-from mlpipe.localstack import StackState, client_env
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe_ops import infra, service_runtime
+from mlpipe_ops.localstack import StackState, client_env
 
 infra_app = typer.Typer(
     help="Provision the topology (topics, push subscriptions, dead letters, IAM, the bucket "

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mlpipe.messaging.topology import TOPOLOGY
 
 if TYPE_CHECKING:
-    from mlpipe.infra import Target
+    from mlpipe_ops.infra import Target
 
 RUNTIME_FILE = "runtime.yaml"
 _QUANTITY = re.compile(r"^(\d+)(Mi|Gi)$")
@@ -133,7 +133,7 @@ DERIVED_ENV = frozenset(
 def runtime_file(directory: Path | None = None) -> Path:
     """`infra/runtime.yaml` beside `directory` (an environments folder) or above the working
     directory or this package."""
-    from mlpipe import infra
+    from mlpipe_ops import infra
 
     return infra.environments_dir(directory).parent / RUNTIME_FILE
 
