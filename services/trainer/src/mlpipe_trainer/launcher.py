@@ -157,9 +157,11 @@ class LocalJobLauncher:
     def warm_up(self) -> None:
         """Start the forkserver now (it imports PRELOAD), not on the first job's clock."""
         if self.runner == "warm":
+            t0 = time.monotonic()
             probe = self._context.Process(target=int)
             probe.start()
             probe.join()
+            log.info("forkserver warm in %.1fs", time.monotonic() - t0)
 
     def launch(self, started: events_pb2.TrainingStarted, config: PipelineConfig) -> str:
         run_id = started.context.run_id

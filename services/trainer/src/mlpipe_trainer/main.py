@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,7 +51,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.job_runner,
         memory=memory,
     )
-    await asyncio.to_thread(local.warm_up)
+    # The forkserver imports the training stack (about 2 s) after the service is ready: the
+    # port answers at once, and a job launched before the warm-up ends waits for the same
+    # forkserver (multiprocessing starts it once, under a lock).
+    threading.Thread(target=local.warm_up, name="forkserver-warm-up", daemon=True).start()
     launchers: dict[str, JobLauncher] = {"local": local}
     if settings.trainer_image:
         target = VertexTarget(
