@@ -114,14 +114,22 @@ def iris_csv() -> str:
     return (REPO / "examples/iris/iris.csv").read_text()
 
 
-def notification(cloud: Cloud, path: str, generation: int, message_id: str = "n1") -> bytes:
+def notification(
+    cloud: Cloud,
+    path: str,
+    generation: int,
+    message_id: str = "n1",
+    size: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
     """A push body exactly as Cloud Storage's Pub/Sub notification (JSON_API_V1) sends it."""
     resource = {
         "kind": "storage#object",
         "bucket": cloud.storage.bucket_name,
         "name": path,
         "generation": str(generation),
-        "metadata": {},
+        **({"size": str(size)} if size is not None else {}),
+        "metadata": metadata or {},
     }
     return make_envelope(
         json.dumps(resource).encode(),

@@ -5,7 +5,6 @@ cgroup v1 memory cgroup, where this machine lets the tests make one)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
@@ -16,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlpipe.messaging import events
-from mlpipe.messaging.push import make_envelope, parse_envelope
+from mlpipe.messaging.push import parse_envelope
 from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.runtime.errors import Held, TransientError
 from mlpipe.runtime.service import Clients
@@ -30,7 +29,7 @@ from mlpipe_trainer.memory import MemoryBudget, MiB
 from mlpipe_trainer.recovery import crash_reporter
 from mlpipe_trainer.start import TrainingStarter, start_training
 from tests.conftest import REPO, wait_until
-from tests.integration.conftest import Cloud
+from tests.integration.conftest import Cloud, notification
 
 pytestmark = pytest.mark.integration
 
@@ -41,31 +40,6 @@ def bikeshare_times(n: int) -> bytes:
     """bikeshare.csv with its rows repeated `n` times (about n x 0.5 MiB)."""
     header, _, rows = BIKESHARE.partition(b"\n")
     return header + b"\n" + rows * n
-
-
-def gcs_notification(
-    cloud: Cloud, path: str, generation: int, size: int, metadata: dict[str, str], msg_id: str
-) -> bytes:
-    """A push body as Cloud Storage's notification (JSON_API_V1) sends it, size included."""
-    resource = {
-        "kind": "storage#object",
-        "bucket": cloud.storage.bucket_name,
-        "name": path,
-        "generation": str(generation),
-        "size": str(size),
-        "metadata": metadata,
-    }
-    return make_envelope(
-        json.dumps(resource).encode(),
-        attributes={
-            "bucketId": cloud.storage.bucket_name,
-            "objectId": path,
-            "objectGeneration": str(generation),
-            "eventType": "OBJECT_FINALIZE",
-            "payloadFormat": "JSON_API_V1",
-        },
-        message_id=msg_id,
-    )
 
 
 def land(cloud: Cloud, data: bytes, *, by_ingest: bool) -> tuple[str, int, dict[str, str]]:
@@ -137,7 +111,7 @@ def test_a_dataset_too_large_for_the_memory_limit_is_refused_before_any_job(
     data = bikeshare_times(40)  # 20 MiB: about 499 MiB to train, over 90% of 512 MiB
     path, generation, metadata = land(cloud, data, by_ingest=by_ingest)
     size = len(data) if by_ingest else 0  # an upload's notification here lacks it: looked up
-    body = gcs_notification(cloud, path, generation, size, metadata, "too-large")
+    body = notification(cloud, path, generation, "too-large", size=size, metadata=metadata)
 
     reply = small_trainer.post("/pubsub/push", content=body)
 
@@ -181,7 +155,7 @@ def test_a_job_that_fits_alone_waits_while_running_jobs_hold_the_memory(
         cloud.storage, cloud.publisher, {"local": launcher}, "test", 120.0, memory=memory
     )
     path, generation, metadata = land(cloud, BIKESHARE, by_ingest=True)
-    body = gcs_notification(cloud, path, generation, len(BIKESHARE), metadata, "waits")
+    body = notification(cloud, path, generation, "waits", size=len(BIKESHARE), metadata=metadata)
     run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     assert memory.reserve("another-run", 40 * MiB, "csv") is None  # a running job: ~720 MiB
 
@@ -211,7 +185,7 @@ def test_a_job_killed_by_the_oom_killer_fails_its_run_at_once(
     memory = MemoryBudget(768 * MiB)
     data = bikeshare_times(4)
     path, generation, metadata = land(cloud, data, by_ingest=True)
-    body = gcs_notification(cloud, path, generation, len(data), metadata, "oom")
+    body = notification(cloud, path, generation, "oom", size=len(data), metadata=metadata)
     deps = TrainingStarter(
         cloud.storage, cloud.publisher, {"local": RecordingLauncher()}, "test", 120.0
     )
@@ -303,7 +277,7 @@ def test_a_job_the_oom_killer_ends_for_real_fails_its_run_once(
     deps = TrainingStarter(cloud.storage, cloud.publisher, {"local": launcher}, "test", 120.0)
     data = bikeshare_times(40)
     path, generation, metadata = land(cloud, data, by_ingest=True)
-    body = gcs_notification(cloud, path, generation, len(data), metadata, "oom-real")
+    body = notification(cloud, path, generation, "oom-real", size=len(data), metadata=metadata)
     run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     t0 = time.monotonic()
 
