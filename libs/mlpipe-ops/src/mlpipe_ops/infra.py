@@ -57,7 +57,7 @@ from mlpipe.messaging.topology import (
     Topology,
 )
 from mlpipe.v1 import events_pb2
-from mlpipe_ops.service_runtime import ServiceRuntime
+from mlpipe_ops.service_runtime import ServiceRuntime, describe_invalid
 
 if TYPE_CHECKING:
     from google.cloud import run_v2
@@ -268,19 +268,6 @@ def environments_dir(explicit: Path | None = None) -> Path:
     )
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "missing":
-            message = "required key missing"
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
-
-
 def load_environment(name: str, directory: Path | None = None) -> Environment:
     if not ENV_NAME_PATTERN.match(name):
         raise InfraError(f"{name!r} is not an environment name (lowercase letters, digits, -)")
@@ -298,7 +285,7 @@ def load_environment(name: str, directory: Path | None = None) -> Environment:
     try:
         return Environment.model_validate(raw, context={"base_dir": path.parent})
     except ValidationError as exc:
-        raise InfraError(f"{path}: {_describe(exc)}") from None
+        raise InfraError(f"{path}: {describe_invalid(exc)}") from None
 
 
 # --- an environment resolved for one project --------------------------------------------------

@@ -33,6 +33,23 @@ class RuntimeDefinitionError(ValueError):
     """infra/runtime.yaml is missing or invalid; the message names the key."""
 
 
+def describe_invalid(exc: ValidationError, within: str = "") -> str:
+    """Each problem of a YAML file's validation as `key.path: what is wrong`, keys under
+    `within` when given."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(
+            [within, *(str(p) for p in err["loc"])] if within else map(str, err["loc"])
+        )
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required key missing"
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
 def memory_bytes(quantity: str) -> int:
     match = _QUANTITY.match(quantity)
     if not match:
@@ -178,15 +195,9 @@ def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, Ser
         try:
             runtimes[service] = ServiceRuntime.model_validate(merged)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(p) for p in err["loc"])
-            message = str(err["msg"]).removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                message = "unknown key"
-            elif err["type"] == "missing":
-                message = "required (set it under defaults or the service)"
-            where = f"{service}.{key}" if key else service
-            raise RuntimeDefinitionError(f"{path}: {where}: {message} (env {env})") from None
+            raise RuntimeDefinitionError(
+                f"{path}: {describe_invalid(exc, within=service)} (env {env})"
+            ) from None
     return runtimes
 
 
