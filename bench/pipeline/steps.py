@@ -23,7 +23,7 @@ from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import load_pipeline_config, load_run_config
 from mlpipe.ml.data import Split, check_columns, read_dataset, split_rows
 from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
-from mlpipe.runtime.service import Clients
+from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.settings import CommonSettings
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, Registry

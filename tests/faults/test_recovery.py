@@ -3,7 +3,7 @@
 A supervisor restarts any service that dies, as Cloud Run starts a new instance. Services run
 with short leases (a dead job's run is taken over after 4 s, a dead registration after 3 s).
 
-- crash points: every named fault point (mlpipe.runtime.faults.POINTS) armed at once, each firing
+- crash points: every named fault point (mlpipe.faults.POINTS) armed at once, each firing
   once: one run goes through all of them, SIGKILLed at each, and still ends with one version;
 - emulator restarts: the Pub/Sub emulator and fake-gcs-server restarted mid-run;
 - SIGTERM: the trainer stopped while its job runs hands the run back within Cloud Run's 10 s.
@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 import pytest
 
+from mlpipe import faults
 from mlpipe.messaging import topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import config_path
-from mlpipe.runtime import faults
 from mlpipe.store import layout
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex

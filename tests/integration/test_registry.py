@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlpipe.runtime.errors import TransientError
+from mlpipe.errors import TransientError
 from mlpipe.store.registry import Registry
 from tests.integration.conftest import Cloud
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from mlpipe.errors import Held, TransientError
 from mlpipe.messaging import events
 from mlpipe.messaging.push import parse_envelope
 from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe.runtime.errors import Held, TransientError
-from mlpipe.runtime.service import Clients
+from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.settings import CommonSettings, load_settings
 from mlpipe.store import layout
 from mlpipe.store.storage import sha256_hex

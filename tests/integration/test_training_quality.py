@@ -8,9 +8,9 @@ import datetime as dt
 import pytest
 from fastapi.testclient import TestClient
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.store import layout
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.ml.data import Split, check_columns, read_dataset, split_rows
-from mlpipe.runtime.errors import PermanentError
 
 REPO = Path(__file__).resolve().parents[2]
 IRIS_CSV = REPO / "examples/iris/iris.csv"

@@ -7,15 +7,15 @@ import io
 import pyarrow.parquet as pq
 import pytest
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe.runtime.errors import PermanentError
-from mlpipe_ingest.landing import (
+from mlpipe_ingest.landing import validate
+from mlpipe_ingest.table import (
     Table,
     table_from_csv,
     table_from_records,
     to_csv_bytes,
     to_parquet_bytes,
-    validate,
 )
 
 CONFIG_YAML = """\

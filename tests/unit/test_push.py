@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mlpipe.errors import Held, TransientError
 from mlpipe.messaging.push import (
     MAX_ENVELOPE_BYTES,
     EnvelopeError,
@@ -17,8 +18,8 @@ from mlpipe.messaging.push import (
     parse_envelope,
     parse_object_notification,
 )
-from mlpipe.runtime.errors import Held, TransientError
-from mlpipe.runtime.service import StepResult, handle_push
+from mlpipe.runtime.service import handle_push
+from mlpipe.runtime.steps import StepResult
 
 
 def _body(message: Any, **envelope: Any) -> bytes:

@@ -23,8 +23,9 @@ from google.auth import crypt, jwt
 
 from mlpipe.messaging.push import make_envelope
 from mlpipe.runtime.auth import PushAuthError, PushVerifier, push_verifier
-from mlpipe.runtime.service import StepResult, create_app
+from mlpipe.runtime.service import create_app
 from mlpipe.runtime.settings import CommonSettings, SettingsError
+from mlpipe.runtime.steps import StepResult
 
 AUDIENCE = "https://mlpipe-ingest-123.us-central1.run.app"
 PUSHER = "mlpipe-push-ingest@acme.iam.gserviceaccount.com"

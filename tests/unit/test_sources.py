@@ -7,13 +7,13 @@ import datetime as dt
 import pandas as pd
 import pytest
 
+from mlpipe.errors import PermanentError, TransientError
 from mlpipe.messaging.push import PushMessage
 from mlpipe.ml.config import parse_config
 from mlpipe.ml.validation import check_frame, describe_schema, schema_of
-from mlpipe.runtime.errors import PermanentError, TransientError
-from mlpipe_ingest.landing import Table
 from mlpipe_ingest.sources import SourceSettings, _fail, _merge, _object_name_ok
 from mlpipe_ingest.sources_http import FetchError, HttpLimits, parse_csv, parse_json, records_at
+from mlpipe_ingest.table import Table
 
 CONFIG = """\
 name: weather

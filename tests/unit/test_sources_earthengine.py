@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mlpipe.runtime.errors import PermanentError
+from mlpipe.errors import PermanentError
 from mlpipe_ingest.sources_earthengine import ExportSpec, build_export_request, wait_for_export
 
 SPEC = ExportSpec(

@@ -13,9 +13,9 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import parse_config
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget, custom_job_request
 

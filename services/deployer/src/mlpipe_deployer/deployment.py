@@ -25,14 +25,14 @@ from typing import Any
 import joblib
 import pandas as pd
 
+from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
 from mlpipe.ml.data import Split, read_dataset
 from mlpipe.ml.model_inputs import schema_from_bundle
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.faults import fault_point
-from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
 from mlpipe.store.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares
 from mlpipe.store.storage import Storage, sha256_hex

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from mlpipe.messaging import events
-from mlpipe.runtime.service import RETRYABLE, Clients, create_app
+from mlpipe.runtime.clients import Clients
+from mlpipe.runtime.service import RETRYABLE, create_app
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry, RolloutError
 from mlpipe_deployer import rollout

@@ -1,4 +1,4 @@
 from mlpipe.runtime.service import run
-from mlpipe.runtime.settings import CommonSettings
+from mlpipe_evaluator.settings import EvaluatorSettings
 
-run("mlpipe_evaluator.main:app", "evaluator", CommonSettings)
+run("mlpipe_evaluator.main:app", "evaluator", EvaluatorSettings)

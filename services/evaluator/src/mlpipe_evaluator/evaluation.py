@@ -14,15 +14,15 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
 from mlpipe.messaging.topology import MONITOR_PUSH
 from mlpipe.ml.config import PipelineConfig, load_run_config
 from mlpipe.ml.data import Split, read_dataset
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.faults import fault_point
-from mlpipe.runtime.service import StepResult, decode_message, republish_recorded
+from mlpipe.runtime.steps import StepResult, decode_message, republish_recorded
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex

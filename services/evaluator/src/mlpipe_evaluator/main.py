@@ -10,17 +10,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.service import Clients, create_app
-from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe.runtime.clients import Clients
+from mlpipe.runtime.service import create_app
+from mlpipe.runtime.settings import load_settings
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator
+from mlpipe_evaluator.settings import EvaluatorSettings
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = load_settings(CommonSettings)
+    settings = load_settings(EvaluatorSettings)
     clients = Clients.create(settings, stage="evaluator")
     app.state.clients = clients
     app.state.step = Evaluator(clients.storage, clients.publisher, settings.code_version)

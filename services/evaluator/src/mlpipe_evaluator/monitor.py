@@ -25,11 +25,11 @@ from typing import Any
 
 import pandas as pd
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import MonitoringSpec, PipelineConfig, load_pipeline_config
 from mlpipe.ml.data import Split, read_dataset
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex

@@ -6,38 +6,27 @@ The object name is derived from the content (`<sha256[:16]>.<ext>`) and created 
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import logging
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
 from mlpipe.ml.config import PipelineConfig, load_pipeline_config
 from mlpipe.ml.validation import check_frame, describe_schema, schema_of
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.faults import fault_point
-from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
-
-if TYPE_CHECKING:
-    from mlpipe_ingest.sources import SourceSettings
+from mlpipe_ingest.sources import SourceSettings, table_from_request
+from mlpipe_ingest.table import Table, to_csv_bytes, to_parquet_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Table:
-    header: list[str]
-    rows: list[list[str]]
 
 
 @dataclass
@@ -51,82 +40,6 @@ class Landing:
 
     def __call__(self, message: PushMessage) -> StepResult:
         return land(message, self)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):  # JSON from an http or gcs source (Struct values are floats)
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return str(int(value)) if value.is_integer() else repr(value)
-    if isinstance(value, str):
-        return value
-    raise PermanentError("wrong_type", f"value {value!r} is a {type(value).__name__}, not a scalar")
-
-
-def table_from_csv(text: str) -> Table:
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise PermanentError("empty_dataset", "inline CSV is empty") from None
-    except csv.Error as exc:
-        raise PermanentError("malformed_csv", f"inline CSV header is unreadable: {exc}") from exc
-    header = [h.strip() for h in header]
-    if not any(header):
-        raise PermanentError("malformed_csv", "inline CSV has an empty header line")
-    if len(set(header)) != len(header):
-        raise PermanentError("malformed_csv", f"inline CSV header repeats a column: {header}")
-    rows: list[list[str]] = []
-    try:
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise PermanentError(
-                    "malformed_csv",
-                    f"inline CSV line {reader.line_num} has {len(row)} fields; "
-                    f"the header has {len(header)}",
-                )
-            rows.append([c.strip() for c in row])
-    except csv.Error as exc:
-        raise PermanentError(
-            "malformed_csv", f"inline CSV line {reader.line_num} is unreadable: {exc}"
-        ) from exc
-    return Table(header, rows)
-
-
-def table_from_records(records: list[dict[str, Any]]) -> Table:
-    header: list[str] = []
-    for record in records:
-        for key in record:
-            if key not in header:
-                header.append(key)
-    rows = [[_cell(r.get(k)) for k in header] for r in records]
-    return Table(header, rows)
-
-
-def to_csv_bytes(table: Table) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows(table.rows)
-    return out.getvalue().encode()
-
-
-def to_parquet_bytes(table: Table) -> bytes:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    arrow = pacsv.read_csv(io.BytesIO(to_csv_bytes(table)))
-    out = io.BytesIO()
-    pq.write_table(arrow, out)
-    return out.getvalue()
 
 
 def validate(table: Table, config: PipelineConfig) -> None:
@@ -176,9 +89,6 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         config_sha256=config.sha256(),
         request_id=request.request_id,
     )
-
-    # sources.py builds on this module's Table and parsers, hence the late import.
-    from mlpipe_ingest.sources import SourceSettings, table_from_request
 
     try:
         table, source = table_from_request(

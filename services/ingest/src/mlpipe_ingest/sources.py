@@ -18,12 +18,11 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import storage as gcs
 
+from mlpipe.errors import PermanentError, TransientError
 from mlpipe.messaging import events
 from mlpipe.messaging.push import PushMessage
-from mlpipe.runtime.errors import PermanentError, TransientError
 from mlpipe.store.storage import parse_gs_uri
 from mlpipe.v1 import events_pb2
-from mlpipe_ingest.landing import Table, table_from_csv, table_from_records
 from mlpipe_ingest.sources_http import (
     FetchError,
     HttpLimits,
@@ -34,6 +33,7 @@ from mlpipe_ingest.sources_http import (
     parse_json,
     parse_json_lines,
 )
+from mlpipe_ingest.table import Table, table_from_csv, table_from_records
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mlpipe.runtime.errors import PermanentError, TransientError
+from mlpipe.errors import PermanentError, TransientError
 from mlpipe.runtime.failures import FailureReporter
 from mlpipe.v1 import events_pb2
 

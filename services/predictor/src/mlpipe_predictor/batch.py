@@ -23,8 +23,8 @@ import fastavro
 import numpy as np
 import pandas as pd
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.model_inputs import CATEGORICAL
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2

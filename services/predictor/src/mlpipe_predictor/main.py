@@ -12,9 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.service import Clients, create_app
+from mlpipe.runtime.clients import Clients
+from mlpipe.runtime.service import create_app
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2

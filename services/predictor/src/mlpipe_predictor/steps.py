@@ -14,11 +14,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlpipe.errors import Held, PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.push import PushMessage
 from mlpipe.messaging.topology import BATCH_PUSH
-from mlpipe.runtime.errors import Held, PermanentError
-from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.batch import check_request, metrics_path, run_batch

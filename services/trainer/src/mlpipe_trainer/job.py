@@ -1,8 +1,8 @@
 """The training job process: `python -m mlpipe_trainer.job --started <TrainingStarted JSON>`.
 
-The same entry point runs as the local subprocess and as the container of a cloud job. Exit
-codes: 0 trained, 2 failed permanently (reported), 3 another delivery took the run over (the
-job recorded nothing), anything else crashed (the launcher releases the run's claim).
+The same entry point runs as the local subprocess and as the container of a cloud job. It
+reads the trainer's settings (mlpipe_trainer.settings). Its exit codes are below; any other
+means it crashed (the launcher releases the run's claim).
 """
 
 from __future__ import annotations
@@ -12,26 +12,27 @@ import logging
 import os
 import sys
 
+from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.faults import fault_point
+from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.logs import bind_run_id, setup_logging
-from mlpipe.runtime.service import Clients
-from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe.runtime.settings import load_settings
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
-from mlpipe_trainer.launcher import FAILED, RECORDED, SUPERSEDED
 from mlpipe_trainer.memory import volunteer_for_oom_killer
+from mlpipe_trainer.settings import TrainerSettings
 from mlpipe_trainer.training import train
 
 log = logging.getLogger("mlpipe_trainer.job")
 
 
-class JobSettings(CommonSettings):
-    # The claim's lease: renewed every quarter of it while the job runs (mlpipe_trainer.lease).
-    training_lease_seconds: float = 120.0
+# Exit codes: the run is recorded (trained); it failed permanently (reported); another
+# delivery took the run over (this job recorded nothing). The launcher needs to do nothing
+# after any of them.
+RECORDED, FAILED, SUPERSEDED = 0, 2, 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlpipe_trainer.job")
     parser.add_argument("--started", required=True, help="TrainingStarted event as JSON")
     args = parser.parse_args(argv)
-    settings = load_settings(JobSettings)
+    settings = load_settings(TrainerSettings)
     setup_logging("training-job", settings.log_level, settings.project)
     started = events.from_json(events_pb2.TrainingStarted, args.started)
     bind_run_id(started.context.run_id)

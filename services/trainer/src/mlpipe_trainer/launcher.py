@@ -28,12 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
 from mlpipe.v1 import events_pb2
+from mlpipe_trainer.job import FAILED, RECORDED, SUPERSEDED
 from mlpipe_trainer.memory import MemoryBudget
+from mlpipe_trainer.settings import Runner
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,6 @@ class JobExit:
 
 
 CrashHandler = Callable[[events_pb2.TrainingStarted, JobExit], None]
-# Exit codes of mlpipe_trainer.job that need nothing from the watcher.
-RECORDED, FAILED, SUPERSEDED = 0, 2, 3
-Runner = Literal["warm", "subprocess"]
 
 # Imported once by the forkserver; every warm job inherits them.
 PRELOAD = [
@@ -59,7 +58,7 @@ PRELOAD = [
     "mlpipe_trainer.training",
     "mlpipe.ml.modeling",
     "mlpipe.ml.data",
-    "mlpipe.runtime.service",
+    "mlpipe.runtime.clients",
     "sklearn.ensemble",
     "sklearn.linear_model",
     "pandas",
@@ -115,7 +114,7 @@ def _run_job(started_json: str, log_path: str, env: dict[str, str]) -> None:
     for key in [k for k in os.environ if k.startswith(PASSED_ENV)]:
         del os.environ[key]
     os.environ.update(env)
-    from mlpipe.runtime import faults
+    from mlpipe import faults
 
     faults.reload_from_environment()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from mlpipe.messaging import events
-from mlpipe.runtime.service import Clients
+from mlpipe.runtime.clients import Clients
 from mlpipe.store import layout
 from mlpipe.store.storage import BadObjectUri
 from mlpipe.v1 import events_pb2

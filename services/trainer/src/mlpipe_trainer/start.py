@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from mlpipe.errors import Held, PermanentError, TransientError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import (
@@ -22,10 +24,8 @@ from mlpipe.messaging.push import (
 from mlpipe.ml.config import PipelineConfig, load_pipeline_config
 from mlpipe.ml.data import check_columns, read_dataset
 from mlpipe.ml.validation import check_frame
-from mlpipe.runtime.errors import Held, PermanentError, TransientError
 from mlpipe.runtime.failures import FailureReporter
-from mlpipe.runtime.faults import fault_point
-from mlpipe.runtime.service import StepResult, decode_message
+from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2

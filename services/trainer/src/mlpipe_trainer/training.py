@@ -12,12 +12,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from mlpipe.errors import PermanentError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig, load_run_config
 from mlpipe.ml.data import check_columns, read_dataset, split_rows
 from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
-from mlpipe.runtime.errors import PermanentError
-from mlpipe.runtime.faults import fault_point
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from google.cloud import aiplatform_v1
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.v1 import events_pb2
 
 JOB_COMMAND = ["python", "-m", "mlpipe_trainer.job"]

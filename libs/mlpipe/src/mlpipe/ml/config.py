@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from mlpipe.runtime.errors import PermanentError
+from mlpipe.errors import PermanentError
 from mlpipe.store.storage import Storage
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.config import PipelineConfig
-from mlpipe.runtime.errors import PermanentError
 
 
 def read_dataset(data: bytes, fmt: str, source: str) -> pd.DataFrame:

@@ -12,8 +12,8 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.config import ModelSpec, PipelineConfig
-from mlpipe.runtime.errors import PermanentError
 
 
 def build_estimator(spec: ModelSpec) -> Any:

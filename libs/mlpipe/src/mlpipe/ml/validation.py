@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mlpipe.errors import PermanentError
 from mlpipe.ml.config import ColumnType, PipelineConfig
-from mlpipe.runtime.errors import PermanentError
 
 
 def _missing(values: pd.Series) -> pd.Series:

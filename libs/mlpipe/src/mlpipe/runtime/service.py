@@ -11,22 +11,20 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from google.protobuf.message import Message
 
-from mlpipe.messaging import events
-from mlpipe.messaging.publishing import Publisher
-from mlpipe.messaging.push import EnvelopeError, PushMessage, parse_envelope
-from mlpipe.runtime.auth import PushAuthError, PushVerifier, push_verifier
-from mlpipe.runtime.errors import Held, PermanentError, TransientError
+from mlpipe.errors import Held, PermanentError, TransientError
+from mlpipe.messaging.push import EnvelopeError, parse_envelope
+from mlpipe.runtime.auth import PushAuthError, push_verifier
+from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.failures import FailureReporter
 from mlpipe.runtime.logs import CloudLoggingFormatter, run_context, setup_logging
 from mlpipe.runtime.settings import CommonSettings, SettingsError, load_settings
+from mlpipe.runtime.steps import Step
 from mlpipe.store import storage as gcs
 
 log = logging.getLogger(__name__)
@@ -35,66 +33,6 @@ RETRYABLE: tuple[type[Exception], ...] = (TransientError, *gcs.TRANSIENT_ERRORS)
 # A service that cannot start with the settings it was given exits with this code (sysexits'
 # EX_CONFIG): restarting it will not help; changing its configuration will.
 EXIT_CONFIG = 78
-
-
-@dataclass
-class StepResult:
-    """What a step did with a message: `status` is one word, `detail` goes into the reply."""
-
-    status: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    run_id: str = ""
-
-
-Step = Callable[[PushMessage], StepResult]
-
-
-@dataclass
-class Clients:
-    settings: CommonSettings
-    storage: gcs.Storage
-    publisher: Publisher
-    failures: FailureReporter
-    push_verifier: PushVerifier | None = None
-
-    @classmethod
-    def create(cls, settings: CommonSettings, stage: str, receives_push: bool = True) -> Clients:
-        # First: a service that would accept unauthenticated pushes must not start at all.
-        verifier = push_verifier(settings) if receives_push else None
-        storage = gcs.Storage(gcs.make_client(settings.project), settings.bucket)
-        publisher = Publisher(settings.project, timeout=settings.publish_timeout_seconds)
-        failures = FailureReporter(
-            storage, publisher, stage=stage, code_version=settings.code_version
-        )
-        return cls(settings, storage, publisher, failures, verifier)
-
-
-M = TypeVar("M", bound=Message)
-
-
-def decode_message(cls: type[M], message: PushMessage) -> M:
-    """The push message's payload as `cls` (binary or JSON); undecodable is permanent."""
-    try:
-        return events.decode(
-            cls, message.data, message.attributes.get(events.SCHEMA_ENCODING_ATTR, "")
-        )
-    except events.EventDecodeError as exc:
-        raise PermanentError("invalid_message", str(exc)) from exc
-
-
-def republish_recorded(
-    storage: gcs.Storage, publisher: Publisher, path: str, cls: type[Message]
-) -> bool:
-    """If a step already recorded its outcome at `path`, publish it again and say so.
-
-    Each step records the event it emitted; a redelivery re-publishes that event instead of
-    redoing the work, so a chain that stalled after the record resumes where it stopped.
-    """
-    recorded = storage.read(path)
-    if recorded is None:
-        return False
-    publisher.publish(events.from_json(cls, recorded.data))
-    return True
 
 
 def handle_push(

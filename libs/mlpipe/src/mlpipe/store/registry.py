@@ -27,9 +27,9 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.protobuf import json_format
 
+from mlpipe.errors import TransientError
+from mlpipe.faults import fault_point
 from mlpipe.messaging import events
-from mlpipe.runtime.errors import TransientError
-from mlpipe.runtime.faults import fault_point
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 

@@ -20,7 +20,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from mlpipe.runtime.errors import PermanentError
+from mlpipe.errors import PermanentError
 
 # Errors worth a retry: the caller should answer 5xx.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (

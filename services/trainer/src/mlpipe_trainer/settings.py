@@ -1,0 +1,39 @@
+"""The trainer's settings (MLPIPE_* environment variables).
+
+One class for the service and its training job: the job (`python -m mlpipe_trainer.job`, a
+local process or a cloud job's container) reads the same variables, and of its own uses only
+the common settings and `training_lease_seconds`, so the lease the service grants and the
+lease the job renews can never disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from mlpipe.runtime.settings import CommonSettings
+
+# How local jobs start: forked from a warm forkserver, or as a fresh interpreter.
+Runner = Literal["warm", "subprocess"]
+
+
+class TrainerSettings(CommonSettings):
+    job_log_dir: Path = Path("/tmp/mlpipe-jobs")
+    # A running job renews its run's claim every quarter of this; a claim not renewed for this
+    # long belongs to a job that is gone, and the held notification's redelivery takes it over.
+    training_lease_seconds: float = 120.0
+    # A run whose job died this many times without recording a result fails (job_crashed).
+    training_max_crashes: int = 3
+    # On SIGTERM: how long running local jobs may take to finish before they are stopped and
+    # their claims released (Cloud Run allows 10 s in all).
+    shutdown_job_grace_seconds: float = 3.0
+    # The image Vertex AI CustomJobs run (this service's own image); without it, pipelines
+    # that ask for the vertex backend are rejected with a message naming this setting.
+    trainer_image: str = ""
+    # warm: jobs fork from a pre-imported server (fast start); subprocess: a fresh interpreter.
+    job_runner: Runner = "warm"
+    # The memory local jobs share with this server; 0: the limit of its cgroup (Cloud Run's,
+    # a container's). Datasets too large for it are refused with `dataset_too_large`.
+    memory_limit_bytes: int = Field(default=0, ge=0)
