@@ -14,11 +14,11 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
 from mlpipe.ml.modeling import build_estimator
-from mlpipe.runtime.errors import PermanentError
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
