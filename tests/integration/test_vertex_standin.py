@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -558,3 +561,27 @@ def test_operations_are_read_by_the_names_the_calls_returned(
 
     assert name.startswith(f"{versions['name']}/operations/")
     assert done.done and response["model"] == versions["name"]
+
+
+def test_the_command_serves_until_sigterm() -> None:
+    command = [sys.executable, "-m", "mlpipe_ops.cli_standins", "--project", "p-cli"]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    ) as served:
+        try:
+            assert served.stdout is not None
+            url = served.stdout.readline().strip()
+            models = v1.ModelServiceClient(
+                transport="rest",
+                client_options={"api_endpoint": url},
+                credentials=AnonymousCredentials(),
+            )
+            with pytest.raises(exceptions.NotFound) as missing:
+                models.get_model(name=f"projects/p-cli/locations/{LOCATION}/models/none")
+        finally:
+            served.send_signal(signal.SIGTERM)
+            code = served.wait(timeout=30)
+
+    assert url.startswith("http://127.0.0.1:")
+    assert f"{by_number()}/models/none not found" in str(missing.value)
+    assert code == 0
