@@ -29,7 +29,7 @@ test: bootstrap ## lint, type-check, unit, integration and e2e tests
 	@$(UV) run --frozen ruff check .
 	@$(UV) run --frozen ruff format --check .
 	@$(UV) run --frozen mypy libs services
-	@$(UV) run --frozen pytest -m "not faults and not containers"
+	@$(UV) run --frozen pytest -m "not faults and not containers and not cloud"
 
 test-faults: bootstrap ## fault suite: duplicate storm, bad-input catalogue, 1000-request burst (~2 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_faults.py
@@ -39,6 +39,10 @@ test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures r
 
 test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
 	@$(UV) run --frozen pytest -m containers tests/containers
+
+.PHONY: test-cloud
+test-cloud: bootstrap ## Vertex AI's real clients against the local Vertex AI stand-in (needs dockerd)
+	@$(UV) run --frozen pytest -m cloud
 
 protos: ## regenerate the Python event code from protos/
 	$(UV) run --frozen python -m grpc_tools.protoc -I protos \
