@@ -422,7 +422,7 @@ def test_a_model_server_that_never_gets_healthy_fails_after_its_deployment_timeo
 ) -> None:
     model_id = versions["name"].rsplit("/", 1)[1]
     model = echo_model(model_id, env={"ECHO_NEVER_READY": "1"})
-    model.container_spec.deployment_timeout = duration_pb2.Duration(seconds=3)
+    model.container_spec.deployment_timeout = duration_pb2.Duration(seconds=4)
     slow = upload_version(clients, versions["name"], model)
 
     started = time.monotonic()

@@ -361,9 +361,6 @@ class VertexStandIn:
         # Ids the service generates are long decimal numbers.
         return str(self._ids.randrange(10**18, 10**19))
 
-    def _new_deployed_id(self) -> str:
-        return str(self._ids.randrange(10**18, 10**19))
-
     # --- operations --------------------------------------------------------------------------
     def _operation(self, resource: str, metadata_type: str) -> Operation:
         now = timestamp()
@@ -777,9 +774,9 @@ class VertexStandIn:
                 if deployed_id in taken:
                     raise ApiError("ALREADY_EXISTS", f"DeployedModel {deployed_id} already exists.")
             else:
-                deployed_id = self._new_deployed_id()
+                deployed_id = self._new_id()
                 while deployed_id in taken:
-                    deployed_id = self._new_deployed_id()
+                    deployed_id = self._new_id()
             split: dict[str, int] | None = None
             if body.get("trafficSplit"):
                 # "0" is the model being deployed; a non-empty split replaces the endpoint's.
