@@ -1,5 +1,7 @@
 """`mlpipe infra plan|apply --env E`: the topology in the local stack or a GCP project;
-`mlpipe infra run-flags SERVICE --env E`: the `gcloud run deploy` flags of one service."""
+`mlpipe infra run-flags SERVICE --env E`: the `gcloud run deploy` flags of one service;
+`mlpipe infra release-config --out DIR`: the Cloud Deploy pipelines, targets, Skaffold config
+and Cloud Run manifests that carry a release through dev → staging → prod."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from google.api_core import exceptions as gexc
 from google.auth.exceptions import DefaultCredentialsError
 
 from mlpipe.messaging.topology import TOPOLOGY
-from mlpipe_ops import infra, service_runtime
+from mlpipe_ops import infra, release, service_runtime
 from mlpipe_ops.localstack import StackState, client_env
 
 infra_app = typer.Typer(
     help="Provision the topology (topics, push subscriptions, dead letters, IAM, the bucket "
     "notification, schedules) from infra/environments/<env>.yaml and keep the Cloud Run "
-    "services' runtime settings as infra/runtime.yaml says; render a service's deploy flags.",
+    "services' runtime settings as infra/runtime.yaml says; render a service's deploy flags "
+    "and the Cloud Deploy release configuration.",
     no_args_is_help=True,
 )
 
@@ -194,3 +197,107 @@ def run_flags(
         typer.echo(
             f"wrote {output}: flags of {name} in {target.project} ({target.region})", err=True
         )
+
+
+def _per_env(values: list[str], option: str) -> dict[str, str]:
+    """`ENV=VALUE` options as a mapping; an unknown environment is caught by the caller."""
+    pairs = {}
+    for value in values:
+        env, sep, item = value.partition("=")
+        if not sep or not env or not item:
+            raise infra.InfraError(f"{option} {value!r}: expected ENV=VALUE, e.g. {option} prod=…")
+        pairs[env] = item
+    return pairs
+
+
+@infra_app.command("release-config")
+def release_config(
+    out: Annotated[Path, typer.Option(help="The directory to write the configuration into.")],
+    code_version: Annotated[str, typer.Option(help="The git commit the images were built from.")],
+    image_tag: Annotated[
+        str | None,
+        typer.Option(
+            help="The images' tag (cloudbuild/service.yaml: $SHORT_SHA); default: the "
+            "first 7 characters of --code-version."
+        ),
+    ] = None,
+    registry: Annotated[
+        str | None,
+        typer.Option(
+            help="Where the images are: REGION-docker.pkg.dev/PROJECT/REPOSITORY; "
+            "default: the mlpipe repository of the first environment's project and region."
+        ),
+    ] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option(help="Only this service (repeatable); a release carries one. Default: all."),
+    ] = None,
+    project: Annotated[
+        list[str] | None,
+        typer.Option(help="ENV=PROJECT: another project than that environment file's."),
+    ] = None,
+    project_number: Annotated[
+        list[str] | None,
+        typer.Option(help="ENV=NUMBER: that project's number, if its file has none."),
+    ] = None,
+    environments_dir: EnvironmentsDir = None,
+) -> None:
+    """Render the Cloud Deploy configuration of the services' releases into OUT:
+    clouddeploy.yaml (a delivery pipeline mlpipe-SERVICE per service, dev → staging → prod,
+    approval before prod; one target per environment), skaffold.yaml (a profile per environment)
+    and manifests/ENV/SERVICE.yaml (each Cloud Run service as infra/runtime.yaml and
+    infra/environments/ENV.yaml say, its image a placeholder the release replaces)."""
+    services = list(service or TOPOLOGY.services)
+    try:
+        unknown = [s for s in services if s not in TOPOLOGY.services]
+        if unknown:
+            raise infra.InfraError(
+                f"{unknown[0]!r} is not a service (known: {', '.join(TOPOLOGY.services)})"
+            )
+        projects = _per_env(project or [], "--project")
+        numbers = _per_env(project_number or [], "--project-number")
+        for env in [*projects, *numbers]:
+            if env not in release.PROMOTION:
+                raise infra.InfraError(
+                    f"{env!r} is not a release stage (stages: {', '.join(release.PROMOTION)})"
+                )
+        stages = []
+        for env in release.PROMOTION:
+            environment = infra.load_environment(env, environments_dir)
+            if environment.target != "gcp":
+                raise infra.InfraError(f"env {env} is not a gcp environment; it cannot be a stage")
+            runtimes = service_runtime.load_runtimes(
+                env, service_runtime.runtime_file(environments_dir)
+            )
+            number = numbers.get(env)
+            target = infra.resolve(
+                environment,
+                env,
+                project=projects.get(env),
+                project_number=int(number) if number is not None else None,
+                runtimes=runtimes,
+            )
+            stages.append(release.Stage(env, target, runtimes))
+        first = stages[0].target
+        files = release.release_files(
+            stages,
+            services=services,
+            registry=registry or f"{first.region}-docker.pkg.dev/{first.project}/mlpipe",
+            tag=image_tag or code_version[:7],
+            code_version=code_version,
+        )
+    except (infra.InfraError, service_runtime.RuntimeDefinitionError) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:  # a --project-number that is not a number
+        raise _fail(f"--project-number: {exc}") from None
+    for relative, text in files.items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    typer.echo(
+        f"wrote {out}: pipelines {', '.join(release.pipeline_id(s) for s in services)} "
+        f"({' → '.join(s.env for s in stages)}; approval before "
+        f"{', '.join(e for e in release.PROMOTION if e in release.APPROVAL_REQUIRED)}), "
+        f"in {first.project} ({first.region})",
+        err=True,
+    )

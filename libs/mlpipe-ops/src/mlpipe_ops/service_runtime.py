@@ -2,15 +2,19 @@
 request timeout, CPU allocation, instances and extra environment.
 
 One definition feeds the Cloud Run deploy (`mlpipe infra run-flags`, which renders
-`run_deploy_flags`), `mlpipe infra plan` (which compares it with the live services) and the
-local container stack (`mlpipe up --containers`), so a service runs locally under the limits it
-ships with. The environment a service gets is built in one place, `service_environment`.
+`run_deploy_flags`, and the Cloud Deploy release's service manifests, `mlpipe infra
+release-config`; both written from one `CloudRunRevision`), `mlpipe infra plan` (which
+compares it with the live services) and the local container stack (`mlpipe up
+--containers`), so a service runs locally under the limits it ships with. The environment a
+service gets is built in one place, `service_environment`.
 Each Cloud Run rule checked here names its source.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,6 +240,57 @@ def service_environment(
     return env | runtime.env
 
 
+@dataclass(frozen=True)
+class CloudRunRevision:
+    """What one service's Cloud Run revision runs with, on one target: the one description that
+    both deploy forms are written from, `run_deploy_flags` (`gcloud run deploy`) and
+    `mlpipe_ops.release.service_manifest` (the Knative Service Cloud Deploy rolls out)."""
+
+    name: str  # the Cloud Run service, e.g. mlpipe-trainer
+    project: str
+    region: str
+    image: str
+    service_account: str
+    memory: str
+    cpu: str  # as Cloud Run writes a CPU limit: "1", "2", "0.5"
+    concurrency: int
+    timeout_seconds: int
+    min_instances: int
+    max_instances: int
+    cpu_always_allocated: bool
+    env: Mapping[str, str]
+    # 512 MiB minimum and a full Linux kernel (configuring/execution-environments).
+    execution_environment: str = "gen2"
+
+
+def cloud_run_revision(
+    target: Target,
+    service: str,
+    runtime: ServiceRuntime,
+    *,
+    image: str,
+    code_version: str,
+) -> CloudRunRevision:
+    """`service` on `target` as infra/runtime.yaml and the environment file say."""
+    if target.emulated:
+        raise ValueError(f"env {target.env} is the local emulator stack, not Cloud Run")
+    return CloudRunRevision(
+        name=target.run_services[service].rsplit("/", 1)[-1],
+        project=target.project,
+        region=target.region,
+        image=image,
+        service_account=target.runtime_accounts[service],
+        memory=runtime.memory,
+        cpu=f"{runtime.cpu:g}",
+        concurrency=runtime.concurrency,
+        timeout_seconds=runtime.timeout_seconds,
+        min_instances=runtime.min_instances,
+        max_instances=runtime.max_instances,
+        cpu_always_allocated=runtime.cpu_always_allocated,
+        env=service_environment(target, service, runtime, code_version=code_version, image=image),
+    )
+
+
 def run_deploy_flags(
     target: Target,
     service: str,
@@ -249,28 +304,24 @@ def run_deploy_flags(
 
     `--set-env-vars` replaces every variable of the service, so a deploy leaves exactly
     `service_environment` behind."""
-    if target.emulated:
-        raise ValueError(f"env {target.env} is the local emulator stack, not Cloud Run")
+    revision = cloud_run_revision(target, service, runtime, image=image, code_version=code_version)
     return {
-        "--project": target.project,
-        "--region": target.region,
-        "--image": image,
-        "--service-account": target.runtime_accounts[service],
+        "--project": revision.project,
+        "--region": revision.region,
+        "--image": revision.image,
+        "--service-account": revision.service_account,
         # Only the push identities (roles/run.invoker, granted by `mlpipe infra apply`).
         "--no-allow-unauthenticated": None,
-        # 512 MiB minimum and a full Linux kernel (configuring/execution-environments).
-        "--execution-environment": "gen2",
-        "--memory": runtime.memory,
-        "--cpu": f"{runtime.cpu:g}",
-        "--concurrency": runtime.concurrency,
-        "--timeout": f"{runtime.timeout_seconds}s",
-        "--min-instances": runtime.min_instances,
-        "--max-instances": runtime.max_instances,
+        "--execution-environment": revision.execution_environment,
+        "--memory": revision.memory,
+        "--cpu": revision.cpu,
+        "--concurrency": revision.concurrency,
+        "--timeout": f"{revision.timeout_seconds}s",
+        "--min-instances": revision.min_instances,
+        "--max-instances": revision.max_instances,
         # CPU outside requests: jobs and flushes that outlive the push (runtime.yaml says which).
-        "--no-cpu-throttling" if runtime.cpu_always_allocated else "--cpu-throttling": None,
-        "--set-env-vars": service_environment(
-            target, service, runtime, code_version=code_version, image=image
-        ),
+        "--no-cpu-throttling" if revision.cpu_always_allocated else "--cpu-throttling": None,
+        "--set-env-vars": dict(revision.env),
     }
 
 
