@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # Sets up one GCP project for mlpipe, from an empty project to a running pipeline: APIs, the
 # Artifact Registry repository, one service account per service (least privilege, each role
-# justified below), the bucket, the Cloud Build triggers and a first build of every service,
-# then `mlpipe infra apply`. Safe to re-run: it skips what exists. docs/deploy.md explains
-# each step.
+# justified below), the bucket, the Cloud Deploy delivery pipelines, the Cloud Build triggers
+# and a first build of every service, then `mlpipe infra apply`. Safe to re-run: it skips what
+# exists. docs/deploy.md explains each step.
 #
-#   PROJECT=acme-ml-dev GITHUB_OWNER=acme GITHUB_REPO=mlpipe infra/bootstrap.sh [ENV]
+#   PROJECT=acme-ml-dev GITHUB_OWNER=acme GITHUB_REPO=mlpipe infra/bootstrap.sh dev
+#   PROJECT=acme-ml-staging DELIVERY_PROJECT=acme-ml-dev infra/bootstrap.sh staging
+#   PROJECT=acme-ml-prod DELIVERY_PROJECT=acme-ml-dev infra/bootstrap.sh prod
 #
 # ENV (default dev) names infra/environments/ENV.yaml; use one project per environment.
 # REGION defaults to us-central1 and must match that file's region. Without GITHUB_OWNER and
 # GITHUB_REPO the triggers and the first build are skipped (connect the repository first).
-# Run from a clone of the repository as a project Owner: it grants roles.
+# Run from a clone of the repository as a project Owner: it grants roles (for staging and prod,
+# on the delivery project too).
+#
+# DEPLOY=release (default): services ship as Cloud Deploy releases through dev → staging →
+# prod. Images are built and releases created in one project, the delivery project (dev's:
+# DELIVERY_PROJECT, which defaults to PROJECT for ENV=dev), which holds the delivery pipelines,
+# the targets and the only triggers. Bootstrap dev first; every environment file
+# (infra/environments/{dev,staging,prod}.yaml) must name its project and project_number then,
+# because a release renders all three.
+# DEPLOY=direct: each project builds and deploys its own services (`gcloud run deploy`), with
+# triggers of its own; no Cloud Deploy.
 #
 # Written without access to a GCP project: the commands were checked for syntax against the
 # gcloud CLI, not run against Google Cloud.
@@ -23,6 +35,20 @@ REPOSITORY="${REPOSITORY:-mlpipe}"
 # The same name as infra/environments/*.yaml's bucket ("{project}-mlpipe").
 BUCKET="${PROJECT}-mlpipe"
 SERVICES=(ingest trainer evaluator deployer predictor)
+DEPLOY="${DEPLOY:-release}"
+[[ "$DEPLOY" == release || "$DEPLOY" == direct ]] || {
+  echo "DEPLOY must be release or direct, not '$DEPLOY'" >&2
+  exit 1
+}
+if [[ "$DEPLOY" == release ]]; then
+  if [[ "$ENV" == dev ]]; then DELIVERY_PROJECT="${DELIVERY_PROJECT:-$PROJECT}"; fi
+  : "${DELIVERY_PROJECT:?set DELIVERY_PROJECT to the dev project, which holds the pipelines}"
+else
+  DELIVERY_PROJECT="$PROJECT"
+fi
+# This project builds the images (and, with DEPLOY=release, creates the releases).
+BUILDS_HERE=false
+[[ "$DEPLOY" == direct || "$PROJECT" == "$DELIVERY_PROJECT" ]] && BUILDS_HERE=true
 
 cd "$(dirname "$0")/.."
 g() { gcloud --project="$PROJECT" --quiet "$@"; }
@@ -42,12 +68,21 @@ retry() {
 NUMBER="$(gcloud projects describe "$PROJECT" --format='value(projectNumber)')"
 BUILD_SA="$(sa mlpipe-build)"
 PUBSUB_AGENT="service-${NUMBER}@gcp-sa-pubsub.iam.gserviceaccount.com"
+# Cloud Deploy renders and deploys as this account (mlpipe_ops.release.EXECUTION_ACCOUNT),
+# keeping sources and outputs in this bucket (release.releases_bucket).
+DEPLOY_SA="mlpipe-deploy@${DELIVERY_PROJECT}.iam.gserviceaccount.com"
+RELEASES="gs://${PROJECT}-mlpipe-releases"
+# Pulls the images of this project's Cloud Run revisions.
+RUN_AGENT="service-${NUMBER}@serverless-robot-prod.iam.gserviceaccount.com"
 
 step "APIs"
 g services enable \
   run.googleapis.com pubsub.googleapis.com storage.googleapis.com \
   cloudbuild.googleapis.com artifactregistry.googleapis.com cloudscheduler.googleapis.com \
   aiplatform.googleapis.com iam.googleapis.com cloudresourcemanager.googleapis.com
+if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
+  g services enable clouddeploy.googleapis.com
+fi
 # The Pub/Sub service agent signs push OIDC tokens and forwards dead letters; make sure it
 # exists before anything is granted to it.
 g beta services identity create --service=pubsub.googleapis.com >/dev/null
@@ -71,6 +106,9 @@ for s in "${SERVICES[@]}"; do
   ensure_sa "mlpipe-push-$s" "mlpipe push to $s (OIDC)"
 done
 ensure_sa mlpipe-build "mlpipe Cloud Build"
+if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
+  ensure_sa mlpipe-deploy "mlpipe Cloud Deploy (render and deploy)"
+fi
 
 step "Bucket gs://$BUCKET"
 gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" >/dev/null 2>&1 \
@@ -109,25 +147,90 @@ for s in "${SERVICES[@]}"; do
     --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator
 done
 
-step "Roles of the build ($BUILD_SA)"
-# Deploys the five services. `gcloud run deploy --no-allow-unauthenticated` edits a service's
-# IAM policy (it removes allUsers), which roles/run.developer cannot do.
-retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
-  --member="serviceAccount:$BUILD_SA" --role=roles/run.admin
-# Writes build logs (cloudbuild/service.yaml: logging CLOUD_LOGGING_ONLY, needed with a
-# user-specified build service account).
-retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
-  --member="serviceAccount:$BUILD_SA" --role=roles/logging.logWriter
-# Pushes images to this repository only.
-retry g artifacts repositories add-iam-policy-binding "$REPOSITORY" --location="$REGION" \
-  --member="serviceAccount:$BUILD_SA" --role=roles/artifactregistry.writer
-for s in "${SERVICES[@]}"; do
-  # Deploys mlpipe-$s to run as mlpipe-$s (actAs on that account only).
-  retry g iam service-accounts add-iam-policy-binding "$(sa "mlpipe-$s")" \
-    --member="serviceAccount:$BUILD_SA" --role=roles/iam.serviceAccountUser
-done
+if [[ "$BUILDS_HERE" == true ]]; then
+  step "Roles of the build ($BUILD_SA)"
+  # Writes build logs (cloudbuild/service.yaml: logging CLOUD_LOGGING_ONLY, needed with a
+  # user-specified build service account).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$BUILD_SA" --role=roles/logging.logWriter
+  # Pushes images to this repository only.
+  retry g artifacts repositories add-iam-policy-binding "$REPOSITORY" --location="$REGION" \
+    --member="serviceAccount:$BUILD_SA" --role=roles/artifactregistry.writer
+fi
+if [[ "$DEPLOY" == direct ]]; then
+  # Deploys the five services. `gcloud run deploy --no-allow-unauthenticated` edits a
+  # service's IAM policy (it removes allUsers), which roles/run.developer cannot do.
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$BUILD_SA" --role=roles/run.admin
+  for s in "${SERVICES[@]}"; do
+    # Deploys mlpipe-$s to run as mlpipe-$s (actAs on that account only).
+    retry g iam service-accounts add-iam-policy-binding "$(sa "mlpipe-$s")" \
+      --member="serviceAccount:$BUILD_SA" --role=roles/iam.serviceAccountUser
+  done
+fi
 
-if [[ -z "${GITHUB_OWNER:-}" || -z "${GITHUB_REPO:-}" ]]; then
+if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
+  step "Cloud Deploy: releases bucket $RELEASES, roles of $BUILD_SA and $DEPLOY_SA"
+  gcloud storage buckets describe "$RELEASES" --project="$PROJECT" >/dev/null 2>&1 \
+    || gcloud storage buckets create "$RELEASES" --project="$PROJECT" --location="$REGION" \
+      --uniform-bucket-level-access --public-access-prevention
+  # Creates releases of the delivery pipelines (and their first rollout, to dev).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$BUILD_SA" --role=roles/clouddeploy.releaser
+  # A release renders and deploys as the execution account: its creator needs actAs on it.
+  retry g iam service-accounts add-iam-policy-binding "$DEPLOY_SA" \
+    --member="serviceAccount:$BUILD_SA" --role=roles/iam.serviceAccountUser
+  # gcloud deploy releases create stages the source here. First it reads the bucket's metadata
+  # (it checks that the bucket exists) ...
+  retry gcloud storage buckets add-iam-policy-binding "$RELEASES" --project="$PROJECT" \
+    --member="serviceAccount:$BUILD_SA" --role=roles/storage.legacyBucketReader
+  # ... then it uploads the source archive: create objects, in this bucket only.
+  retry gcloud storage buckets add-iam-policy-binding "$RELEASES" --project="$PROJECT" \
+    --member="serviceAccount:$BUILD_SA" --role=roles/storage.objectCreator
+  # The execution account runs Cloud Deploy's render and deploy jobs (required of it).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$DEPLOY_SA" --role=roles/clouddeploy.jobRunner
+  # It reads each release's source and writes the rendered manifests and job outputs
+  # (the targets' artifactStorage), in this bucket only.
+  retry gcloud storage buckets add-iam-policy-binding "$RELEASES" --project="$PROJECT" \
+    --member="serviceAccount:$DEPLOY_SA" --role=roles/storage.objectUser
+fi
+
+if [[ "$DEPLOY" == release ]]; then
+  step "Cloud Deploy into $PROJECT: roles of $DEPLOY_SA"
+  # Replaces the Cloud Run services of this project (the manifests never touch IAM, so
+  # roles/run.developer suffices: the push identities' run.invoker stays as infra apply set it).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$DEPLOY_SA" --role=roles/run.developer
+  for s in "${SERVICES[@]}"; do
+    # Deploys mlpipe-$s to run as mlpipe-$s (actAs on that account only).
+    retry g iam service-accounts add-iam-policy-binding "$(sa "mlpipe-$s")" \
+      --member="serviceAccount:$DEPLOY_SA" --role=roles/iam.serviceAccountUser
+  done
+  if [[ "$PROJECT" != "$DELIVERY_PROJECT" ]]; then
+    # This project's revisions run the images built in the delivery project: Cloud Run's
+    # service agent pulls them from that repository only.
+    retry gcloud artifacts repositories add-iam-policy-binding "$REPOSITORY" \
+      --project="$DELIVERY_PROJECT" --location="$REGION" \
+      --member="serviceAccount:$RUN_AGENT" --role=roles/artifactregistry.reader
+  fi
+fi
+
+if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
+  step "Cloud Deploy delivery pipelines mlpipe-<service> and targets ($REGION)"
+  pipeline="$(mktemp -d)"
+  # Projects and numbers of staging and prod come from their environment files.
+  uv run --frozen mlpipe infra release-config --out "$pipeline" \
+    --code-version "$(git rev-parse HEAD)" --project "$ENV=$PROJECT" --project-number "$ENV=$NUMBER"
+  g deploy apply --file="$pipeline/clouddeploy.yaml" --region="$REGION"
+  rm -rf "$pipeline"
+fi
+
+if [[ "$BUILDS_HERE" != true ]]; then
+  step "Cloud Build triggers: none here (the delivery project $DELIVERY_PROJECT builds)"
+  echo "Releases reach $ENV by promotion (docs/deploy.md). Until the first one does, \`infra"
+  echo "apply\` reports the services' run.invoker bindings as blocked."
+elif [[ -z "${GITHUB_OWNER:-}" || -z "${GITHUB_REPO:-}" ]]; then
   step "Cloud Build triggers: skipped (set GITHUB_OWNER and GITHUB_REPO)"
   echo "Connect the repository to Cloud Build first (docs/deploy.md, step 2). Until the"
   echo "services are deployed, \`infra apply\` reports their run.invoker bindings as blocked."
@@ -142,6 +245,7 @@ else
     sed -e "s|^  owner: .*|  owner: ${GITHUB_OWNER}|" -e "s|^  name: .*|  name: ${GITHUB_REPO}|" \
       "cloudbuild/triggers/$s.yaml" >"$triggers/$s.yaml"
     cat >>"$triggers/$s.yaml" <<EOF
+  _DEPLOY: ${DEPLOY}
   _ENV: ${ENV}
   _REGION: ${REGION}
   _REPOSITORY: ${REPOSITORY}
@@ -158,6 +262,24 @@ EOF
     echo "  build $id: $status"
     [[ "$status" == SUCCESS ]] || { echo "see: gcloud builds log $id --project=$PROJECT"; exit 1; }
   done
+  if [[ "$DEPLOY" == release ]]; then
+    # Each build created a release whose first rollout deploys to dev: wait for those.
+    for i in "${!SERVICES[@]}"; do
+      s="${SERVICES[$i]}"
+      sha="$(g builds describe "${builds[$i]}" --format='value(substitutions.SHORT_SHA)')"
+      while state="$(g deploy rollouts list --release="rel-$sha-$s" \
+        --delivery-pipeline="mlpipe-$s" --region="$REGION" --limit=1 --format='value(state)')" \
+        && [[ -z "$state" || "$state" == PENDING* || "$state" == IN_PROGRESS ]]; do
+        sleep 15
+      done
+      echo "  rollout of rel-$sha-$s to $ENV: $state"
+      [[ "$state" == SUCCEEDED ]] || {
+        echo "see: gcloud deploy releases describe rel-$sha-$s --delivery-pipeline=mlpipe-$s \
+--region=$REGION --project=$PROJECT"
+        exit 1
+      }
+    done
+  fi
 fi
 
 step "Topology: mlpipe infra apply --env $ENV"

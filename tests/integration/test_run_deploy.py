@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import threading
@@ -313,13 +314,18 @@ def render_flags(service: str, env: str, code_version: str, output: Path) -> str
 
 
 def deploy_args(service: str, flags: Path) -> list[str]:
-    """The deploy step's arguments in cloudbuild/service.yaml, as Cloud Build runs them."""
+    """The deploy step's gcloud arguments in cloudbuild/service.yaml with _DEPLOY=direct, as
+    Cloud Build runs them."""
     build = yaml.safe_load((REPO / "cloudbuild" / "service.yaml").read_text())
     step = next(s for s in build["steps"] if s["id"] == "deploy")
-    assert step["entrypoint"] == "gcloud"
+    assert step["entrypoint"] == "bash"
+    lines = [ln.strip() for ln in step["args"][-1].replace("\\\n", " ").splitlines()]
+    direct = lines[lines.index("direct)") + 1]
+    words = shlex.split(direct)
+    assert words[0] == "gcloud"
     return [
         a.replace("${_SERVICE}", service).replace("/workspace/run-flags.yaml", str(flags))
-        for a in step["args"]
+        for a in words[1:]
     ]
 
 

@@ -413,36 +413,86 @@ def test_template_builds_pushes_and_deploys_one_image() -> None:
     assert "test" in push_step.get("waitFor", [])
 
 
-def test_template_deploys_with_the_rendered_flags_only() -> None:
+def script_lines(build_step: dict) -> list[str]:
+    """A bash step's script, a command a line (continuation lines joined)."""
+    assert build_step["entrypoint"] == "bash" and build_step["args"][0] == "-c", build_step
+    script = build_step["args"][-1].replace("\\\n", " ")
+    return [" ".join(line.split()) for line in script.splitlines() if line.strip()]
+
+
+def branch(build_step: dict, deploy: str) -> list[str]:
+    """The commands of the step's `case "${_DEPLOY}"` branch for `deploy`."""
+    lines = script_lines(build_step)
+    start = lines.index(f"{deploy})") + 1
+    return lines[start : lines.index(";;", start)]
+
+
+def command(lines: list[str], *program: str) -> list[str]:
+    """The words of the one command among `lines` that starts with `program`."""
+    found = [shlex.split(ln) for ln in lines if shlex.split(ln)[: len(program)] == list(program)]
+    assert len(found) == 1, (program, lines)
+    return found[0]
+
+
+def run_until_esac(build_step: dict, deploy: str) -> subprocess.CompletedProcess[str]:
+    """The step's script up to the end of its `case` on _DEPLOY, run with _DEPLOY=`deploy`."""
+    script = build_step["args"][-1]
+    script = script[: script.index("esac") + len("esac")].replace("${_DEPLOY}", deploy)
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=10)
+
+
+def test_template_ships_by_release_or_directly_as_deploy_says() -> None:
     build = template()
-    render = step(build, "run-flags")
+    flags_render = step(build, "run-flags")
+    release_render = step(build, "release-config")
     deploy = step(build, "deploy")
 
-    # The render step reuses the test step's /workspace/.venv: same interpreter, same path.
-    assert render["name"] == step(build, "test")["name"] == BASE_IMAGE
-    assert "test" in render["waitFor"]
-    assert {"push", "run-flags"} <= set(deploy["waitFor"])
-    assert deploy["entrypoint"] == "gcloud"
-    assert deploy["args"] == [
-        "run",
-        "deploy",
-        "mlpipe-${_SERVICE}",
-        "--flags-file=/workspace/run-flags.yaml",
-        "--no-allow-unauthenticated",
+    assert build["substitutions"]["_DEPLOY"] == "release"
+    # The render steps reuse the test step's /workspace/.venv: same interpreter, same path.
+    for each in (flags_render, release_render):
+        assert each["name"] == step(build, "test")["name"] == BASE_IMAGE
+        assert "test" in each["waitFor"]
+    assert {"push", "run-flags", "release-config"} <= set(deploy["waitFor"])
+    # Each render step works in its own mode, says so and stops in the other, and refuses a
+    # value that is neither.
+    for each, mode, other in (
+        (flags_render, "direct", "release"),
+        (release_render, "release", "direct"),
+    ):
+        assert script_lines(each)[:3] == [
+            "set -euo pipefail",
+            'case "${_DEPLOY}" in',
+            f"{mode}) ;;",
+        ]
+        skipped = run_until_esac(each, other)
+        assert skipped.returncode == 0 and skipped.stdout.startswith(f"_DEPLOY={other}: no ")
+        wrong = run_until_esac(each, "canary")
+        assert wrong.returncode == 1
+        assert "_DEPLOY must be release or direct, not 'canary'" in wrong.stderr
+    # direct: gcloud run deploy with the rendered flags file.
+    assert branch(deploy, "direct") == [
+        "gcloud run deploy mlpipe-${_SERVICE} --flags-file=/workspace/run-flags.yaml "
+        "--no-allow-unauthenticated"
     ]
-    # Limits, scaling, identity and variables come from the flags file, never the template.
+    # Limits, scaling, identity and variables come from the rendered files: no gcloud command
+    # of the template writes them.
     rendered = set(rendered_flags("trainer", "dev"))
-    written = {a.split("=", 1)[0] for s in build["steps"] for a in s["args"] if a.startswith("--")}
-    assert written & rendered <= {"--no-allow-unauthenticated"}, written & rendered
-    assert not [a for a in deploy["args"] if "MLPIPE_" in a or "env-vars" in a]
+    written = {
+        word.split("=", 1)[0]
+        for line in script_lines(deploy)
+        if line.startswith("gcloud ")
+        for word in shlex.split(line)
+        if word.startswith("--")
+    }
+    assert written & rendered <= {"--no-allow-unauthenticated", "--project", "--region"}
+    assert not [w for w in written if "MLPIPE_" in w or "env-vars" in w]
 
 
-def render_command(svc: str, env: str) -> list[str]:
-    """The run-flags step's `mlpipe ...` arguments, substituted as Cloud Build would."""
-    command = step(template(), "run-flags")["args"][-1]
-    values = {
+def substitutions(svc: str, env: str) -> dict[str, str]:
+    return {
         "_SERVICE": svc,
         "_ENV": env,
+        "_DEPLOY": "release",
         "_REGION": "us-central1",
         "_REPOSITORY": "mlpipe",
         "PROJECT_ID": "acme-ml",
@@ -450,11 +500,54 @@ def render_command(svc: str, env: str) -> list[str]:
         "COMMIT_SHA": "0123456789abcdef0123456789abcdef01234567",
         "SHORT_SHA": "0123456",
     }
-    command = SUBSTITUTION_REF.sub(lambda m: values[m.group(1) or m.group(2)], command)
-    words = shlex.split(command)
-    # pip install uv && uv run --frozen mlpipe <args> --output FILE && cat FILE
-    start = words.index("mlpipe", words.index("run")) + 1
-    return words[start : words.index("&&", start)]
+
+
+def substituted(words: list[str], svc: str, env: str) -> list[str]:
+    values = substitutions(svc, env)
+    return [SUBSTITUTION_REF.sub(lambda m: values[m.group(1) or m.group(2)], w) for w in words]
+
+
+def render_command(svc: str, env: str, step_id: str = "run-flags") -> list[str]:
+    """A render step's `mlpipe ...` arguments, substituted as Cloud Build would."""
+    words = command(script_lines(step(template(), step_id)), "uv", "run", "--frozen", "mlpipe")
+    return substituted(words[4:], svc, env)
+
+
+def release_command(svc: str) -> dict[str, str]:
+    """The flags of the deploy step's `gcloud deploy releases create`, substituted."""
+    lines = branch(step(template(), "deploy"), "release")
+    words = substituted(command(lines, "gcloud", "deploy", "releases", "create"), svc, "dev")
+    assert words[4] == f"rel-0123456-{svc}"
+    return dict(w.removeprefix("--").split("=", 1) for w in words[5:])
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_a_release_names_the_pushed_image_for_the_placeholder_of_the_rendered_manifests(
+    svc: str,
+) -> None:
+    from mlpipe_ops import release
+
+    flags = release_command(svc)
+    args = render_command(svc, "dev", "release-config")
+    option = dict(zip(args[2::2], args[3::2], strict=True))
+
+    # One pipeline per service; the image pushed (its $SHORT_SHA tag) replaces the manifests'
+    # placeholder, and the trainer's MLPIPE_TRAINER_IMAGE is rendered from the same name.
+    assert args[:2] == ["infra", "release-config"] and option["--service"] == svc
+    assert flags["delivery-pipeline"] == release.pipeline_id(svc)
+    assert (flags["project"], flags["region"]) == ("acme-ml", "us-central1")
+    placeholder, _, image = flags["images"].partition("=")
+    assert placeholder == release.image_placeholder(svc)
+    pushed = step(template(), "push")["args"][-1]
+    assert image == substituted([f"{pushed}:$SHORT_SHA"], svc, "dev")[0]
+    assert release.image_reference(option["--registry"], svc, option["--image-tag"]) == image
+    assert option["--code-version"] == "0123456789abcdef0123456789abcdef01234567"
+    # The source is what release-config wrote; it is staged in the releases bucket that
+    # infra/bootstrap.sh creates.
+    assert flags["source"] == option["--out"] == "/workspace/release"
+    assert flags["skaffold-file"] == "skaffold.yaml"
+    assert flags["gcs-source-staging-dir"] == "gs://acme-ml-mlpipe-releases/source"
+    assert 'RELEASES="gs://${PROJECT}-mlpipe-releases"' in (ROOT / "infra/bootstrap.sh").read_text()
 
 
 def rendered_flags(svc: str, env: str) -> dict:

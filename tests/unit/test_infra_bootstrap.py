@@ -61,9 +61,11 @@ def test_bootstrap_creates_the_accounts_the_environments_name() -> None:
 
 def test_cloud_build_deploys_the_services_the_environments_name() -> None:
     build = yaml.safe_load((REPO / "cloudbuild" / "service.yaml").read_text())
-    deploy = next(s for s in build["steps"] if s["id"] == "deploy")
+    script = next(s for s in build["steps"] if s["id"] == "deploy")["args"][-1]
 
-    assert deploy["args"][:3] == ["run", "deploy", "mlpipe-${_SERVICE}"]
+    # _DEPLOY=direct deploys the service; _DEPLOY=release releases it through its pipeline.
+    assert "gcloud run deploy mlpipe-${_SERVICE} " in script
+    assert "--delivery-pipeline=mlpipe-${_SERVICE} " in script
     for name in ("dev", "staging", "prod"):
         env = infra.load_environment(name, REPO / "infra" / "environments")
         target = infra.resolve(env, name, project="acme-ml", project_number=1)
@@ -79,6 +81,7 @@ def test_bootstrap_imports_each_trigger_with_the_environment_substitutions(servi
     appended = re.search(r'cat >>"\$triggers/\$s.yaml" <<EOF\n(.*?)\nEOF\n', SCRIPT, re.S)
     assert appended is not None
     values = {
+        "DEPLOY": "release",
         "ENV": "staging",
         "REGION": "us-central1",
         "REPOSITORY": "mlpipe",
@@ -92,6 +95,7 @@ def test_bootstrap_imports_each_trigger_with_the_environment_substitutions(servi
 
     assert trigger["substitutions"] == {
         "_SERVICE": service,
+        "_DEPLOY": "release",
         "_ENV": "staging",
         "_REGION": "us-central1",
         "_REPOSITORY": "mlpipe",
