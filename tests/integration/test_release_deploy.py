@@ -672,45 +672,52 @@ def test_the_build_creates_a_release_that_renders_each_environment(
 def test_a_release_is_promoted_to_staging_then_waits_for_approval_before_prod(
     delivery: Delivery,
 ) -> None:
+    """docs/deploy.md's walk-through: promote to staging, promote to prod (held for approval),
+    reject, promote again, approve."""
     stand_in = delivery.stand_in
     assert run_build_step(delivery, "trainer").returncode == 0
     release_id = f"rel-{SHA[:7]}-trainer"
     where = ["--delivery-pipeline=mlpipe-trainer", f"--region={REGION}", f"--project={DELIVERY}"]
 
-    def promote() -> subprocess.CompletedProcess[str]:
-        return gcloud(
-            stand_in,
-            ["deploy", "releases", "promote", f"--release={release_id}", *where],
-            delivery.config,
-        )
+    def deploy(*args: str) -> str:
+        done = gcloud(stand_in, ["deploy", *args, *where], delivery.config)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
 
-    to_staging = promote()
-    assert to_staging.returncode == 0, to_staging.stderr
-    to_prod = promote()
-    assert to_prod.returncode == 0, to_prod.stderr
-    assert "pending approval" in to_prod.stderr
+    def in_prod() -> list[dict[str, Any]]:
+        found = [r for r in stand_in.of_kind("rollouts").values() if r["targetId"] == "mlpipe-prod"]
+        return sorted(found, key=lambda r: r["name"])
 
-    rollouts = {r["targetId"]: r for r in stand_in.of_kind("rollouts").values()}
-    assert rollouts["mlpipe-staging"]["state"] == "SUCCEEDED"
-    held = rollouts["mlpipe-prod"]
+    deploy("releases", "promote", f"--release={release_id}")
+    (staging,) = [
+        r for r in stand_in.of_kind("rollouts").values() if r["targetId"] == "mlpipe-staging"
+    ]
+    assert staging["state"] == "SUCCEEDED"
+
+    said = deploy("releases", "promote", f"--release={release_id}")
+    assert "pending approval" in said
+    (held,) = in_prod()
     assert (held["state"], held["approvalState"]) == ("PENDING_APPROVAL", "NEEDS_APPROVAL")
 
-    approved = gcloud(
-        stand_in,
-        [
-            "deploy",
-            "rollouts",
-            "approve",
-            held["name"].rsplit("/", 1)[-1],
-            f"--release={release_id}",
-            *where,
-        ],
-        delivery.config,
-    )
+    deploy("rollouts", "reject", held["name"].rsplit("/", 1)[-1], f"--release={release_id}")
+    assert (held["state"], held["approvalState"]) == ("APPROVAL_REJECTED", "REJECTED")
+    assert stand_in.sent("POST", "rollouts")[-1].body == {"approved": False}
 
-    assert approved.returncode == 0, approved.stderr
-    assert (held["state"], held["approvalState"]) == ("SUCCEEDED", "APPROVED")
+    # Rejected is not deployed: promoting again asks again, under a new rollout.
+    deploy("releases", "promote", f"--release={release_id}")
+    rejected, again = in_prod()
+    assert rejected is held and again["name"].endswith("-to-mlpipe-prod-0002")
+    assert again["state"] == "PENDING_APPROVAL"
+
+    deploy("rollouts", "approve", again["name"].rsplit("/", 1)[-1], f"--release={release_id}")
+
+    assert (again["state"], again["approvalState"]) == ("SUCCEEDED", "APPROVED")
     assert stand_in.sent("POST", "rollouts")[-1].body == {"approved": True}
+    # What prod runs is prod's manifest: its own identity.
+    name = f"{location()}/deliveryPipelines/mlpipe-trainer/releases/{release_id}"
+    (service,) = stand_in.rendered[name]["mlpipe-prod"]
+    account = service["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account == f"mlpipe-trainer@{PROJECTS['prod']}.iam.gserviceaccount.com"
 
 
 def test_a_release_for_a_stage_without_its_profile_fails_to_render(
