@@ -18,12 +18,11 @@ from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
-from mlpipe.ml.modeling import build_estimator
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
-from mlpipe_ops import cli_rollout, cli_runs
+from mlpipe_ops import cli_rollout, cli_runs, statedir
 from mlpipe_ops.cli_failures import failures_app
 from mlpipe_ops.cli_infra import infra_app
 from mlpipe_ops.cli_monitor import monitor_app
@@ -56,7 +55,10 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _running_stack(state_dir: Path) -> StackState:
-    state = StackState.load(state_dir)
+    try:
+        state = StackState.load(state_dir)
+    except StackError as exc:
+        raise _fail(str(exc)) from None
     if state is None or not state.running():
         if state is not None and state.containers:
             _echo_services(state)
@@ -123,17 +125,82 @@ def up(
 
 
 @app.command()
-def down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
-    """Stop every process and container `mlpipe up` started, by PID and by name."""
-    if StackState.load(state_dir) is None:
-        typer.echo("nothing to stop")
+def down(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    wipe: Annotated[
+        bool,
+        typer.Option(
+            "--wipe",
+            help="Also delete the local data: every dataset, run, model version, alias and "
+            "report (the bucket's objects), the emulator's data and the logs.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="With --wipe: delete without asking.")
+    ] = False,
+) -> None:
+    """Stop every process and container `mlpipe up` started, by PID and by name. The local
+    data (datasets, runs, models, reports) stays for the next `mlpipe up`, unless --wipe."""
+    stack = LocalStack(state_dir)
+    try:
+        recorded = StackState.load(state_dir)
+    except StackError as exc:
+        if not wipe:
+            raise _fail(str(exc)) from None
+        # --wipe is the way out of a record that cannot be read: it deletes that too.
+        typer.echo(str(exc))
+        recorded = None
+    if wipe:
+        _wipe(stack, recorded, yes)
         return
-    LocalStack(state_dir).down()
+    if recorded is None:
+        typer.echo("nothing to stop")
+    else:
+        stack.down()
+    if (state_dir / statedir.GCS_DIR).exists():
+        typer.echo(
+            f"local data kept in {state_dir / statedir.GCS_DIR} for the next `mlpipe up` "
+            f"(`mlpipe down --wipe` deletes it)"
+        )
+
+
+def _wipe(stack: LocalStack, recorded: StackState | None, yes: bool) -> None:
+    """Stop the recorded stack and delete the state directory's data (see `down`)."""
+    where = stack.state_dir
+    others = stack.others_using(recorded)
+    if others:
+        raise _fail(
+            f"not wiping {where}: a stack that {where / statedir.STATE_FILE} does not record is "
+            f"using it: {'; '.join(others)}. Stop it first, then run this again."
+        )
+    present = statedir.describe(where)
+    if not present:
+        if recorded is not None:
+            stack.down()
+        typer.echo(f"nothing to wipe in {where}")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise _fail(
+                "`mlpipe down --wipe` deletes every dataset, run, model version and report of "
+                "the local stack; there is no terminal to confirm on: add --yes"
+            )
+        summary = ", ".join(f"{name} ({statedir.human(size)})" for name, _, size in present)
+        if not typer.confirm(f"Delete the local stack's data in {where}: {summary}?"):
+            raise _fail("nothing deleted")
+    if recorded is not None:
+        stack.down()
+    for name, files, size in stack.wipe():
+        typer.echo(f"removed {where / name} ({files} file(s), {statedir.human(size)})")
 
 
 # --- pipelines ------------------------------------------------------------------------------
 def _load_config_file(path: Path) -> tuple[PipelineConfig, str]:
     """The validated config and the file's text; the estimator is built once to check it."""
+    # Here, not at the top: scikit-learn takes about 3 s to import, which every command
+    # (`mlpipe up` first) would pay.
+    from mlpipe.ml.modeling import build_estimator
+
     try:
         text = path.read_text()
         config = parse_config(text, source=str(path))

@@ -21,7 +21,8 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ STOP_GRACE_SECONDS = 10
 IMAGE = "mlpipe-{service}:local"
 USER = "10001:10001"  # services/Dockerfile's user
 BASE_IMAGES = ("python:3.11.7-slim-bookworm", "ghcr.io/astral-sh/uv:0.13.9")
+# Each container of a local stack carries its state directory under this label.
+STATE_LABEL = "dev.mlpipe.state-dir"
 
 
 class DockerError(RuntimeError):
@@ -115,6 +118,17 @@ def build(service: str, root: Path, code_version: str) -> tuple[str, float]:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
         raise DockerError(f"building {image} failed:\n{tail}")
     return image, time.monotonic() - t0
+
+
+def build_all(
+    services: Sequence[str], root: Path, code_version: str
+) -> Iterator[tuple[str, float]]:
+    """Build every service's image at once (each `docker build` mostly waits on the engine's
+    cache checks and context upload); yield (tag, seconds) as each finishes."""
+    with ThreadPoolExecutor(max_workers=len(services) or 1) as pool:
+        futures = [pool.submit(build, s, root, code_version) for s in services]
+        for future in as_completed(futures):
+            yield future.result()
 
 
 @dataclass
@@ -213,6 +227,25 @@ def cloud_run_env(service: str, port: int, code_version: str) -> dict[str, str]:
         "K_CONFIGURATION": name,
         "K_REVISION": f"{name}-{code_version.replace('-dirty', '')[:12] or 'local'}",
     }
+
+
+def labelled(label: str, value: str) -> list[str]:
+    """Names of the containers, running or not, whose `label` is `value` ([] without an
+    engine: then none runs)."""
+    try:
+        done = docker(
+            "ps",
+            "--all",
+            "--filter",
+            f"label={label}={value}",
+            "--format",
+            "{{.Names}}",
+            timeout=20,
+            check=False,
+        )
+    except DockerError:
+        return []
+    return done.stdout.split() if done.returncode == 0 else []
 
 
 def stop(containers: list[Container], progress: Callable[[str], None]) -> None:

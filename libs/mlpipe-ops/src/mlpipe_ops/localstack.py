@@ -2,8 +2,17 @@
 each a real process bound to 127.0.0.1, started and stopped by PID; or, with `containers=True`,
 each service as its shipped image under Cloud Run's contract (mlpipe_ops.containers).
 
-State (PIDs, containers, ports) lives in `<state_dir>/stack.json`; logs in
-`<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before).
+The stack's data outlives it: fake-gcs-server keeps its objects on disk under
+`<state_dir>/gcs` (datasets, runs, registry, reports), so `up` after `down`, a kill -9 or a
+reboot finds every run, version and alias as before; what the Pub/Sub emulator forgets (the
+messages in flight) the reconcile pass re-publishes from the runs' records
+(mlpipe_ops.reconcile). State (PIDs, containers, ports) lives in `<state_dir>/stack.json`; logs
+in `<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before). The
+layout and its checks: mlpipe_ops.statedir.
+
+Start order: both emulators at once; the services as soon as fake-gcs-server answers (the
+predictor loads the registry's champions in its lifespan; none needs Pub/Sub to start), so they
+import while the emulator's JVM boots; the topology once the emulator answers.
 """
 
 from __future__ import annotations
@@ -20,13 +29,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 
 from mlpipe.messaging import topology
 from mlpipe_ops import containers as docker
-from mlpipe_ops import infra
+from mlpipe_ops import infra, statedir
 from mlpipe_ops.containers import Container
 from mlpipe_ops.service_runtime import (
     RuntimeDefinitionError,
@@ -38,6 +48,7 @@ from mlpipe_ops.service_runtime import (
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+PORT_GRACE_SECONDS = 3.0
 SERVICES = topology.TOPOLOGY.services
 
 
@@ -107,18 +118,34 @@ class StackState:
         }
 
     def save(self) -> None:
-        path = Path(self.state_dir) / "stack.json"
-        path.write_text(json.dumps(asdict(self), indent=2))
+        # In one rename: a stack killed while saving leaves the previous record, not half.
+        statedir.write_atomic(
+            Path(self.state_dir) / statedir.STATE_FILE, json.dumps(asdict(self), indent=2)
+        )
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState | None:
-        path = state_dir / "stack.json"
-        if not path.exists():
+        """The recorded stack, None when there is none; StackError naming the file when the
+        record cannot be read."""
+        path = state_dir / statedir.STATE_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
             return None
-        raw = json.loads(path.read_text())
-        raw["processes"] = [Proc(**p) for p in raw.get("processes", [])]
-        raw["containers"] = [Container(**c) for c in raw.get("containers", [])]
-        return cls(**raw)
+        except OSError as exc:
+            raise StackError(f"{path} cannot be read ({exc.strerror})") from None
+        try:
+            raw = json.loads(text)
+            raw["processes"] = [Proc(**p) for p in raw.get("processes", [])]
+            raw["containers"] = [Container(**c) for c in raw.get("containers", [])]
+            return cls(**raw)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StackError(
+                f"{path} is not a stack record ({type(exc).__name__}: {exc}). It lists the "
+                f"processes of the stack started from {state_dir}: if one is still running, "
+                f"stop it by its PID; then remove the file (your runs and models are kept, in "
+                f"{state_dir / statedir.GCS_DIR})"
+            ) from None
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -177,29 +204,35 @@ def fake_gcs_binary() -> Path:
     return binary
 
 
-def wait_until(
-    check: Callable[[], bool],
-    timeout: float,
-    what: str,
-    proc: Proc,
-    child: subprocess.Popen[bytes],
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        # The child itself, not /proc's cmdline: right after fork it still shows ours.
-        if child.poll() is not None:
-            raise StackError(f"{what} exited during start-up; see {proc.log}")
-        try:
-            if check():
+class Pending:
+    """What `mlpipe up` waits for: each component's readiness check and what to do once it is
+    ready. Polled together, so each is reported when it is ready, whatever the order."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
+        self.checks: dict[str, tuple[Callable[[], bool], Callable[[], None], str]] = {}
+
+    def add(self, name: str, ready: Callable[[], bool], then: Callable[[], None], log: str) -> None:
+        self.checks[name] = (ready, then, log)
+
+    def wait(self) -> None:
+        while self.checks:
+            for name in list(self.checks):
+                ready, then, _ = self.checks[name]
+                try:
+                    done = ready()
+                except (httpx.HTTPError, OSError):
+                    done = False
+                if done:
+                    del self.checks[name]
+                    then()
+            if not self.checks:
                 return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-    raise StackError(f"{what} was not ready after {timeout:.0f}s; see {proc.log}")
-
-
-def _http_ok(url: str) -> Callable[[], bool]:
-    return lambda: httpx.get(url, timeout=1.0).status_code == 200
+            if time.monotonic() > self.deadline:
+                late = "; ".join(f"{n} (see {log})" for n, (_, _, log) in self.checks.items())
+                raise StackError(f"not ready after {self.timeout:.0f}s: {late}")
+            time.sleep(0.05)
 
 
 class LocalStack:
@@ -250,9 +283,14 @@ class LocalStack:
         return proc
 
     def up(
-        self, timeout: float = 120.0, progress: Callable[[str], None] = print, services: bool = True
+        self,
+        timeout: float = 120.0,
+        progress: Callable[[str], None] = print,
+        services: bool = True,
+        reconcile: bool = True,
     ) -> StackState:
-        """Start everything (or, with `services=False`, only the two emulators and the bucket)."""
+        """Start everything (or, with `services=False`, only the two emulators and the bucket);
+        then, unless `reconcile=False`, finish the runs the previous stack left unfinished."""
         existing = StackState.load(self.state_dir)
         if existing and existing.running():
             progress(f"stack already running (state in {self.state_dir})")
@@ -261,32 +299,87 @@ class LocalStack:
             progress("a previous stack is partly down; stopping what is left of it")
             docker.stop(existing.containers, progress)
             stop_processes(existing.processes, progress)
-        ports = [self.state.pubsub_port, self.state.gcs_port, *self.state.service_ports.values()]
-        taken = [p for p in ports if not port_free(p)]
-        if taken:
-            raise StackError(
-                f"port(s) {taken} on {HOST} are in use by processes this stack did not start; "
-                f"stop them or pick other ports with --base-port"
-            )
+        self._check_ports()
+        self._check_objects()
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / "jobs").mkdir(exist_ok=True)
-        (self.state_dir / "pubsub-data").mkdir(exist_ok=True)
+        (self.state_dir / statedir.PUBSUB_DIR).mkdir(exist_ok=True)
         self.state.processes = []
         self.state.containers = []
         try:
             if services and self.containers:
-                self._build_images(progress)
+                try:
+                    docker.check_engine()
+                except docker.DockerError as exc:
+                    raise StackError(str(exc)) from None
             self._start_all(timeout, progress, services)
         except BaseException:
             progress("start-up failed or was interrupted: stopping what was started")
             self.down(progress)
             raise
+        if services and reconcile:
+            self._reconcile(progress)
         return self.state
+
+    def _reconcile(self, progress: Callable[[str], None]) -> None:
+        """The stack is up whatever happens here: a pass that fails or is interrupted says so
+        (the next start runs it again)."""
+        from mlpipe_ops.reconcile import reconcile_stack
+
+        try:
+            reconcile_stack(self.state, progress, env=self._trainer_env())
+        except KeyboardInterrupt:
+            progress("reconcile        interrupted; the stack is up, unfinished runs stay so")
+        except Exception as exc:
+            log.exception("reconcile pass failed")
+            progress(f"reconcile        failed ({type(exc).__name__}: {exc}); the stack is up")
+
+    def _check_ports(self) -> None:
+        st = self.state
+        ports = {"pubsub-emulator": st.pubsub_port, "fake-gcs-server": st.gcs_port}
+        ports.update(st.service_ports)
+        # A process killed a moment ago (the previous stack's) may still be closing its socket.
+        deadline = time.monotonic() + PORT_GRACE_SECONDS
+        while (busy := [n for n, p in ports.items() if not port_free(p)]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        taken = [f"port {ports[n]} ({n}) is held by {statedir.port_holder(ports[n])}" for n in busy]
+        if taken:
+            raise StackError(
+                f"the stack needs ports {min(ports.values())}-{max(ports.values())} on {HOST}: "
+                + "; ".join(taken)
+                + ". Stop it, or pick other ports with --base-port"
+            )
+
+    def _check_objects(self) -> None:
+        """Refuse to serve a bucket whose files fake-gcs-server could not read faithfully."""
+        problems = statedir.check_objects(self.state_dir)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise StackError(
+                f"the local bucket under {self.state_dir / statedir.GCS_DIR} has "
+                f"{len(problems)} object file(s) that cannot be served as they were written:"
+                f"\n  {shown}{more}\n"
+                f"Nothing was started. Move each file named above out of the way (the object is "
+                f"then absent), or clear all local data with `mlpipe down --wipe`."
+            )
+
+    def _trainer_env(self) -> str:
+        """The pipeline-config environment the trainer resolves runs with."""
+        try:
+            return self._services()[1]["trainer"].get("MLPIPE_ENV", "local")
+        except StackError:
+            return "local"
 
     def _start_all(self, timeout: float, progress: Callable[[str], None], services: bool) -> None:
         st = self.state
         base_env = {**os.environ, **self.extra_env, **st.client_env()}
         t0 = time.monotonic()
+        pending = Pending(timeout)
+        # Both emulators at once: fake-gcs-server connects to Pub/Sub only to publish a
+        # notification, and nothing is uploaded before the topology exists.
         pubsub = self._spawn(
             "pubsub-emulator",
             [
@@ -297,87 +390,98 @@ class LocalStack:
                 "start",
                 f"--host-port={st.pubsub_host}",
                 f"--project={st.project}",
-                f"--data-dir={self.state_dir / 'pubsub-data'}",
+                f"--data-dir={self.state_dir / statedir.PUBSUB_DIR}",
                 "--quiet",
             ],
             st.pubsub_port,
             "pubsub",
             base_env,
         )
-        wait_until(
-            _http_ok(f"http://{st.pubsub_host}/"),
-            timeout,
-            "the Pub/Sub emulator",
-            pubsub,
-            self._children[pubsub.name],
-        )
-        progress(f"pubsub emulator  {st.pubsub_host}  ({time.monotonic() - t0:.1f}s)")
-
-        with client_env(st):
-            if services:
-                # The same apply as `mlpipe infra apply --env local`.
-                try:
-                    target = infra.local_target(st.project, st.bucket, st.service_ports)
-                except infra.InfraError as exc:
-                    raise StackError(str(exc)) from None
-                made = len(infra.apply(target).pending)
-            else:
-                # fake-gcs-server needs its notification topic to exist before it starts.
-                made = len(
-                    topology.create_topics(st.project, (topology.TOPOLOGY.notification.topic,))
-                )
-        progress(f"topology         {made} change(s) applied (env local)")
-
-        note = topology.TOPOLOGY.notification
         gcs = self._spawn(
-            "fake-gcs-server",
-            [
-                str(fake_gcs_binary()),
-                "-scheme",
-                "http",
-                "-host",
-                HOST,
-                "-port",
-                str(st.gcs_port),
-                "-backend",
-                "memory",
-                "-log-level",
-                "warn",
-                "-event.pubsub-project-id",
-                st.project,
-                "-event.pubsub-topic",
-                note.topic,
-                "-event.bucket",
-                st.bucket,
-                "-event.object-prefix",
-                note.object_prefix,
-                "-event.list",
-                "finalize",
-            ],
-            st.gcs_port,
-            "fake-gcs-server",
-            base_env,
+            "fake-gcs-server", self._gcs_command(), st.gcs_port, "fake-gcs-server", base_env
         )
-        wait_until(
-            _http_ok(f"{st.storage_host}/storage/v1/b"),
-            timeout,
-            "fake-gcs-server",
-            gcs,
-            self._children[gcs.name],
-        )
-        with client_env(st):
-            from mlpipe.store.storage import make_client
-
-            client = make_client(st.project)
-            if client.lookup_bucket(st.bucket) is None:
-                client.create_bucket(st.bucket)
-        progress(f"fake-gcs-server  {st.storage_host}  bucket gs://{st.bucket}")
-
         if services and self.containers:
-            self._start_containers(timeout, progress)
-        elif services:
-            self._start_processes(base_env, timeout, progress)
+            self._build_images(progress)  # while the emulators boot
+
+        def storage_ready() -> None:
+            with client_env(st):
+                from mlpipe.store.storage import make_client
+
+                client = make_client(st.project)
+                if client.lookup_bucket(st.bucket) is None:
+                    client.create_bucket(st.bucket)
+            progress(
+                f"fake-gcs-server  {st.storage_host}  bucket gs://{st.bucket}  "
+                f"({time.monotonic() - t0:.1f}s; objects in {self.state_dir / statedir.GCS_DIR})"
+            )
+            # The services import while the Pub/Sub emulator's JVM boots.
+            if services and self.containers:
+                self._start_containers(pending, progress)
+            elif services:
+                self._start_processes(base_env, pending, progress)
+
+        def pubsub_ready() -> None:
+            progress(f"pubsub emulator  {st.pubsub_host}  ({time.monotonic() - t0:.1f}s)")
+            with client_env(st):
+                if services:
+                    # The same apply as `mlpipe infra apply --env local`.
+                    try:
+                        target = infra.local_target(st.project, st.bucket, st.service_ports)
+                    except infra.InfraError as exc:
+                        raise StackError(str(exc)) from None
+                    made = len(infra.apply(target).pending)
+                else:
+                    # fake-gcs-server publishes its notifications there.
+                    made = len(
+                        topology.create_topics(st.project, (topology.TOPOLOGY.notification.topic,))
+                    )
+            progress(
+                f"topology         {made} change(s) applied (env local)  "
+                f"({time.monotonic() - t0:.1f}s)"
+            )
+
+        pending.add(
+            gcs.name,
+            self._process_ready(gcs, f"{st.storage_host}/storage/v1/b"),
+            storage_ready,
+            gcs.log,
+        )
+        pending.add(
+            pubsub.name,
+            self._process_ready(pubsub, f"http://{st.pubsub_host}/"),
+            pubsub_ready,
+            pubsub.log,
+        )
+        pending.wait()
         progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
+
+    def _gcs_command(self) -> list[str]:
+        st = self.state
+        note = topology.TOPOLOGY.notification
+        return [
+            str(fake_gcs_binary()),
+            *("-scheme", "http", "-host", HOST, "-port", str(st.gcs_port)),
+            # On disk, so that the bucket outlives the stack.
+            *("-backend", "filesystem"),
+            *("-filesystem-root", str(self.state_dir / statedir.GCS_DIR)),
+            *("-log-level", "warn"),
+            *("-event.pubsub-project-id", st.project),
+            *("-event.pubsub-topic", note.topic),
+            *("-event.bucket", st.bucket),
+            *("-event.object-prefix", note.object_prefix),
+            *("-event.list", "finalize"),
+        ]
+
+    def _process_ready(self, proc: Proc, url: str) -> Callable[[], bool]:
+        child = self._children[proc.name]
+
+        def ready() -> bool:
+            # The child itself, not /proc's cmdline: right after fork it still shows ours.
+            if child.poll() is not None:
+                raise StackError(f"{proc.name} exited during start-up; see {proc.log}")
+            return httpx.get(url, timeout=1.0).status_code == 200
+
+        return ready
 
     def _services(self) -> tuple[dict[str, ServiceRuntime], dict[str, dict[str, str]]]:
         """Each service's runtime (infra/runtime.yaml, env local) and its own variables: what
@@ -401,11 +505,10 @@ class LocalStack:
         }
 
     def _start_processes(
-        self, base_env: dict[str, str], timeout: float, progress: Callable[[str], None]
+        self, base_env: dict[str, str], pending: Pending, progress: Callable[[str], None]
     ) -> None:
         st = self.state
         _, own = self._services()
-        procs = []
         for name in SERVICES:
             env = {
                 **base_env,
@@ -413,42 +516,34 @@ class LocalStack:
                 "PORT": str(st.service_ports[name]),
                 "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
             }
-            procs.append(
-                self._spawn(
-                    name,
-                    [sys.executable, "-m", f"mlpipe_{name}"],
-                    st.service_ports[name],
-                    f"mlpipe_{name}",
-                    env,
-                )
+            proc = self._spawn(
+                name,
+                [sys.executable, "-m", f"mlpipe_{name}"],
+                st.service_ports[name],
+                f"mlpipe_{name}",
+                env,
             )
-        for proc in procs:
-            wait_until(
-                _http_ok(f"http://{HOST}:{proc.port}/healthz"),
-                timeout,
-                proc.name,
-                proc,
-                self._children[proc.name],
+            pending.add(
+                name,
+                self._process_ready(proc, f"http://{HOST}:{proc.port}/healthz"),
+                partial(progress, f"{proc.name:<16} http://{HOST}:{proc.port}"),
+                proc.log,
             )
-            progress(f"{proc.name:<16} http://{HOST}:{proc.port}")
 
     # --- containers -----------------------------------------------------------------------
     def _build_images(self, progress: Callable[[str], None]) -> None:
         try:
-            docker.check_engine()
             root = infra.environments_dir().parents[1]
             docker.ensure_base_images(root, progress)
-            for name in SERVICES:
-                image, seconds = docker.build(name, root, self.state.code_version)
+            for image, seconds in docker.build_all(SERVICES, root, self.state.code_version):
                 progress(f"image            {image} built in {seconds:.1f}s")
         except (docker.DockerError, infra.InfraError) as exc:
             raise StackError(str(exc)) from None
 
-    def _start_containers(self, timeout: float, progress: Callable[[str], None]) -> None:
+    def _start_containers(self, pending: Pending, progress: Callable[[str], None]) -> None:
         st = self.state
         # Only what a Cloud Run instance would have: nothing of this shell's environment.
         runtimes, own = self._services()
-        started = []
         for name in SERVICES:
             port = st.service_ports[name]
             container = Container(
@@ -463,40 +558,37 @@ class LocalStack:
             # Left over from a stack that was killed: same name, so it is ours.
             docker.docker("rm", "--force", container.name, check=False)
             try:
-                docker.run(container, runtime, env, {"dev.mlpipe.state-dir": str(self.state_dir)})
+                docker.run(container, runtime, env, {docker.STATE_LABEL: str(self.state_dir)})
             except docker.DockerError as exc:
                 raise StackError(f"{name}: {exc}") from None
             st.containers.append(container)
             st.save()
-            started.append((container, runtime))
-        for container, runtime in started:
-            self._wait_container(container, timeout)
-            progress(
-                f"{container.service:<16} http://{HOST}:{container.port}  container "
-                f"{container.name} ({runtime.memory}, {runtime.cpu:g} CPU)"
+            pending.add(
+                name,
+                partial(self._container_ready, container),
+                partial(
+                    progress,
+                    f"{container.service:<16} http://{HOST}:{container.port}  container "
+                    f"{container.name} ({runtime.memory}, {runtime.cpu:g} CPU)",
+                ),
+                container.log,
             )
 
-    def _wait_container(self, container: Container, timeout: float) -> None:
-        """Until /healthz answers; a container that exits first is reported with its logs."""
-        deadline = time.monotonic() + timeout
-        url = f"http://{HOST}:{container.port}/healthz"
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            state = container.state()
-            if not state or state.get("RestartCount", 0) > 0 or state.get("Status") == "exited":
-                raise StackError(
-                    f"{container.service} exited during start-up ({container.describe()}); "
-                    f"its last log lines:\n{_indent(container.logs(tail=15))}"
-                )
-            time.sleep(0.1)
-        raise StackError(
-            f"{container.service} was not ready after {timeout:.0f}s ({container.describe()}); "
-            f"its last log lines:\n{_indent(container.logs(tail=15))}"
-        )
+    def _container_ready(self, container: Container) -> bool:
+        """/healthz answers; a container that exits or restarts first is reported with its
+        logs (Pending reports one that is still starting at the deadline)."""
+        try:
+            if httpx.get(f"http://{HOST}:{container.port}/healthz", timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        state = container.state()
+        if not state or state.get("RestartCount", 0) > 0 or state.get("Status") == "exited":
+            raise StackError(
+                f"{container.service} exited during start-up ({container.describe()}); "
+                f"its last log lines:\n{_indent(container.logs(tail=15))}"
+            )
+        return False
 
     # --- stopping -------------------------------------------------------------------------
     def down(self, progress: Callable[[str], None] = print) -> None:
@@ -507,7 +599,28 @@ class LocalStack:
         state.processes = []
         state.containers = []
         with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / "stack.json").unlink()
+            (self.state_dir / statedir.STATE_FILE).unlink()
+
+    def others_using(self, recorded: StackState | None) -> list[str]:
+        """Processes and containers using this state directory that are not the `recorded`
+        stack's (nor their children: each was started in a session of its own)."""
+        pids = {p.pid for p in recorded.processes} if recorded else set()
+        names = {c.name for c in recorded.containers} if recorded else set()
+        found = [
+            str(holder)
+            for holder in statedir.processes_using(self.state_dir)
+            if holder.pid not in pids and holder.session not in pids
+        ]
+        found += [
+            f"container {name}"
+            for name in docker.labelled(docker.STATE_LABEL, str(self.state_dir))
+            if name not in names
+        ]
+        return found
+
+    def wipe(self) -> list[tuple[str, int, int]]:
+        """Remove the stack's data (objects, emulator data, logs...); (entry, files, bytes)."""
+        return statedir.wipe(self.state_dir)
 
 
 def stop_processes(
