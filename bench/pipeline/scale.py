@@ -3,7 +3,7 @@
     uv run --frozen python bench/pipeline/scale.py --repeats 3
 
 A synthetic regression dataset (10 numeric features, a noisy non-linear target) as Parquet
-bytes in memory. mlpipe: mlpipe.ml.data.read_dataset → check_columns → split_rows →
+bytes in memory. mlpipe: mlpipe.ml.data.read_dataset → check_dataset → split_rows →
 frame.iloc[train] → mlpipe.ml.modeling.build_pipeline(config, features).fit, with the config
 parsed from the YAML below (HistGradientBoostingRegressor). Bare: pd.read_parquet →
 HistGradientBoostingRegressor(same params).fit on as many rows as mlpipe trains on (the first
@@ -29,8 +29,10 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from threadpoolctl import threadpool_limits
 
 from mlpipe.ml.config import parse_config
-from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.data import read_dataset
 from mlpipe.ml.modeling import build_pipeline
+from mlpipe.ml.split import split_rows
+from mlpipe.ml.validation import check_dataset
 
 CONFIG = """
 name: synthetic
@@ -77,7 +79,7 @@ def mlpipe_path(data: bytes, config: Any) -> dict[str, float]:
     frame = read_dataset(data, "parquet", "bench.parquet")
     t["read"] = time.perf_counter() - t0
     mark = time.perf_counter()
-    features = check_columns(frame, config, "bench.parquet")
+    features = check_dataset(frame, config, "bench.parquet")
     t["check"] = time.perf_counter() - mark
     mark = time.perf_counter()
     split = split_rows(frame, config)

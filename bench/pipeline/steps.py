@@ -21,8 +21,10 @@ from common import p50_p95
 from mlpipe.messaging import events, topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import load_pipeline_config, load_run_config
-from mlpipe.ml.data import Split, check_columns, read_dataset, split_rows
+from mlpipe.ml.data import read_dataset
 from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
+from mlpipe.ml.split import Split, split_rows
+from mlpipe.ml.validation import check_dataset
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.settings import CommonSettings
 from mlpipe.store import layout
@@ -106,7 +108,7 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
         lambda: storage.read(storage.path_of(ref.uri), generation=ref.generation or None),
     ).data
     frame = put("job: read_dataset (150-row CSV)", lambda: read_dataset(data, "csv", ref.uri))
-    features = check_columns(frame, config, ref.uri)
+    features = check_dataset(frame, config, ref.uri)
     split = put("job: split_rows", lambda: split_rows(frame, config))
     train_frame = frame.iloc[split.train]
     estimator = put(

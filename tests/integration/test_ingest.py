@@ -123,7 +123,7 @@ NO_TARGET = "sepal_length,sepal_width,petal_length,petal_width\n" + "1,2,3,4\n" 
         ("bad JSON", b'{"dataset": "iris", "nope": 1}', "invalid_message", "nope", "bad-1"),
         ("malformed CSV", request_bytes(BAD_CSV_LINE), "malformed_csv", "line 3", "bad-1"),
         ("missing target", request_bytes(NO_TARGET), "missing_column", "species", "req-1"),
-        ("header only", request_bytes("a,b\n"), "empty_dataset", "no rows", "req-1"),
+        ("header only", request_bytes("a,b\n"), "header_only", "no rows", "bad-1"),
         ("too large", request_bytes("x" * 300_000), "payload_too_large", "gs://", "bad-1"),
     ],
 )

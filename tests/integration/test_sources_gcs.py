@@ -145,7 +145,7 @@ def with_row(row: str) -> bytes:
         (("\n".join([HEADER, *rows(2)]) + "\n").encode(), "row_count", "3..10000000"),
         (b"site,hour\ns1,2\ns2,3\ns3,4\n", "missing_column", "temp"),
         (HEADER.encode() + b"\n", "header_only", "no rows"),
-        (b"", "empty", "is empty"),
+        (b"", "empty_dataset", "is empty"),
         (b"\xff\xfe\x00a", "not_utf8", "UTF-8"),
     ],
 )

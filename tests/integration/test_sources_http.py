@@ -210,7 +210,7 @@ BAD = {
         lambda: (200, "text/csv", (HEADER + "\n5,3,1,0.2,setosa\n5,3\n").encode()),
         "csv",
         "",
-        "ragged_rows",
+        "malformed_csv",
         "line 3",
     ),
     "/header.csv": (
@@ -220,7 +220,7 @@ BAD = {
         "header_only",
         "no rows",
     ),
-    "/empty": (lambda: (200, "application/json", b""), "json", "", "empty", "empty"),
+    "/empty": (lambda: (200, "application/json", b""), "json", "", "empty_dataset", "empty"),
     "/object": (
         lambda: (200, "application/json", b'{"data": {"rows": 3}}'),
         "json",

@@ -205,7 +205,7 @@ def iris_rows(n: int, species: tuple[str, ...] = ("setosa", "versicolor")) -> st
             None,
             IRIS_HEADER + iris_rows(40) + "5.1,wide,1.4,0.2,setosa\n" + iris_rows(5),
             "wrong_type",
-            "line 42",
+            "data row 41",
         ),
         (
             "too few rows",

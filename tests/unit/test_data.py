@@ -1,156 +1,14 @@
-"""Reading a landed dataset, checking its columns, and the deterministic train/holdout split."""
+"""Reading datasets: the one CSV reader, typed frames, and chunks."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import pandas as pd
 import pytest
 
 from mlpipe.errors import PermanentError
-from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe.ml.data import Split, check_columns, read_dataset, split_rows
-
-REPO = Path(__file__).resolve().parents[2]
-IRIS_CSV = REPO / "examples/iris/iris.csv"
-IRIS_YAML = (REPO / "examples/iris/pipeline.yaml").read_text()
-IRIS_CONFIG = parse_config(IRIS_YAML)
-
-SMALL_YAML = """\
-name: small
-dataset:
-  target: label
-  min_rows: 3
-  max_rows: 6
-model:
-  name: small-model
-"""
-
-
-@pytest.fixture(scope="module")
-def iris() -> pd.DataFrame:
-    return pd.read_csv(IRIS_CSV)
-
-
-def _config(extra: str = "") -> PipelineConfig:
-    return parse_config(SMALL_YAML + extra)
-
-
-def test_the_same_seed_gives_the_same_split(iris: pd.DataFrame) -> None:
-    first = split_rows(iris, IRIS_CONFIG)
-    second = split_rows(iris.copy(), IRIS_CONFIG)
-
-    assert first == second
-
-
-def test_a_different_seed_gives_a_different_split(iris: pd.DataFrame) -> None:
-    other = parse_config(IRIS_YAML.replace("seed: 42", "seed: 7"))
-
-    assert split_rows(iris, other).holdout != split_rows(iris, IRIS_CONFIG).holdout
-
-
-def test_train_and_holdout_are_disjoint_and_cover_every_row(iris: pd.DataFrame) -> None:
-    split = split_rows(iris, IRIS_CONFIG)
-
-    assert set(split.train).isdisjoint(split.holdout)
-    assert sorted(split.train + split.holdout) == list(range(len(iris)))
-    assert len(split.holdout) == 30
-    assert split.train == sorted(split.train) and split.holdout == sorted(split.holdout)
-
-
-def test_a_stratified_split_keeps_class_proportions(iris: pd.DataFrame) -> None:
-    split = split_rows(iris, IRIS_CONFIG)
-
-    holdout_counts = iris["species"].iloc[split.holdout].value_counts().to_dict()
-
-    assert split.stratified is True
-    assert holdout_counts == {"setosa": 10, "versicolor": 10, "virginica": 10}
-
-
-def test_a_class_with_one_row_falls_back_to_an_unstratified_split(iris: pd.DataFrame) -> None:
-    frame = iris.copy()
-    frame.loc[0, "species"] = "singleton"
-
-    split = split_rows(frame, IRIS_CONFIG)
-
-    assert split.stratified is False
-    assert sorted(split.train + split.holdout) == list(range(len(frame)))
-    assert len(split.holdout) == 30
-
-
-def test_a_split_survives_its_json_form(iris: pd.DataFrame) -> None:
-    split = split_rows(iris, IRIS_CONFIG)
-
-    assert Split.from_json(split.to_json()) == split
-
-
-def test_too_few_rows_to_split_is_permanent() -> None:
-    frame = pd.DataFrame({"x": [1, 2], "label": ["a", "b"]})
-
-    with pytest.raises(PermanentError) as caught:
-        split_rows(frame, _config())
-
-    assert caught.value.reason == "too_few_rows"
-
-
-def test_check_columns_returns_the_features() -> None:
-    frame = pd.DataFrame({"x": [1, 2, 3], "label": ["a", "b", "a"], "y": [0.1, 0.2, 0.3]})
-
-    assert check_columns(frame, _config(), "s") == ["x", "y"]
-
-
-def test_a_missing_column_is_named() -> None:
-    config = parse_config(
-        SMALL_YAML.replace("  target: label\n", "  target: label\n  features: [x, z]\n")
-    )
-    frame = pd.DataFrame({"x": [1, 2, 3], "label": ["a", "b", "a"]})
-
-    with pytest.raises(PermanentError) as caught:
-        check_columns(frame, config, "gs://b/data.csv")
-
-    assert caught.value.reason == "missing_column"
-    assert "gs://b/data.csv lacks column(s) ['z']" in caught.value.message
-
-
-def test_a_missing_target_is_named() -> None:
-    frame = pd.DataFrame({"x": [1, 2, 3]})
-
-    with pytest.raises(PermanentError) as caught:
-        check_columns(frame, _config(), "s")
-
-    assert caught.value.reason == "missing_column"
-    assert "['label']" in caught.value.message
-
-
-@pytest.mark.parametrize("rows", [2, 7])
-def test_a_row_count_outside_the_bounds_is_refused(rows: int) -> None:
-    frame = pd.DataFrame({"x": range(rows), "label": ["a"] * rows})
-
-    with pytest.raises(PermanentError) as caught:
-        check_columns(frame, _config(), "s")
-
-    assert caught.value.reason == "row_count"
-    assert f"has {rows} rows" in caught.value.message
-
-
-def test_a_null_target_names_its_csv_line() -> None:
-    frame = pd.DataFrame({"x": [1, 2, 3, 4], "label": ["a", "b", None, None]})
-
-    with pytest.raises(PermanentError) as caught:
-        check_columns(frame, _config(), "s")
-
-    assert caught.value.reason == "null_target"
-    assert "2 row(s) without 'label' (first on CSV line 4)" in caught.value.message
-
-
-def test_a_non_numeric_value_in_a_numeric_feature_is_located() -> None:
-    frame = pd.DataFrame({"x": ["1", "2", "three"], "label": ["a", "b", "a"]})
-
-    with pytest.raises(PermanentError) as caught:
-        check_columns(frame, _config(), "s")
-
-    assert caught.value.reason == "wrong_type"
-    assert "'three' on CSV line 4" in caught.value.message
+from mlpipe.ml.data import read_csv_text, read_dataset, read_dataset_chunks
 
 
 @pytest.mark.parametrize("data", [b"", b"  \n\n"])
@@ -174,3 +32,87 @@ def test_a_csv_is_read_into_a_frame() -> None:
 
     assert list(frame.columns) == ["x", "label"]
     assert frame["x"].tolist() == [1.5, 2.0]
+
+
+def test_csv_text_is_read_with_stripped_cells_and_blank_lines_skipped() -> None:
+    header, rows = read_csv_text(" a , b\n\n1, 2 \n\n3,4\n", "src")
+
+    assert header == ["a", "b"]
+    assert rows == [["1", "2"], ["3", "4"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "message"),
+    [
+        ("", "empty_dataset", "src is empty"),
+        (" \n\n", "empty_dataset", "src is empty"),
+        ("a,b\n", "header_only", "src has a header but no rows"),
+        ("a,b\n1,2\n3\n", "malformed_csv", "src line 3 has 1 fields; the header has 2"),
+        ("a,b\n1,2,3\n", "malformed_csv", "src line 2 has 3 fields; the header has 2"),
+        ("a,b, a\n1,2,3\n", "malformed_csv", "src header repeats a column: ['a', 'b', 'a']"),
+        (" , \n1,2\n", "malformed_csv", "src has an empty header line"),
+    ],
+)
+def test_csv_that_cannot_be_a_table_names_its_reason_and_line(
+    text: str, reason: str, message: str
+) -> None:
+    with pytest.raises(PermanentError) as caught:
+        read_csv_text(text, "src")
+
+    assert caught.value.reason == reason
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "data", [b"a,b\n", b"a,b\n1,2\n3\n", b"a,a\n1,2\n", b"a,b\n1,2\n\n\n4,5,6\n"]
+)
+def test_a_csv_file_fails_as_its_text_does(data: bytes) -> None:
+    with pytest.raises(PermanentError) as text_failure:
+        read_csv_text(data.decode(), "s")
+    with pytest.raises(PermanentError) as file_failure:
+        read_dataset(data, "csv", "s")
+
+    assert (file_failure.value.reason, file_failure.value.message) == (
+        text_failure.value.reason,
+        text_failure.value.message,
+    )
+
+
+def test_a_csv_file_that_is_not_utf8_is_named() -> None:
+    with pytest.raises(PermanentError) as caught:
+        read_dataset(b"a,b\n1,s\xe9tosa\n", "csv", "gs://b/x.csv")
+
+    assert caught.value.reason == "not_utf8"
+    assert "gs://b/x.csv is not UTF-8 text" in caught.value.message
+
+
+def test_header_names_are_stripped_as_in_csv_text() -> None:
+    frame = read_dataset(b"\xef\xbb\xbf x , label \n1,a\n", "csv", "s")
+
+    assert list(frame.columns) == ["x", "label"]
+
+
+def test_chunks_of_a_csv_stream_cover_every_row() -> None:
+    data = b"x,label\n" + b"".join(b"%d,a\n" % i for i in range(25))
+
+    chunks = list(read_dataset_chunks(io.BytesIO(data), "csv", "s", rows=10))
+
+    assert [len(c) for c in chunks] == [10, 10, 5]
+    assert pd.concat(chunks)["x"].tolist() == list(range(25))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty_dataset"),
+        (b"x,label\n1,a,extra\n", "malformed_csv"),
+        (b"x,label\n1,a\n2,b,extra\n", "malformed_csv"),
+        (b"x,label\n1,\xff\n", "not_utf8"),
+    ],
+)
+def test_a_stream_that_cannot_be_read_names_its_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(PermanentError) as caught:
+        list(read_dataset_chunks(io.BytesIO(data), "csv", "gs://b/in.csv", rows=10))
+
+    assert caught.value.reason == reason
+    assert "gs://b/in.csv" in caught.value.message

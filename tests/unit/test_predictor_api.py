@@ -14,8 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlpipe.ml.config import parse_config
-from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.data import read_dataset
 from mlpipe.ml.modeling import build_pipeline
+from mlpipe.ml.split import split_rows
+from mlpipe.ml.validation import check_dataset
 from mlpipe_deployer.onnx_compile import compile_model
 from mlpipe_predictor.api import PredictRoutes
 from mlpipe_predictor.models import CanaryWatch, ModelStore, Served
@@ -34,7 +36,7 @@ def fitted(example: str, **params: Any) -> tuple[dict[str, Any], Any]:
             update={"model": config.model.model_copy(update={"params": params})}
         )
     frame = read_dataset((REPO / f"examples/{example}/{example}.csv").read_bytes(), "csv", "x")
-    features = check_columns(frame, config, "x")
+    features = check_dataset(frame, config, "x")
     split = split_rows(frame, config)
     estimator = build_pipeline(config, features)
     train = frame.iloc[split.train]

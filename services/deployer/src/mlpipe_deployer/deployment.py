@@ -30,8 +30,9 @@ from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
-from mlpipe.ml.data import Split, read_dataset
+from mlpipe.ml.data import read_dataset
 from mlpipe.ml.model_inputs import schema_from_bundle
+from mlpipe.ml.split import Split
 from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
 from mlpipe.store.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares

@@ -21,7 +21,8 @@ from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
 from mlpipe.messaging.topology import MONITOR_PUSH
 from mlpipe.ml.config import PipelineConfig, load_run_config
-from mlpipe.ml.data import Split, read_dataset
+from mlpipe.ml.data import read_dataset
+from mlpipe.ml.split import Split
 from mlpipe.runtime.steps import StepResult, decode_message, republish_recorded
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry

@@ -16,7 +16,6 @@ numbered slots per window.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 import re
@@ -29,7 +28,8 @@ from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import MonitoringSpec, PipelineConfig, load_pipeline_config
-from mlpipe.ml.data import Split, read_dataset
+from mlpipe.ml.data import read_dataset
+from mlpipe.ml.split import Split
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
@@ -146,7 +146,12 @@ def labelled_rows(storage: Storage, prefix: str, columns: list[str]) -> pd.DataF
         obj = storage.read(path)
         if obj is None:
             continue
-        frame = pd.read_csv(io.BytesIO(obj.data))
+        try:
+            frame = read_dataset(obj.data, "csv", obj.uri)
+        except PermanentError as exc:
+            if exc.reason in ("empty_dataset", "header_only"):
+                continue  # a labels file with no rows yet adds none
+            raise
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise PermanentError(

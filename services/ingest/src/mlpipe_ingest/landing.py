@@ -17,14 +17,14 @@ from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
-from mlpipe.ml.config import PipelineConfig, load_pipeline_config
-from mlpipe.ml.validation import check_frame, describe_schema, schema_of
+from mlpipe.ml.config import load_pipeline_config
+from mlpipe.ml.validation import check_dataset, describe_schema, schema_of
 from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.sources import SourceSettings, table_from_request
-from mlpipe_ingest.table import Table, to_csv_bytes, to_parquet_bytes
+from mlpipe_ingest.table import to_csv_bytes, to_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +40,6 @@ class Landing:
 
     def __call__(self, message: PushMessage) -> StepResult:
         return land(message, self)
-
-
-def validate(table: Table, config: PipelineConfig) -> None:
-    if not table.rows:
-        raise PermanentError("empty_dataset", "the request has a header but no rows")
-    target = config.dataset.target
-    features = config.feature_columns(table.header)
-    missing = [c for c in [target, *features] if c not in table.header]
-    if missing:
-        raise PermanentError(
-            "missing_column",
-            f"column(s) {missing} required by pipeline {config.name!r} are missing "
-            f"(got {table.header})",
-        )
-    n = len(table.rows)
-    if not config.dataset.min_rows <= n <= config.dataset.max_rows:
-        raise PermanentError(
-            "row_count",
-            f"{n} rows; pipeline {config.name!r} accepts "
-            f"{config.dataset.min_rows}..{config.dataset.max_rows}",
-        )
-    t = table.header.index(target)
-    # Data rows counted from 1, as they land (blank input lines are dropped first).
-    empty = [i + 1 for i, row in enumerate(table.rows) if not row[t]]
-    if empty:
-        raise PermanentError(
-            "null_target", f"{len(empty)} row(s) have no {target!r} (data rows {empty[:10]})"
-        )
 
 
 def land(message: PushMessage, deps: Landing) -> StepResult:
@@ -104,13 +76,9 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             exc.context = ctx
         raise
     try:
-        validate(table, config)
-        check_frame(pd.DataFrame(table.rows, columns=table.header, dtype=str), config, source)
+        check_dataset(pd.DataFrame(table.rows, columns=table.header, dtype=str), config, source)
     except PermanentError as exc:
         exc.context = ctx
-        if not exc.message.startswith(source):
-            exc.message = f"{source}: {exc.message}"
-            exc.args = (exc.message,)
         raise
 
     parquet = request.format == events_pb2.DATA_FORMAT_PARQUET

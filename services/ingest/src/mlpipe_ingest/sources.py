@@ -21,15 +21,14 @@ from google.cloud import storage as gcs
 from mlpipe.errors import PermanentError, TransientError
 from mlpipe.messaging import events
 from mlpipe.messaging.push import PushMessage
+from mlpipe.ml.data import decode_text
 from mlpipe.store.storage import parse_gs_uri
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.sources_http import (
     FetchError,
     HttpLimits,
     check_content_type,
-    decode_text,
     fetch,
-    parse_csv,
     parse_json,
     parse_json_lines,
 )
@@ -101,14 +100,9 @@ def table_from_http(
         try:
             body, content_type = fetch(url, dict(http.headers), settings.http)
             check_content_type(url, content_type, fmt)
-            text = decode_text(body, url)
-            if fmt == "csv":
-                header, rows = parse_csv(text, url)
-                tables.append(Table(header, rows))
-            else:
-                tables.append(_records_table(parse_json(text, http.records_path, url), url))
         except FetchError as exc:
             raise _fail(exc, "http", message, settings) from exc
+        tables.append(_read(body, fmt, url, "http", http.records_path))
     return _merge(tables, "http")
 
 
@@ -144,31 +138,42 @@ def table_from_gcs(
         raise PermanentError(
             "invalid_message", f"gcs source {source.uri}: format {fmt!r}: csv, parquet or jsonl"
         )
+    return _read(_download(client, bucket, name, source.uri, settings), fmt, source.uri, "gcs")
+
+
+def _download(
+    client: gcs.Client, bucket: str, name: str, uri: str, settings: SourceSettings
+) -> bytes:
     try:
         blob = client.bucket(bucket).get_blob(name)
         if blob is None:
-            raise PermanentError("unreachable", f"gcs source {source.uri} does not exist")
+            raise PermanentError("unreachable", f"gcs source {uri} does not exist")
         if (blob.size or 0) > settings.max_object_bytes:
             raise PermanentError(
                 "too_large",
-                f"gcs source {source.uri} is {blob.size} bytes, over the limit of "
+                f"gcs source {uri} is {blob.size} bytes, over the limit of "
                 f"{settings.max_object_bytes} bytes",
             )
-        data = blob.download_as_bytes(if_generation_match=blob.generation)
+        return bytes(blob.download_as_bytes(if_generation_match=blob.generation))
     except gexc.NotFound as exc:
-        raise PermanentError("unreachable", f"gcs source {source.uri} does not exist") from exc
+        raise PermanentError("unreachable", f"gcs source {uri} does not exist") from exc
     except gexc.Forbidden as exc:
-        raise PermanentError("unreachable", f"gcs source {source.uri}: {exc.message}") from exc
+        raise PermanentError("unreachable", f"gcs source {uri}: {exc.message}") from exc
+
+
+def _read(data: bytes, fmt: str, source: str, kind: str, records_path: str = "") -> Table:
+    """A fetched body or object as a table; a problem names the kind of source and the source."""
     try:
         if fmt == "parquet":
-            return _parquet_table(data, source.uri)
-        text = decode_text(data, source.uri)
+            return _parquet_table(data, source)
+        text = decode_text(data, source)
         if fmt == "csv":
-            header, rows = parse_csv(text, source.uri)
-            return Table(header, rows)
-        return _records_table(parse_json_lines(text, source.uri), source.uri)
-    except FetchError as exc:
-        raise _permanent(exc, "gcs") from exc
+            return table_from_csv(text, source)
+        if fmt == "json":
+            return _records_table(parse_json(text, records_path, source), source)
+        return _records_table(parse_json_lines(text, source), source)
+    except PermanentError as exc:
+        raise PermanentError(exc.reason, f"{kind} source: {exc.message}") from exc
 
 
 def _parquet_table(data: bytes, source: str) -> Table:
@@ -177,13 +182,13 @@ def _parquet_table(data: bytes, source: str) -> Table:
     import pyarrow.parquet as pq
 
     if not data:
-        raise FetchError("empty", f"{source} is empty")
+        raise PermanentError("empty_dataset", f"{source} is empty")
     try:
         arrow = pq.read_table(io.BytesIO(data))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise FetchError("not_records", f"{source} is not valid Parquet: {exc}") from exc
+        raise PermanentError("unreadable_dataset", f"{source} is not valid Parquet: {exc}") from exc
     if arrow.num_rows == 0:
-        raise FetchError("header_only", f"{source} has columns but no rows")
+        raise PermanentError("header_only", f"{source} has columns but no rows")
     columns = []
     for column in arrow.columns:
         as_text = pc.cast(column, pa.string()) if column.type != pa.string() else column

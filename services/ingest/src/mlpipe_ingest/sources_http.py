@@ -1,16 +1,16 @@
-"""Fetching a dataset over HTTP(S) for ingest, and parsing CSV or JSON responses into rows.
+"""Fetching a dataset over HTTP(S) for ingest, and reading JSON documents into records (CSV
+is read by mlpipe.ml.data, as every CSV is).
 
-Every problem is an error whose reason names what went wrong (`unreachable`, `http_status`,
-`timeout`, `too_large`, `not_utf8`, `ragged_rows`, `not_records`, `empty`, `header_only`)
-and whose message names the URL. 5xx answers, timeouts and connection errors are retried a
-bounded number of times with backoff inside one delivery; whether what is still failing
-after that is retried by Pub/Sub is the caller's choice (`FetchError.retryable`).
+A fetch problem is a FetchError whose reason names what went wrong (`unreachable`,
+`http_status`, `timeout`, `too_large`, `content_type`) and whose message names the URL. 5xx
+answers, timeouts and connection errors are retried a bounded number of times with backoff
+inside one delivery; whether what is still failing after that is retried by Pub/Sub is the
+caller's choice (`FetchError.retryable`). JSON that holds no records is a PermanentError
+(`not_records`, `empty_dataset`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from mlpipe.errors import PermanentError
 
 CSV_TYPES = ("text/csv", "application/csv", "text/plain", "application/octet-stream")
 JSON_TYPES = ("application/json", "application/x-ndjson", "text/json", "text/plain")
@@ -119,64 +121,30 @@ def check_content_type(url: str, content_type: str, fmt: str) -> None:
         )
 
 
-def decode_text(data: bytes, source: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise FetchError("not_utf8", f"{source} is not UTF-8 text: {exc}") from exc
-
-
-def parse_csv(text: str, source: str) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of CSV text; blank lines are skipped, cells stripped."""
-    if not text.strip():
-        raise FetchError("empty", f"{source} is empty")
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = [h.strip() for h in next(reader)]
-        rows: list[list[str]] = []
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise FetchError(
-                    "ragged_rows",
-                    f"{source} line {reader.line_num} has {len(row)} fields; "
-                    f"the header has {len(header)}",
-                )
-            rows.append([c.strip() for c in row])
-    except csv.Error as exc:
-        raise FetchError(
-            "ragged_rows", f"{source} line {reader.line_num} is unreadable: {exc}"
-        ) from exc
-    if not any(header) or len(set(header)) != len(header):
-        raise FetchError("ragged_rows", f"{source} has an empty or repeated header: {header}")
-    if not rows:
-        raise FetchError("header_only", f"{source} has a header but no rows")
-    return header, rows
-
-
 def records_at(document: Any, path: str, source: str) -> list[dict[str, Any]]:
     """The list of records at dotted `path` in a JSON document ("" is the top level)."""
     node = document
     for part in [p for p in path.split(".") if p]:
         if not isinstance(node, dict) or part not in node:
-            raise FetchError("not_records", f"{source} has no {part!r} on records path {path!r}")
+            raise PermanentError(
+                "not_records", f"{source} has no {part!r} on records path {path!r}"
+            )
         node = node[part]
     if not isinstance(node, list) or not all(isinstance(r, dict) for r in node):
         where = f"at {path!r}" if path else "at the top level"
-        raise FetchError("not_records", f"{source} does not hold a list of objects {where}")
+        raise PermanentError("not_records", f"{source} does not hold a list of objects {where}")
     if not node:
-        raise FetchError("empty", f"{source} holds no records")
+        raise PermanentError("empty_dataset", f"{source} holds no records")
     return node
 
 
 def parse_json(text: str, path: str, source: str) -> list[dict[str, Any]]:
     if not text.strip():
-        raise FetchError("empty", f"{source} is empty")
+        raise PermanentError("empty_dataset", f"{source} is empty")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise FetchError("not_records", f"{source} is not valid JSON: {exc}") from exc
+        raise PermanentError("not_records", f"{source} is not valid JSON: {exc}") from exc
     return records_at(document, path, source)
 
 
@@ -188,10 +156,12 @@ def parse_json_lines(text: str, source: str) -> list[dict[str, Any]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise FetchError("not_records", f"{source} line {number} is not JSON: {exc}") from exc
+            raise PermanentError(
+                "not_records", f"{source} line {number} is not JSON: {exc}"
+            ) from exc
         if not isinstance(value, dict):
-            raise FetchError("not_records", f"{source} line {number} is not a JSON object")
+            raise PermanentError("not_records", f"{source} line {number} is not a JSON object")
         records.append(value)
     if not records:
-        raise FetchError("empty", f"{source} holds no records")
+        raise PermanentError("empty_dataset", f"{source} holds no records")
     return records

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlpipe.errors import PermanentError
+from mlpipe.ml.data import read_csv_text
 
 
 @dataclass
@@ -34,36 +35,9 @@ def _cell(value: Any) -> str:
     raise PermanentError("wrong_type", f"value {value!r} is a {type(value).__name__}, not a scalar")
 
 
-def table_from_csv(text: str) -> Table:
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise PermanentError("empty_dataset", "inline CSV is empty") from None
-    except csv.Error as exc:
-        raise PermanentError("malformed_csv", f"inline CSV header is unreadable: {exc}") from exc
-    header = [h.strip() for h in header]
-    if not any(header):
-        raise PermanentError("malformed_csv", "inline CSV has an empty header line")
-    if len(set(header)) != len(header):
-        raise PermanentError("malformed_csv", f"inline CSV header repeats a column: {header}")
-    rows: list[list[str]] = []
-    try:
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise PermanentError(
-                    "malformed_csv",
-                    f"inline CSV line {reader.line_num} has {len(row)} fields; "
-                    f"the header has {len(header)}",
-                )
-            rows.append([c.strip() for c in row])
-    except csv.Error as exc:
-        raise PermanentError(
-            "malformed_csv", f"inline CSV line {reader.line_num} is unreadable: {exc}"
-        ) from exc
-    return Table(header, rows)
+def table_from_csv(text: str, source: str = "inline CSV") -> Table:
+    """CSV text as a table, read by mlpipe.ml.data's one CSV reader."""
+    return Table(*read_csv_text(text, source))
 
 
 def table_from_records(records: list[dict[str, Any]]) -> Table:

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 
 from mlpipe.errors import PermanentError
+from mlpipe.ml.data import read_dataset_chunks
 from mlpipe.ml.model_inputs import CATEGORICAL
+from mlpipe.ml.validation import require_columns
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2
@@ -87,27 +89,18 @@ def _chunks(storage: Storage, path: str, rows: int) -> Iterator[pd.DataFrame]:
     blob = storage.bucket.blob(path)
     if not blob.exists():
         raise PermanentError("dataset_missing", f"{storage.uri(path)} does not exist")
+    fmt = "parquet" if path.endswith(".parquet") else "csv"
     with blob.open("rb") as stream:
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(stream).iter_batches(batch_size=rows):
-                yield batch.to_pandas()
-        else:
-            yield from pd.read_csv(stream, chunksize=rows)
+        yield from read_dataset_chunks(stream, fmt, storage.uri(path), rows)
 
 
 def _score_chunk(
-    model: LoadedModel, chunk: pd.DataFrame, key_column: str, first_row: int
+    model: LoadedModel, chunk: pd.DataFrame, key_column: str, first_row: int, source: str
 ) -> list[dict[str, Any]]:
     names = [f.name for f in model.schema]
-    missing = [n for n in names if n not in chunk.columns]
-    if missing:
-        raise PermanentError(
-            "missing_column", f"the input lacks feature column(s) {missing} of {model.name}"
-        )
-    if key_column and key_column not in chunk.columns:
-        raise PermanentError("missing_column", f"the input has no key column {key_column!r}")
+    columns = [str(c) for c in chunk.columns]
+    require_columns(columns, names, source, f"{model.name} v{model.version}")
+    require_columns(columns, [key_column] if key_column else [], source, "the key_column")
     keys = (
         chunk[key_column].astype(str).tolist()
         if key_column
@@ -172,7 +165,9 @@ def run_batch(
 
     def records() -> Iterator[dict[str, Any]]:
         for chunk in _chunks(storage, input_path, chunk_rows):
-            scored = _score_chunk(model, chunk, request.key_column, counts["rows"])
+            scored = _score_chunk(
+                model, chunk, request.key_column, counts["rows"], request.input_uri
+            )
             counts["rows"] += len(scored)
             counts["chunks"] += 1
             counts["invalid_rows"] += sum(1 for r in scored if r["error"])

@@ -58,6 +58,7 @@ PRELOAD = [
     "mlpipe_trainer.training",
     "mlpipe.ml.modeling",
     "mlpipe.ml.data",
+    "mlpipe.ml.split",
     "mlpipe.runtime.clients",
     "sklearn.ensemble",
     "sklearn.linear_model",

@@ -22,8 +22,8 @@ from mlpipe.messaging.push import (
     parse_object_notification,
 )
 from mlpipe.ml.config import PipelineConfig, load_pipeline_config
-from mlpipe.ml.data import check_columns, read_dataset
-from mlpipe.ml.validation import check_frame
+from mlpipe.ml.data import read_dataset
+from mlpipe.ml.validation import check_dataset
 from mlpipe.runtime.failures import FailureReporter
 from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
@@ -103,9 +103,7 @@ def _relanded(message: PushMessage) -> ObjectNotification | None:
 def check_upload(data: bytes, fmt: str, uri: str, config: PipelineConfig) -> PermanentError | None:
     """The first problem of an uploaded dataset for `config`, or None when it can train."""
     try:
-        frame = read_dataset(data, fmt, uri)
-        check_frame(frame, config, uri)
-        check_columns(frame, config, uri)
+        check_dataset(read_dataset(data, fmt, uri), config, uri)
     except PermanentError as exc:
         return exc
     return None

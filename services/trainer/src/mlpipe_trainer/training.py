@@ -16,8 +16,10 @@ from mlpipe.errors import PermanentError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig, load_run_config
-from mlpipe.ml.data import check_columns, read_dataset, split_rows
+from mlpipe.ml.data import read_dataset
 from mlpipe.ml.modeling import build_pipeline, bundle_bytes, model_bundle
+from mlpipe.ml.split import split_rows
+from mlpipe.ml.validation import check_dataset
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
@@ -52,7 +54,7 @@ def train(
     config: PipelineConfig = load_run_config(storage, run_id)
     data = fetch_dataset(storage, started.dataset)
     frame = read_dataset(data, started.dataset.format or "csv", started.dataset.uri)
-    features = check_columns(frame, config, started.dataset.uri)
+    features = check_dataset(frame, config, started.dataset.uri)
     split = split_rows(frame, config)
     estimator = build_pipeline(config, features)
 

@@ -1,190 +1,142 @@
-"""Reading a landed dataset, checking it against the pipeline config, and splitting it
-deterministically (shared by the training job and the evaluator)."""
+"""Reading datasets.
+
+The one reader of dataset bytes, for every service: ingest reads each source's CSV with
+`read_csv_text` (cells as text), the trainer, the evaluator and the deployer read landed or
+uploaded files with `read_dataset` (typed values), and batch scoring reads its input in chunks
+with `read_dataset_chunks`. CSV text is held to one set of rules with one set of failure
+reasons: `empty_dataset`, `not_utf8`, `malformed_csv` (a row whose field count differs from
+the header's, an empty or repeated header, an unreadable line), `header_only`; bytes that are
+not Parquet are `unreadable_dataset`. Whether the rows fit a pipeline is checked by
+mlpipe.ml.validation.
+"""
 
 from __future__ import annotations
 
+import csv
 import io
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
-import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from mlpipe.errors import PermanentError
-from mlpipe.ml.config import PipelineConfig
+
+# A CSV's text encoding; a byte-order mark is skipped.
+ENCODING = "utf-8-sig"
+
+
+def _empty(data: bytes | str) -> bool:
+    return not data or data.isspace()
+
+
+def decode_text(data: bytes, source: str) -> str:
+    try:
+        return data.decode(ENCODING)
+    except UnicodeDecodeError as exc:
+        raise PermanentError("not_utf8", f"{source} is not UTF-8 text: {exc}") from exc
+
+
+def _csv_rows(lines: Iterable[str], source: str) -> Iterator[list[str]]:
+    """The header, then every data row, cells stripped and blank lines skipped: the one reading
+    of CSV text. Raises `malformed_csv` or `header_only` naming the source and the line."""
+    reader = csv.reader(lines)
+    rows = 0
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        if not any(header):
+            raise PermanentError("malformed_csv", f"{source} has an empty header line")
+        if len(set(header)) != len(header):
+            raise PermanentError("malformed_csv", f"{source} header repeats a column: {header}")
+        yield header
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise PermanentError(
+                    "malformed_csv",
+                    f"{source} line {reader.line_num} has {len(row)} fields; "
+                    f"the header has {len(header)}",
+                )
+            rows += 1
+            yield [c.strip() for c in row]
+    except csv.Error as exc:
+        raise PermanentError(
+            "malformed_csv", f"{source} line {reader.line_num} is unreadable: {exc}"
+        ) from exc
+    if not rows:
+        raise PermanentError("header_only", f"{source} has a header but no rows")
+
+
+def read_csv_text(text: str, source: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of CSV text, every cell as text."""
+    if _empty(text):
+        raise PermanentError("empty_dataset", f"{source} is empty")
+    rows = _csv_rows(io.StringIO(text), source)
+    header = next(rows)
+    return header, list(rows)
+
+
+def _csv_header(data: bytes, source: str) -> list[str]:
+    """Check CSV bytes against the rules of `read_csv_text` without holding them as text;
+    return the header."""
+    lines = io.TextIOWrapper(io.BytesIO(data), encoding=ENCODING, newline="")
+    rows = _csv_rows(lines, source)
+    try:
+        header = next(rows)
+        for _ in rows:
+            pass
+    except UnicodeDecodeError as exc:
+        raise PermanentError("not_utf8", f"{source} is not UTF-8 text: {exc}") from exc
+    return header
 
 
 def read_dataset(data: bytes, fmt: str, source: str) -> pd.DataFrame:
-    """Parse landed bytes; a file that cannot be read is a permanent error naming it."""
-    if not data.strip():
+    """Dataset bytes (CSV or Parquet) as a frame of typed values; a file that cannot be read is
+    a permanent error naming it."""
+    if _empty(data):
         raise PermanentError("empty_dataset", f"{source} is empty")
+    if fmt == "parquet":
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except (ValueError, OSError) as exc:
+            raise PermanentError(
+                "unreadable_dataset", f"{source} is not valid parquet: {exc}"
+            ) from exc
+    header = _csv_header(data, source)
+    try:
+        frame = pd.read_csv(io.BytesIO(data), encoding=ENCODING)
+    except (ValueError, pd.errors.ParserError, OSError) as exc:
+        raise PermanentError("malformed_csv", f"{source} is not valid csv: {exc}") from exc
+    frame.columns = pd.Index(header)
+    return frame
+
+
+def read_dataset_chunks(
+    stream: BinaryIO, fmt: str, source: str, rows: int
+) -> Iterator[pd.DataFrame]:
+    """A dataset read from a stream in frames of at most `rows` rows (batch scoring holds one
+    chunk at a time). CSV is not checked ahead, the stream being read once: a row with too few
+    fields has missing values; too many is `malformed_csv`."""
     try:
         if fmt == "parquet":
-            return pd.read_parquet(io.BytesIO(data))
-        return pd.read_csv(io.BytesIO(data))
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(stream).iter_batches(batch_size=rows):
+                yield batch.to_pandas()
+            return
+        for chunk in pd.read_csv(stream, chunksize=rows, encoding=ENCODING):
+            if not isinstance(chunk.index, pd.RangeIndex):
+                # pandas takes a first data row longer than the header for an index
+                raise PermanentError(
+                    "malformed_csv", f"{source}: the first data row has more fields than the header"
+                )
+            chunk.columns = pd.Index([str(c).strip() for c in chunk.columns])
+            yield chunk
+    except pd.errors.EmptyDataError as exc:
+        raise PermanentError("empty_dataset", f"{source} is empty") from exc
+    except UnicodeDecodeError as exc:
+        raise PermanentError("not_utf8", f"{source} is not UTF-8 text: {exc}") from exc
+    except pd.errors.ParserError as exc:
+        raise PermanentError("malformed_csv", f"{source} is not valid csv: {exc}") from exc
+    except (ValueError, OSError) as exc:
         raise PermanentError("unreadable_dataset", f"{source} is not valid {fmt}: {exc}") from exc
-
-
-def _csv_line(frame: pd.DataFrame, position: int) -> int:
-    """The CSV line of a row (header is line 1)."""
-    return int(position) + 2
-
-
-def check_columns(frame: pd.DataFrame, config: PipelineConfig, source: str) -> list[str]:
-    """Return the feature columns; raise a PermanentError naming the first problem found."""
-    columns = [str(c) for c in frame.columns]
-    target = config.dataset.target
-    features = config.feature_columns(columns)
-    needed = [target, *features]
-    if config.split.strategy == "time" and config.split.time_column:
-        needed.append(config.split.time_column)
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise PermanentError(
-            "missing_column",
-            f"{source} lacks column(s) {missing} required by pipeline {config.name!r} "
-            f"(found: {columns})",
-        )
-    if not features:
-        raise PermanentError("no_features", f"{source} has no feature columns besides {target!r}")
-    rows = len(frame)
-    if rows < config.dataset.min_rows or rows > config.dataset.max_rows:
-        raise PermanentError(
-            "row_count",
-            f"{source} has {rows} rows; pipeline {config.name!r} accepts "
-            f"{config.dataset.min_rows}..{config.dataset.max_rows}",
-        )
-    nulls = frame[target].isna()
-    if nulls.any():
-        first = int(np.flatnonzero(nulls.to_numpy())[0])
-        raise PermanentError(
-            "null_target",
-            f"{source} has {int(nulls.sum())} row(s) without {target!r} "
-            f"(first on CSV line {_csv_line(frame, first)})",
-        )
-    for column in features:
-        values = frame[column]
-        if values.isna().all():
-            raise PermanentError(
-                "all_nan_feature", f"{source}: feature column {column!r} has no values at all"
-            )
-        if config.dataset.column_type(column) == "numeric" and not pd.api.types.is_numeric_dtype(
-            values
-        ):
-            coerced = pd.to_numeric(values, errors="coerce")
-            bad = np.flatnonzero((coerced.isna() & values.notna()).to_numpy())
-            raise PermanentError(
-                "wrong_type",
-                f"{source}: column {column!r} must be numeric; {len(bad)} value(s) are not "
-                f"(first: {values.iloc[bad[0]]!r} on CSV line {_csv_line(frame, bad[0])})",
-            )
-    if config.model.task == "regression" and not pd.api.types.is_numeric_dtype(frame[target]):
-        raise PermanentError(
-            "wrong_type", f"{source}: regression target {target!r} must be numeric"
-        )
-    return features
-
-
-@dataclass(frozen=True)
-class Split:
-    train: list[int]
-    holdout: list[int]
-    seed: int
-    stratified: bool
-    strategy: str = "random"
-    cutoff: str = ""
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "train": self.train,
-            "holdout": self.holdout,
-            "seed": self.seed,
-            "stratified": self.stratified,
-            "strategy": self.strategy,
-            "cutoff": self.cutoff,
-        }
-
-    @classmethod
-    def from_json(cls, value: dict) -> Split:
-        return cls(
-            list(value["train"]),
-            list(value["holdout"]),
-            int(value["seed"]),
-            bool(value["stratified"]),
-            str(value.get("strategy", "random")),
-            str(value.get("cutoff", "")),
-        )
-
-
-def _time_split(frame: pd.DataFrame, config: PipelineConfig) -> Split:
-    column = config.split.time_column or ""
-    times = pd.to_datetime(frame[column], errors="coerce", utc=True)
-    if times.isna().any():
-        first = int(np.flatnonzero(times.isna().to_numpy())[0])
-        raise PermanentError(
-            "wrong_type",
-            f"time column {column!r} has a value that is not a time on CSV line "
-            f"{_csv_line(frame, first)}: {frame[column].iloc[first]!r}",
-        )
-    if config.split.cutoff:
-        cutoff = pd.Timestamp(config.split.cutoff)
-        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff
-    else:
-        cutoff = times.sort_values().iloc[int(len(times) * (1 - config.split.holdout_fraction))]
-    holdout_mask = (times >= cutoff).to_numpy()
-    positions = np.arange(len(frame))
-    train, holdout = positions[~holdout_mask], positions[holdout_mask]
-    if len(train) == 0 or len(holdout) == 0:
-        raise PermanentError(
-            "bad_cutoff",
-            f"split cutoff {cutoff.isoformat()} leaves {len(train)} training and {len(holdout)} "
-            f"holdout rows (data spans {times.min().isoformat()} to {times.max().isoformat()})",
-        )
-    return Split(
-        train.tolist(),
-        holdout.tolist(),
-        config.split.seed,
-        False,
-        "time",
-        cutoff.isoformat(),
-    )
-
-
-def split_rows(frame: pd.DataFrame, config: PipelineConfig) -> Split:
-    """A deterministic train/holdout split by row position.
-
-    Random: seeded, stratified for classification when every class has two rows. Time: every
-    row at or after the cutoff is holdout, so the model never trains on the future.
-    """
-    if config.split.strategy == "time":
-        return _time_split(frame, config)
-    n = len(frame)
-    holdout_n = int(np.ceil(n * config.split.holdout_fraction))
-    if n - holdout_n < 2 or holdout_n < 1:
-        raise PermanentError(
-            "too_few_rows",
-            f"{n} rows leave {n - holdout_n} for training and {holdout_n} for the holdout "
-            f"(holdout_fraction {config.split.holdout_fraction}); need at least 2 and 1",
-        )
-    positions = np.arange(n)
-    y = frame[config.dataset.target]
-    stratify = None
-    if config.model.task == "classification" and config.split.stratify:
-        counts = y.value_counts()
-        # Stratifying needs two rows per class and a holdout with room for every class.
-        if counts.min() >= 2 and holdout_n >= len(counts):
-            stratify = y.to_numpy()
-    train, holdout = train_test_split(
-        positions,
-        test_size=config.split.holdout_fraction,
-        random_state=config.split.seed,
-        stratify=stratify,
-    )
-    # np.sort then tolist: Python ints, ten times faster than sorting them in Python at 1M rows.
-    return Split(
-        np.sort(train).tolist(),
-        np.sort(holdout).tolist(),
-        config.split.seed,
-        stratify is not None,
-    )

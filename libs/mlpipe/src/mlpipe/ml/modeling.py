@@ -99,7 +99,8 @@ def warm_up_model() -> tuple[Any, Any, Pipeline]:
     imports, Cython and pandas first paths) are not paid by the first real run. Single
     threaded (no OpenMP estimator), so a forkserver may run it before it forks."""
     from mlpipe.ml.config import parse_config
-    from mlpipe.ml.data import read_dataset, split_rows
+    from mlpipe.ml.data import read_dataset
+    from mlpipe.ml.split import split_rows
 
     config = parse_config(WARM_UP_CONFIG, "warm-up")
     frame = read_dataset(WARM_UP_CSV, "csv", "warm-up")

@@ -1,8 +1,11 @@
-"""Checking a dataset from any source against its pipeline's schema, before it lands or trains.
+"""The one check of a dataset against its pipeline's `dataset:` contract, before it lands or
+trains.
 
-Shared by ingest (every source) and the trainer (direct uploads into `datasets/`). The frame
-may hold strings (as ingest parses them) or typed values (as pandas reads a file); an empty
-string counts as a missing value. Each problem is a PermanentError naming the source.
+Ingest runs it on every source's rows, the trainer on a file uploaded straight into
+`datasets/` and in the training job. The frame may hold text (as ingest reads it) or typed
+values (as mlpipe.ml.data.read_dataset reads a file); an empty or blank cell counts as a
+missing value. Each problem is a PermanentError naming the source and the first offending
+data row (counted from 1).
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def required_columns(config: PipelineConfig, columns: list[str]) -> list[str]:
     return list(dict.fromkeys(needed))
 
 
+def require_columns(columns: list[str], needed: list[str], source: str, wanted_by: str) -> None:
+    """Raise `missing_column` naming the columns of `needed` that `columns` lacks."""
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise PermanentError(
+            "missing_column",
+            f"{source} lacks column(s) {missing} required by {wanted_by} (found: {columns})",
+        )
+
+
 def schema_of(config: PipelineConfig, columns: list[str]) -> dict[str, ColumnType]:
     """Each column's type: as declared; undeclared, numeric, but a classification target
     that is not declared is a label (categorical)."""
@@ -50,18 +63,18 @@ def describe_schema(schema: dict[str, ColumnType]) -> str:
     return ",".join(f"{c}:{t}" for c, t in schema.items())
 
 
-def check_frame(frame: pd.DataFrame, config: PipelineConfig, source: str) -> None:
-    """Raise a PermanentError naming the first problem of `frame` for `config`."""
+def check_dataset(frame: pd.DataFrame, config: PipelineConfig, source: str) -> list[str]:
+    """Raise a PermanentError naming the first problem of `frame` for `config`; return the
+    feature columns."""
     ds = config.dataset
     columns = [str(c) for c in frame.columns]
     if len(frame) == 0:
         raise PermanentError("header_only", f"{source} has a header but no rows")
-    missing = [c for c in required_columns(config, columns) if c not in columns]
-    if missing:
+    require_columns(columns, required_columns(config, columns), source, f"pipeline {config.name!r}")
+    features = config.feature_columns(columns)
+    if not features:
         raise PermanentError(
-            "missing_column",
-            f"{source} lacks column(s) {missing} required by pipeline {config.name!r} "
-            f"(found: {columns})",
+            "no_features", f"{source} has no feature columns besides {ds.target!r}"
         )
     n = len(frame)
     if not ds.min_rows <= n <= ds.max_rows:
@@ -69,6 +82,25 @@ def check_frame(frame: pd.DataFrame, config: PipelineConfig, source: str) -> Non
             "row_count",
             f"{source} has {n} rows; pipeline {config.name!r} accepts {ds.min_rows}..{ds.max_rows}",
         )
+    _check_present(frame, config, features, source)
+    _check_types(frame, config, columns, source)
+    if ds.key:
+        repeated = frame.duplicated(subset=ds.key, keep="first")
+        if repeated.any():
+            raise PermanentError(
+                "duplicate_key",
+                f"{source}: {int(repeated.sum())} row(s) repeat a key {ds.key} "
+                f"(data rows {_first_rows(repeated)})",
+            )
+    return features
+
+
+def _check_present(
+    frame: pd.DataFrame, config: PipelineConfig, features: list[str], source: str
+) -> None:
+    """The target and `required_non_null` columns have a value in every row; every feature
+    has one in some row."""
+    ds = config.dataset
     for column in dict.fromkeys([ds.target, *ds.required_non_null]):
         empty = _missing(frame[column])
         if empty.any():
@@ -78,6 +110,19 @@ def check_frame(frame: pd.DataFrame, config: PipelineConfig, source: str) -> Non
                 f"{source}: {int(empty.sum())} row(s) have no {column!r} "
                 f"(data rows {_first_rows(empty)})",
             )
+    for column in features:
+        if _missing(frame[column]).all():
+            raise PermanentError(
+                "all_nan_feature", f"{source}: feature column {column!r} has no values at all"
+            )
+
+
+def _check_types(
+    frame: pd.DataFrame, config: PipelineConfig, columns: list[str], source: str
+) -> None:
+    """Numeric columns (features, a regression target, declared ones) parse as numbers and
+    datetime columns as times."""
+    ds = config.dataset
     typed = [*config.feature_columns(columns)]
     if config.model.task == "regression":
         typed.append(ds.target)
@@ -99,12 +144,4 @@ def check_frame(frame: pd.DataFrame, config: PipelineConfig, source: str) -> Non
                 "wrong_type",
                 f"{source}: column {column!r} is declared {kind}; {int(bad.sum())} value(s) "
                 f"are not (first: {values.iloc[first]!r} on data row {first + 1})",
-            )
-    if ds.key:
-        repeated = frame.duplicated(subset=ds.key, keep="first")
-        if repeated.any():
-            raise PermanentError(
-                "duplicate_key",
-                f"{source}: {int(repeated.sum())} row(s) repeat a key {ds.key} "
-                f"(data rows {_first_rows(repeated)})",
             )

@@ -1,4 +1,4 @@
-"""Ingest's pure steps: inline rows to a table, validation, and canonical bytes."""
+"""Ingest's table: inline rows to a table (through the one CSV reader) and canonical bytes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlpipe.errors import PermanentError
-from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe_ingest.landing import validate
 from mlpipe_ingest.table import (
     Table,
     table_from_csv,
@@ -17,22 +15,6 @@ from mlpipe_ingest.table import (
     to_csv_bytes,
     to_parquet_bytes,
 )
-
-CONFIG_YAML = """\
-name: flowers
-dataset:
-  target: species
-  features: [length, width]
-  min_rows: 2
-  max_rows: 4
-model:
-  name: flowers-model
-"""
-
-
-@pytest.fixture
-def config() -> PipelineConfig:
-    return parse_config(CONFIG_YAML)
 
 
 def test_csv_text_becomes_a_table_with_stripped_cells() -> None:
@@ -79,22 +61,20 @@ def test_an_empty_csv_is_an_empty_dataset() -> None:
     assert caught.value.reason == "empty_dataset"
 
 
+def test_a_header_only_csv_is_header_only() -> None:
+    with pytest.raises(PermanentError) as caught:
+        table_from_csv("length,width,species\n")
+
+    assert caught.value.reason == "header_only"
+    assert caught.value.message == "inline CSV has a header but no rows"
+
+
 def test_an_empty_header_line_is_malformed() -> None:
     with pytest.raises(PermanentError) as caught:
         table_from_csv(" , \n1,2\n")
 
     assert caught.value.reason == "malformed_csv"
     assert "empty header line" in caught.value.message
-
-
-def test_a_header_only_csv_has_no_rows_and_fails_validation(config: PipelineConfig) -> None:
-    table = table_from_csv("length,width,species\n")
-
-    with pytest.raises(PermanentError) as caught:
-        validate(table, config)
-
-    assert table.rows == []
-    assert caught.value.reason == "empty_dataset"
 
 
 def test_records_become_a_table_with_the_union_of_keys_in_first_seen_order() -> None:
@@ -120,59 +100,6 @@ def test_a_record_value_that_is_not_a_scalar_is_refused(value: object) -> None:
         table_from_records([{"length": value}])
 
     assert caught.value.reason == "wrong_type"
-
-
-def test_valid_rows_pass(config: PipelineConfig) -> None:
-    table = Table(["species", "length", "width"], [["a", "1", "2"], ["b", "3", "4"]])
-
-    validate(table, config)
-
-
-def test_a_missing_target_column_is_named(config: PipelineConfig) -> None:
-    table = Table(["length", "width"], [["1", "2"], ["3", "4"]])
-
-    with pytest.raises(PermanentError) as caught:
-        validate(table, config)
-
-    assert caught.value.reason == "missing_column"
-    assert "['species']" in caught.value.message
-
-
-def test_a_missing_feature_column_is_named(config: PipelineConfig) -> None:
-    table = Table(["species", "length"], [["a", "1"], ["b", "3"]])
-
-    with pytest.raises(PermanentError) as caught:
-        validate(table, config)
-
-    assert caught.value.reason == "missing_column"
-    assert "['width']" in caught.value.message
-
-
-def test_rows_without_a_target_are_counted_and_located(config: PipelineConfig) -> None:
-    table = table_from_csv("length,width,species\n1,2,a\n3,4,\n5,6,b\n7,8, \n")
-
-    with pytest.raises(PermanentError) as caught:
-        validate(table, config)
-
-    assert caught.value.reason == "null_target"
-    assert "2 row(s) have no 'species' (data rows [2, 4])" in caught.value.message
-
-
-@pytest.mark.parametrize("rows", [1, 5])
-def test_a_row_count_outside_the_bounds_is_refused(config: PipelineConfig, rows: int) -> None:
-    table = Table(["length", "width", "species"], [["1", "2", "a"]] * rows)
-
-    with pytest.raises(PermanentError) as caught:
-        validate(table, config)
-
-    assert caught.value.reason == "row_count"
-    assert f"{rows} rows" in caught.value.message
-    assert "2..4" in caught.value.message
-
-
-@pytest.mark.parametrize("rows", [2, 4])
-def test_row_counts_at_the_bounds_are_accepted(config: PipelineConfig, rows: int) -> None:
-    validate(Table(["length", "width", "species"], [["1", "2", "a"]] * rows), config)
 
 
 def test_canonical_csv_uses_lf_and_quotes_only_when_needed() -> None:
