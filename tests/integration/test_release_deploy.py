@@ -529,14 +529,24 @@ def test_gcloud_applies_one_pipeline_per_service_through_three_targets(
     assert {n: {k: v for k, v in r.items() if k != "etag"} for n, r in after.items()} == before
 
 
+@pytest.mark.parametrize(
+    ("field", "misspelt", "message"),
+    [
+        ("requireApproval", "requireAproval", "Target"),
+        ("location", "locaton", "CloudRunLocation"),
+        ("targetId", "targetID", "Stage"),
+        ("artifactStorage", "artifactStore", "ExecutionConfig"),
+    ],
+)
 def test_gcloud_refuses_a_field_the_schema_does_not_have_before_sending_anything(
-    cloud_deploy: CloudDeploy, tmp_path: Path
+    cloud_deploy: CloudDeploy, tmp_path: Path, field: str, misspelt: str, message: str
 ) -> None:
     """What makes the test above mean something: gcloud parses clouddeploy.yaml into its
-    DeliveryPipeline and Target messages and refuses an unknown field client-side."""
+    DeliveryPipeline and Target messages, nested ones included, and refuses a field they do not
+    have before it sends anything."""
     directory = render(tmp_path / "release")
     path = directory / "clouddeploy.yaml"
-    path.write_text(path.read_text().replace("requireApproval:", "requireAproval:"))
+    path.write_text(path.read_text().replace(f"{field}:", f"{misspelt}:"))
 
     result = gcloud(
         cloud_deploy,
@@ -545,8 +555,8 @@ def test_gcloud_refuses_a_field_the_schema_does_not_have_before_sending_anything
     )
 
     assert result.returncode != 0
-    assert "requireAproval" in result.stderr, result.stderr
-    assert not [r for r in cloud_deploy.seen if r.method != "GET"]
+    assert f"May not assign arbitrary value {misspelt} to message {message}" in result.stderr
+    assert not cloud_deploy.seen
 
 
 def build_release_script(service: str) -> str:
