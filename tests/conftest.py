@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 import uuid
@@ -14,6 +15,7 @@ import pytest
 from google.protobuf.message import Message
 
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import containers as docker
 from mlpipe_ops.follow import EventWatcher
 from mlpipe_ops.localstack import LocalStack, StackState, client_env, port_free
 
@@ -63,6 +65,17 @@ def collect(
     raise AssertionError(
         f"no {until.__name__} within {timeout}s; saw {[type(e).__name__ for e in seen]}"
     )
+
+
+def engine_missing() -> str:
+    """Why there is no Docker engine ("" when there is); on CI its absence is a failure."""
+    try:
+        docker.check_engine()
+    except docker.DockerError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a Docker engine for this suite: {exc}")
+        return str(exc)
+    return ""
 
 
 def unique(prefix: str) -> str:

@@ -28,21 +28,10 @@ from mlpipe_ops import containers as docker
 from mlpipe_ops.follow import EventWatcher
 from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
 from mlpipe_ops.service_runtime import load_runtimes
-from tests.conftest import REPO, collect, free_base_port, unique, wait_until
+from tests.conftest import REPO, collect, engine_missing, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.containers
 JOB_PAUSE_SECONDS = 4
-
-
-def engine_missing() -> str:
-    """Why there is no Docker engine ("" when there is); on CI its absence is a failure."""
-    try:
-        docker.check_engine()
-    except docker.DockerError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs a Docker engine for this suite: {exc}")
-        return str(exc)
-    return ""
 
 
 @pytest.fixture(scope="module")

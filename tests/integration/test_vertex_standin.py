@@ -30,8 +30,7 @@ from google.protobuf import duration_pb2, json_format
 from mlpipe_ops import containers as docker
 from mlpipe_ops.standins.vertex import VertexStandIn
 from mlpipe_ops.standins.vertex_runtime import LABEL
-from tests.conftest import REPO
-from tests.containers.test_stack_in_containers import engine_missing
+from tests.conftest import REPO, engine_missing
 
 pytestmark = pytest.mark.cloud
 

@@ -27,6 +27,7 @@ from mlpipe_ops.cli_failures import failures_app
 from mlpipe_ops.cli_infra import infra_app
 from mlpipe_ops.cli_monitor import monitor_app
 from mlpipe_ops.cli_schedule import schedule_app
+from mlpipe_ops.cli_standins import vertex_standin
 from mlpipe_ops.follow import EventWatcher, Observed
 from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
 
@@ -41,6 +42,7 @@ app.add_typer(infra_app, name="infra")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(failures_app, name="failures")
+app.command("vertex-standin")(vertex_standin)
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
