@@ -18,6 +18,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
+from mlpipe.store import layout
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
@@ -465,7 +466,7 @@ def status(
                     typer.echo(f"--- {label} ({found.uri})")
                     typer.echo(json.dumps(found.json(), indent=2))
             return
-        run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
+        run_ids = layout.run_ids(storage.list(layout.RUNS))
         typer.echo(f"runs ({len(run_ids)}):")
         for rid in run_ids:
             typer.echo(f"  {rid}  {_run_state(storage, rid)}")

@@ -23,6 +23,7 @@ from google.cloud import pubsub_v1
 from mlpipe.messaging import topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import EnvelopeError, parse_envelope
+from mlpipe.store import layout
 from mlpipe.store.storage import Storage, make_client
 from mlpipe_ops.cli_runs import DEFAULT_STATE_DIR, StateDir, running_stack
 from mlpipe_ops.localstack import StackState, client_env
@@ -122,7 +123,7 @@ def dead_letters(project: str, limit: int = 1000) -> list[Failure]:
 
 def quarantined(storage: Storage) -> list[Failure]:
     found = []
-    for blob in storage.client.list_blobs(storage.bucket_name, prefix="quarantine/"):
+    for blob in storage.client.list_blobs(storage.bucket_name, prefix=layout.QUARANTINE):
         meta = dict(blob.metadata or {})
         found.append(
             Failure(
@@ -209,7 +210,7 @@ def failures(ctx: typer.Context, state_dir: StateDir = DEFAULT_STATE_DIR) -> Non
     typer.echo(f"dead letters ({len(letters)}) in {DEAD_LETTER_ARCHIVE}:")
     for f in letters:
         typer.echo(f"  {f.id}  from {f.source}  {f.detail}  ({f.size} bytes)")
-    typer.echo(f"quarantined ({len(kept)}) under gs://{state.bucket}/quarantine/:")
+    typer.echo(f"quarantined ({len(kept)}) under gs://{state.bucket}/{layout.QUARANTINE}:")
     for f in kept:
         note = f"  [replayed as {f.replayed}]" if f.replayed else ""
         typer.echo(f"  {f.id}  {f.reason}  from {f.source}: {f.detail}{note}")
@@ -226,7 +227,7 @@ def replay(
     state = running_stack(state_dir)
     with client_env(state):
         try:
-            if failure_id.startswith("quarantine/"):
+            if failure_id.startswith(layout.QUARANTINE):
                 done = replay_quarantined(_bucket(state), state.project, failure_id)
             else:
                 done = replay_dead_letter(state.project, failure_id)

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from mlpipe.store import layout
 from mlpipe_ops.cli_runs import DEFAULT_STATE_DIR, StateDir, _storage, running_stack
 
 monitor_app = typer.Typer(help="Drift checks: served inputs against the champion's training data.")
@@ -61,7 +62,7 @@ def check(
     if body.get("retrain_note"):
         retrain = body.get("retrain_request_id") or "none"
         typer.echo(f"retrain: {retrain} ({body['retrain_note']})")
-    report_path = f"monitoring/{body['model']}/reports/{body['check_id']}/drift.html"
+    report_path = layout.DriftCheckPaths(body["model"], body["check_id"]).page
     with _storage(state_dir) as storage:
         page = storage.read(report_path)
     if page is not None:

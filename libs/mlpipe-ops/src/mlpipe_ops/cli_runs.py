@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mlpipe.store import layout
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
@@ -66,7 +67,7 @@ def _outcome(storage: Storage, run_id: str) -> dict[str, Any]:
 def runs(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """List runs with their outcome."""
     with _storage(state_dir) as storage:
-        run_ids = sorted({n.split("/")[1] for n in storage.list("runs/")})
+        run_ids = layout.run_ids(storage.list(layout.RUNS))
         rows = [_outcome(storage, run_id) for run_id in run_ids]
     for row in rows:
         run_id = row["run_id"]

@@ -115,7 +115,7 @@ class Reconciler:
     def runs(self) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {}
         # runs/<run_id>/<record> (mlpipe.store.layout.RunPaths)
-        for name in self.storage.list("runs/"):
+        for name in self.storage.list(layout.RUNS):
             parts = name.split("/")
             if len(parts) >= 3 and layout.RUN_ID_PATTERN.match(parts[1]):
                 found.setdefault(parts[1], set()).add(name)

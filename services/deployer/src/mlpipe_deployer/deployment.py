@@ -30,12 +30,13 @@ from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
+from mlpipe.messaging.rollout import traffic_shares
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.model_inputs import schema_from_bundle
 from mlpipe.ml.split import Split
 from mlpipe.runtime.steps import StepResult, decode_message
 from mlpipe.store import layout
-from mlpipe.store.registry import CANARY, CHAMPION, ModelVersion, Registry, traffic_shares
+from mlpipe.store.registry import CANARY, CHAMPION, ONNX_FILE, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.onnx_compile import ONNX, SKLEARN, Compiled, compile_model
@@ -167,7 +168,7 @@ def register_version(
     early = deps.precompiled.take((run_id, evaluation.model_sha256))
     compiled, bundle = early or compile_for(deps.storage, evaluation, artifact, deps.compile_onnx)
     log.info("runtime %s: %s", compiled.runtime, compiled.note)
-    extra = {"model.onnx": compiled.onnx} if compiled.runtime == ONNX and compiled.onnx else {}
+    extra = {ONNX_FILE: compiled.onnx} if compiled.runtime == ONNX and compiled.onnx else {}
     version, _created = deps.registry.register(
         evaluation.model_name,
         run_id,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from mlpipe.store.registry import CHAMPION, Registry, rollout_event
+from mlpipe.messaging.rollout import rollout_event
+from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.deployment import Deployer
 

@@ -49,17 +49,13 @@ class CheckResult:
     event: events_pb2.DriftDetected | None = None
 
 
-def base(model: str) -> str:
-    return f"monitoring/{model}/"
-
-
 def served_inputs(storage: Storage, model: str, since: dt.datetime) -> pd.DataFrame:
     """Rows the predictor logged since `since`: one column per feature, plus `prediction`."""
     day = since.date()
     today = dt.datetime.now(dt.UTC).date()
     records: list[dict[str, Any]] = []
     while day <= today:
-        for path in storage.list(f"{base(model)}dt={day.isoformat()}/"):
+        for path in storage.list(layout.prediction_log_prefix(model, day)):
             obj = storage.read(path)
             if obj is None:
                 continue
@@ -115,11 +111,11 @@ def claim_retrain(
         f"cool-down: a drift retrain already started in the last {retrain.cooldown_minutes} "
         "minutes",
     )
-    cooldown_slot = f"{base(model)}retrains/cooldown-{period}"
+    cooldown_slot = layout.retrain_cooldown_slot(model, period)
     if not take(cooldown_slot):
         return refused
     # Periods are aligned to the clock: a retrain just before the boundary still counts.
-    previous = storage.read_json(f"{base(model)}retrains/cooldown-{period - 1}")
+    previous = storage.read_json(layout.retrain_cooldown_slot(model, period - 1))
     if previous and previous.get("check_id") != check_id:
         since = now - dt.datetime.fromisoformat(previous["at"])
         if since < dt.timedelta(minutes=retrain.cooldown_minutes):
@@ -127,7 +123,7 @@ def claim_retrain(
             return refused
     window = int(now.timestamp() // (retrain.window_hours * 3600))
     for slot in range(retrain.max_per_window):
-        if take(f"{base(model)}retrains/window-{window}-{slot}"):
+        if take(layout.retrain_window_slot(model, window, slot)):
             return True, (
                 f"retrain {slot + 1} of at most {retrain.max_per_window} in this "
                 f"{retrain.window_hours}-hour window"
@@ -184,7 +180,7 @@ def retrain_request(
     if labels.empty:
         return None, f"no new labelled rows under {storage.uri(prefix)}"
     combined = pd.concat([original, labels], ignore_index=True)
-    path = f"{base(config.model.name)}retrain/{check_id}.csv"
+    path = layout.retrain_data_path(config.model.name, check_id)
     storage.write(path, combined.to_csv(index=False).encode(), content_type="text/csv")
     request = events_pb2.IngestRequest(
         request_id=f"drift-{check_id}",
@@ -227,10 +223,10 @@ def check(
     model = config.model.name
     now = dt.datetime.now(dt.UTC)
     check_id = CHECK_ID.sub("-", request.request_id)[:64] or now.strftime("%Y%m%dT%H%M%S")
-    report_dir = f"{base(model)}reports/{check_id}/"
-    recorded = storage.read_json(report_dir + "drift.json")
+    paths = layout.DriftCheckPaths(model, check_id)
+    recorded = storage.read_json(paths.report)
     if recorded is not None:  # a redelivery: the check is done; say it again
-        held = storage.read(report_dir + "drift-detected.json")
+        held = storage.read(paths.event)
         found = events.from_json(events_pb2.DriftDetected, held.data) if held else None
         if found is not None:
             publisher.publish(found)
@@ -270,9 +266,9 @@ def check(
             f"fewer than monitoring.min_samples ({spec.min_samples})",
             "features": [],
         }
-        storage.write_json(report_dir + "drift.json", summary)
+        storage.write_json(paths.report, summary)
         storage.write(
-            report_dir + "drift.html",
+            paths.page,
             drift.render_html(summary, [], None).encode(),
             content_type="text/html",
         )
@@ -324,7 +320,7 @@ def check(
             reference_rows=len(reference),
             features=[_proto(d) for d in drifts],
             prediction=_proto(prediction),
-            report_uri=storage.uri(report_dir + "drift.html"),
+            report_uri=storage.uri(paths.page),
             checked_at=events.timestamp(now),
         )
         retrain = None
@@ -346,9 +342,8 @@ def check(
     if event is not None:
         # The event is recorded before it is published and the report is written last, so a
         # redelivery after a crash either redoes the check or re-publishes this same event.
-        record = report_dir + "drift-detected.json"
-        if storage.create_if_absent(record, events.to_json(event).encode()) is None:
-            first = storage.read(record)
+        if storage.create_if_absent(paths.event, events.to_json(event).encode()) is None:
+            first = storage.read(paths.event)
             if first is not None:
                 event = events.from_json(events_pb2.DriftDetected, first.data)
         publisher.publish(event)
@@ -362,9 +357,9 @@ def check(
     else:
         log.info("no drift in %s v%d (%d served rows)", model, champion.version, len(current))
     storage.write(
-        report_dir + "drift.html",
+        paths.page,
         drift.render_html(summary, drifts, prediction).encode(),
         content_type="text/html",
     )
-    storage.write_json(report_dir + "drift.json", summary)
+    storage.write_json(paths.report, summary)
     return CheckResult(status, summary, event)

@@ -48,7 +48,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             "payload_too_large",
             f"request is {len(message.data)} bytes, over the inline limit of "
             f"{deps.max_inline_bytes}; upload the file to "
-            f"{deps.storage.uri('datasets/<name>/dt=YYYY-MM-DD/')} instead",
+            f"{deps.storage.uri(layout.dataset_prefix('<name>') + 'dt=YYYY-MM-DD/')} instead",
         )
     request = decode_message(events_pb2.IngestRequest, message)
     if not request.dataset:

@@ -3,6 +3,8 @@
     predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro   one record per input row
     predictions/<model>/metrics/<batch_id>.json         rows, duration, version: written last
 
+(mlpipe.store.layout builds both paths.)
+
 The input is read as a stream (CSV in chunks, Parquet in record batches) and the Avro file
 is written as the chunks are scored, so memory holds one chunk at a time. The Avro object is
 uploaded whole once complete (GCS makes it visible atomically); the metrics file, written
@@ -16,7 +18,6 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import fastavro
@@ -27,6 +28,7 @@ from mlpipe.errors import PermanentError
 from mlpipe.ml.data import read_dataset_chunks
 from mlpipe.ml.model_inputs import CATEGORICAL
 from mlpipe.ml.validation import require_columns
+from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2
@@ -52,25 +54,6 @@ def avro_schema(task: str) -> dict[str, Any]:
             {"name": "model_version", "type": "long"},
         ],
     }
-
-
-@dataclass(frozen=True)
-class BatchPaths:
-    model: str
-    batch_id: str
-    day: dt.date
-
-    @property
-    def output(self) -> str:
-        return f"predictions/{self.model}/dt={self.day.isoformat()}/{self.batch_id}.avro"
-
-    @property
-    def metrics(self) -> str:
-        return f"predictions/{self.model}/metrics/{self.batch_id}.json"
-
-
-def metrics_path(model: str, batch_id: str) -> str:
-    return f"predictions/{model}/metrics/{batch_id}.json"
 
 
 def check_request(request: events_pb2.BatchPredictionRequest) -> None:
@@ -159,7 +142,7 @@ def run_batch(
         else load_version(registry, model_name, version)
     )
     input_path = storage.path_of(request.input_uri)
-    paths = BatchPaths(model_name, request.batch_id, started_at.date())
+    output = layout.batch_output_path(model_name, started_at.date(), request.batch_id)
     chunk_rows = int(request.chunk_rows or default_chunk_rows)
     counts = {"rows": 0, "invalid_rows": 0, "chunks": 0}
 
@@ -182,7 +165,7 @@ def run_batch(
             metadata={"mlpipe.model": model_name, "mlpipe.model_version": str(model.version)},
         )
         out.seek(0)
-        storage.bucket.blob(paths.output).upload_from_file(out, content_type="application/avro")
+        storage.bucket.blob(output).upload_from_file(out, content_type="application/avro")
     duration = time.perf_counter() - started
     metrics = {
         "batch_id": request.batch_id,
@@ -191,7 +174,7 @@ def run_batch(
         "runtime": model.runtime,
         "run_id": model.run_id,
         "input_uri": request.input_uri,
-        "output_uri": storage.uri(paths.output),
+        "output_uri": storage.uri(output),
         "rows": counts["rows"],
         "invalid_rows": counts["invalid_rows"],
         "chunks": counts["chunks"],
@@ -201,7 +184,7 @@ def run_batch(
         "started_at": started_at.isoformat(),
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
     }
-    storage.write_json(paths.metrics, metrics)
+    storage.write_json(layout.batch_metrics_path(model_name, request.batch_id), metrics)
     log.info(
         "batch %s: %d rows scored by %s v%d in %.2fs",
         request.batch_id,

@@ -214,7 +214,7 @@ def promote_canary(
 ) -> None:
     """The automatic promotion of a canary that served `promote_after` requests without an
     error: the same registry step as `mlpipe promote`, recorded as a DeploymentCompleted."""
-    from mlpipe.store.registry import rollout_event
+    from mlpipe.messaging.rollout import rollout_event
 
     watch = store.watch_of(model)
     count = watch.succeeded if watch else 0

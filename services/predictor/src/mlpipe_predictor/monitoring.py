@@ -24,6 +24,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlpipe.store import layout
 from mlpipe.store.storage import Storage
 from mlpipe_predictor.runtime import LoadedModel
 
@@ -31,11 +32,6 @@ log = logging.getLogger(__name__)
 
 # Seconds; the predictor answers one row in ~0.2 ms, batches take longer.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-MONITORING_PREFIX = "monitoring"
-
-
-def log_prefix(model: str) -> str:
-    return f"{MONITORING_PREFIX}/{model}/"
 
 
 @dataclass
@@ -197,7 +193,7 @@ class PredictionLog:
                 break
         if not taken:
             return 0
-        files: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+        files: dict[tuple[str, dt.date], list[str]] = collections.defaultdict(list)
         for n, (stamp, model, instances, predictions) in enumerate(taken):
             if n % 64 == 63:
                 # Hand the GIL back to the event loop often: a flush of thousands of records
@@ -212,7 +208,7 @@ class PredictionLog:
                     else {k: _plain(v) for k, v in zip(names, instance, strict=False)}
                 )
                 label = prediction.get("label") if isinstance(prediction, dict) else prediction
-                files[(model.name, when.strftime("%Y-%m-%d"))].append(
+                files[(model.name, when.date())].append(
                     json.dumps(
                         {
                             "time": when.isoformat(),
@@ -227,7 +223,7 @@ class PredictionLog:
         written = 0
         for (model_name, day), lines in files.items():
             hms = dt.datetime.now(dt.UTC).strftime("%H%M%S")
-            path = f"{log_prefix(model_name)}dt={day}/{hms}-{uuid.uuid4().hex[:12]}.jsonl"
+            path = layout.prediction_log_path(model_name, day, f"{hms}-{uuid.uuid4().hex[:12]}")
             try:
                 self.storage.write(
                     path, ("\n".join(lines) + "\n").encode(), content_type="application/x-ndjson"

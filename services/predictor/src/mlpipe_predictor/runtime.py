@@ -25,7 +25,7 @@ from mlpipe.ml.model_inputs import (
     schema_from_bundle,
     schema_from_json,
 )
-from mlpipe.store.registry import Registry
+from mlpipe.store.registry import ONNX_FILE, Registry
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def load_version(registry: Registry, model: str, version: int, threads: int = 1)
         classes=list(info.get("classes", [])),
         note=str(info.get("runtime_note", "")),
     )
-    if info.get("runtime") == ONNX and mv.artifact("model.onnx") and info.get("input_schema"):
-        data = registry.load_artifact(mv, "model.onnx")  # raises unless the sha256 matches
+    if info.get("runtime") == ONNX and mv.artifact(ONNX_FILE) and info.get("input_schema"):
+        data = registry.load_artifact(mv, ONNX_FILE)  # raises unless the sha256 matches
         loaded.session = onnx_session(data, threads)
         loaded.runtime = ONNX
         loaded.schema = schema_from_json(info["input_schema"])

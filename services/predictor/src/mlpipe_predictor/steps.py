@@ -19,9 +19,10 @@ from mlpipe.messaging import events
 from mlpipe.messaging.push import PushMessage
 from mlpipe.messaging.topology import BATCH_PUSH
 from mlpipe.runtime.steps import StepResult, decode_message
+from mlpipe.store import layout
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
-from mlpipe_predictor.batch import check_request, metrics_path, run_batch
+from mlpipe_predictor.batch import check_request, run_batch
 from mlpipe_predictor.models import ModelStore
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ class BatchJobs:
         """Start scoring (or say it is running or done); raise PermanentError if invalid."""
         check_request(request)
         key = f"{request.model_name}/{request.batch_id}"
-        done = self.storage.read_json(metrics_path(request.model_name, request.batch_id))
+        done = self.storage.read_json(
+            layout.batch_metrics_path(request.model_name, request.batch_id)
+        )
         if done is not None:
             return {"state": "succeeded", **done}
         with self._lock:
@@ -84,7 +87,7 @@ class BatchJobs:
             running = self._running.get(f"{model}/{batch_id}")
         if running is not None and running.get("state") != "succeeded":
             return running
-        done = self.storage.read_json(metrics_path(model, batch_id))
+        done = self.storage.read_json(layout.batch_metrics_path(model, batch_id))
         return {"state": "succeeded", **done} if done is not None else running
 
 

@@ -179,11 +179,10 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         return StepResult("ignored", {"object": note.uri, "event": note.event_type})
     match = layout.DATASET_PATH.match(note.name)
     if match is None:
-        if note.name.startswith("datasets/"):
+        if note.name.startswith(layout.DATASETS):
             raise PermanentError(
                 "bad_dataset_path",
-                f"{note.uri} is not a dataset path: expected "
-                f"datasets/<name>/dt=YYYY-MM-DD/<id>.csv|parquet",
+                f"{note.uri} is not a dataset path: expected {layout.DATASET_PATH_FORM}",
             )
         return StepResult("ignored", {"object": note.uri})
 

@@ -15,6 +15,7 @@ from google.cloud import aiplatform_v1
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
+from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
 
 JOB_COMMAND = ["python", "-m", "mlpipe_trainer.job"]
@@ -72,7 +73,7 @@ def custom_job_request(
             ],
             service_account=spec.service_account or "",
             base_output_directory=aiplatform_v1.GcsDestination(
-                output_uri_prefix=f"gs://{target.bucket}/runs/{run_id}/vertex/"
+                output_uri_prefix=f"gs://{target.bucket}/{layout.RunPaths(run_id).vertex_output}"
             ),
         ),
         labels={

@@ -16,6 +16,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from mlpipe.messaging import events
+from mlpipe.store import layout
 
 # Every service receives its push deliveries on this route.
 PUSH_PATH = "/pubsub/push"
@@ -124,7 +125,7 @@ TOPOLOGY = Topology(
         PullSubscription("dead-letters-archive", events.DEAD_LETTERS),
         PullSubscription("drift-detected-archive", events.DRIFT_DETECTED),
     ),
-    notification=BucketNotification(events.GCS_OBJECTS, "datasets/"),
+    notification=BucketNotification(events.GCS_OBJECTS, layout.DATASETS),
     services=("ingest", "trainer", "evaluator", "deployer", "predictor"),
     publishes={
         "ingest": (events.DATASETS_LANDED, events.PIPELINE_FAILURES),

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from mlpipe.errors import PermanentError
+from mlpipe.store import layout
 from mlpipe.store.storage import Storage
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -301,19 +302,19 @@ def parse_config(
         raise ConfigError(f"{source}: {_describe(exc)}") from exc
 
 
-def config_path(pipeline: str) -> str:
-    return f"pipelines/{pipeline}/config.yaml"
+# Where a pipeline's registered config is (`mlpipe pipeline apply` writes it there).
+config_path = layout.pipeline_config_path
 
 
 def load_pipeline_config(storage: Storage, name: str, env: str | None = None) -> PipelineConfig:
     """The registered config of pipeline `name` for `env`; a missing or invalid one is
     permanent."""
-    found = storage.read(config_path(name))
+    path = config_path(name)
+    found = storage.read(path)
     if found is None:
         raise PermanentError(
             "unknown_pipeline",
-            f"no pipeline config at {storage.uri(config_path(name))}; "
-            f"register one with `mlpipe pipeline apply`",
+            f"no pipeline config at {storage.uri(path)}; register one with `mlpipe pipeline apply`",
         )
     try:
         return parse_config(found.data, source=found.uri, env=env)
@@ -323,7 +324,7 @@ def load_pipeline_config(storage: Storage, name: str, env: str | None = None) ->
 
 def load_run_config(storage: Storage, run_id: str) -> PipelineConfig:
     """The config snapshot a run was started with (`runs/<run_id>/config.json`)."""
-    found = storage.read(f"runs/{run_id}/config.json")
+    found = storage.read(layout.RunPaths(run_id).config)
     if found is None:
         raise PermanentError("missing_run_config", f"run {run_id} has no config snapshot")
     try:

@@ -8,6 +8,7 @@ import re
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
+from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 
@@ -32,7 +33,7 @@ class FailureReporter:
     ) -> str:
         """Store `payload` at `quarantine/<reason>/<key>` (idempotent); return its URI."""
         key = _safe(key or sha256_hex(payload)[:32])
-        path = f"quarantine/{_safe(reason)}/{_safe(self.stage)}-{key}"
+        path = layout.quarantine_path(_safe(reason), _safe(self.stage), key)
         meta = {"stage": self.stage, "reason": reason, **(metadata or {})}
         self.storage.create_if_absent(
             path, payload, content_type="application/octet-stream", metadata=meta

@@ -1,4 +1,21 @@
-"""Run identity and lineage rules.
+"""Every path in the bucket, built here and nowhere else, and the run identity rules.
+
+    datasets/<name>/dt=YYYY-MM-DD/<id>.<csv|parquet>       landed data (immutable)
+    pipelines/<name>/config.yaml                            registered pipeline configs
+    runs/<run_id>/...                                       a run's artifacts and recorded
+                                                            events (RunPaths)
+    quarantine/<reason>/<stage>-<key>                       rejected inputs, kept whole
+    registry/<model>/...                                    versions, aliases, claims
+                                                            (RegistryPaths)
+    monitoring/<model>/dt=YYYY-MM-DD/<time>-<id>.jsonl      the predictor's prediction log,
+                                                            read by the drift check
+    monitoring/<model>/reports/<check_id>/                  a drift check's report and event
+    monitoring/<model>/retrains/, retrain/<check_id>.csv    drift retrains: slots and data
+    predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro       batch predictions
+    predictions/<model>/metrics/<batch_id>.json             a batch's metrics, written last
+
+A path one service writes and another reads (a run's artifacts, the registry, the prediction
+log, batch outputs) is a contract between them: both build it with the same function here.
 
 A run is one (dataset content, pipeline config) pair: its id is derived from the dataset's
 sha256 and the config's hash, so the same bytes under the same config always give the same
@@ -10,12 +27,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Iterable
+
+DATASETS = "datasets/"
+PIPELINES = "pipelines/"
+RUNS = "runs/"
+QUARANTINE = "quarantine/"
+REGISTRY = "registry/"
+MONITORING = "monitoring/"
+PREDICTIONS = "predictions/"
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DATASET_PATH = re.compile(
     r"^datasets/(?P<name>[a-z][a-z0-9_-]{0,62})/dt=(?P<date>\d{4}-\d{2}-\d{2})/"
     r"(?P<id>[^/]+)\.(?P<ext>csv|parquet)\Z"
 )
+# How a dataset path looks, for messages.
+DATASET_PATH_FORM = "datasets/<name>/dt=YYYY-MM-DD/<id>.csv|parquet"
 
 
 def run_id_for(dataset_sha256: str, config_sha256: str) -> str:
@@ -23,12 +51,27 @@ def run_id_for(dataset_sha256: str, config_sha256: str) -> str:
     return digest[:16]
 
 
+# --- datasets and pipelines ---------------------------------------------------------------
+def dataset_prefix(name: str) -> str:
+    return f"{DATASETS}{name}/"
+
+
 def dataset_path(name: str, day: dt.date, dataset_id: str, ext: str) -> str:
-    return f"datasets/{name}/dt={day.isoformat()}/{dataset_id}.{ext}"
+    return f"{dataset_prefix(name)}dt={day.isoformat()}/{dataset_id}.{ext}"
 
 
+def pipeline_config_path(pipeline: str) -> str:
+    return f"{PIPELINES}{pipeline}/config.yaml"
+
+
+# --- runs ---------------------------------------------------------------------------------
 def run_prefix(run_id: str) -> str:
-    return f"runs/{run_id}/"
+    return f"{RUNS}{run_id}/"
+
+
+def run_ids(paths: Iterable[str]) -> list[str]:
+    """The run ids in a listing of RUNS, sorted."""
+    return sorted({p.split("/")[1] for p in paths if p.startswith(RUNS) and p.count("/") >= 2})
 
 
 class RunPaths:
@@ -36,7 +79,7 @@ class RunPaths:
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
-        base = run_prefix(run_id)
+        base = self.prefix = run_prefix(run_id)
         self.claim = base + "claim.json"
         self.config = base + "config.json"  # the config snapshot the run is keyed on
         self.started = base + "started.json"  # the TrainingStarted event
@@ -50,3 +93,104 @@ class RunPaths:
         self.deployment = base + "deployment.json"  # the DeploymentCompleted event
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
         self.job_log = base + "job.log"
+        self.vertex_output = base + "vertex/"  # a Vertex AI CustomJob's output directory
+
+
+# --- quarantine ---------------------------------------------------------------------------
+def quarantine_path(reason: str, stage: str, key: str) -> str:
+    """Where a rejected input is kept (the parts are made safe by the caller)."""
+    return f"{QUARANTINE}{reason}/{stage}-{key}"
+
+
+# --- the registry -------------------------------------------------------------------------
+def registry_models(paths: Iterable[str]) -> list[str]:
+    """The model names in a listing of REGISTRY, sorted."""
+    return sorted({p.split("/")[1] for p in paths if p.startswith(REGISTRY) and p.count("/") >= 2})
+
+
+class RegistryPaths:
+    """One model's registry: `registry/<model>/...` (see mlpipe.store.registry)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.prefix = f"{REGISTRY}{model}/"
+        self.versions = self.prefix + "versions/"
+        self.aliases = self.prefix + "aliases/"
+        self.version_claims = self.prefix + "version-claims/"
+
+    def version(self, version: int) -> str:
+        """The folder of a version's artifacts."""
+        return f"{self.versions}{version}/"
+
+    def version_file(self, version: int, name: str) -> str:
+        return self.version(version) + name
+
+    def version_record(self, version: int) -> str:
+        """version.json, written last: the version is then complete."""
+        return self.version_file(version, "version.json")
+
+    @staticmethod
+    def version_of_record(path: str) -> int | None:
+        """The version number of a `.../versions/<n>/version.json` path, else None."""
+        parts = path.split("/")
+        if len(parts) == 5 and parts[4] == "version.json" and parts[3].isdigit():
+            return int(parts[3])
+        return None
+
+    def alias(self, alias: str) -> str:
+        return self.aliases + alias
+
+    def run_claim(self, run_id: str) -> str:
+        """The claim of a run's registration → the version registered for it."""
+        return f"{self.prefix}runs/{run_id}.json"
+
+    def version_claim(self, version: int) -> str:
+        return f"{self.version_claims}{version}"
+
+
+# --- monitoring ---------------------------------------------------------------------------
+def monitoring_prefix(model: str) -> str:
+    return f"{MONITORING}{model}/"
+
+
+def prediction_log_prefix(model: str, day: dt.date) -> str:
+    """One day of the predictor's prediction log (the drift check lists it)."""
+    return f"{monitoring_prefix(model)}dt={day.isoformat()}/"
+
+
+def prediction_log_path(model: str, day: dt.date, name: str) -> str:
+    """One file of the prediction log, as the predictor writes it."""
+    return f"{prediction_log_prefix(model, day)}{name}.jsonl"
+
+
+class DriftCheckPaths:
+    """A drift check's outputs: `monitoring/<model>/reports/<check_id>/`."""
+
+    def __init__(self, model: str, check_id: str) -> None:
+        self.prefix = f"{monitoring_prefix(model)}reports/{check_id}/"
+        self.report = self.prefix + "drift.json"  # written last: the check is done
+        self.page = self.prefix + "drift.html"
+        self.event = self.prefix + "drift-detected.json"  # the DriftDetected event
+
+
+def retrain_cooldown_slot(model: str, period: int) -> str:
+    return f"{monitoring_prefix(model)}retrains/cooldown-{period}"
+
+
+def retrain_window_slot(model: str, window: int, slot: int) -> str:
+    return f"{monitoring_prefix(model)}retrains/window-{window}-{slot}"
+
+
+def retrain_data_path(model: str, check_id: str) -> str:
+    """The rows a drift retrain lands (ingest reads them as a `gcs` source)."""
+    return f"{monitoring_prefix(model)}retrain/{check_id}.csv"
+
+
+# --- batch predictions --------------------------------------------------------------------
+def batch_output_path(model: str, day: dt.date, batch_id: str) -> str:
+    return f"{PREDICTIONS}{model}/dt={day.isoformat()}/{batch_id}.avro"
+
+
+def batch_metrics_path(model: str, batch_id: str) -> str:
+    """Written after the output: the batch is done."""
+    return f"{PREDICTIONS}{model}/metrics/{batch_id}.json"

@@ -1,4 +1,5 @@
-"""A model registry in GCS: numbered versions, one per run, and movable aliases.
+"""A model registry in GCS: numbered versions, one per run, and movable aliases (the paths
+are mlpipe.store.layout.RegistryPaths):
 
     registry/<model>/runs/<run_id>.json          claim → the version registered for that run
     registry/<model>/version-claims/<n>          who holds version number n
@@ -25,18 +26,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.api_core import exceptions as gexc
-from google.protobuf import json_format
 
 from mlpipe.errors import TransientError
 from mlpipe.faults import fault_point
-from mlpipe.messaging import events
+from mlpipe.store import layout
+from mlpipe.store.layout import RegistryPaths
 from mlpipe.store.storage import Storage, sha256_hex
-from mlpipe.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CANARY = "canary"
+# A version's artifacts: the registered model, and its ONNX form when the deployer made one
+# (the predictor loads it).
+MODEL_FILE = "model.joblib"
+ONNX_FILE = "model.onnx"
 # How many former champions a champion alias remembers for `rollback`.
 HISTORY_LIMIT = 20
 
@@ -92,28 +96,17 @@ class Registry:
         self.storage = storage
         self.claim_lease_seconds = claim_lease_seconds
 
-    @staticmethod
-    def _base(model: str) -> str:
-        return f"registry/{model}/"
-
-    def version_path(self, model: str, version: int) -> str:
-        return f"{self._base(model)}versions/{version}/"
-
     def versions(self, model: str) -> list[int]:
         """Complete versions (those whose version.json exists), ascending."""
-        found = []
-        for name in self.storage.list(self._base(model) + "versions/"):
-            parts = name.split("/")
-            if len(parts) == 5 and parts[4] == "version.json" and parts[3].isdigit():
-                found.append(int(parts[3]))
-        return sorted(found)
+        paths = RegistryPaths(model)
+        found = [RegistryPaths.version_of_record(n) for n in self.storage.list(paths.versions)]
+        return sorted(v for v in found if v is not None)
 
     def models(self) -> list[str]:
-        names = {n.split("/")[1] for n in self.storage.list("registry/") if n.count("/") >= 2}
-        return sorted(names)
+        return layout.registry_models(self.storage.list(layout.REGISTRY))
 
     def get(self, model: str, version: int) -> ModelVersion | None:
-        info = self.storage.read_json(self.version_path(model, version) + "version.json")
+        info = self.storage.read_json(RegistryPaths(model).version_record(version))
         if info is None:
             return None
         return ModelVersion(
@@ -126,11 +119,11 @@ class Registry:
         )
 
     def alias(self, model: str, alias: str = CHAMPION) -> int | None:
-        value = self.storage.read_json(f"{self._base(model)}aliases/{alias}")
+        value = self.storage.read_json(RegistryPaths(model).alias(alias))
         return None if value is None else int(value["version"])
 
     def version_for_run(self, model: str, run_id: str) -> int | None:
-        claim = self.storage.read_json(f"{self._base(model)}runs/{run_id}.json")
+        claim = self.storage.read_json(RegistryPaths(model).run_claim(run_id))
         if claim and claim.get("state") == "registered":
             return int(claim["version"])
         return None
@@ -152,7 +145,7 @@ class Registry:
         version with created=False. Raises TransientError while another delivery holds the
         run's claim (the caller answers 5xx; Pub/Sub retries).
         """
-        claim_path = f"{self._base(model)}runs/{run_id}.json"
+        claim_path = RegistryPaths(model).run_claim(run_id)
         pending = json.dumps({"state": "pending", "claimed_at": time.time()}).encode()
         version: int | None = None
         claim_gen = self.storage.create_if_absent(claim_path, pending)
@@ -204,24 +197,25 @@ class Registry:
             except gexc.PreconditionFailed as exc:
                 raise TransientError(f"run {run_id}'s registry claim was taken over") from exc
         fault_point("deployer.after_claim")
-        base = self.version_path(model, version)
+        paths = RegistryPaths(model)
         sha = sha256_hex(artifact)
-        self.storage.write(base + "model.joblib", artifact)
+        self.storage.write(paths.version_file(version, MODEL_FILE), artifact)
         extras = {}
         for name, data in (extra_artifacts or {}).items():
-            self.storage.write(base + name, data)
-            extras[name] = {"uri": self.storage.uri(base + name), "sha256": sha256_hex(data)}
+            path = paths.version_file(version, name)
+            self.storage.write(path, data)
+            extras[name] = {"uri": self.storage.uri(path), "sha256": sha256_hex(data)}
         record = {
             **info,
             "artifacts": extras,
             "model": model,
             "version": version,
             "run_id": run_id,
-            "model_uri": self.storage.uri(base + "model.joblib"),
+            "model_uri": self.storage.uri(paths.version_file(version, MODEL_FILE)),
             "model_sha256": sha,
             "registered_at": _now(),
         }
-        self.storage.write_json(base + "version.json", record)
+        self.storage.write_json(paths.version_record(version), record)
         registered = json.dumps({"state": "registered", "version": version}).encode()
         self.storage.write(
             claim_path, registered, content_type="application/json", if_generation_match=claim_gen
@@ -230,17 +224,17 @@ class Registry:
         return ModelVersion(model, version, run_id, record["model_uri"], sha, record), True
 
     def _allocate_version(self, model: str, run_id: str) -> int:
-        prefix = f"{self._base(model)}version-claims/"
+        paths = RegistryPaths(model)
         taken = [
             int(n.rsplit("/", 1)[-1])
-            for n in self.storage.list(prefix)
+            for n in self.storage.list(paths.version_claims)
             if n.rsplit("/", 1)[-1].isdigit()
         ]
         candidate = max(taken, default=0) + 1
         for _ in range(100):
             if (
                 self.storage.create_if_absent(
-                    prefix + str(candidate), run_id.encode(), content_type="text/plain"
+                    paths.version_claim(candidate), run_id.encode(), content_type="text/plain"
                 )
                 is not None
             ):
@@ -256,7 +250,7 @@ class Registry:
         With `only_forward`, an alias never moves back to an older version, so a late or
         redelivered event cannot undo a newer deployment.
         """
-        path = f"{self._base(model)}aliases/{alias}"
+        path = RegistryPaths(model).alias(alias)
         for _ in range(20):
             current = self.storage.read(path)
             previous = None if current is None else int(current.json()["version"])
@@ -283,10 +277,10 @@ class Registry:
                 continue
         raise TransientError(f"alias {alias} of {model} kept changing; retry")
 
-    def load_artifact(self, mv: ModelVersion, name: str = "model.joblib") -> bytes:
+    def load_artifact(self, mv: ModelVersion, name: str = MODEL_FILE) -> bytes:
         """An artifact's bytes (the registered model, or an extra such as model.onnx),
         verified against the sha256 recorded in the registry; raise ValueError otherwise."""
-        if name == "model.joblib":
+        if name == MODEL_FILE:
             uri, expected = mv.model_uri, mv.model_sha256
         else:
             found = mv.artifact(name)
@@ -303,9 +297,9 @@ class Registry:
 
     # --- rollout: champion and canary ---------------------------------------------------------
     def traffic(self, model: str) -> Traffic:
-        base = f"{self._base(model)}aliases/"
-        champion = self.storage.read_json(base + CHAMPION)
-        canary = self.storage.read_json(base + CANARY)
+        paths = RegistryPaths(model)
+        champion = self.storage.read_json(paths.alias(CHAMPION))
+        canary = self.storage.read_json(paths.alias(CANARY))
         champion_version = None if champion is None else int(champion["version"])
         history = [] if champion is None else [int(v) for v in champion.get("history", [])]
         # A promotion moves the champion first, then removes the canary: in between, the
@@ -328,7 +322,7 @@ class Registry:
         canary, so a late redelivery cannot undo a newer one."""
         if not 0 < percent < 100:
             raise RolloutError(f"a canary takes 1..99% of the traffic, not {percent}%")
-        path = f"{self._base(model)}aliases/{CANARY}"
+        path = RegistryPaths(model).alias(CANARY)
         for _ in range(20):
             current = self.storage.read(path)
             previous = None if current is None else int(current.json()["version"])
@@ -354,7 +348,7 @@ class Registry:
 
     def _drop_canary(self, model: str, version: int) -> None:
         """Remove the canary alias if it still names `version` (compare-and-delete)."""
-        path = f"{self._base(model)}aliases/{CANARY}"
+        path = RegistryPaths(model).alias(CANARY)
         current = self.storage.read(path)
         if current is None or int(current.json()["version"]) != version:
             return
@@ -391,7 +385,7 @@ class Registry:
             return traffic.champion, traffic.canary, CANARY
         if traffic.champion is None or not traffic.history:
             raise RolloutError(f"{model} has no earlier champion to roll back to")
-        path = f"{self._base(model)}aliases/{CHAMPION}"
+        path = RegistryPaths(model).alias(CHAMPION)
         current = self.storage.read(path)
         if current is None:
             raise TransientError(f"{model}'s champion alias vanished; retry")
@@ -416,57 +410,3 @@ class Registry:
         except gexc.PreconditionFailed as exc:
             raise TransientError(f"{model}'s champion changed during the rollback") from exc
         return back, traffic.champion, CHAMPION
-
-
-def traffic_shares(traffic: Traffic) -> list[events_pb2.TrafficShare]:
-    return [events_pb2.TrafficShare(version=v, percent=p, alias=a) for v, p, a in traffic.shares()]
-
-
-def rollout_event(
-    registry: Registry,
-    model: str,
-    version: int,
-    *,
-    action: str,
-    alias: str,
-    previous_version: int | None,
-    target: str,
-    requested_by: str,
-    producer: str,
-    code_version: str,
-    target_resource: str = "",
-    reason: str = "",
-) -> events_pb2.DeploymentCompleted:
-    """The DeploymentCompleted that records a rollout step (promote, rollback) of `version`,
-    with the lineage of the run that made it and the model's traffic split after the step."""
-    mv = registry.get(model, version)
-    if mv is None:
-        raise FileNotFoundError(f"{model} v{version} is not in the registry")
-    dataset = events_pb2.DatasetRef()
-    json_format.ParseDict(mv.info.get("dataset", {}), dataset, ignore_unknown_fields=True)
-    context = events.context(
-        producer=producer,
-        code_version=code_version,
-        run_id=mv.run_id,
-        pipeline=dataset.name,
-        config_sha256=str(mv.info.get("config_sha256", "")),
-    )
-    return events_pb2.DeploymentCompleted(
-        context=context,
-        dataset=dataset,
-        model_name=model,
-        version=version,
-        alias=alias,
-        deployed=True,
-        reason=reason,
-        model_uri=mv.model_uri,
-        model_sha256=mv.model_sha256,
-        target=target,
-        previous_version=previous_version or 0,
-        runtime=str(mv.info.get("runtime", "sklearn")),
-        runtime_note=str(mv.info.get("runtime_note", "")),
-        action=action,
-        traffic=traffic_shares(registry.traffic(model)),
-        target_resource=target_resource,
-        requested_by=requested_by,
-    )
