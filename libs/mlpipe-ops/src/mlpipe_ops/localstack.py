@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import httpx
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 PORT_GRACE_SECONDS = 3.0
+PRESTART = "mlpipe_ops.prestart"
 SERVICES = topology.TOPOLOGY.services
 
 
@@ -232,7 +233,7 @@ class Pending:
             if time.monotonic() > self.deadline:
                 late = "; ".join(f"{n} (see {log})" for n, (_, _, log) in self.checks.items())
                 raise StackError(f"not ready after {self.timeout:.0f}s: {late}")
-            time.sleep(0.05)
+            time.sleep(0.1)
 
 
 class LocalStack:
@@ -261,6 +262,12 @@ class LocalStack:
             code_version=code_version or git_commit(),
             state_dir=str(self.state_dir),
         )
+
+    @cached_property
+    def _http(self) -> httpx.Client:
+        """One client for every readiness check: `httpx.get` makes a client per request, about
+        70 ms of CPU each (its TLS context), taken from the services importing meanwhile."""
+        return httpx.Client(timeout=1.0)
 
     # --- starting -------------------------------------------------------------------------
     def _spawn(
@@ -402,6 +409,13 @@ class LocalStack:
         )
         if services and self.containers:
             self._build_images(progress)  # while the emulators boot
+        # The service processes' packages are imported meanwhile; they fork once the bucket
+        # exists (the predictor reads it in its lifespan).
+        fork = (
+            self._start_processes(base_env, pending, progress)
+            if services and not self.containers
+            else None
+        )
 
         def storage_ready() -> None:
             with client_env(st):
@@ -417,8 +431,8 @@ class LocalStack:
             # The services import while the Pub/Sub emulator's JVM boots.
             if services and self.containers:
                 self._start_containers(pending, progress)
-            elif services:
-                self._start_processes(base_env, pending, progress)
+            elif fork is not None:
+                fork()
 
         def pubsub_ready() -> None:
             progress(f"pubsub emulator  {st.pubsub_host}  ({time.monotonic() - t0:.1f}s)")
@@ -479,7 +493,7 @@ class LocalStack:
             # The child itself, not /proc's cmdline: right after fork it still shows ours.
             if child.poll() is not None:
                 raise StackError(f"{proc.name} exited during start-up; see {proc.log}")
-            return httpx.get(url, timeout=1.0).status_code == 200
+            return self._http.get(url).status_code == 200
 
         return ready
 
@@ -506,29 +520,94 @@ class LocalStack:
 
     def _start_processes(
         self, base_env: dict[str, str], pending: Pending, progress: Callable[[str], None]
-    ) -> None:
+    ) -> Callable[[], None]:
+        """Start the services' process (mlpipe_ops.prestart) now, to import their packages
+        while the emulators boot; return what lets it fork them once the bucket exists."""
         st = self.state
         _, own = self._services()
-        for name in SERVICES:
-            env = {
-                **base_env,
-                **own[name],
-                "PORT": str(st.service_ports[name]),
-                "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
-            }
-            proc = self._spawn(
-                name,
-                [sys.executable, "-m", f"mlpipe_{name}"],
-                st.service_ports[name],
-                f"mlpipe_{name}",
-                env,
+        plan = {
+            "record": str(self.state_dir / statedir.PRESTART_DIR),
+            "services": [
+                {
+                    "service": name,
+                    "port": st.service_ports[name],
+                    "log": str(self.logs / f"{name}.log"),
+                    "env": {
+                        **own[name],
+                        "PORT": str(st.service_ports[name]),
+                        "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
+                    },
+                }
+                for name in SERVICES
+            ],
+        }
+        log_path = self.logs / "prestart.log"
+        with log_path.open("ab") as out:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", PRESTART],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=out,
+                env=base_env,
+                start_new_session=True,
             )
-            pending.add(
-                name,
-                self._process_ready(proc, f"http://{HOST}:{proc.port}/healthz"),
-                partial(progress, f"{proc.name:<16} http://{HOST}:{proc.port}"),
-                proc.log,
-            )
+        assert popen.stdin is not None and popen.stdout is not None
+        starter = Proc("prestart", popen.pid, 0, str(log_path), PRESTART)
+        self._children[starter.name] = popen
+        st.processes.append(starter)
+        st.save()
+        popen.stdin.write(json.dumps(plan).encode() + b"\n")
+        popen.stdin.flush()
+        os.set_blocking(popen.stdout.fileno(), False)
+        received = bytearray()
+
+        def forked() -> bool:
+            """Record each service as it is forked; done once the starter has exited."""
+            assert popen.stdout is not None
+            with contextlib.suppress(BlockingIOError, TypeError):
+                received.extend(popen.stdout.read() or b"")
+            while b"\n" in received:
+                line, _, rest = bytes(received).partition(b"\n")
+                received[:] = rest
+                name, pid = line.decode().split()
+                proc = Proc(
+                    name, int(pid), st.service_ports[name], str(self.logs / f"{name}.log"), PRESTART
+                )
+                st.processes.append(proc)
+                st.save()
+                pending.add(
+                    name,
+                    self._forked_ready(proc, f"http://{HOST}:{proc.port}/healthz"),
+                    partial(progress, f"{proc.name:<16} http://{HOST}:{proc.port}"),
+                    proc.log,
+                )
+            code = popen.poll()
+            if code is None:
+                return False
+            missing = [n for n in SERVICES if not any(p.name == n for p in st.processes)]
+            if code != 0 or missing:
+                raise StackError(f"the services' starter exited ({code}); see {log_path}")
+            # It has forked every service and exited: not part of the running stack.
+            st.processes.remove(starter)
+            st.save()
+            return True
+
+        pending.add(starter.name, forked, lambda: None, str(log_path))
+
+        def go() -> None:
+            assert popen.stdin is not None
+            popen.stdin.write(b"go\n")
+            popen.stdin.close()
+
+        return go
+
+    def _forked_ready(self, proc: Proc, url: str) -> Callable[[], bool]:
+        def ready() -> bool:
+            if not _running(proc.pid):
+                raise StackError(f"{proc.name} exited during start-up; see {proc.log}")
+            return self._http.get(url).status_code == 200
+
+        return ready
 
     # --- containers -----------------------------------------------------------------------
     def _build_images(self, progress: Callable[[str], None]) -> None:
@@ -578,7 +657,7 @@ class LocalStack:
         """/healthz answers; a container that exits or restarts first is reported with its
         logs (Pending reports one that is still starting at the deadline)."""
         try:
-            if httpx.get(f"http://{HOST}:{container.port}/healthz", timeout=1.0).status_code == 200:
+            if self._http.get(f"http://{HOST}:{container.port}/healthz").status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -647,6 +726,14 @@ def stop_processes(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         progress(f"stopped {proc.name} (pid {proc.pid})")
+
+
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _indent(text: str) -> str:

@@ -8,6 +8,7 @@ and wiping it.
     <state_dir>/reports/        HTML reports saved by `mlpipe report`
     <state_dir>/reconcile.json  what `mlpipe up`'s reconcile pass re-published (.reconcile)
     <state_dir>/gcs-checked.json  objects found intact, so that a start checks only new ones
+    <state_dir>/prestart/       the modules each service imports at start (.prestart)
 
 How fake-gcs-server 1.54 keeps an object on disk (internal/backend/fs.go): the bytes in
 `gcs/<bucket>/<object name>`, written to a temporary file and renamed into place; its attributes
@@ -39,8 +40,18 @@ LOGS_DIR = "logs"
 REPORTS_DIR = "reports"
 RECONCILE_FILE = "reconcile.json"
 CHECKED_FILE = "gcs-checked.json"
+PRESTART_DIR = "prestart"
 # What `mlpipe down --wipe` removes: everything the stack writes into its state directory.
-DATA = (GCS_DIR, PUBSUB_DIR, LOGS_DIR, REPORTS_DIR, RECONCILE_FILE, CHECKED_FILE, STATE_FILE)
+DATA = (
+    GCS_DIR,
+    PUBSUB_DIR,
+    LOGS_DIR,
+    REPORTS_DIR,
+    RECONCILE_FILE,
+    CHECKED_FILE,
+    PRESTART_DIR,
+    STATE_FILE,
+)
 
 XATTR = "user.metadata"
 SIDECAR = ".metadata"
