@@ -409,6 +409,8 @@ class LocalStack:
         )
         if services and self.containers:
             self._build_images(progress)  # while the emulators boot
+            # Readiness is timed from here: a first build takes minutes, not a start-up.
+            pending.deadline = time.monotonic() + timeout
         # The service processes' packages are imported meanwhile; they fork once the bucket
         # exists (the predictor reads it in its lifespan).
         fork = (
