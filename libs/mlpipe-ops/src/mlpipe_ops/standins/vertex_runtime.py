@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from mlpipe_ops import containers as docker
+from mlpipe_ops.localstack import port_free
 
 LABEL = "dev.mlpipe.vertex-standin"
 HOST = "127.0.0.1"
@@ -65,7 +65,7 @@ class PortPool:
                 # Below Linux's ephemeral range (32768 and up), so no outgoing connection takes
                 # the port between this check and the container's bind.
                 port = self._random.randrange(20000, 32000)
-                if port not in self._taken and _bindable(port):
+                if port not in self._taken and port_free(port):
                     self._taken.add(port)
                     return port
         raise docker.DockerError("no free port found for a container")
@@ -73,16 +73,6 @@ class PortPool:
     def give_back(self, port: int) -> None:
         with self._lock:
             self._taken.discard(port)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
