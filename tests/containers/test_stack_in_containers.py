@@ -84,7 +84,7 @@ def test_each_service_runs_as_its_image_under_its_runtime_definition(stack: Stac
         assert info is not None, service
         host, config = info["HostConfig"], info["Config"]
         env = dict(item.split("=", 1) for item in config["Env"])
-        assert config["Image"] == f"mlpipe-{service}:local"
+        assert config["Image"] == docker.IMAGE.format(service=service)
         assert config["User"] == docker.USER
         assert host["Memory"] == runtimes[service].memory_bytes
         assert host["MemorySwap"] == runtimes[service].memory_bytes  # no swap

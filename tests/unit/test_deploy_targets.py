@@ -13,15 +13,13 @@ from google.protobuf import field_mask_pb2
 from mlpipe.runtime.settings import SettingsError, load_settings
 from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.settings import DeployerSettings
-from mlpipe_deployer.targets import (
-    CloudRunTarget,
-    LocalTarget,
+from mlpipe_deployer.targets import LocalTarget
+from mlpipe_deployer.targets.cloud_run import CloudRunTarget, revision_name, service_update
+from mlpipe_deployer.targets.configured import make_target
+from mlpipe_deployer.targets.vertex import (
     VertexTarget,
     alias_requests,
     endpoint_requests,
-    make_target,
-    revision_name,
-    service_update,
     upload_request,
     uploaded_version,
 )
@@ -181,7 +179,9 @@ def test_the_cloud_run_adapter_sends_the_built_update() -> None:
         revisions=run,
     )
 
-    resource = target.apply("iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)})
+    resource = target.apply(
+        "iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)}
+    ).resource
 
     assert len(run.sent) == 1
     assert run.sent[0].service.template.revision == "mlpipe-predictor-iris-classifier-v2"
@@ -359,7 +359,9 @@ def test_the_vertex_adapter_uploads_once_deploys_and_moves_aliases() -> None:
         endpoints=vertex,
     )
 
-    resource = target.apply("iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)})
+    resource = target.apply(
+        "iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)}
+    ).resource
 
     kinds = [type(r).__name__ for r in vertex.sent]
     assert kinds == [

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,7 +32,9 @@ from mlpipe_ops.service_runtime import ServiceRuntime
 
 # Cloud Run: SIGTERM, then SIGKILL after 10 seconds (container-contract, "Instance shutdown").
 STOP_GRACE_SECONDS = 10
-IMAGE = "mlpipe-{service}:local"
+# The tag of the images a local stack builds and runs; MLPIPE_IMAGE_TAG keeps the images of two
+# checkouts apart on one engine.
+IMAGE = "mlpipe-{service}:" + (os.environ.get("MLPIPE_IMAGE_TAG") or "local")
 USER = "10001:10001"  # services/Dockerfile's user
 BASE_IMAGES = ("python:3.11.7-slim-bookworm", "ghcr.io/astral-sh/uv:0.13.9")
 # Each container of a local stack carries its state directory under this label.

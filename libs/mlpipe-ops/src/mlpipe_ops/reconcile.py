@@ -92,7 +92,7 @@ class Reconciler:
     env: str = "local"
     predictor_url: str = ""
     done: int = 0
-    # (when its claim lapses, run_id, claim path generation, dataset uri, generation)
+    # (when its claim lapses, run_id, the claim's generation, dataset uri, its generation)
     waiting: list[tuple[float, str, int, str, int]] = field(default_factory=list)
 
     def say(self, text: str) -> None:

@@ -282,7 +282,7 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
             versions = {v: deps.registry.get(model, v) for v, _, _ in traffic.shares()}
             outcome.target_resource = deps.target.apply(
                 model, traffic, {v: mv for v, mv in versions.items() if mv is not None}
-            )
+            ).resource
             outcome.traffic.extend(traffic_shares(traffic))
         else:
             outcome.reason = f"a newer version (v{previous}) is already {alias}"

@@ -19,7 +19,7 @@ from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
 from mlpipe_deployer.onnx_compile import warm_up
 from mlpipe_deployer.settings import DeployerSettings
-from mlpipe_deployer.targets import make_target
+from mlpipe_deployer.targets.configured import make_target
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ def _apply_and_publish(
     registry: Registry = deps.registry
     traffic = registry.traffic(model)
     versions = {v: mv for v, _, _ in traffic.shares() if (mv := registry.get(model, v))}
-    resource = deps.target.apply(model, traffic, versions)
+    resource = deps.target.apply(model, traffic, versions).resource
     event = rollout_event(
         registry,
         model,

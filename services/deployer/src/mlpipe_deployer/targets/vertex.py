@@ -1,11 +1,5 @@
-"""Where a rollout step takes effect: the local predictor, Cloud Run revisions, or a Vertex AI
-endpoint. The registry's aliases (champion, canary and its percentage) are the desired state;
-a target makes its serving match them.
-
-Cloud Run admin and Vertex AI cannot be reached from here, so each target is a set of pure
-functions that build the exact requests of the real client library (tested request by
-request), and a thin adapter that sends them.
-"""
+"""Vertex AI: the registry's versions uploaded as versions of one Vertex model, deployed to an
+endpoint with the registry's traffic split."""
 
 from __future__ import annotations
 
@@ -13,137 +7,17 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from google.cloud import aiplatform_v1, run_v2
+from google.cloud import aiplatform_v1
 from google.protobuf import field_mask_pb2
 
 from mlpipe.store.registry import ModelVersion, Traffic
-from mlpipe_deployer.settings import DeployerSettings
+from mlpipe_deployer.targets import SERVE_MODEL_ENV, SERVE_VERSION_ENV, Rollout, label_value
 
 log = logging.getLogger(__name__)
 
-SERVE_MODEL_ENV = "MLPIPE_SERVE_MODEL"
-SERVE_VERSION_ENV = "MLPIPE_SERVE_VERSION"
 
-
-class DeployTarget(Protocol):
-    name: str
-
-    def apply(self, model: str, traffic: Traffic, versions: dict[int, ModelVersion]) -> str:
-        """Make serving match `traffic`; return the resource it changed ("" when none)."""
-        ...
-
-
-@dataclass
-class LocalTarget:
-    """The local predictor follows the registry by itself when DeploymentCompleted arrives."""
-
-    name: str = "local"
-
-    def apply(self, model: str, traffic: Traffic, versions: dict[int, ModelVersion]) -> str:
-        return ""
-
-
-def label_value(value: str) -> str:
-    """A GCP label value: lowercase letters, digits, '_' and '-', at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
-
-
-# --- Cloud Run ------------------------------------------------------------------------------
-def revision_name(service: str, model: str, version: int) -> str:
-    """A revision name Cloud Run accepts: '<service>-', then [a-z0-9-], at most 63 in all."""
-    tail = f"-v{version}"
-    room = max(0, 63 - len(service) - 1 - len(tail))
-    slug = re.sub(r"[^a-z0-9-]+", "-", model.lower())[:room].strip("-")
-    return f"{service}-{slug}{tail}" if slug else f"{service}{tail}"
-
-
-def service_update(
-    current: run_v2.Service,
-    model: str,
-    traffic: Traffic,
-    versions: dict[int, ModelVersion],
-    existing: Sequence[str],
-    image: str,
-    code_version: str,
-) -> run_v2.UpdateServiceRequest:
-    """The update that makes the predictor service split traffic as `traffic` says.
-
-    A version without a revision yet gets one: the current template with the predictor
-    image, pinned to that model version by environment variables, under a deterministic
-    revision name (so a retried update never makes a second one). Versions that have a
-    revision (a rollback, a promotion) only change the traffic list.
-    """
-    service_name = current.name.rsplit("/", 1)[-1]
-    service = run_v2.Service.deserialize(run_v2.Service.serialize(current))
-    shares = traffic.shares()
-    new = [v for v, _, _ in shares if revision_name(service_name, model, v) not in existing]
-    if len(new) > 1:
-        raise ValueError(f"one new revision per rollout step, not {new}")
-    if new:
-        version = new[0]
-        mv = versions[version]
-        template = service.template
-        template.revision = revision_name(service_name, model, version)
-        template.labels.update(
-            {
-                "mlpipe-model": label_value(model),
-                "mlpipe-version": str(version),
-                "run_id": label_value(mv.run_id),
-                "commit": label_value(code_version),
-            }
-        )
-        container = template.containers[0] if template.containers else run_v2.Container()
-        container.image = image
-        pinned = {SERVE_MODEL_ENV: model, SERVE_VERSION_ENV: str(version)}
-        kept = [e for e in container.env if e.name not in pinned]
-        container.env = [*kept, *(run_v2.EnvVar(name=k, value=v) for k, v in pinned.items())]
-        if not template.containers:
-            template.containers = [container]
-    service.traffic = [
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision=revision_name(service_name, model, version),
-            percent=percent,
-            tag=alias,
-        )
-        for version, percent, alias in shares
-    ]
-    return run_v2.UpdateServiceRequest(service=service)
-
-
-@dataclass
-class CloudRunTarget:
-    project: str
-    region: str
-    service: str
-    image: str
-    code_version: str
-    name: str = "cloud_run"
-    services: Any = None
-    revisions: Any = None
-
-    @property
-    def service_path(self) -> str:
-        return f"projects/{self.project}/locations/{self.region}/services/{self.service}"
-
-    def apply(self, model: str, traffic: Traffic, versions: dict[int, ModelVersion]) -> str:
-        services = self.services or run_v2.ServicesClient()
-        revisions = self.revisions or run_v2.RevisionsClient()
-        current = services.get_service(name=self.service_path)
-        existing = [
-            r.name.rsplit("/", 1)[-1] for r in revisions.list_revisions(parent=self.service_path)
-        ]
-        request = service_update(
-            current, model, traffic, versions, existing, self.image, self.code_version
-        )
-        services.update_service(request=request).result(timeout=540)
-        split = ", ".join(f"{t.revision} {t.percent}%" for t in request.service.traffic)
-        return f"{self.service_path} ({split})"
-
-
-# --- Vertex AI ------------------------------------------------------------------------------
 def vertex_model_id(model: str) -> str:
     """A Vertex AI model id: [a-z0-9_-], not starting with '-' or '_', ≤ 63."""
     return re.sub(r"[^a-z0-9_-]", "-", model.lower()).lstrip("-_")[:63]
@@ -310,7 +184,13 @@ class VertexTarget:
         endpoints = self.endpoints or aiplatform_v1.EndpointServiceClient(client_options=options)
         return models, endpoints
 
-    def apply(self, model: str, traffic: Traffic, versions: dict[int, ModelVersion]) -> str:
+    def apply(
+        self,
+        model: str,
+        traffic: Traffic,
+        versions: dict[int, ModelVersion],
+        running: Sequence[str] = (),
+    ) -> Rollout:
         from google.api_core import exceptions as gexc
 
         models, endpoints = self._clients()
@@ -358,28 +238,4 @@ class VertexTarget:
         for request in alias_requests(model_path, desired, traffic):
             models.merge_version_aliases(request=request)
         split = ", ".join(f"v{v}@{vid} {p}%" for vid, (v, p) in desired.items())
-        return f"{self.endpoint_path} ({split})"
-
-
-def make_target(settings: DeployerSettings) -> DeployTarget:
-    if settings.deploy_target == "cloud_run":
-        return CloudRunTarget(
-            settings.project,
-            settings.region,
-            settings.cloud_run_service,
-            settings.predictor_image,
-            settings.code_version,
-        )
-    if settings.deploy_target == "vertex":
-        return VertexTarget(
-            settings.project,
-            settings.region,
-            settings.vertex_endpoint,
-            settings.predictor_image,
-            settings.bucket,
-            settings.code_version,
-            settings.vertex_machine_type,
-            settings.vertex_min_replicas,
-            settings.vertex_max_replicas,
-        )
-    return LocalTarget()
+        return Rollout(f"{self.endpoint_path} ({split})")

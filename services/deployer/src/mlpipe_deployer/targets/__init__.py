@@ -1,0 +1,70 @@
+"""Where a rollout step takes effect: the local predictor, Cloud Run revisions, or a Vertex AI
+endpoint. The registry's aliases (champion, canary and its percentage) are the desired state;
+a target makes its serving match them.
+
+A target never waits on a cloud long-running operation inside a push request: `apply` takes the
+next step towards the desired state, and returns the operations it started (or those of
+`running`, from an earlier call, that have not finished). The deployer records them and calls
+`apply` again on a later delivery or check; a call whose operations are all done and whose
+serving matches returns a `Rollout` with no operations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mlpipe.store.registry import ModelVersion, Traffic
+
+SERVE_MODEL_ENV = "MLPIPE_SERVE_MODEL"
+SERVE_VERSION_ENV = "MLPIPE_SERVE_VERSION"
+
+
+@dataclass
+class Rollout:
+    """Where a target stands after one `apply`: the resource it serves from, and the names of
+    long-running operations still running (none: serving matches the desired state)."""
+
+    resource: str = ""
+    operations: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return not self.operations
+
+
+class DeployTarget(Protocol):
+    name: str
+
+    def apply(
+        self,
+        model: str,
+        traffic: Traffic,
+        versions: dict[int, ModelVersion],
+        running: Sequence[str] = (),
+    ) -> Rollout:
+        """Take the next step to make serving match `traffic`, without waiting."""
+        ...
+
+
+@dataclass
+class LocalTarget:
+    """The local predictor follows the registry by itself when DeploymentCompleted arrives."""
+
+    name: str = "local"
+
+    def apply(
+        self,
+        model: str,
+        traffic: Traffic,
+        versions: dict[int, ModelVersion],
+        running: Sequence[str] = (),
+    ) -> Rollout:
+        return Rollout()
+
+
+def label_value(value: str) -> str:
+    """A GCP label value: lowercase letters, digits, '_' and '-', at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]

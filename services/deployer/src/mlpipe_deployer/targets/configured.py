@@ -1,0 +1,32 @@
+"""The target a deployer's settings choose."""
+
+from __future__ import annotations
+
+from mlpipe_deployer.settings import DeployerSettings
+from mlpipe_deployer.targets import DeployTarget, LocalTarget
+from mlpipe_deployer.targets.cloud_run import CloudRunTarget
+from mlpipe_deployer.targets.vertex import VertexTarget
+
+
+def make_target(settings: DeployerSettings) -> DeployTarget:
+    if settings.deploy_target == "cloud_run":
+        return CloudRunTarget(
+            settings.project,
+            settings.region,
+            settings.cloud_run_service,
+            settings.predictor_image,
+            settings.code_version,
+        )
+    if settings.deploy_target == "vertex":
+        return VertexTarget(
+            settings.project,
+            settings.region,
+            settings.vertex_endpoint,
+            settings.predictor_image,
+            settings.bucket,
+            settings.code_version,
+            settings.vertex_machine_type,
+            settings.vertex_min_replicas,
+            settings.vertex_max_replicas,
+        )
+    return LocalTarget()
