@@ -1,5 +1,6 @@
-"""The Cloud Run and Vertex AI targets at their client boundary: the exact requests built
-with the real client libraries' types, and the settings that choose a target."""
+"""The Vertex AI target at its client boundary: the exact requests built with the real client
+libraries' types, and the settings that choose a target (the Cloud Run target:
+test_deploy_cloud_run.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import re
 from typing import Any
 
 import pytest
-from google.cloud import aiplatform_v1, run_v2
+from google.cloud import aiplatform_v1
 from google.protobuf import field_mask_pb2
 
 from mlpipe.runtime.settings import SettingsError, load_settings
 from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.settings import DeployerSettings
 from mlpipe_deployer.targets import LocalTarget
-from mlpipe_deployer.targets.cloud_run import CloudRunTarget, revision_name, service_update
+from mlpipe_deployer.targets.cloud_run import CloudRunTarget
 from mlpipe_deployer.targets.configured import make_target
 from mlpipe_deployer.targets.vertex import (
     VertexTarget,
@@ -24,11 +25,9 @@ from mlpipe_deployer.targets.vertex import (
     uploaded_version,
 )
 
-SERVICE = "projects/acme-ml-dev/locations/us-central1/services/mlpipe-predictor"
 IMAGE = "us-central1-docker.pkg.dev/acme-ml-dev/mlpipe/predictor:abc123"
 MODEL_PATH = "projects/acme-ml-dev/locations/us-central1/models/iris-classifier"
 ENDPOINT = "projects/acme-ml-dev/locations/us-central1/endpoints/1234"
-REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
 
 
 def version(n: int) -> ModelVersion:
@@ -42,153 +41,12 @@ def version(n: int) -> ModelVersion:
     )
 
 
-def current_service() -> run_v2.Service:
-    return run_v2.Service(
-        name=SERVICE,
-        etag="etag-7",
-        template=run_v2.RevisionTemplate(
-            revision="mlpipe-predictor-iris-classifier-v1",
-            service_account="mlpipe-predictor@acme-ml-dev.iam.gserviceaccount.com",
-            containers=[
-                run_v2.Container(
-                    image=IMAGE,
-                    env=[
-                        run_v2.EnvVar(name="MLPIPE_BUCKET", value="acme-mlpipe"),
-                        run_v2.EnvVar(name="MLPIPE_SERVE_MODEL", value="iris-classifier"),
-                        run_v2.EnvVar(name="MLPIPE_SERVE_VERSION", value="1"),
-                    ],
-                )
-            ],
-        ),
-    )
-
-
-def test_a_canary_is_a_new_revision_pinned_to_the_version_with_a_traffic_split() -> None:
-    traffic = Traffic(champion=1, canary=2, canary_percent=10)
-
-    request = service_update(
-        current_service(),
-        "iris-classifier",
-        traffic,
-        {1: version(1), 2: version(2)},
-        ["mlpipe-predictor-iris-classifier-v1"],
-        IMAGE,
-        "abc123",
-    )
-
-    template = current_service().template
-    template.revision = "mlpipe-predictor-iris-classifier-v2"
-    template.labels = {
-        "mlpipe-model": "iris-classifier",
-        "mlpipe-version": "2",
-        "run_id": "run0000000000002",
-        "commit": "abc123",
-    }
-    template.containers[0].env = [
-        run_v2.EnvVar(name="MLPIPE_BUCKET", value="acme-mlpipe"),
-        run_v2.EnvVar(name="MLPIPE_SERVE_MODEL", value="iris-classifier"),
-        run_v2.EnvVar(name="MLPIPE_SERVE_VERSION", value="2"),
-    ]
-    assert request == run_v2.UpdateServiceRequest(
-        service=run_v2.Service(
-            name=SERVICE,
-            etag="etag-7",
-            template=template,
-            traffic=[
-                run_v2.TrafficTarget(
-                    type_=REVISION,
-                    revision="mlpipe-predictor-iris-classifier-v1",
-                    percent=90,
-                    tag="champion",
-                ),
-                run_v2.TrafficTarget(
-                    type_=REVISION,
-                    revision="mlpipe-predictor-iris-classifier-v2",
-                    percent=10,
-                    tag="canary",
-                ),
-            ],
-        )
-    )
-
-
-def test_a_rollback_to_an_existing_revision_only_moves_traffic() -> None:
-    request = service_update(
-        current_service(),
-        "iris-classifier",
-        Traffic(champion=1),
-        {1: version(1)},
-        ["mlpipe-predictor-iris-classifier-v1", "mlpipe-predictor-iris-classifier-v2"],
-        IMAGE,
-        "abc123",
-    )
-
-    assert request.service.template == current_service().template
-    assert list(request.service.traffic) == [
-        run_v2.TrafficTarget(
-            type_=REVISION,
-            revision="mlpipe-predictor-iris-classifier-v1",
-            percent=100,
-            tag="champion",
-        )
-    ]
-
-
-def test_revision_names_fit_cloud_runs_rules() -> None:
-    name = revision_name("mlpipe-predictor", "A_Very_Long.Model-" + "x" * 80, 12)
-
-    assert len(name) <= 63 and name.endswith("-v12") and name.startswith("mlpipe-predictor")
-    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
-
-
 class FakeOperation:
     def __init__(self, value: Any = None) -> None:
         self.value = value
 
     def result(self, timeout: float | None = None) -> Any:
         return self.value
-
-
-class RecordingRun:
-    """Stands in for run_v2.ServicesClient/RevisionsClient: records what the adapter sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def get_service(self, name: str) -> run_v2.Service:
-        assert name == SERVICE
-        return current_service()
-
-    def list_revisions(self, parent: str) -> list[run_v2.Revision]:
-        return [run_v2.Revision(name=f"{parent}/revisions/mlpipe-predictor-iris-classifier-v1")]
-
-    def update_service(self, request: run_v2.UpdateServiceRequest) -> FakeOperation:
-        self.sent.append(request)
-        return FakeOperation(request.service)
-
-
-def test_the_cloud_run_adapter_sends_the_built_update() -> None:
-    run = RecordingRun()
-    target = CloudRunTarget(
-        "acme-ml-dev",
-        "us-central1",
-        "mlpipe-predictor",
-        IMAGE,
-        "abc123",
-        services=run,
-        revisions=run,
-    )
-
-    resource = target.apply(
-        "iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)}
-    ).resource
-
-    assert len(run.sent) == 1
-    assert run.sent[0].service.template.revision == "mlpipe-predictor-iris-classifier-v2"
-    assert resource == (
-        f"{SERVICE} (mlpipe-predictor-iris-classifier-v1 90%, "
-        "mlpipe-predictor-iris-classifier-v2 10%)"
-    )
 
 
 # --- Vertex AI --------------------------------------------------------------------------------

@@ -1,78 +1,184 @@
 """Cloud Run: one predictor service, a revision per served model version, traffic split
-between them."""
+between them.
+
+Code releases and model rollouts share the service (docs/deploy.md, "Cloud Run: code releases
+and model rollouts"):
+- a code release (Cloud Build's `gcloud run deploy`, or Cloud Deploy) replaces the service's
+  revision template: new image, the environment of infra/runtime.yaml, no model pinned;
+- a model rollout never sets the image or the environment: it builds each served version's
+  revision from the service's *current* template, adding only the two variables that pin the
+  version. The revision's name carries a fingerprint of that template, so a code release
+  makes every served version's revision name new, and the next `apply` builds them from the
+  released code, one per step, moving each version's share onto its new revision.
+
+`apply` never waits: it starts at most one UpdateService and returns its operation's name; a
+later call with that name in `running` checks it through the operations API.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.api_core import exceptions as gexc
 from google.cloud import run_v2
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 
 from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.targets import SERVE_MODEL_ENV, SERVE_VERSION_ENV, Rollout, label_value
 
+PINS = (SERVE_MODEL_ENV, SERVE_VERSION_ENV)
+MODEL_LABEL = "mlpipe-model"
+VERSION_LABEL = "mlpipe-version"
+RUN_LABEL = "run_id"
+RELEASE_LABEL = "mlpipe-release"
+ROLLOUT_LABELS = (MODEL_LABEL, VERSION_LABEL, RUN_LABEL, RELEASE_LABEL, "commit")
+REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+FAILED = run_v2.Condition.State.CONDITION_FAILED
 
-def revision_name(service: str, model: str, version: int) -> str:
-    """A revision name Cloud Run accepts: '<service>-', then [a-z0-9-], at most 63 in all."""
-    tail = f"-v{version}"
+
+class CloudRunRolloutError(RuntimeError):
+    """A Cloud Run change the rollout depends on failed: retrying the same step cannot help."""
+
+
+def code_release(template: run_v2.RevisionTemplate) -> run_v2.RevisionTemplate:
+    """The template as the last code release left it: without the revision name, the rollout's
+    labels and the variables that pin a model version."""
+    base = run_v2.RevisionTemplate(template)
+    base.revision = ""
+    for key in ROLLOUT_LABELS:
+        base.labels.pop(key, None)
+    for container in base.containers:
+        kept = [e for e in container.env if e.name not in PINS]
+        del container.env[:]
+        container.env.extend(kept)
+    return base
+
+
+def release_fingerprint(template: run_v2.RevisionTemplate) -> str:
+    """Six hex digits that change whenever a code release changes the template."""
+    canonical = run_v2.RevisionTemplate.to_json(code_release(template), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:6]
+
+
+def revision_name(service: str, model: str, version: int, release: str) -> str:
+    """A revision name Cloud Run accepts: '<service>-', then [a-z0-9-], at most 63 in all; one
+    per (model version, code release), so a retried update never makes a second one."""
+    tail = f"-v{version}-{release}"
     room = max(0, 63 - len(service) - 1 - len(tail))
     slug = re.sub(r"[^a-z0-9-]+", "-", model.lower())[:room].strip("-")
     return f"{service}-{slug}{tail}" if slug else f"{service}{tail}"
 
 
-def service_update(
+def pinned_template(
+    current: run_v2.RevisionTemplate, name: str, model: str, mv: ModelVersion, release: str
+) -> run_v2.RevisionTemplate:
+    """The released template, pinned to one model version."""
+    template = code_release(current)
+    template.revision = name
+    template.labels.update(
+        {
+            MODEL_LABEL: label_value(model),
+            VERSION_LABEL: str(mv.version),
+            RUN_LABEL: label_value(mv.run_id),
+            RELEASE_LABEL: release,
+        }
+    )
+    if not template.containers:
+        raise CloudRunRolloutError("the predictor service's template has no container")
+    template.containers[0].env.extend(
+        [
+            run_v2.EnvVar(name=SERVE_MODEL_ENV, value=model),
+            run_v2.EnvVar(name=SERVE_VERSION_ENV, value=str(mv.version)),
+        ]
+    )
+    return template
+
+
+def _failed(revision: run_v2.Revision) -> str:
+    for condition in revision.conditions:
+        if condition.type_ == "Ready" and condition.state == FAILED:
+            return condition.message or condition.reason.name or "not ready"
+    return ""
+
+
+def next_update(
     current: run_v2.Service,
+    revisions: Sequence[run_v2.Revision],
     model: str,
     traffic: Traffic,
     versions: dict[int, ModelVersion],
-    existing: Sequence[str],
-    image: str,
-    code_version: str,
-) -> run_v2.UpdateServiceRequest:
-    """The update that makes the predictor service split traffic as `traffic` says.
+) -> run_v2.UpdateServiceRequest | None:
+    """The one update that brings the service a step closer to `traffic` served by revisions
+    of the current code release, or None when it already serves it.
 
-    A version without a revision yet gets one: the current template with the predictor
-    image, pinned to that model version by environment variables, under a deterministic
-    revision name (so a retried update never makes a second one). Versions that have a
-    revision (a rollback, a promotion) only change the traffic list.
-    """
+    At most one new revision per step (a template makes one revision): a version without a
+    revision of this release keeps the share on the revision that served it, or, having none,
+    its share goes to the revision this step creates."""
     service_name = current.name.rsplit("/", 1)[-1]
-    service = run_v2.Service.deserialize(run_v2.Service.serialize(current))
+    release = release_fingerprint(current.template)
+    existing = {r.name.rsplit("/", 1)[-1]: r for r in revisions}
+    serving = {t.revision for t in current.traffic}
     shares = traffic.shares()
-    new = [v for v, _, _ in shares if revision_name(service_name, model, v) not in existing]
-    if len(new) > 1:
-        raise ValueError(f"one new revision per rollout step, not {new}")
-    if new:
-        version = new[0]
-        mv = versions[version]
-        template = service.template
-        template.revision = revision_name(service_name, model, version)
-        template.labels.update(
-            {
-                "mlpipe-model": label_value(model),
-                "mlpipe-version": str(version),
-                "run_id": label_value(mv.run_id),
-                "commit": label_value(code_version),
-            }
+    if not shares:
+        return None
+    wanted = {v: revision_name(service_name, model, v, release) for v, _, _ in shares}
+    for version, name in wanted.items():
+        if name in existing and _failed(existing[name]):
+            raise CloudRunRolloutError(
+                f"revision {name} (model {model} v{version}) failed: "
+                f"{_failed(existing[name])}; release a working predictor, then roll out again"
+            )
+
+    def older(version: int) -> str | None:
+        """A ready revision of an earlier release that serves `version`, preferring one with
+        traffic now."""
+        found = [
+            n
+            for n, r in existing.items()
+            if r.labels.get(MODEL_LABEL) == label_value(model)
+            and r.labels.get(VERSION_LABEL) == str(version)
+            and not _failed(r)
+        ]
+        found.sort(key=lambda n: (n in serving, n))
+        return found[-1] if found else None
+
+    missing = [v for v, _, _ in shares if wanted[v] not in existing]
+    # A version nothing serves yet goes first, then the others move to the new release.
+    missing.sort(key=lambda v: older(v) is not None)
+    create = missing[0] if missing else None
+    targets: list[tuple[str, int, str]] = []
+    orphaned = 0
+    for version, percent, alias in shares:
+        if wanted[version] in existing or version == create:
+            targets.append((wanted[version], percent, alias))
+            continue
+        old = older(version)
+        if old is None:
+            orphaned += percent
+        else:
+            targets.append((old, percent, alias))
+    if orphaned:
+        targets = [
+            (n, p + orphaned, a) if create is not None and n == wanted[create] else (n, p, a)
+            for n, p, a in targets
+        ]
+    now = sorted((t.revision, t.percent, t.tag) for t in current.traffic if t.type_ == REVISION)
+    if create is None and now == sorted(targets) and len(now) == len(current.traffic):
+        return None
+    service = run_v2.Service(current)
+    if create is not None:
+        service.template = pinned_template(
+            current.template, wanted[create], model, versions[create], release
         )
-        container = template.containers[0] if template.containers else run_v2.Container()
-        container.image = image
-        pinned = {SERVE_MODEL_ENV: model, SERVE_VERSION_ENV: str(version)}
-        kept = [e for e in container.env if e.name not in pinned]
-        container.env = [*kept, *(run_v2.EnvVar(name=k, value=v) for k, v in pinned.items())]
-        if not template.containers:
-            template.containers = [container]
-    service.traffic = [
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision=revision_name(service_name, model, version),
-            percent=percent,
-            tag=alias,
-        )
-        for version, percent, alias in shares
-    ]
+    del service.traffic[:]
+    service.traffic.extend(
+        run_v2.TrafficTarget(type_=REVISION, revision=name, percent=percent, tag=alias)
+        for name, percent, alias in targets
+    )
     return run_v2.UpdateServiceRequest(service=service)
 
 
@@ -81,6 +187,7 @@ class CloudRunTarget:
     project: str
     region: str
     service: str
+    # The image a code release deploys; a rollout keeps the service's own (see the module doc).
     image: str
     code_version: str
     name: str = "cloud_run"
@@ -100,13 +207,36 @@ class CloudRunTarget:
     ) -> Rollout:
         services = self.services or run_v2.ServicesClient()
         revisions = self.revisions or run_v2.RevisionsClient()
-        current = services.get_service(name=self.service_path)
-        existing = [
-            r.name.rsplit("/", 1)[-1] for r in revisions.list_revisions(parent=self.service_path)
-        ]
-        request = service_update(
-            current, model, traffic, versions, existing, self.image, self.code_version
-        )
-        services.update_service(request=request).result(timeout=540)
+        still = []
+        for name in running:
+            if name == self.service_path:
+                continue  # someone else's change: waited for through `reconciling` below
+            op = services.get_operation(operations_pb2.GetOperationRequest(name=name))
+            if not op.done:
+                still.append(name)
+            elif op.HasField("error"):
+                raise CloudRunRolloutError(
+                    f"Cloud Run operation {name} on {self.service_path} failed "
+                    f"(code {op.error.code}): {op.error.message}"
+                )
+        if still:
+            return Rollout(self.service_path, still)
+        try:
+            current = services.get_service(name=self.service_path)
+        except gexc.NotFound:
+            raise CloudRunRolloutError(
+                f"Cloud Run service {self.service_path} does not exist: deploy the predictor "
+                f"({self.image or 'its image'}) through cloudbuild/ first"
+            ) from None
+        if current.reconciling:
+            # A change is under way (a redelivery of this step, or a code release): start
+            # nothing until it is over.
+            return Rollout(self.service_path, [self.service_path])
+        listed = list(revisions.list_revisions(parent=self.service_path))
+        request = next_update(current, listed, model, traffic, versions)
+        if request is None:
+            split = ", ".join(f"{t.revision} {t.percent}%" for t in current.traffic)
+            return Rollout(f"{self.service_path} ({split})")
+        operation = services.update_service(request=request)
         split = ", ".join(f"{t.revision} {t.percent}%" for t in request.service.traffic)
-        return Rollout(f"{self.service_path} ({split})")
+        return Rollout(f"{self.service_path} ({split})", [operation.operation.name])

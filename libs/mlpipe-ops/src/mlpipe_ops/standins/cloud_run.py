@@ -1,0 +1,519 @@
+"""A local Cloud Run Admin API v2: services and revisions, answering as the reference says.
+
+The real `google-cloud-run` clients drive it over REST (`transport="rest"`,
+`client_options={"api_endpoint": stand_in.url}`, anonymous credentials):
+- services.create and services.patch (long-running operations), services.get;
+- revisions.list and revisions.get;
+- operations.get for every operation name the above return.
+
+It keeps what the Cloud Run control plane keeps: the Service (the desired state: a revision
+template and a traffic list), the revisions each new template made, and the operation that
+reconciles one change. Operations finish `operation_seconds` after they start, on a clock the
+caller may move (`advance`). Nothing is run: a revision "serves" when its image is one the
+stand-in knows (`images`, every image when not given).
+
+Every rule and its source are listed in docs/cloud-run-standin.md; the comments name the rule.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from google.cloud import run_v2
+
+from mlpipe_ops.standins.google_api import ApiError, dumps, timestamp
+
+DEFAULT_PROJECT_NUMBER = "123456789012"
+HOST = "127.0.0.1"
+SERVICE_TYPE = "type.googleapis.com/google.cloud.run.v2.Service"
+REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
+# Rule 5: a service id is a lowercase letter, then up to 48 of [a-z0-9-], not ending in '-'.
+SERVICE_ID = re.compile(r"^[a-z](?:[-a-z0-9]{0,47}[a-z0-9])?$")
+# Rule 13: a revision name is at most 63 of [a-z0-9-] (a DNS label).
+REVISION_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+# Rule 17: a tag is a DNS label part of the tagged URL.
+TAG = re.compile(r"^[a-z](?:[-a-z0-9]{0,44}[a-z0-9])?$")
+PATH = re.compile(
+    r"^/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+    r"(?:/(?P<kind>services|operations)(?:/(?P<id>[^/:]+))?"
+    r"(?:/revisions(?:/(?P<revision>[^/]+))?)?)?$"
+)
+
+
+@dataclass
+class _Operation:
+    name: str
+    service: tuple[str, str]
+    generation: int
+    due: float
+    done: bool = False
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class _Service:
+    location: str
+    service_id: str
+    body: run_v2.Service
+    created: str
+    generation: int = 1
+    revisions: dict[str, run_v2.Revision] = field(default_factory=dict)
+    # The revision each generation's template made (rule 12); a failed one never serves.
+    latest_created: str = ""
+    failed: set[str] = field(default_factory=set)
+
+
+class CloudRunStandIn:
+    """The stand-in: `start()` serves it on 127.0.0.1 in a thread, `stop()` ends it."""
+
+    def __init__(
+        self,
+        project_id: str,
+        *,
+        project_number: str = DEFAULT_PROJECT_NUMBER,
+        port: int = 0,
+        operation_seconds: float = 0.5,
+        images: Collection[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | None = None,
+    ) -> None:
+        if not project_number.isdigit():
+            raise ValueError(f"a project number is all digits, not {project_number!r}")
+        self.project_id = project_id
+        self.project_number = project_number
+        self.port = port
+        self.operation_seconds = operation_seconds
+        self.images = None if images is None else set(images)
+        self._clock = clock
+        self._offset = 0.0
+        self._random = random.Random(seed)
+        self._lock = threading.RLock()
+        self._services: dict[tuple[str, str], _Service] = {}
+        self._operations: dict[str, _Operation] = {}
+        self._server: ThreadingHTTPServer | None = None
+        # Every request that changed a service: (method, service name). Tests count them.
+        self.changes: list[tuple[str, str]] = []
+
+    # --- life cycle --------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def client_options(self) -> dict[str, str]:
+        return {"api_endpoint": self.url}
+
+    def start(self) -> CloudRunStandIn:
+        self._server = ThreadingHTTPServer((HOST, self.port), _handler(self))
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> CloudRunStandIn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def now(self) -> float:
+        return self._clock() + self._offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the stand-in's clock on: operations due by then finish at the next request."""
+        self._offset += seconds
+
+    def add_image(self, image: str) -> None:
+        """An image pushed to the registry the stand-in knows (rule 20)."""
+        if self.images is not None:
+            self.images.add(image)
+
+    # --- requests ----------------------------------------------------------------------------
+    def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Any:
+        with self._lock:
+            self._finish_due()
+            match = PATH.match(path)
+            if not match:
+                raise ApiError("NOT_FOUND", f"the stand-in does not serve {path}")
+            project, location = match["project"], match["location"]
+            if project not in (self.project_id, self.project_number):
+                # Rule 3: another project is not ours (no IAM here).
+                raise ApiError("PERMISSION_DENIED", f"Permission denied on project {project}.")
+            kind, rid, revision = match["kind"], match["id"], match["revision"]
+            if kind == "operations" and rid and method == "GET":
+                return self._operation_json(self._operation(location, rid))
+            if kind != "services":
+                raise ApiError("NOT_FOUND", f"{method} {path} is not a Cloud Run v2 method")
+            if rid is None:
+                if method == "POST":
+                    return self._create(location, query.get("serviceId", [""])[0], body)
+                raise ApiError("UNIMPLEMENTED", f"{method} {path}: not served by the stand-in")
+            if "/revisions" in path:
+                svc = self._service(location, rid)
+                if revision is None and method == "GET":
+                    return {"revisions": [self._revision_json(svc, r) for r in svc.revisions]}
+                if revision is not None and method == "GET":
+                    if revision not in svc.revisions:
+                        raise ApiError("NOT_FOUND", f"Revision '{revision}' does not exist.")
+                    return self._revision_json(svc, revision)
+                raise ApiError("UNIMPLEMENTED", f"{method} {path}: not served by the stand-in")
+            if method == "GET":
+                return self._service_json(self._service(location, rid))
+            if method == "PATCH":
+                allow_missing = query.get("allowMissing", ["false"])[0] == "true"
+                if (location, rid) not in self._services and allow_missing:
+                    return self._create(location, rid, body)
+                return self._update(location, rid, body)
+            raise ApiError("UNIMPLEMENTED", f"{method} {path}: not served by the stand-in")
+
+    def _service(self, location: str, service_id: str) -> _Service:
+        svc = self._services.get((location, service_id))
+        if svc is None:
+            # Rule 6: an unknown service is NOT_FOUND.
+            raise ApiError(
+                "NOT_FOUND", f"Resource '{service_id}' of kind 'SERVICE' does not exist."
+            )
+        return svc
+
+    def _operation(self, location: str, op_id: str) -> _Operation:
+        name = self._name(location, "operations", op_id)
+        if name not in self._operations:
+            raise ApiError("NOT_FOUND", f"Operation '{name}' not found.")
+        return self._operations[name]
+
+    def _name(self, location: str, kind: str, rid: str) -> str:
+        # Rule 2: names carry the project number (assumed, as Vertex AI and Cloud Run v1 do).
+        return f"projects/{self.project_number}/locations/{location}/{kind}/{rid}"
+
+    # --- create and update -------------------------------------------------------------------
+    def _parse(self, body: Any) -> run_v2.Service:
+        try:
+            return run_v2.Service.from_json(json.dumps(body or {}), ignore_unknown_fields=True)
+        except Exception as exc:
+            raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
+
+    def _create(self, location: str, service_id: str, body: Any) -> Any:
+        if not SERVICE_ID.match(service_id):
+            raise ApiError("INVALID_ARGUMENT", f"serviceId {service_id!r} is not a valid name")
+        if (location, service_id) in self._services:
+            # Rule 7.
+            raise ApiError("ALREADY_EXISTS", f"Resource '{service_id}' already exists.")
+        service = self._parse(body)
+        svc = _Service(location, service_id, run_v2.Service(), created=timestamp())
+        new_name = self._check(svc, service)
+        self._services[(location, service_id)] = svc
+        self.changes.append(("create", service_id))
+        return self._apply(svc, service, new_name, generation=1)
+
+    def _update(self, location: str, service_id: str, body: Any) -> Any:
+        svc = self._service(location, service_id)
+        service = self._parse(body)
+        sent = service.name.rsplit("/", 1)[-1] if service.name else service_id
+        if sent != service_id:
+            raise ApiError("INVALID_ARGUMENT", f"service.name {service.name!r} is not {service_id}")
+        if service.etag and service.etag != self._etag(svc):
+            # Rule 9: an etag that is not the current one is a concurrent change.
+            raise ApiError("ABORTED", "The service has been modified; read it again and retry.")
+        new_name = self._check(svc, service)
+        self.changes.append(("update", service_id))
+        return self._apply(svc, service, new_name, generation=svc.generation + 1)
+
+    def _check(self, svc: _Service, service: run_v2.Service) -> str:
+        """Refuses what the reference refuses; returns the name of the revision the request
+        makes ("" for none)."""
+        template = service.template
+        if not template.containers or not template.containers[0].image:
+            # Rule 10: a revision template names at least one container image.
+            raise ApiError("INVALID_ARGUMENT", "template.containers[0].image: must be specified")
+        for container in template.containers:
+            reserved = {e.name for e in container.env} & {"PORT", "K_SERVICE", "K_REVISION"}
+            if reserved:
+                # Rule 11.
+                names = ", ".join(sorted(reserved))
+                raise ApiError(
+                    "INVALID_ARGUMENT", f"The following reserved env names were provided: {names}."
+                )
+        new_name = self._new_revision_name(svc, service)
+        if new_name:
+            if not REVISION_NAME.match(new_name) or not new_name.startswith(svc.service_id + "-"):
+                # Rule 13.
+                raise ApiError(
+                    "INVALID_ARGUMENT",
+                    f"template.revision {new_name!r} must start with '{svc.service_id}-' and be "
+                    "at most 63 of [a-z0-9-]",
+                )
+            if new_name in svc.revisions:
+                # Rule 14: a revision is immutable; its name cannot be given to a new template.
+                raise ApiError(
+                    "ALREADY_EXISTS",
+                    f"Revision named '{new_name}' with different configuration already exists.",
+                )
+        self._check_traffic(svc, service, new_name)
+        return new_name
+
+    def _check_traffic(self, svc: _Service, service: run_v2.Service, new_name: str) -> None:
+        traffic = service.traffic
+        if not traffic:
+            return  # Rule 15: no traffic means 100% to the latest ready revision.
+        total = 0
+        tags: set[str] = set()
+        for target in traffic:
+            if target.percent < 0 or target.percent > 100:
+                raise ApiError("INVALID_ARGUMENT", f"percent {target.percent} is not 0..100")
+            total += target.percent
+            if target.type_ == REVISION:
+                # Rule 16: a revision target names a revision of this service that exists, or
+                # the one this request creates.
+                if not target.revision:
+                    raise ApiError("INVALID_ARGUMENT", "traffic.revision: must be specified")
+                if target.revision not in svc.revisions and target.revision != new_name:
+                    raise ApiError(
+                        "INVALID_ARGUMENT",
+                        f"Revision '{target.revision}' does not exist or is deleted.",
+                    )
+            elif target.type_ == LATEST:
+                if target.revision:
+                    raise ApiError("INVALID_ARGUMENT", "a LATEST target names no revision")
+            else:
+                raise ApiError("INVALID_ARGUMENT", "traffic.type: must be REVISION or LATEST")
+            if target.tag:
+                # Rule 17: tags are unique and DNS labels.
+                if not TAG.match(target.tag):
+                    raise ApiError("INVALID_ARGUMENT", f"tag {target.tag!r} is not valid")
+                if target.tag in tags:
+                    raise ApiError("INVALID_ARGUMENT", f"tag {target.tag!r} is used twice")
+                tags.add(target.tag)
+        if total != 100:
+            # Rule 15: the percentages add up to 100.
+            raise ApiError(
+                "INVALID_ARGUMENT", f"The traffic percentages add up to {total}, not 100."
+            )
+
+    def _new_revision_name(self, svc: _Service, service: run_v2.Service) -> str:
+        """The revision this request's template makes, or "" when the template is unchanged
+        (rule 12)."""
+        if svc.revisions and _template_key(service.template) == _template_key(svc.body.template):
+            return ""
+        if service.template.revision:
+            return service.template.revision
+        # Rule 12: a generated name is '<service>-<generation, 5 digits>-<3 letters>'.
+        letters = "".join(self._random.choice(string.ascii_lowercase) for _ in range(3))
+        generation = svc.generation + 1 if svc.revisions else 1
+        return f"{svc.service_id}-{generation:05d}-{letters}"
+
+    def _apply(
+        self, svc: _Service, service: run_v2.Service, new_name: str, *, generation: int
+    ) -> Any:
+        stored = run_v2.Service(service)
+        stored.template.revision = service.template.revision
+        svc.body = stored
+        svc.generation = generation
+        if new_name:
+            revision = run_v2.Revision(
+                name=self._name(svc.location, "services", svc.service_id)
+                + f"/revisions/{new_name}",
+                uid=str(uuid.uuid4()),
+                generation=1,
+                labels=dict(service.template.labels),
+                annotations=dict(service.template.annotations),
+                service=self._name(svc.location, "services", svc.service_id),
+                containers=list(service.template.containers),
+                service_account=service.template.service_account,
+                scaling=service.template.scaling,
+                timeout=service.template.timeout,
+                max_instance_request_concurrency=service.template.max_instance_request_concurrency,
+                execution_environment=service.template.execution_environment,
+                reconciling=True,
+            )
+            svc.revisions[new_name] = revision
+            svc.latest_created = new_name
+        op_id = str(uuid.UUID(int=self._random.getrandbits(128)))
+        op = _Operation(
+            self._name(svc.location, "operations", op_id),
+            (svc.location, svc.service_id),
+            generation,
+            due=self.now() + self.operation_seconds,
+        )
+        self._operations[op.name] = op
+        return self._operation_json(op)
+
+    # --- reconciliation ----------------------------------------------------------------------
+    def _finish_due(self) -> None:
+        now = self.now()
+        for op in self._operations.values():
+            if op.done or op.due > now:
+                continue
+            svc = self._services[op.service]
+            op.done = True
+            if op.generation != svc.generation:
+                continue  # superseded by a later change, which reconciles instead
+            created = svc.latest_created
+            revision = svc.revisions.get(created)
+            missing = [
+                c.image
+                for c in (revision.containers if revision else [])
+                if self.images is not None and c.image not in self.images
+            ]
+            if revision is not None:
+                revision.reconciling = False
+            if missing and revision is not None:
+                # Rule 20: a revision whose image cannot be pulled never becomes ready; the
+                # operation fails and the traffic stays where it served before.
+                svc.failed.add(created)
+                message = (
+                    f"Revision '{created}' is not ready and cannot serve traffic. Image "
+                    f"'{missing[0]}' not found."
+                )
+                op.error = ApiError("FAILED_PRECONDITION", message).rpc_status()
+
+    def _reconciling(self, svc: _Service) -> bool:
+        return any(
+            not op.done
+            for op in self._operations.values()
+            if op.service == (svc.location, svc.service_id)
+        )
+
+    def _served(self, svc: _Service) -> tuple[int, list[run_v2.TrafficTargetStatus], str]:
+        """(observed generation, traffic statuses, latest ready revision) of the last change
+        that reconciled without error (rule 8)."""
+        finished = [
+            op
+            for op in self._operations.values()
+            if op.service == (svc.location, svc.service_id) and op.done and op.error is None
+        ]
+        if not finished:
+            return 0, [], ""
+        observed = max(op.generation for op in finished)
+        ready = [
+            n for n in svc.revisions if n not in svc.failed and not svc.revisions[n].reconciling
+        ]
+        latest_ready = ready[-1] if ready else ""
+        statuses = _resolve_traffic(svc.body.traffic, latest_ready)
+        return observed, statuses, latest_ready
+
+    def _etag(self, svc: _Service) -> str:
+        return f'"{svc.service_id}-{svc.generation}"'
+
+    # --- JSON --------------------------------------------------------------------------------
+    def _service_message(self, svc: _Service) -> run_v2.Service:
+        out = run_v2.Service(svc.body)
+        out.name = self._name(svc.location, "services", svc.service_id)
+        out.uid = str(uuid.uuid5(uuid.NAMESPACE_URL, out.name))
+        out.generation = svc.generation
+        out.create_time = svc.created  # type: ignore[assignment]
+        out.etag = self._etag(svc)
+        reconciling = self._reconciling(svc)
+        observed, statuses, latest_ready = self._served(svc)
+        out.reconciling = reconciling
+        out.observed_generation = observed
+        out.latest_created_revision = (
+            f"{out.name}/revisions/{svc.latest_created}" if svc.latest_created else ""
+        )
+        out.latest_ready_revision = f"{out.name}/revisions/{latest_ready}" if latest_ready else ""
+        out.traffic_statuses = statuses
+        out.uri = f"https://{svc.service_id}-{self.project_number}.{svc.location}.run.app"
+        failed = not reconciling and svc.latest_created in svc.failed
+        out.terminal_condition = run_v2.Condition(
+            type_="Ready",
+            state=(
+                run_v2.Condition.State.CONDITION_RECONCILING
+                if reconciling
+                else run_v2.Condition.State.CONDITION_FAILED
+                if failed
+                else run_v2.Condition.State.CONDITION_SUCCEEDED
+            ),
+        )
+        return out
+
+    def _service_json(self, svc: _Service) -> Any:
+        return json.loads(run_v2.Service.to_json(self._service_message(svc)))
+
+    def _revision_json(self, svc: _Service, name: str) -> Any:
+        revision = run_v2.Revision(svc.revisions[name])
+        ready = name not in svc.failed and not revision.reconciling
+        revision.conditions = [
+            run_v2.Condition(
+                type_="Ready",
+                state=(
+                    run_v2.Condition.State.CONDITION_SUCCEEDED
+                    if ready
+                    else run_v2.Condition.State.CONDITION_RECONCILING
+                    if revision.reconciling
+                    else run_v2.Condition.State.CONDITION_FAILED
+                ),
+            )
+        ]
+        return json.loads(run_v2.Revision.to_json(revision))
+
+    def _operation_json(self, op: _Operation) -> Any:
+        svc = self._services[op.service]
+        service = {"@type": SERVICE_TYPE, **self._service_json(svc)}
+        out: dict[str, Any] = {"name": op.name, "metadata": service, "done": op.done}
+        if op.error is not None:
+            out["error"] = op.error
+        elif op.done:
+            out["response"] = service
+        return out
+
+
+def _template_key(template: run_v2.RevisionTemplate) -> str:
+    return run_v2.RevisionTemplate.to_json(template, sort_keys=True)
+
+
+def _resolve_traffic(traffic: Any, latest_ready: str) -> list[run_v2.TrafficTargetStatus]:
+    if not traffic:
+        traffic = [run_v2.TrafficTarget(type_=LATEST, percent=100)]
+    return [
+        run_v2.TrafficTargetStatus(
+            type_=t.type_,
+            revision=latest_ready if t.type_ == LATEST else t.revision,
+            percent=t.percent,
+            tag=t.tag,
+        )
+        for t in traffic
+    ]
+
+
+def _handler(stand_in: CloudRunStandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            url = urlsplit(self.path)
+            try:
+                body = json.loads(raw) if raw else None
+                answer = stand_in.handle(self.command, url.path, parse_qs(url.query), body)
+                status, data = 200, dumps(answer)
+            except ApiError as exc:
+                status, data = exc.http_status, dumps(exc.body())
+            except json.JSONDecodeError as exc:
+                error = ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}")
+                status, data = error.http_status, dumps(error.body())
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=UTF-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
