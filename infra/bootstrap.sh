@@ -51,6 +51,13 @@ BUILDS_HERE=false
 [[ "$DEPLOY" == direct || "$PROJECT" == "$DELIVERY_PROJECT" ]] && BUILDS_HERE=true
 
 cd "$(dirname "$0")/.."
+# Where the deployer rolls models out in this environment (cloud_run or vertex): the roles of
+# the deployer and of the serving identity depend on it.
+DEPLOY_TARGET="$(sed -n 's/^deploy_target: *\([a-z_]*\).*/\1/p' "infra/environments/$ENV.yaml")"
+[[ "$DEPLOY_TARGET" == cloud_run || "$DEPLOY_TARGET" == vertex ]] || {
+  echo "infra/environments/$ENV.yaml: deploy_target must be cloud_run or vertex" >&2
+  exit 1
+}
 g() { gcloud --project="$PROJECT" --quiet "$@"; }
 step() { printf '\n== %s\n' "$*"; }
 sa() { echo "$1@${PROJECT}.iam.gserviceaccount.com"; }
@@ -106,6 +113,9 @@ for s in "${SERVICES[@]}"; do
   ensure_sa "mlpipe-push-$s" "mlpipe push to $s (OIDC)"
 done
 ensure_sa mlpipe-build "mlpipe Cloud Build"
+# The predictor's identity on Vertex AI (DeployedModel.service_account; the environment file's
+# serving_service_account).
+if [[ "$DEPLOY_TARGET" == vertex ]]; then ensure_sa mlpipe-serving "mlpipe predictor on Vertex AI"; fi
 if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
   ensure_sa mlpipe-deploy "mlpipe Cloud Deploy (render and deploy)"
 fi
@@ -116,8 +126,11 @@ gcloud storage buckets describe "gs://$BUCKET" --project="$PROJECT" >/dev/null 2
     --uniform-bucket-level-access --public-access-prevention
 bucket_role() {
   retry gcloud storage buckets add-iam-policy-binding "gs://$BUCKET" --project="$PROJECT" \
-    --member="serviceAccount:$1" --role="$2"
+    --member="serviceAccount:$1" --role="$2" "${@:3}"
 }
+# An IAM condition that limits a bucket role to the model registry's objects (registry/...,
+# mlpipe.store.layout); conditions need uniform bucket-level access, which the bucket has.
+REGISTRY_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/registry/'),title=registry-only,description=mlpipe model registry objects"
 # ingest, trainer, evaluator, deployer create objects, read them back, and overwrite or
 # delete some (training claims, the champion alias, reports): roles/storage.objectUser is the
 # narrowest predefined role with delete, and it is granted on this bucket only.
@@ -128,6 +141,14 @@ done
 bucket_role "$(sa mlpipe-predictor)" roles/storage.objectViewer
 # ... and keeps a rejected push body under quarantine/ (create only, never overwrite).
 bucket_role "$(sa mlpipe-predictor)" roles/storage.objectCreator
+# Its automatic promotion of a canary rewrites the registry's alias objects (champion, canary:
+# overwrite and delete), so it may delete and replace objects, under registry/ only.
+bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser --condition="$REGISTRY_ONLY"
+if [[ "$DEPLOY_TARGET" == vertex ]]; then
+  # On Vertex AI the predictor runs as mlpipe-serving and loads the served version from the
+  # registry: read only, under registry/ only.
+  bucket_role "$(sa mlpipe-serving)" roles/storage.objectViewer --condition="$REGISTRY_ONLY"
+fi
 # Publishing to topics is granted per topic by `mlpipe infra apply` (the topics exist then).
 
 step "Roles of the trainer"
@@ -138,6 +159,22 @@ retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
 # dataset, write the model and publish TrainingCompleted; starting it needs actAs on itself.
 retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-trainer)" \
   --member="serviceAccount:$(sa mlpipe-trainer)" --role=roles/iam.serviceAccountUser
+
+step "Roles of the deployer ($DEPLOY_TARGET)"
+if [[ "$DEPLOY_TARGET" == cloud_run ]]; then
+  # Makes revisions of mlpipe-predictor that run as mlpipe-predictor: actAs on that account
+  # only (roles/run.developer on the service itself is granted by `mlpipe infra apply`).
+  retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-predictor)" \
+    --member="serviceAccount:$(sa mlpipe-deployer)" --role=roles/iam.serviceAccountUser
+fi
+if [[ "$DEPLOY_TARGET" == vertex ]]; then
+  # Uploads models and deploys them to the endpoint (Vertex AI grants per project).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$(sa mlpipe-deployer)" --role=roles/aiplatform.user
+  # Deploys models that run as mlpipe-serving (DeployedModel.service_account): actAs on it.
+  retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-serving)" \
+    --member="serviceAccount:$(sa mlpipe-deployer)" --role=roles/iam.serviceAccountUser
+fi
 
 step "Push identities"
 for s in "${SERVICES[@]}"; do

@@ -366,7 +366,9 @@ def definition(service: str, env: str) -> tuple[service_runtime.ServiceRuntime, 
     return runtime, infra.resolve(environment, env, project=PROJECT, project_number=NUMBER)
 
 
-@pytest.mark.parametrize(("service", "env"), [("trainer", "dev"), ("predictor", "prod")])
+@pytest.mark.parametrize(
+    ("service", "env"), [("trainer", "dev"), ("predictor", "prod"), ("deployer", "staging")]
+)
 def test_gcloud_deploys_the_runtime_definition(
     cloud_run: CloudRun,
     tmp_path: Path,
@@ -414,6 +416,17 @@ def test_gcloud_deploys_the_runtime_definition(
         "MLPIPE_PUSH_AUDIENCE": f"https://mlpipe-{service}-{NUMBER}.{REGION}.run.app",
         "MLPIPE_PUSH_SERVICE_ACCOUNT": f"mlpipe-push-{service}@{PROJECT}.iam.gserviceaccount.com",
         **({"MLPIPE_TRAINER_IMAGE": image} if service == "trainer" else {}),
+        # Where the deployer rolls out (the environment file), with this build's predictor.
+        **(
+            {
+                "MLPIPE_DEPLOY_TARGET": target.deploy_target,
+                "MLPIPE_REGION": REGION,
+                "MLPIPE_CLOUD_RUN_SERVICE": "mlpipe-predictor",
+                "MLPIPE_PREDICTOR_IMAGE": image.replace("/deployer:", "/predictor:"),
+            }
+            if service == "deployer"
+            else {}
+        ),
         **runtime.env,
     }
     assert {

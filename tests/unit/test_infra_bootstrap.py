@@ -132,3 +132,88 @@ def test_plan_explains_what_is_missing(
 
     assert result.exit_code == 1
     assert message in result.output
+
+
+def _bootstrap_deploy_target(env: str) -> str:
+    """What bootstrap's DEPLOY_TARGET line reads from an environment file."""
+    line = next(ln for ln in SCRIPT.splitlines() if ln.startswith("DEPLOY_TARGET="))
+    command = line.removeprefix("DEPLOY_TARGET=").strip('"').removeprefix("$(").removesuffix(")")
+    result = subprocess.run(
+        ["bash", "-c", command.replace("$ENV", env)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("name", ["dev", "staging", "prod"])
+def test_bootstrap_reads_the_deploy_target_the_environment_file_names(name: str) -> None:
+    env = infra.load_environment(name, REPO / "infra" / "environments")
+
+    assert _bootstrap_deploy_target(name) == env.deploy_target
+
+
+def _block(condition: str) -> str:
+    """The lines of bootstrap's `if [[ "$DEPLOY_TARGET" == X ]]` blocks, joined."""
+    lines = SCRIPT.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith(f'if [[ "$DEPLOY_TARGET" == {condition} ]]'):
+            for inner in lines[i:]:
+                out.append(inner)
+                if inner == "fi" or inner.endswith("; fi"):
+                    break
+    return "\n".join(out)
+
+
+def test_the_deployer_gets_the_roles_its_target_needs_and_no_others() -> None:
+    cloud_run, vertex = _block("cloud_run"), _block("vertex")
+    deployer = '--member="serviceAccount:$(sa mlpipe-deployer)"'
+
+    # Cloud Run: actAs on the predictor's runtime account (run.developer on the service is
+    # infra apply's, tested with iam_bindings).
+    assert 'add-iam-policy-binding "$(sa mlpipe-predictor)"' in cloud_run
+    assert deployer in cloud_run and "roles/iam.serviceAccountUser" in cloud_run
+    assert "roles/aiplatform.user" not in cloud_run
+    # Vertex AI: upload and deploy, and actAs on the serving account it deploys with.
+    assert (
+        "roles/aiplatform.user" in vertex
+        and 'add-iam-policy-binding "$(sa mlpipe-serving)"' in vertex
+    )
+    assert "ensure_sa mlpipe-serving" in vertex
+    # The serving account reads the registry only.
+    assert (
+        'bucket_role "$(sa mlpipe-serving)" roles/storage.objectViewer --condition="$REGISTRY_ONLY"'
+        in vertex
+    )
+
+
+def test_the_serving_account_is_the_one_the_environment_files_name() -> None:
+    for name in ("dev", "staging", "prod"):
+        env = infra.load_environment(name, REPO / "infra" / "environments")
+        target = infra.resolve(env, name, project="acme-ml", project_number=1)
+        # bootstrap: sa mlpipe-serving
+        assert target.serving_account == "mlpipe-serving@acme-ml.iam.gserviceaccount.com"
+
+
+def test_the_predictor_may_rewrite_registry_objects_only() -> None:
+    from mlpipe.store import layout
+
+    condition = re.search(r'^REGISTRY_ONLY="(.*)"$', SCRIPT, re.M)
+    assert condition is not None
+    expression = condition.group(1).split(",title=")[0]
+    # Cloud Storage names objects projects/_/buckets/BUCKET/objects/NAME in IAM conditions.
+    assert expression == (
+        "expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/"
+        f"{layout.REGISTRY}')"
+    )
+    grants = [ln for ln in SCRIPT.splitlines() if 'bucket_role "$(sa mlpipe-predictor)"' in ln]
+    # Read everywhere, create quarantine and prediction objects, delete/overwrite in registry/.
+    assert grants == [
+        'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectViewer',
+        'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectCreator',
+        'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser '
+        '--condition="$REGISTRY_ONLY"',
+    ]

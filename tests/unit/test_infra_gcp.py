@@ -156,13 +156,18 @@ def test_iam_plan_binds_what_is_missing_and_waits_for_undeployed_services(
 
     binds = [c for c in changes if c.action == "bind"]
     blocked = [c for c in changes if c.action == "blocked"]
-    assert len(binds) == len(infra.iam_bindings(dev)) - 1 - 5
+    # Six bindings on Cloud Run services: five invokers and the deployer's run.developer on
+    # the predictor (dev deploys to cloud_run); ingest's invoker is there already.
+    assert len(binds) == len(infra.iam_bindings(dev)) - 1 - 6
     assert sorted(c.name.rsplit("/", 1)[-1] for c in blocked) == [
         "mlpipe-deployer",
         "mlpipe-evaluator",
         "mlpipe-predictor",
+        "mlpipe-predictor",
         "mlpipe-trainer",
     ]
+    roles = {c.name.split(" on ")[0] for c in blocked}
+    assert roles == {"roles/run.invoker", "roles/run.developer"}
     assert all("not deployed yet" in c.detail for c in blocked)
     assert not google.sent("POST")  # a plan only reads
 

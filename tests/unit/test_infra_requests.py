@@ -244,12 +244,26 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (topic + "drift-detected", "roles/pubsub.publisher", sa("mlpipe-evaluator")),
         (topic + "ingest-requests", "roles/pubsub.publisher", sa("mlpipe-evaluator")),
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-deployer")),
+        # The predictor's automatic promotion records a DeploymentCompleted.
+        (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         *(
             (topic + "pipeline-failures", "roles/pubsub.publisher", sa(f"mlpipe-{s}"))
             for s in services
         ),
+        # dev deploys to cloud_run: the deployer updates the predictor service, and only it.
+        (run + "predictor", "roles/run.developer", sa("mlpipe-deployer")),
     }
     assert len(infra.iam_bindings(dev)) == len(bindings)  # no duplicates
+
+
+def test_the_deployer_may_change_the_predictor_service_only_on_the_cloud_run_target() -> None:
+    env = infra.load_environment("dev", ENVIRONMENTS).model_copy(update={"deploy_target": "vertex"})
+    vertex = infra.resolve(env, "dev", project=PROJECT, project_number=NUMBER)
+
+    roles = {b.role for b in infra.iam_bindings(vertex)}
+
+    assert "roles/run.developer" not in roles
+    assert vertex.serving_account == f"mlpipe-serving@{PROJECT}.iam.gserviceaccount.com"
 
 
 def invoker() -> infra.IamBinding:

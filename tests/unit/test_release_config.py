@@ -12,6 +12,7 @@ applies and releases them with the real gcloud.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -422,6 +423,15 @@ def test_the_manifest_says_what_the_deploy_flags_say(
     # The trainer's own image, for Vertex AI jobs: the image the release will deploy.
     if service == "trainer":
         assert flags["--set-env-vars"]["MLPIPE_TRAINER_IMAGE"] == image
+    # Where the deployer rolls out, from the environment file; the predictor of this build.
+    if service == "deployer":
+        env_vars = flags["--set-env-vars"]
+        assert env_vars["MLPIPE_DEPLOY_TARGET"] == each.target.deploy_target
+        assert env_vars["MLPIPE_PREDICTOR_IMAGE"] == release.image_reference(
+            REGISTRY, "predictor", SHA[:7]
+        )
+        assert env_vars["MLPIPE_CLOUD_RUN_SERVICE"] == "mlpipe-predictor"
+        assert env_vars["MLPIPE_REGION"] == each.target.region
     # Project and region are the target's.
     documents = yaml.safe_load_all(rendered["clouddeploy.yaml"])
     target = next(d for d in documents if d["metadata"]["name"] == f"mlpipe-{env}")
@@ -477,3 +487,42 @@ def test_release_config_defaults_to_the_first_environment_s_registry_and_the_sho
         f"us-central1-docker.pkg.dev/mlpipe-dev/mlpipe/trainer:{SHA[:7]}"
     )
     assert "pipelines mlpipe-trainer (dev → staging → prod; approval before prod)" in said
+
+
+@pytest.mark.parametrize("deploy_target", ["cloud_run", "vertex"])
+def test_the_deployer_starts_on_its_environment_s_target_with_the_rendered_variables(
+    monkeypatch: pytest.MonkeyPatch, deploy_target: str
+) -> None:
+    from mlpipe.runtime.settings import load_settings
+    from mlpipe_deployer.settings import DeployerSettings
+
+    each = stage("dev")
+    target = dataclasses.replace(each.target, deploy_target=deploy_target)
+    image = release.image_reference(REGISTRY, "deployer", SHA[:7])
+    flags = service_runtime.run_deploy_flags(
+        target, "deployer", each.runtimes["deployer"], image=image, code_version=SHA
+    )
+    for name in list(os.environ):
+        if name.startswith("MLPIPE_"):
+            monkeypatch.delenv(name)
+    for name, value in flags["--set-env-vars"].items():
+        monkeypatch.setenv(name, value)
+    if deploy_target == "vertex":
+        monkeypatch.setenv("MLPIPE_VERTEX_ENDPOINT", "1234")  # created by the operator
+
+    settings = load_settings(DeployerSettings)
+
+    assert settings.deploy_target == deploy_target
+    assert settings.predictor_image == release.image_reference(REGISTRY, "predictor", SHA[:7])
+    assert settings.cloud_run_service == "mlpipe-predictor"
+    serving = flags["--set-env-vars"].get("MLPIPE_VERTEX_SERVING_ACCOUNT")
+    assert serving == (
+        f"mlpipe-serving@{PROJECTS['dev']}.iam.gserviceaccount.com"
+        if deploy_target == "vertex"
+        else None
+    )
+
+
+def test_the_runtime_definition_may_not_set_what_the_environment_file_decides() -> None:
+    with pytest.raises(ValueError, match="MLPIPE_DEPLOY_TARGET comes from the environment file"):
+        service_runtime.ServiceRuntime.model_validate({"env": {"MLPIPE_DEPLOY_TARGET": "vertex"}})

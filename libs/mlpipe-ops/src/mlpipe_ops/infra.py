@@ -185,6 +185,11 @@ class Environment(_Strict):
     service_url: str = Field(description="Each service's base URL: push endpoint and audience.")
     cloud_run_service: str = "mlpipe-{service}"
     runtime_service_account: str = "mlpipe-{service}@{project}.iam.gserviceaccount.com"
+    serving_service_account: str = Field(
+        default="mlpipe-serving@{project}.iam.gserviceaccount.com",
+        description="The identity the predictor runs as on Vertex AI (deploy_target vertex): "
+        "DeployedModel.service_account.",
+    )
     services: dict[str, ServiceSettings] = Field(default_factory=dict)
     subscriptions: dict[str, SubscriptionSettings] = Field(default_factory=dict)
     deploy_target: Literal["local", "cloud_run", "vertex"] = Field(
@@ -212,6 +217,7 @@ class Environment(_Strict):
             "service_url": self.service_url,
             "cloud_run_service": self.cloud_run_service,
             "runtime_service_account": self.runtime_service_account,
+            "serving_service_account": self.serving_service_account,
             **{f"services.{k}.url": v.url for k, v in self.services.items()},
             **{
                 f"subscriptions.{k}.push_service_account": v.push_service_account
@@ -320,6 +326,8 @@ class Target:
     runtimes: Mapping[str, ServiceRuntime] = field(default_factory=dict)
     schedules: tuple[ScheduleSpec, ...] = ()
     topology: Topology = TOPOLOGY
+    # The predictor's identity on Vertex AI (gcp only).
+    serving_account: str = ""
 
     @property
     def emulated(self) -> bool:
@@ -408,7 +416,9 @@ def resolve(
         values["project_number"] = number
     runtime: dict[str, str] = {}
     run_services: dict[str, str] = {}
+    serving = ""
     if gcp:
+        serving = _fill(env.serving_service_account, "serving_service_account", values)
         for service in topology.services:
             per_service = {**values, "service": service}
             runtime[service] = _fill(
@@ -450,6 +460,7 @@ def resolve(
         runtimes=dict(runtimes or {}),
         schedules=tuple(env.schedules),
         topology=topology,
+        serving_account=serving,
     )
 
 
@@ -720,6 +731,16 @@ def iam_bindings(target: Target) -> list[IamBinding]:
                     f"{service} publishes its events here",
                 )
             )
+    if target.deploy_target == "cloud_run" and "predictor" in target.run_services:
+        bindings.append(
+            IamBinding(
+                target.run_services["predictor"],
+                "roles/run.developer",
+                f"serviceAccount:{target.runtime_accounts['deployer']}",
+                "the Cloud Run target makes the predictor's revisions and moves their traffic "
+                "(this service only; actAs on the predictor's account: infra/bootstrap.sh)",
+            )
+        )
     # Two subscriptions pushing to one service with one identity need one invoker binding.
     unique: dict[tuple[str, str, str], IamBinding] = {}
     for binding in bindings:

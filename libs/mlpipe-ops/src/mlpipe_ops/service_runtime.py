@@ -147,8 +147,23 @@ DERIVED_ENV = frozenset(
         "MLPIPE_PUSH_AUDIENCE",
         "MLPIPE_PUSH_SERVICE_ACCOUNT",
         "MLPIPE_TRAINER_IMAGE",
+        "MLPIPE_DEPLOY_TARGET",
+        "MLPIPE_REGION",
+        "MLPIPE_CLOUD_RUN_SERVICE",
+        "MLPIPE_PREDICTOR_IMAGE",
+        "MLPIPE_VERTEX_SERVING_ACCOUNT",
     }
 )
+
+
+def sibling_image(image: str, service: str) -> str:
+    """The image of `service` built with `image` (cloudbuild/service.yaml pushes every service
+    as <registry>/<service>:<tag>): the same registry and tag."""
+    registry, _, name = image.rpartition("/")
+    _, colon, tag = name.partition(":")
+    if not registry or not colon or not tag or "@" in name:
+        raise ValueError(f"{image!r} is not <registry>/<service>:<tag>")
+    return f"{registry}/{service}:{tag}"
 
 
 def runtime_file(directory: Path | None = None) -> Path:
@@ -216,7 +231,9 @@ def service_environment(
     """Every variable `service` needs on `target`, and nothing else: the project, bucket,
     code version and environment; how push requests are checked (on GCP, the OIDC audience and
     identity its subscriptions sign with, as `mlpipe infra apply` configures them); the
-    trainer's own image (Vertex AI CustomJobs run it); then runtime.yaml's `env`.
+    trainer's own image (Vertex AI CustomJobs run it); on GCP, where the deployer rolls models
+    out (the environment's deploy_target, the predictor service, the predictor image of the
+    same build, the serving identity on Vertex AI); then runtime.yaml's `env`.
 
     Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
     env = {
@@ -237,6 +254,16 @@ def service_environment(
         }
     if service == "trainer" and image:
         env["MLPIPE_TRAINER_IMAGE"] = image
+    if service == "deployer" and not target.emulated:
+        env |= {
+            "MLPIPE_DEPLOY_TARGET": target.deploy_target,
+            "MLPIPE_REGION": target.region,
+            "MLPIPE_CLOUD_RUN_SERVICE": target.run_services["predictor"].rsplit("/", 1)[-1],
+        }
+        if image:
+            env["MLPIPE_PREDICTOR_IMAGE"] = sibling_image(image, "predictor")
+        if target.deploy_target == "vertex":
+            env["MLPIPE_VERTEX_SERVING_ACCOUNT"] = target.serving_account
     return env | runtime.env
 
 

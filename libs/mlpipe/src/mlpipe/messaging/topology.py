@@ -139,7 +139,9 @@ TOPOLOGY = Topology(
             events.INGEST_REQUESTS,
         ),
         "deployer": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
-        "predictor": (events.PIPELINE_FAILURES,),
+        # A canary that earned its promotion is promoted by the predictor, which records it
+        # as a DeploymentCompleted (mlpipe_predictor.models.promote_canary).
+        "predictor": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
     },
 )
 
