@@ -280,7 +280,7 @@ def test_a_failed_operation_is_a_clear_error(run: Run) -> None:
         run.target().apply(MODEL, Traffic(1), VERSIONS, started.operations)
     # The deployer retries the step: the failed revision is named, nothing new is started.
     changes = len(run.stand_in.changes)
-    with pytest.raises(CloudRunRolloutError, match="release a working predictor"):
+    with pytest.raises(CloudRunRolloutError, match=r"Image '.*:missing' not found; release a"):
         run.target().apply(MODEL, Traffic(1), VERSIONS)
     assert len(run.stand_in.changes) == changes
 
@@ -301,7 +301,6 @@ def test_revision_names_fit_cloud_runs_rules() -> None:
 @pytest.mark.parametrize(
     ("traffic", "message"),
     [
-        ([("mlpipe-predictor-nope", 100)], "does not exist"),
         ([("REV", 60)], "add up to 60"),
         ([("REV", 50, "x"), ("REV", 50, "x")], "used twice"),
     ],
@@ -336,3 +335,23 @@ def test_the_stand_in_refuses_a_second_template_under_an_existing_revision_name(
     service.template.containers[0].image = f"{REGISTRY}/predictor:other"
     with pytest.raises(gexc.Conflict, match="with different configuration already exists"):
         run.services.update_service(service=service)
+
+
+def test_traffic_to_a_revision_that_does_not_exist_fails_the_operation(run: Run) -> None:
+    run.release("a" * 40, create=True)
+    service = run.service()
+    service.traffic.append(
+        run_v2.TrafficTarget(
+            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+            revision="mlpipe-predictor-nope",
+            percent=100,
+        )
+    )
+
+    operation = run.services.update_service(service=service)
+    run.finish()
+
+    with pytest.raises(gexc.InternalServerError, match="does not exist or is deleted"):
+        operation.result(timeout=30)
+    # What serves stays what served before the change.
+    assert [t.percent for t in run.service().traffic_statuses] == [100]

@@ -60,6 +60,8 @@ class _Operation:
     due: float
     done: bool = False
     error: dict[str, Any] | None = None
+    # Refusals the control plane reports through the operation, not the request (rule 16).
+    fails_with: ApiError | None = None
 
 
 @dataclass
@@ -72,7 +74,11 @@ class _Service:
     revisions: dict[str, run_v2.Revision] = field(default_factory=dict)
     # The revision each generation's template made (rule 12); a failed one never serves.
     latest_created: str = ""
-    failed: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)  # revision → why it is not ready
+    # What the last change that reconciled without error serves (rule 8).
+    observed_generation: int = 0
+    latest_ready: str = ""
+    serving: list[run_v2.TrafficTargetStatus] = field(default_factory=list)
 
 
 class CloudRunStandIn:
@@ -216,10 +222,10 @@ class CloudRunStandIn:
             raise ApiError("ALREADY_EXISTS", f"Resource '{service_id}' already exists.")
         service = self._parse(body)
         svc = _Service(location, service_id, run_v2.Service(), created=timestamp())
-        new_name = self._check(svc, service)
+        new_name, deferred = self._check(svc, service)
         self._services[(location, service_id)] = svc
         self.changes.append(("create", service_id))
-        return self._apply(svc, service, new_name, generation=1)
+        return self._apply(svc, service, new_name, deferred, generation=1)
 
     def _update(self, location: str, service_id: str, body: Any) -> Any:
         svc = self._service(location, service_id)
@@ -230,13 +236,13 @@ class CloudRunStandIn:
         if service.etag and service.etag != self._etag(svc):
             # Rule 9: an etag that is not the current one is a concurrent change.
             raise ApiError("ABORTED", "The service has been modified; read it again and retry.")
-        new_name = self._check(svc, service)
+        new_name, deferred = self._check(svc, service)
         self.changes.append(("update", service_id))
-        return self._apply(svc, service, new_name, generation=svc.generation + 1)
+        return self._apply(svc, service, new_name, deferred, generation=svc.generation + 1)
 
-    def _check(self, svc: _Service, service: run_v2.Service) -> str:
+    def _check(self, svc: _Service, service: run_v2.Service) -> tuple[str, ApiError | None]:
         """Refuses what the reference refuses; returns the name of the revision the request
-        makes ("" for none)."""
+        makes ("" for none) and the error its operation will end with, if any."""
         template = service.template
         if not template.containers or not template.containers[0].image:
             # Rule 10: a revision template names at least one container image.
@@ -264,15 +270,17 @@ class CloudRunStandIn:
                     "ALREADY_EXISTS",
                     f"Revision named '{new_name}' with different configuration already exists.",
                 )
-        self._check_traffic(svc, service, new_name)
-        return new_name
+        return new_name, self._check_traffic(svc, service, new_name)
 
-    def _check_traffic(self, svc: _Service, service: run_v2.Service, new_name: str) -> None:
+    def _check_traffic(
+        self, svc: _Service, service: run_v2.Service, new_name: str
+    ) -> ApiError | None:
         traffic = service.traffic
         if not traffic:
-            return  # Rule 15: no traffic means 100% to the latest ready revision.
+            return None  # Rule 15: no traffic means 100% to the latest ready revision.
         total = 0
         tags: set[str] = set()
+        deferred = None
         for target in traffic:
             if target.percent < 0 or target.percent > 100:
                 raise ApiError("INVALID_ARGUMENT", f"percent {target.percent} is not 0..100")
@@ -283,9 +291,10 @@ class CloudRunStandIn:
                 if not target.revision:
                     raise ApiError("INVALID_ARGUMENT", "traffic.revision: must be specified")
                 if target.revision not in svc.revisions and target.revision != new_name:
-                    raise ApiError(
-                        "INVALID_ARGUMENT",
-                        f"Revision '{target.revision}' does not exist or is deleted.",
+                    deferred = deferred or ApiError(
+                        "INTERNAL",
+                        f"Revision '{target.revision}' does not exist or is deleted. Update all "
+                        "traffic to route to currently available revisions.",
                     )
             elif target.type_ == LATEST:
                 if target.revision:
@@ -304,6 +313,7 @@ class CloudRunStandIn:
             raise ApiError(
                 "INVALID_ARGUMENT", f"The traffic percentages add up to {total}, not 100."
             )
+        return deferred
 
     def _new_revision_name(self, svc: _Service, service: run_v2.Service) -> str:
         """The revision this request's template makes, or "" when the template is unchanged
@@ -318,7 +328,13 @@ class CloudRunStandIn:
         return f"{svc.service_id}-{generation:05d}-{letters}"
 
     def _apply(
-        self, svc: _Service, service: run_v2.Service, new_name: str, *, generation: int
+        self,
+        svc: _Service,
+        service: run_v2.Service,
+        new_name: str,
+        deferred: ApiError | None,
+        *,
+        generation: int,
     ) -> Any:
         stored = run_v2.Service(service)
         stored.template.revision = service.template.revision
@@ -349,6 +365,7 @@ class CloudRunStandIn:
             (svc.location, svc.service_id),
             generation,
             due=self.now() + self.operation_seconds,
+            fails_with=deferred,
         )
         self._operations[op.name] = op
         return self._operation_json(op)
@@ -356,31 +373,47 @@ class CloudRunStandIn:
     # --- reconciliation ----------------------------------------------------------------------
     def _finish_due(self) -> None:
         now = self.now()
-        for op in self._operations.values():
+        for op in sorted(self._operations.values(), key=lambda o: o.due):
             if op.done or op.due > now:
                 continue
             svc = self._services[op.service]
             op.done = True
             if op.generation != svc.generation:
-                continue  # superseded by a later change, which reconciles instead
+                continue  # Rule 22: superseded by a later change, which reconciles instead.
             created = svc.latest_created
             revision = svc.revisions.get(created)
-            missing = [
-                c.image
-                for c in (revision.containers if revision else [])
-                if self.images is not None and c.image not in self.images
-            ]
-            if revision is not None:
+            if revision is not None and revision.reconciling:
                 revision.reconciling = False
-            if missing and revision is not None:
-                # Rule 20: a revision whose image cannot be pulled never becomes ready; the
-                # operation fails and the traffic stays where it served before.
-                svc.failed.add(created)
-                message = (
-                    f"Revision '{created}' is not ready and cannot serve traffic. Image "
-                    f"'{missing[0]}' not found."
-                )
-                op.error = ApiError("FAILED_PRECONDITION", message).rpc_status()
+                missing = [
+                    c.image
+                    for c in revision.containers
+                    if self.images is not None and c.image not in self.images
+                ]
+                if missing:
+                    # Rule 20: a revision whose image cannot be pulled never becomes ready.
+                    svc.failed[created] = f"Image '{missing[0]}' not found."
+                    op.error = ApiError(
+                        "FAILED_PRECONDITION",
+                        f"Revision '{created}' is not ready and cannot serve traffic. "
+                        + svc.failed[created],
+                    ).rpc_status()
+                    continue
+            if op.fails_with is not None:
+                op.error = op.fails_with.rpc_status()
+                continue
+            if any(t.type_ == REVISION and t.revision in svc.failed for t in svc.body.traffic):
+                # Rule 20: traffic cannot go to a revision that failed.
+                bad = next(t.revision for t in svc.body.traffic if t.revision in svc.failed)
+                op.error = ApiError(
+                    "FAILED_PRECONDITION",
+                    f"Revision '{bad}' is not ready and cannot serve traffic.",
+                ).rpc_status()
+                continue
+            # Rule 8: reconciled; the service serves what it says.
+            ready = [n for n in svc.revisions if n not in svc.failed]
+            svc.latest_ready = ready[-1] if ready else ""
+            svc.observed_generation = op.generation
+            svc.serving = _resolve_traffic(svc.body.traffic, svc.latest_ready)
 
     def _reconciling(self, svc: _Service) -> bool:
         return any(
@@ -388,24 +421,6 @@ class CloudRunStandIn:
             for op in self._operations.values()
             if op.service == (svc.location, svc.service_id)
         )
-
-    def _served(self, svc: _Service) -> tuple[int, list[run_v2.TrafficTargetStatus], str]:
-        """(observed generation, traffic statuses, latest ready revision) of the last change
-        that reconciled without error (rule 8)."""
-        finished = [
-            op
-            for op in self._operations.values()
-            if op.service == (svc.location, svc.service_id) and op.done and op.error is None
-        ]
-        if not finished:
-            return 0, [], ""
-        observed = max(op.generation for op in finished)
-        ready = [
-            n for n in svc.revisions if n not in svc.failed and not svc.revisions[n].reconciling
-        ]
-        latest_ready = ready[-1] if ready else ""
-        statuses = _resolve_traffic(svc.body.traffic, latest_ready)
-        return observed, statuses, latest_ready
 
     def _etag(self, svc: _Service) -> str:
         return f'"{svc.service_id}-{svc.generation}"'
@@ -419,16 +434,17 @@ class CloudRunStandIn:
         out.create_time = svc.created  # type: ignore[assignment]
         out.etag = self._etag(svc)
         reconciling = self._reconciling(svc)
-        observed, statuses, latest_ready = self._served(svc)
         out.reconciling = reconciling
-        out.observed_generation = observed
+        out.observed_generation = svc.observed_generation
         out.latest_created_revision = (
             f"{out.name}/revisions/{svc.latest_created}" if svc.latest_created else ""
         )
+        latest_ready = svc.latest_ready
         out.latest_ready_revision = f"{out.name}/revisions/{latest_ready}" if latest_ready else ""
-        out.traffic_statuses = statuses
+        # Rule 16: traffic names revisions by their id, as the request does.
+        out.traffic_statuses = list(svc.serving)
         out.uri = f"https://{svc.service_id}-{self.project_number}.{svc.location}.run.app"
-        failed = not reconciling and svc.latest_created in svc.failed
+        failed = not reconciling and svc.observed_generation != svc.generation
         out.terminal_condition = run_v2.Condition(
             type_="Ready",
             state=(
@@ -457,6 +473,7 @@ class CloudRunStandIn:
                     if revision.reconciling
                     else run_v2.Condition.State.CONDITION_FAILED
                 ),
+                message=svc.failed.get(name, ""),
             )
         ]
         return json.loads(run_v2.Revision.to_json(revision))

@@ -101,7 +101,7 @@ def pinned_template(
 def _failed(revision: run_v2.Revision) -> str:
     for condition in revision.conditions:
         if condition.type_ == "Ready" and condition.state == FAILED:
-            return condition.message or condition.reason.name or "not ready"
+            return condition.message.rstrip(".") or "not ready"
     return ""
 
 
