@@ -79,7 +79,7 @@ class Run:
     def revision(self, name: str) -> run_v2.Revision:
         return self.revisions.get_revision(name=f"{SERVICE}/revisions/{name}")
 
-    def release(self, commit: str, *, create: bool = False) -> str:
+    def release(self, commit: str, *, create: bool = False, keep_traffic: bool = True) -> str:
         """A code release of the predictor, as Cloud Build or Cloud Deploy makes it: the
         template infra/runtime.yaml and the environment file say, with this commit's image; the
         traffic list left as it is. Returns the image."""
@@ -95,6 +95,9 @@ class Run:
         else:
             service = self.service()
             service.template = template
+            if not keep_traffic:
+                # Cloud Deploy replaces the whole Service from a manifest that has no traffic.
+                del service.traffic[:]
             self.services.update_service(service=service)
         self.finish()
         return image
@@ -224,6 +227,30 @@ def test_the_next_reconcile_moves_a_running_canary_onto_the_released_code(run: R
         assert env_of(revision)["MLPIPE_SERVE_VERSION"] == served
     # One revision per update: two updates, then a check.
     assert [len(r.operations) for r in rollouts] == [1, 1, 0]
+
+
+def test_a_release_that_takes_all_traffic_serves_unpinned_until_the_next_reconcile(
+    run: Run,
+) -> None:
+    run.release("a" * 40, create=True)
+    run.roll_out(Traffic(1))
+    run.roll_out(Traffic(1, 2, 10))
+
+    run.release("b" * 40, keep_traffic=False)
+
+    # No traffic list: 100% to the latest ready revision, which pins no version (the predictor
+    # then serves what the registry's aliases say, canary split included).
+    released = run.service().latest_created_revision.rsplit("/", 1)[-1]
+    assert run.served() == [(released, 100, "")]
+    assert "MLPIPE_SERVE_VERSION" not in env_of(run.revision(released))
+
+    run.roll_out(Traffic(1, 2, 10))
+
+    new = release_fingerprint(run.service().template)
+    assert run.served() == [
+        (revision_name(SERVICE_ID, MODEL, 1, new), 90, "champion"),
+        (revision_name(SERVICE_ID, MODEL, 2, new), 10, "canary"),
+    ]
 
 
 def test_a_rollback_moves_traffic_back_without_a_new_revision(run: Run) -> None:
