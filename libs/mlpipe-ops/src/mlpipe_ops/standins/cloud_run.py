@@ -9,8 +9,11 @@ The real `google-cloud-run` clients drive it over REST (`transport="rest"`,
 It keeps what the Cloud Run control plane keeps: the Service (the desired state: a revision
 template and a traffic list), the revisions each new template made, and the operation that
 reconciles one change. Operations finish `operation_seconds` after they start, on a clock the
-caller may move (`advance`). Nothing is run: a revision "serves" when its image is one the
-stand-in knows (`images`, every image when not given).
+caller may move (`advance`). By default nothing is run: a revision "serves" when its image is
+one the stand-in knows (`images`, every image when not given). With `run_containers=True`,
+each new revision runs its image on the local Docker engine under Cloud Run's container
+contract, and its change finishes once the container listens on PORT (or fails when it exits
+first); `revision_url` is where that revision answers.
 
 Every rule and its source are listed in docs/cloud-run-standin.md; the comments name the rule.
 """
@@ -32,10 +35,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from google.cloud import run_v2
 
+from mlpipe_ops import containers as docker
+from mlpipe_ops.service_runtime import memory_bytes
 from mlpipe_ops.standins.google_api import ApiError, dumps, timestamp
 
 DEFAULT_PROJECT_NUMBER = "123456789012"
 HOST = "127.0.0.1"
+LABEL = "dev.mlpipe.cloud-run-standin"
+LOG_TAIL_LINES = 20
 SERVICE_TYPE = "type.googleapis.com/google.cloud.run.v2.Service"
 REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
 LATEST = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST
@@ -94,6 +101,9 @@ class CloudRunStandIn:
         images: Collection[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        run_containers: bool = False,
+        cloud_env: dict[str, str] | None = None,
+        start_timeout: float = 240.0,
     ) -> None:
         if not project_number.isdigit():
             raise ValueError(f"a project number is all digits, not {project_number!r}")
@@ -111,6 +121,14 @@ class CloudRunStandIn:
         self._server: ThreadingHTTPServer | None = None
         # Every request that changed a service: (method, service name). Tests count them.
         self.changes: list[tuple[str, str]] = []
+        self.id = uuid.uuid4().hex[:8]
+        self.run_containers = run_containers
+        # Locally, Google Cloud is the emulators: every container gets their hosts.
+        self.cloud_env = dict(cloud_env or {})
+        self.start_timeout = start_timeout
+        self._ports: dict[str, int] = {}
+        self._started: list[str] = []
+        self._stopping = threading.Event()
 
     # --- life cycle --------------------------------------------------------------------------
     @property
@@ -127,10 +145,22 @@ class CloudRunStandIn:
         return self
 
     def stop(self) -> None:
+        """Stops serving and removes every container the stand-in started (and no other)."""
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        for name in self._started:
+            docker.docker("rm", "--force", name, check=False, timeout=60)
+        self._started.clear()
+
+    def revision_url(self, revision: str) -> str:
+        """Where a running revision's container answers (run_containers only)."""
+        return f"http://{HOST}:{self._ports[revision]}"
+
+    def container_name(self, revision: str) -> str:
+        return f"cloudrun-{self.id}-{revision}"[:128]
 
     def __enter__(self) -> CloudRunStandIn:
         return self.start()
@@ -359,6 +389,8 @@ class CloudRunStandIn:
             )
             svc.revisions[new_name] = revision
             svc.latest_created = new_name
+            if self.run_containers:
+                self._start_revision(svc, revision, new_name)
         op_id = str(uuid.UUID(int=self._random.getrandbits(128)))
         op = _Operation(
             self._name(svc.location, "operations", op_id),
@@ -382,6 +414,9 @@ class CloudRunStandIn:
                 continue  # Rule 22: superseded by a later change, which reconciles instead.
             created = svc.latest_created
             revision = svc.revisions.get(created)
+            if revision is not None and revision.reconciling and self.run_containers:
+                op.done = False  # Rule 25: done once the container listens, or has failed.
+                continue
             if revision is not None and revision.reconciling:
                 revision.reconciling = False
                 missing = [
@@ -414,6 +449,93 @@ class CloudRunStandIn:
             svc.latest_ready = ready[-1] if ready else ""
             svc.observed_generation = op.generation
             svc.serving = _resolve_traffic(svc.body.traffic, svc.latest_ready)
+
+    # --- containers (run_containers) ---------------------------------------------------------
+    def _start_revision(self, svc: _Service, revision: run_v2.Revision, name: str) -> None:
+        port = _free_port()
+        self._ports[name] = port
+        container = revision.containers[0]
+        limits = dict(container.resources.limits)
+        memory = str(memory_bytes(limits.get("memory", "512Mi")))
+        # Rule 25: the container contract's variables, then the revision's own.
+        env = {
+            "PORT": str(port),
+            "K_SERVICE": svc.service_id,
+            "K_REVISION": name,
+            "K_CONFIGURATION": svc.service_id,
+            **self.cloud_env,
+            **{e.name: e.value for e in container.env},
+        }
+        args = ["run", "--detach", "--name", self.container_name(name), "--network", "host"]
+        args += ["--label", f"{LABEL}={self.id}", "--user", docker.USER]
+        args += ["--memory", memory, "--memory-swap", memory]
+        args += ["--cpus", limits.get("cpu", "1"), "--read-only"]
+        args += ["--tmpfs", f"/tmp:rw,nosuid,nodev,mode=1777,size={memory}"]
+        for key, value in env.items():
+            args += ["--env", f"{key}={value}"]
+        self._started.append(self.container_name(name))
+        threading.Thread(
+            target=self._watch_revision, args=(svc, name, args, container.image), daemon=True
+        ).start()
+
+    def _watch_revision(self, svc: _Service, name: str, args: list[str], image: str) -> None:
+        container = self.container_name(name)
+        started = docker.docker(*args, image, check=False, timeout=120)
+        why = ""
+        if started.returncode != 0:
+            why = f"Image '{image}' not found. {started.stderr.strip()[-300:]}"
+        else:
+            why = self._wait_listening(container, self._ports[name])
+        with self._lock:
+            revision = svc.revisions[name]
+            revision.reconciling = False
+            if why:
+                svc.failed[name] = why
+            self._finish_containers(svc, name)
+
+    def _wait_listening(self, container: str, port: int) -> str:
+        """Empty once the container accepts TCP connections on `port`; else why it did not."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if not _port_open(port):
+                state = docker.docker(
+                    "inspect", "--format", "{{.State.Running}}", container, check=False
+                )
+                if state.stdout.strip() != "true":
+                    break
+                time.sleep(0.25)
+                continue
+            return ""
+        logs = docker.docker("logs", "--tail", str(LOG_TAIL_LINES), container, check=False)
+        tail = (logs.stdout + logs.stderr).strip()
+        # Rule 25: the message Cloud Run gives a container that never listened.
+        return (
+            "The user-provided container failed to start and listen on the port defined "
+            f"provided by the PORT={port} environment variable within the allocated timeout. "
+            f"Logs for this revision: {tail[-2000:]}"
+        )
+
+    def _finish_containers(self, svc: _Service, name: str) -> None:
+        """The change that made revision `name` ends now, as the clock-driven ones do."""
+        for op in self._operations.values():
+            if op.service != (svc.location, svc.service_id) or op.done:
+                continue
+            if op.generation != svc.generation:
+                op.done = True
+                continue
+            op.done = True
+            if name in svc.failed:
+                op.error = ApiError(
+                    "FAILED_PRECONDITION",
+                    f"Revision '{name}' is not ready and cannot serve traffic. " + svc.failed[name],
+                ).rpc_status()
+            elif op.fails_with is not None:
+                op.error = op.fails_with.rpc_status()
+            else:
+                ready = [n for n in svc.revisions if n not in svc.failed]
+                svc.latest_ready = ready[-1] if ready else ""
+                svc.observed_generation = op.generation
+                svc.serving = _resolve_traffic(svc.body.traffic, svc.latest_ready)
 
     def _reconciling(self, svc: _Service) -> bool:
         return any(
@@ -487,6 +609,22 @@ class CloudRunStandIn:
         elif op.done:
             out["response"] = service
         return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def _template_key(template: run_v2.RevisionTemplate) -> str:
