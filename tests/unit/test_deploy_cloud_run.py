@@ -312,6 +312,18 @@ def test_a_failed_operation_is_a_clear_error(run: Run) -> None:
     assert len(run.stand_in.changes) == changes
 
 
+def test_a_second_model_on_the_same_service_is_refused_and_changes_nothing(run: Run) -> None:
+    run.release("a" * 40, create=True)
+    run.roll_out(Traffic(1))
+    before = run.served()
+    changes = len(run.stand_in.changes)
+
+    with pytest.raises(CloudRunRolloutError, match="serves model iris-classifier; the cloud_run"):
+        run.target().apply("bike-share", Traffic(1), {1: version(1)})
+
+    assert run.served() == before and len(run.stand_in.changes) == changes
+
+
 def test_a_missing_service_is_a_clear_error(run: Run) -> None:
     with pytest.raises(CloudRunRolloutError, match="deploy the predictor"):
         run.target().apply(MODEL, Traffic(1), VERSIONS)

@@ -1,8 +1,9 @@
 """Cloud Run: one predictor service, a revision per served model version, traffic split
 between them.
 
-Code releases and model rollouts share the service (docs/deploy.md, "Cloud Run: code releases
-and model rollouts"):
+One predictor service serves one model: a request reaches one revision, and a revision is
+pinned to one model version. Code releases and model rollouts share the service (docs/deploy.md,
+"Cloud Run: code releases and model rollouts"):
 - a code release (Cloud Build's `gcloud run deploy`, or Cloud Deploy) replaces the service's
   revision template: new image, the environment of infra/runtime.yaml, no model pinned;
 - a model rollout never sets the image or the environment: it builds each served version's
@@ -125,6 +126,24 @@ def next_update(
     shares = traffic.shares()
     if not shares:
         return None
+    others = sorted(
+        {
+            existing[t.revision].labels[MODEL_LABEL]
+            for t in current.traffic
+            if t.percent
+            and t.revision in existing
+            and existing[t.revision].labels.get(MODEL_LABEL, label_value(model))
+            != label_value(model)
+        }
+    )
+    if others:
+        # A request reaches one revision, and a revision serves one model: moving this model
+        # in would take every request from the other.
+        raise CloudRunRolloutError(
+            f"{service_name} serves model {', '.join(others)}; the cloud_run target serves one "
+            f"model per predictor service: give {model}'s deployer its own service "
+            "(MLPIPE_CLOUD_RUN_SERVICE)"
+        )
     wanted = {v: revision_name(service_name, model, v, release) for v, _, _ in shares}
     for version, name in wanted.items():
         if name in existing and _failed(existing[name]):
