@@ -37,6 +37,7 @@ from google.cloud import run_v2
 
 from mlpipe_ops import containers as docker
 from mlpipe_ops.service_runtime import memory_bytes
+from mlpipe_ops.standins.cloud_run_v1 import GcloudSurface, Request
 from mlpipe_ops.standins.google_api import ApiError, dumps, timestamp
 
 DEFAULT_PROJECT_NUMBER = "123456789012"
@@ -101,6 +102,7 @@ class CloudRunStandIn:
         images: Collection[str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        region: str = "us-central1",
         run_containers: bool = False,
         cloud_env: dict[str, str] | None = None,
         start_timeout: float = 240.0,
@@ -122,6 +124,9 @@ class CloudRunStandIn:
         # Every request that changed a service: (method, service name). Tests count them.
         self.changes: list[tuple[str, str]] = []
         self.id = uuid.uuid4().hex[:8]
+        self.region = region
+        # The v1 (Knative) surface `gcloud run deploy` uses, over the same services.
+        self.gcloud = GcloudSurface(self)
         self.run_containers = run_containers
         # Locally, Google Cloud is the emulators: every container gets their hosts.
         self.cloud_env = dict(cloud_env or {})
@@ -218,6 +223,36 @@ class CloudRunStandIn:
                 return self._update(location, rid, body)
             raise ApiError("UNIMPLEMENTED", f"{method} {path}: not served by the stand-in")
 
+    def handle_gcloud(self, method: str, host: str, path: str, body: Any) -> Any:
+        """A request through the proxy setting (its full URL): the v1 surface."""
+        with self._lock:
+            self._finish_due()
+            return self.gcloud.handle(method, host, path, body)
+
+    def service_message(self, location: str, service_id: str) -> run_v2.Service:
+        return self._service_message(self._service(location, service_id))
+
+    def create_service(self, location: str, service_id: str, service: run_v2.Service) -> Any:
+        if not SERVICE_ID.match(service_id):
+            raise ApiError("INVALID_ARGUMENT", f"serviceId {service_id!r} is not a valid name")
+        if (location, service_id) in self._services:
+            # Rule 7.
+            raise ApiError("ALREADY_EXISTS", f"Resource '{service_id}' already exists.")
+        svc = _Service(location, service_id, run_v2.Service(), created=timestamp())
+        new_name, deferred = self._check(svc, service)
+        self._services[(location, service_id)] = svc
+        self.changes.append(("create", service_id))
+        return self._apply(svc, service, new_name, deferred, generation=1)
+
+    def replace_service(self, location: str, service_id: str, service: run_v2.Service) -> Any:
+        svc = self._service(location, service_id)
+        if service.etag and service.etag != self._etag(svc):
+            # Rule 9: an etag that is not the current one is a concurrent change.
+            raise ApiError("ABORTED", "The service has been modified; read it again and retry.")
+        new_name, deferred = self._check(svc, service)
+        self.changes.append(("update", service_id))
+        return self._apply(svc, service, new_name, deferred, generation=svc.generation + 1)
+
     def _service(self, location: str, service_id: str) -> _Service:
         svc = self._services.get((location, service_id))
         if svc is None:
@@ -245,30 +280,15 @@ class CloudRunStandIn:
             raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
 
     def _create(self, location: str, service_id: str, body: Any) -> Any:
-        if not SERVICE_ID.match(service_id):
-            raise ApiError("INVALID_ARGUMENT", f"serviceId {service_id!r} is not a valid name")
-        if (location, service_id) in self._services:
-            # Rule 7.
-            raise ApiError("ALREADY_EXISTS", f"Resource '{service_id}' already exists.")
-        service = self._parse(body)
-        svc = _Service(location, service_id, run_v2.Service(), created=timestamp())
-        new_name, deferred = self._check(svc, service)
-        self._services[(location, service_id)] = svc
-        self.changes.append(("create", service_id))
-        return self._apply(svc, service, new_name, deferred, generation=1)
+        return self.create_service(location, service_id, self._parse(body))
 
     def _update(self, location: str, service_id: str, body: Any) -> Any:
-        svc = self._service(location, service_id)
+        self._service(location, service_id)
         service = self._parse(body)
         sent = service.name.rsplit("/", 1)[-1] if service.name else service_id
         if sent != service_id:
             raise ApiError("INVALID_ARGUMENT", f"service.name {service.name!r} is not {service_id}")
-        if service.etag and service.etag != self._etag(svc):
-            # Rule 9: an etag that is not the current one is a concurrent change.
-            raise ApiError("ABORTED", "The service has been modified; read it again and retry.")
-        new_name, deferred = self._check(svc, service)
-        self.changes.append(("update", service_id))
-        return self._apply(svc, service, new_name, deferred, generation=svc.generation + 1)
+        return self.replace_service(location, service_id, service)
 
     def _check(self, svc: _Service, service: run_v2.Service) -> tuple[str, ApiError | None]:
         """Refuses what the reference refuses; returns the name of the revision the request
@@ -653,7 +673,12 @@ def _handler(stand_in: CloudRunStandIn) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             try:
                 body = json.loads(raw) if raw else None
-                answer = stand_in.handle(self.command, url.path, parse_qs(url.query), body)
+                if url.netloc:
+                    # Through a proxy the request line carries the whole URL (RFC 9112, 3.2.2):
+                    # gcloud, on the v1 surface.
+                    answer = stand_in.handle_gcloud(self.command, url.netloc, url.path, body)
+                else:
+                    answer = stand_in.handle(self.command, url.path, parse_qs(url.query), body)
                 status, data = 200, dumps(answer)
             except ApiError as exc:
                 status, data = exc.http_status, dumps(exc.body())
@@ -667,6 +692,11 @@ def _handler(stand_in: CloudRunStandIn) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+        def do_CONNECT(self) -> None:
+            # An HTTPS request to a real host through the proxy: nothing may leave this machine.
+            stand_in.gcloud.seen.append(Request("CONNECT", self.path, "", None))
+            self.send_error(403, "the stand-in only answers the overridden .test hosts")
 
         def log_message(self, *args: object) -> None:
             pass

@@ -99,6 +99,15 @@ def pinned_template(
     return template
 
 
+def pinned_to(revision: run_v2.Revision) -> tuple[str, int] | None:
+    """The (model, version) a revision serves, read from its environment: labels are copied
+    from template to template by tools that edit the template (`gcloud run deploy` keeps
+    them), the pins are not (`--set-env-vars` replaces every variable)."""
+    env = {e.name: e.value for c in revision.containers[:1] for e in c.env}
+    model, version = env.get(SERVE_MODEL_ENV), env.get(SERVE_VERSION_ENV, "")
+    return (model, int(version)) if model and version.isdigit() else None
+
+
 def _failed(revision: run_v2.Revision) -> str:
     for condition in revision.conditions:
         if condition.type_ == "Ready" and condition.state == FAILED:
@@ -128,12 +137,12 @@ def next_update(
         return None
     others = sorted(
         {
-            existing[t.revision].labels[MODEL_LABEL]
+            pinned[0]
             for t in current.traffic
             if t.percent
             and t.revision in existing
-            and existing[t.revision].labels.get(MODEL_LABEL, label_value(model))
-            != label_value(model)
+            and (pinned := pinned_to(existing[t.revision])) is not None
+            and pinned[0] != model
         }
     )
     if others:
@@ -156,11 +165,7 @@ def next_update(
         """A ready revision of an earlier release that serves `version`, preferring one with
         traffic now."""
         found = [
-            n
-            for n, r in existing.items()
-            if r.labels.get(MODEL_LABEL) == label_value(model)
-            and r.labels.get(VERSION_LABEL) == str(version)
-            and not _failed(r)
+            n for n, r in existing.items() if pinned_to(r) == (model, version) and not _failed(r)
         ]
         found.sort(key=lambda n: (n in serving, n))
         return found[-1] if found else None
