@@ -45,6 +45,11 @@ class CommonSettings(BaseSettings):
     # A Pub/Sub message is at most 10 MB; its base64 push envelope about 13.4 MB.
     max_push_bytes: int = Field(default=14_000_000, ge=1024)
 
+    @property
+    def receives_push(self) -> bool:
+        """Whether Pub/Sub pushes reach this process (so their tokens must be checked)."""
+        return True
+
 
 S = TypeVar("S", bound=BaseSettings)
 
