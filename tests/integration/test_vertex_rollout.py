@@ -17,15 +17,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform
 from google.cloud import aiplatform_v1 as v1
 
 from mlpipe.messaging import events
 from mlpipe.messaging.push import make_envelope, parse_envelope
-from mlpipe.ml.config import PipelineConfig
+from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.runtime.steps import StepResult
 from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store import layout
@@ -37,7 +39,7 @@ from mlpipe_deployer.targets.vertex import VertexTarget
 from mlpipe_ops import containers as docker
 from mlpipe_ops.standins.vertex import VertexStandIn
 from tests.conftest import REPO, engine_missing
-from tests.integration.conftest import Cloud
+from tests.integration.conftest import Cloud, forward, job_started, notification, upload
 from tests.integration.test_serving import RENAMED, SETOSA, renamed_iris, trained
 
 pytestmark = pytest.mark.cloud
@@ -46,6 +48,7 @@ PROJECT_NUMBER = "987654321098"
 LOCATION = "us-central1"
 MODEL = "iris-classifier"
 SERVING_ACCOUNT = "mlpipe-serving@proj.iam.gserviceaccount.com"
+TRAINER_ACCOUNT = "mlpipe-trainer@proj.iam.gserviceaccount.com"
 # A predictor container imports scikit-learn and onnxruntime and loads its version: generous,
 # the machine is shared.
 ROLLOUT_SECONDS = 300.0
@@ -57,6 +60,15 @@ def predictor_image() -> str:
     if missing:
         pytest.skip(missing)
     image, _ = docker.build("predictor", REPO, "test")
+    return image
+
+
+@pytest.fixture(scope="module")
+def trainer_image() -> str:
+    missing = engine_missing()
+    if missing:
+        pytest.skip(missing)
+    image, _ = docker.build("trainer", REPO, "test")
     return image
 
 
@@ -99,8 +111,9 @@ class Vertex:
 
 
 @pytest.fixture
-def vertex(cloud: Cloud, predictor_image: str, tmp_path: Path) -> Iterator[Vertex]:
-    standin = VertexStandIn(
+def standin(cloud: Cloud, tmp_path: Path) -> Iterator[VertexStandIn]:
+    """The local Vertex AI for this test's project, reaching the emulators."""
+    running = VertexStandIn(
         cloud.project,
         project_number=PROJECT_NUMBER,
         storage_emulator_host=os.environ["STORAGE_EMULATOR_HOST"],
@@ -111,44 +124,62 @@ def vertex(cloud: Cloud, predictor_image: str, tmp_path: Path) -> Iterator[Verte
         local_env={"MLPIPE_HOST": "127.0.0.1"},
     ).start()
     try:
-        endpoints = v1.EndpointServiceClient(**vertex_client_kwargs(LOCATION, standin.url))
-        created = endpoints.create_endpoint(
-            parent=f"projects/{cloud.project}/locations/{LOCATION}",
-            endpoint=v1.Endpoint(display_name=MODEL),
-            endpoint_id=f"iris-{uuid.uuid4().hex[:8]}",
-        ).result(timeout=60)
-        target = VertexTarget(
-            cloud.project,
-            LOCATION,
-            created.name.rsplit("/", 1)[1],
-            predictor_image,
-            cloud.storage.bucket_name,
-            "test",
-            service_account=SERVING_ACCOUNT,
-            api_endpoint=standin.url,
-        )
-        deployer = Deployer(
-            cloud.storage,
-            cloud.publisher,
-            Registry(cloud.storage),
-            "test",
-            target=target,
-            canary_percent=10,
-        )
-        yield Vertex(standin, created.name, deployer)
+        yield running
     finally:
-        standin.stop()
+        running.stop()
+
+
+def new_endpoint(standin: VertexStandIn) -> str:
+    """A new endpoint's resource name, as Vertex returns it (project number)."""
+    endpoints = v1.EndpointServiceClient(**vertex_client_kwargs(LOCATION, standin.url))
+    created = endpoints.create_endpoint(
+        parent=f"projects/{standin.project_id}/locations/{LOCATION}",
+        endpoint=v1.Endpoint(display_name=MODEL),
+        endpoint_id=f"iris-{uuid.uuid4().hex[:8]}",
+    ).result(timeout=60)
+    return str(created.name)
+
+
+@pytest.fixture
+def vertex(cloud: Cloud, predictor_image: str, standin: VertexStandIn) -> Vertex:
+    endpoint = new_endpoint(standin)
+    target = VertexTarget(
+        cloud.project,
+        LOCATION,
+        endpoint.rsplit("/", 1)[1],
+        predictor_image,
+        cloud.storage.bucket_name,
+        "test",
+        service_account=SERVING_ACCOUNT,
+        api_endpoint=standin.url,
+    )
+    deployer = Deployer(
+        cloud.storage,
+        cloud.publisher,
+        Registry(cloud.storage),
+        "test",
+        target=target,
+        canary_percent=10,
+    )
+    return Vertex(standin, endpoint, deployer)
 
 
 def predict(vertex: Vertex, instances: list[list[float]]) -> aiplatform.models.Prediction:
+    return predict_at(vertex.standin, vertex.endpoint, instances)
+
+
+def predict_at(
+    standin: VertexStandIn, endpoint: str, instances: list[list[float]]
+) -> aiplatform.models.Prediction:
+    """The SDK's Endpoint.predict, as a user calls it."""
     aiplatform.init(
-        project=vertex.standin.project_id,
+        project=standin.project_id,
         location=LOCATION,
-        api_endpoint=vertex.standin.url,
+        api_endpoint=standin.url,
         api_transport="rest",
         credentials=AnonymousCredentials(),
     )
-    return aiplatform.Endpoint(vertex.endpoint).predict(instances=instances)
+    return aiplatform.Endpoint(endpoint).predict(instances=instances)
 
 
 def test_a_model_rolls_out_to_vertex_as_champion_canary_promotion_and_rollback(
@@ -224,3 +255,83 @@ def test_a_model_rolls_out_to_vertex_as_champion_canary_promotion_and_rollback(
     ]
     assert all(e.target == "vertex" and vertex.endpoint in e.target_resource for e in published)
     assert [(t.version, t.percent) for t in published[1].traffic] == [(1, 90), (2, 10)]
+
+
+def test_a_dropped_file_trains_as_a_custom_job_and_is_served_from_its_vertex_endpoint(
+    cloud: Cloud,
+    standin: VertexStandIn,
+    predictor_image: str,
+    trainer_image: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    iris_csv: str,
+) -> None:
+    config = parse_config(
+        (REPO / "examples/iris/pipeline.yaml").read_text() + "training:\n  backend: vertex\n"
+    )
+    endpoint = new_endpoint(standin)
+    for key, value in {
+        "MLPIPE_PROJECT": cloud.project,
+        "MLPIPE_BUCKET": cloud.storage.bucket_name,
+        "MLPIPE_JOB_LOG_DIR": str(tmp_path / "jobs"),
+        # trainer: CustomJobs of its own image, as its own account
+        "MLPIPE_TRAINER_IMAGE": trainer_image,
+        "MLPIPE_VERTEX_SERVICE_ACCOUNT": TRAINER_ACCOUNT,
+        "MLPIPE_VERTEX_API_ENDPOINT": standin.url,
+        # deployer: the vertex target
+        "MLPIPE_DEPLOY_TARGET": "vertex",
+        "MLPIPE_PREDICTOR_IMAGE": predictor_image,
+        "MLPIPE_VERTEX_ENDPOINT": endpoint,
+        "MLPIPE_VERTEX_SERVING_ACCOUNT": SERVING_ACCOUNT,
+    }.items():
+        monkeypatch.setenv(key, value)
+    from mlpipe_deployer.main import app as deployer
+    from mlpipe_evaluator.main import app as evaluator
+    from mlpipe_trainer.main import app as trainer
+
+    cloud.watch(events.TRAINING_COMPLETED, events.EVALUATION_COMPLETED, events.DEPLOYMENT_COMPLETED)
+    cloud.apply_config(config)
+    path, generation = upload(cloud, iris_csv)
+    with TestClient(trainer) as t, TestClient(evaluator) as e, TestClient(deployer) as d:
+        held = t.post("/pubsub/push", content=notification(cloud, path, generation))
+        trained = cloud.pulled(events.TRAINING_COMPLETED, timeout=ROLLOUT_SECONDS)
+        assert len(trained) == 1, "the CustomJob published no TrainingCompleted"
+        forward(e, trained[0])
+        evaluated = cloud.pulled(events.EVALUATION_COMPLETED, timeout=60)
+        rolling_out = forward(d, evaluated[0])
+        deployed: list[Any] = []
+        checks = 0
+        deadline = time.monotonic() + ROLLOUT_SECONDS
+        while not deployed and time.monotonic() < deadline:
+            checked = d.post("/v1/rollouts:check")
+            assert checked.status_code == 200, checked.text
+            checks += 1
+            deployed = cloud.pulled(events.DEPLOYMENT_COMPLETED, timeout=1, settle=0)
+        answer = predict_at(standin, endpoint, [SETOSA])
+        again = forward(d, evaluated[0], n=2)
+        after = d.post("/v1/rollouts:check").json()
+    run_id = trained[0].context.run_id
+    started = events.from_json(
+        events_pb2.TrainingStarted, cloud.storage.read(layout.RunPaths(run_id).started).data
+    )
+    jobs = v1.JobServiceClient(**vertex_client_kwargs(LOCATION, standin.url))
+    job = jobs.get_custom_job(name=started.job_id)
+    found = v1.EndpointServiceClient(**vertex_client_kwargs(LOCATION, standin.url)).get_endpoint(
+        name=endpoint
+    )
+
+    assert job_started(held), held.text
+    assert job.state == v1.JobState.JOB_STATE_SUCCEEDED
+    assert job.job_spec.service_account == TRAINER_ACCOUNT
+    assert list(job.job_spec.worker_pool_specs[0].container_spec.command) == [
+        "python", "-m", "mlpipe_trainer.job",
+    ]  # fmt: skip
+    assert evaluated[0].passed
+    assert rolling_out["status"] == "rolling_out" and checks >= 1
+    assert len(deployed) == 1 and deployed[0].deployed and deployed[0].target == "vertex"
+    assert deployed[0].target_resource.startswith(endpoint)
+    assert answer.predictions == ["setosa"] and answer.model_version_id == "1"
+    assert again["status"] == "duplicate" and after == {"rollouts": []}
+    assert [(d.model_version_id, d.service_account) for d in found.deployed_models] == [
+        ("1", SERVING_ACCOUNT)
+    ]
