@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from fastapi.testclient import TestClient
 
 from mlpipe.messaging import events
 from mlpipe.messaging.push import make_envelope, parse_envelope
@@ -19,7 +20,7 @@ from mlpipe.v1 import events_pb2
 from mlpipe_deployer import progress, rollout
 from mlpipe_deployer.deployment import Deployer
 from mlpipe_deployer.targets import Rollout
-from tests.integration.conftest import Cloud
+from tests.integration.conftest import Cloud, forward
 from tests.integration.test_serving import renamed_iris, trained
 
 pytestmark = pytest.mark.integration
@@ -155,3 +156,27 @@ def test_a_promotion_on_an_asynchronous_target_is_published_when_it_has_rolled_o
     assert not step.finished and step.operations == ["operations/1"]
     assert before == []
     assert [(e.action, e.version, e.previous_version) for e in published] == [("promote", 2, 1)]
+
+
+def test_the_deployers_own_timer_finishes_a_rollout_when_asked_to(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
+    monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
+    monkeypatch.setenv("MLPIPE_ROLLOUT_CHECK_SECONDS", "0.2")
+    monkeypatch.setenv("MLPIPE_COMPILE_ONNX", "false")
+    from mlpipe_deployer.main import app
+
+    evaluation = trained(cloud, iris_config, iris_csv)
+    cloud.watch(events.DEPLOYMENT_COMPLETED)
+    target = StepTarget(steps=1)
+    with TestClient(app) as deployer:
+        app.state.step.target = target  # a target whose operation ends when the test says
+        reply = forward(deployer, evaluation)
+        before = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=1, timeout=1, settle=0)
+        target.finish_running()
+        published = cloud.pulled(events.DEPLOYMENT_COMPLETED, timeout=30)
+
+    assert reply["status"] == "rolling_out"
+    assert before == []
+    assert [(e.version, e.deployed) for e in published] == [(1, True)]
