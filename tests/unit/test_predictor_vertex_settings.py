@@ -62,3 +62,10 @@ def test_under_vertex_a_missing_variable_stops_start_up_naming_it(
 
     with pytest.raises(SettingsError, match=missing):
         load_settings(PredictorSettings)
+
+
+def test_a_bad_port_is_named_by_the_variable_that_was_set(env: pytest.MonkeyPatch) -> None:
+    env.setenv("PORT", "eighty")
+
+    with pytest.raises(SettingsError, match="invalid setting PORT:"):
+        load_settings(PredictorSettings)
