@@ -233,11 +233,18 @@ class VertexTarget:
 
     def _still_running(self, running: Sequence[str]) -> tuple[list[str], str]:
         """(operations of `running` not done yet, the error of one that failed or "")."""
+        from google.api_core import exceptions as gexc
+
         models, endpoints = self._clients()
         left = []
         for name in running:
             client = models if "/models/" in name else endpoints
-            op = client.get_operation(operations_pb2.GetOperationRequest(name=name))
+            try:
+                op = client.get_operation(operations_pb2.GetOperationRequest(name=name))
+            except gexc.NotFound:
+                # Vertex no longer knows it: the next step is read from what Vertex serves.
+                log.warning("operation %s is gone; reading the endpoint again", name)
+                continue
             if not op.done:
                 left.append(name)
             elif op.HasField("error") and op.error.code:
