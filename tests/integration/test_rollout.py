@@ -48,10 +48,10 @@ def test_a_canary_gets_its_share_then_promote_and_rollback_move_all_traffic(
         served.push(v2)
         during = answered_by(served.url, 100)
         shown = describe_traffic(registry, "iris-classifier")
-        promoted = rollout.promote(deps, "iris-classifier", "test")
+        promoted = rollout.promote(deps, "iris-classifier", "test").event
         served.push(promoted)
         after_promotion = answered_by(served.url, 20)
-        rolled_back = rollout.rollback(deps, "iris-classifier", "test")
+        rolled_back = rollout.rollback(deps, "iris-classifier", "test").event
         served.push(rolled_back)
         after_rollback = answered_by(served.url, 20)
 

@@ -20,14 +20,17 @@ from mlpipe_deployer.targets.configured import make_target
 from mlpipe_deployer.targets.vertex import (
     VertexTarget,
     alias_requests,
-    endpoint_requests,
+    endpoint_step,
     upload_request,
-    uploaded_version,
+    vertex_model_id,
 )
 
 IMAGE = "us-central1-docker.pkg.dev/acme-ml-dev/mlpipe/predictor:abc123"
 MODEL_PATH = "projects/acme-ml-dev/locations/us-central1/models/iris-classifier"
 ENDPOINT = "projects/acme-ml-dev/locations/us-central1/endpoints/1234"
+# What Vertex returns: canonical names carry the project number, whatever the request used.
+NUMBERED_MODEL = "projects/123456789012/locations/us-central1/models/iris-classifier"
+NUMBERED_ENDPOINT = "projects/123456789012/locations/us-central1/endpoints/1234"
 
 
 def version(n: int) -> ModelVersion:
@@ -39,14 +42,6 @@ def version(n: int) -> ModelVersion:
         "sha",
         {},
     )
-
-
-class FakeOperation:
-    def __init__(self, value: Any = None) -> None:
-        self.value = value
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self.value
 
 
 # --- Vertex AI --------------------------------------------------------------------------------
@@ -91,42 +86,53 @@ def test_the_first_upload_creates_the_model_and_later_ones_are_versions_of_it() 
                 aiplatform_v1.EnvVar(name="MLPIPE_SERVE_VERSION", value="2"),
                 aiplatform_v1.EnvVar(name="MLPIPE_PROJECT", value="acme-ml-dev"),
                 aiplatform_v1.EnvVar(name="MLPIPE_BUCKET", value="acme-mlpipe"),
+                aiplatform_v1.EnvVar(name="MLPIPE_CODE_VERSION", value="abc123"),
             ],
+            # Vertex's own routes (AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE): the predictor
+            # honours them, and needs no push settings.
             ports=[aiplatform_v1.Port(container_port=8080)],
-            predict_route="/v1/models/iris-classifier:predict",
-            health_route="/readyz",
         ),
     )
     assert first.model.labels["commit"] == "abc123-dirty"
 
 
-def endpoint_with(*deployed: tuple[str, str]) -> aiplatform_v1.Endpoint:
+def endpoint_with(*deployed: tuple[str, str], split: dict[str, int] | None = None) -> Any:
+    """An endpoint as Vertex returns it: names with the project number."""
     return aiplatform_v1.Endpoint(
-        name=ENDPOINT,
+        name=NUMBERED_ENDPOINT,
         deployed_models=[
-            aiplatform_v1.DeployedModel(id=dm_id, model=MODEL_PATH, model_version_id=vid)
+            aiplatform_v1.DeployedModel(id=dm_id, model=NUMBERED_MODEL, model_version_id=vid)
             for dm_id, vid in deployed
         ],
+        traffic_split=split
+        if split is not None
+        else {d: 100 // len(deployed) for d, _ in deployed},
     )
 
 
-def test_a_canary_deploys_the_new_version_with_the_whole_split() -> None:
-    requests = endpoint_requests(
-        endpoint_with(("111", "1")),
+def step(endpoint: Any, desired: dict[str, tuple[int, int]]) -> list[Any]:
+    return endpoint_step(
+        endpoint,
         MODEL_PATH,
         "iris-classifier",
-        {"1": (1, 90), "2": (2, 10)},
+        desired,
         machine_type="n1-standard-2",
         min_replicas=1,
         max_replicas=3,
+        service_account="mlpipe-serving@acme-ml-dev.iam.gserviceaccount.com",
     )
+
+
+def test_a_canary_deploys_the_new_version_beside_the_one_vertex_names_by_project_number() -> None:
+    requests = step(endpoint_with(("111", "1")), {"1": (1, 90), "2": (2, 10)})
 
     assert requests == [
         aiplatform_v1.DeployModelRequest(
-            endpoint=ENDPOINT,
+            endpoint=NUMBERED_ENDPOINT,
             deployed_model=aiplatform_v1.DeployedModel(
                 model=f"{MODEL_PATH}@2",
                 display_name="iris-classifier-v2",
+                service_account="mlpipe-serving@acme-ml-dev.iam.gserviceaccount.com",
                 dedicated_resources=aiplatform_v1.DedicatedResources(
                     machine_spec=aiplatform_v1.MachineSpec(machine_type="n1-standard-2"),
                     min_replica_count=1,
@@ -138,24 +144,56 @@ def test_a_canary_deploys_the_new_version_with_the_whole_split() -> None:
     ]
 
 
-def test_a_promotion_moves_the_split_then_undeploys_the_old_champion() -> None:
-    requests = endpoint_requests(
-        endpoint_with(("111", "1"), ("222", "2")),
-        MODEL_PATH,
-        "iris-classifier",
-        {"2": (2, 100)},
-        machine_type="n1-standard-2",
-        min_replicas=1,
-        max_replicas=1,
-    )
+def test_a_promotion_moves_the_split_then_undeploys_the_old_champion_one_step_at_a_time() -> None:
+    during = endpoint_with(("111", "1"), ("222", "2"), split={"111": 90, "222": 10})
+    moved = endpoint_with(("111", "1"), ("222", "2"), split={"222": 100})
+    after = endpoint_with(("222", "2"), split={"222": 100})
 
-    assert requests == [
+    assert step(during, {"2": (2, 100)}) == [
         aiplatform_v1.UpdateEndpointRequest(
-            endpoint=aiplatform_v1.Endpoint(name=ENDPOINT, traffic_split={"222": 100}),
+            endpoint=aiplatform_v1.Endpoint(
+                name=NUMBERED_ENDPOINT, traffic_split={"222": 100, "111": 0}
+            ),
             update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]),
         ),
-        aiplatform_v1.UndeployModelRequest(endpoint=ENDPOINT, deployed_model_id="111"),
+        aiplatform_v1.UndeployModelRequest(endpoint=NUMBERED_ENDPOINT, deployed_model_id="111"),
     ]
+    assert step(moved, {"2": (2, 100)}) == [
+        aiplatform_v1.UndeployModelRequest(endpoint=NUMBERED_ENDPOINT, deployed_model_id="111")
+    ]
+    assert step(after, {"2": (2, 100)}) == []
+
+
+def test_a_rollback_to_an_undeployed_version_deploys_it_with_all_the_traffic() -> None:
+    requests = step(endpoint_with(("222", "2")), {"1": (1, 100)})
+
+    assert [type(r).__name__ for r in requests] == ["DeployModelRequest"]
+    assert requests[0].traffic_split == {"0": 100, "222": 0}
+
+
+def test_an_endpoint_that_serves_another_model_is_refused() -> None:
+    shared = aiplatform_v1.Endpoint(
+        name=NUMBERED_ENDPOINT,
+        deployed_models=[
+            aiplatform_v1.DeployedModel(
+                id="333",
+                model="projects/123456789012/locations/us-central1/models/bike-share",
+                model_version_id="4",
+            )
+        ],
+        traffic_split={"333": 100},
+    )
+
+    with pytest.raises(ValueError, match="serves other models \\(bike-share\\)"):
+        step(shared, {"1": (1, 100)})
+
+
+def test_vertex_model_ids_never_start_with_a_digit_or_hyphen() -> None:
+    ids = [vertex_model_id(name) for name in ("2024-sales", "-x", "Iris.Classifier", "_a")]
+
+    assert ids == ["m-2024-sales", "m--x", "iris-classifier", "_a"]
+    assert all(re.fullmatch(r"[a-z_][a-z0-9_-]{0,62}", i) for i in ids)
+    assert len(vertex_model_id("9" * 80)) == 63
 
 
 def test_aliases_follow_the_registry() -> None:
@@ -177,63 +215,6 @@ def test_aliases_follow_the_registry() -> None:
     ]
 
 
-class RecordingVertex:
-    def __init__(self, uploaded: list[aiplatform_v1.Model]) -> None:
-        self.uploaded = uploaded
-        self.sent: list[Any] = []
-
-    def list_model_versions(self, name: str) -> list[aiplatform_v1.Model]:
-        assert name == MODEL_PATH
-        return list(self.uploaded)
-
-    def upload_model(self, request: aiplatform_v1.UploadModelRequest) -> FakeOperation:
-        self.sent.append(request)
-        vid = str(len(self.uploaded) + 1)
-        self.uploaded.append(aiplatform_v1.Model(version_id=vid, labels=dict(request.model.labels)))
-        return FakeOperation(aiplatform_v1.UploadModelResponse(model_version_id=vid))
-
-    def get_endpoint(self, name: str) -> aiplatform_v1.Endpoint:
-        return endpoint_with(("111", "1"))
-
-    def deploy_model(self, request: aiplatform_v1.DeployModelRequest) -> FakeOperation:
-        self.sent.append(request)
-        return FakeOperation()
-
-    def merge_version_aliases(self, request: aiplatform_v1.MergeVersionAliasesRequest) -> None:
-        self.sent.append(request)
-
-
-def test_the_vertex_adapter_uploads_once_deploys_and_moves_aliases() -> None:
-    existing = [aiplatform_v1.Model(version_id="1", labels={"mlpipe_version": "1"})]
-    vertex = RecordingVertex(existing)
-    target = VertexTarget(
-        "acme-ml-dev",
-        "us-central1",
-        "1234",
-        IMAGE,
-        "acme-mlpipe",
-        "abc123",
-        models=vertex,
-        endpoints=vertex,
-    )
-
-    resource = target.apply(
-        "iris-classifier", Traffic(1, 2, 10), {1: version(1), 2: version(2)}
-    ).resource
-
-    kinds = [type(r).__name__ for r in vertex.sent]
-    assert kinds == [
-        "UploadModelRequest",
-        "DeployModelRequest",
-        "MergeVersionAliasesRequest",
-        "MergeVersionAliasesRequest",
-    ]
-    assert vertex.sent[0].parent_model == MODEL_PATH
-    assert vertex.sent[1].traffic_split == {"0": 10, "111": 90}
-    assert uploaded_version(vertex.uploaded, 2) == "2"
-    assert resource == f"{ENDPOINT} (v1@1 90%, v2@2 10%)"
-
-
 # --- settings -----------------------------------------------------------------------------------
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
@@ -252,8 +233,12 @@ def test_the_target_is_chosen_by_the_environment(env: pytest.MonkeyPatch) -> Non
     assert isinstance(make_target(settings), CloudRunTarget)
     env.setenv("MLPIPE_DEPLOY_TARGET", "vertex")
     env.setenv("MLPIPE_VERTEX_ENDPOINT", "1234")
+    env.setenv("MLPIPE_VERTEX_SERVING_ACCOUNT", "serving@acme-ml-dev.iam.gserviceaccount.com")
+    env.setenv("MLPIPE_VERTEX_API_ENDPOINT", "http://127.0.0.1:8095")
     target = make_target(load_settings(DeployerSettings))
     assert isinstance(target, VertexTarget) and target.endpoint_path == ENDPOINT
+    assert target.service_account == "serving@acme-ml-dev.iam.gserviceaccount.com"
+    assert target.api_endpoint == "http://127.0.0.1:8095"
 
 
 @pytest.mark.parametrize(
@@ -265,7 +250,7 @@ def test_the_target_is_chosen_by_the_environment(env: pytest.MonkeyPatch) -> Non
         ),
         (
             {"MLPIPE_DEPLOY_TARGET": "vertex"},
-            "needs MLPIPE_PREDICTOR_IMAGE, MLPIPE_VERTEX_ENDPOINT",
+            "needs MLPIPE_PREDICTOR_IMAGE, MLPIPE_VERTEX_ENDPOINT, MLPIPE_VERTEX_SERVING_ACCOUNT",
         ),
         ({"MLPIPE_CANARY_PERCENT": "100"}, "MLPIPE_CANARY_PERCENT"),
     ],

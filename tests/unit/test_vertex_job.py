@@ -26,6 +26,7 @@ TARGET = VertexTarget(
     image="us-central1-docker.pkg.dev/acme-ml/mlpipe/trainer:abc1234",
     code_version="abc1234DEF",
     env="prod",
+    service_account="mlpipe-trainer@acme-ml.iam.gserviceaccount.com",
 )
 
 
@@ -87,7 +88,19 @@ def test_custom_job_request_has_machine_accelerators_image_args_and_labels() -> 
         job.job_spec.base_output_directory.output_uri_prefix
         == "gs://acme-ml-data/runs/0123456789abcdef/vertex/"
     )
-    assert job.job_spec.service_account == ""
+    # No account in the pipeline: the trainer's own, never the Custom Code Service Agent.
+    assert job.job_spec.service_account == "mlpipe-trainer@acme-ml.iam.gserviceaccount.com"
+
+
+def test_a_job_without_any_service_account_is_refused_naming_the_settings() -> None:
+    without = VertexTarget("acme-ml", "acme-ml-data", TARGET.image, "abc1234DEF", "prod")
+
+    with pytest.raises(PermanentError) as failure:
+        custom_job_request(started_event(), crops_config(), without)
+
+    assert failure.value.reason == "invalid_config"
+    assert "training.vertex.service_account" in failure.value.message
+    assert "MLPIPE_VERTEX_SERVICE_ACCOUNT" in failure.value.message
 
 
 def test_service_account_and_cpu_only_machines() -> None:

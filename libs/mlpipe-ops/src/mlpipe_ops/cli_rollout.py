@@ -60,7 +60,7 @@ def _rollout(model: str, action: str, state_dir: Path) -> None:
         )
     except httpx.HTTPError as exc:
         raise _fail(f"the deployer did not answer: {exc}") from None
-    if reply.status_code != 200:
+    if reply.status_code not in (200, 202):
         try:
             message = reply.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
@@ -71,6 +71,10 @@ def _rollout(model: str, action: str, state_dir: Path) -> None:
         f"v{t.get('version', 0)} {t.get('percent', 0)}% {t.get('alias', '')}"
         for t in done.get("traffic", [])
     )
+    if reply.status_code == 202:
+        running = ", ".join(done.get("operations", []))
+        typer.echo(f"{model}: {done.get('reason', action)}; rolling out to {split} ({running})")
+        return
     typer.echo(f"{model}: {done.get('reason', action)}; traffic now {split}")
 
 

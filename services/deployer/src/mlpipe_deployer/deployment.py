@@ -9,7 +9,10 @@ this process (another instance, a restart) compiles itself.
 Registration is idempotent on run_id (see mlpipe.store.registry); the recorded DeploymentCompleted
 makes a redelivery re-publish the same outcome instead of deploying again. A target that
 fails transiently answers 5xx; the retry finds the version registered and the aliases moved,
-and only applies the target again.
+and only applies the target again. A target whose operations outlast the request (Vertex AI)
+leaves a rollout record: the delivery is acknowledged, and the DeploymentCompleted is recorded
+and published when a later check finds the rollout finished (mlpipe_deployer.progress); a
+redelivery meanwhile only advances that rollout.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from mlpipe.store import layout
 from mlpipe.store.registry import CANARY, CHAMPION, ONNX_FILE, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_deployer import progress
 from mlpipe_deployer.onnx_compile import ONNX, SKLEARN, Compiled, compile_model
 from mlpipe_deployer.targets import DeployTarget, LocalTarget
 
@@ -279,19 +283,28 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
         outcome.runtime = str(version.info.get("runtime", SKLEARN))
         outcome.runtime_note = str(version.info.get("runtime_note", ""))
         if deployed:
-            versions = {v: deps.registry.get(model, v) for v, _, _ in traffic.shares()}
-            outcome.target_resource = deps.target.apply(
-                model, traffic, {v: mv for v, mv in versions.items() if mv is not None}
-            ).resource
             outcome.traffic.extend(traffic_shares(traffic))
-        else:
-            outcome.reason = f"a newer version (v{previous}) is already {alias}"
+            advanced = progress.advance(deps, model, outcome, run_id)
+            finished = advanced.for_run(run_id)
+            if finished is None:
+                # Acknowledged: the rollout's record finishes it (mlpipe_deployer.progress).
+                return StepResult(
+                    "rolling_out",
+                    {"version": outcome.version, "operations": advanced.rollout.operations},
+                    run_id=run_id,
+                )
+            return _deployed(finished, run_id)
+        outcome.reason = f"a newer version (v{previous}) is already {alias}"
     if deps.storage.create_if_absent(paths.deployment, events.to_json(outcome).encode()) is None:
         recorded = deps.storage.read(paths.deployment)
         if recorded is not None:
             outcome = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
     fault_point("deployer.before_publish")
     deps.publisher.publish(outcome)
+    return _deployed(outcome, run_id)
+
+
+def _deployed(outcome: events_pb2.DeploymentCompleted, run_id: str) -> StepResult:
     log.info(
         "%s %s v%d: %s",
         "deployed" if outcome.deployed else "did not deploy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.service import RETRYABLE, create_app
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry, RolloutError
-from mlpipe_deployer import rollout
+from mlpipe_deployer import progress, rollout
 from mlpipe_deployer.deployment import Deployer
 from mlpipe_deployer.onnx_compile import warm_up
 from mlpipe_deployer.settings import DeployerSettings
@@ -42,7 +43,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.canary_promote_after,
         settings.compile_onnx,
     )
+    checker = None
+    if settings.rollout_check_seconds > 0:
+        checker = asyncio.create_task(_check_every(app, settings.rollout_check_seconds))
     yield
+    if checker is not None:
+        checker.cancel()
+
+
+async def _check_every(app: FastAPI, seconds: float) -> None:
+    """A local stack's stand-in for the Cloud Scheduler job that calls /v1/rollouts:check."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await run_in_threadpool(progress.check_all, app.state.step)
+        except Exception:
+            log.exception("checking the running rollouts failed; trying again later")
 
 
 app = create_app("deployer", lifespan)
@@ -60,7 +76,12 @@ async def _step(request: Request, model: str, action: str) -> JSONResponse:
         return JSONResponse({"error": {"code": 409, "message": str(exc)}}, status_code=409)
     except RETRYABLE as exc:
         return JSONResponse({"error": {"code": 503, "message": str(exc)}}, status_code=503)
-    return JSONResponse(events.to_dict(done))
+    if not done.finished:
+        # Accepted: DeploymentCompleted follows once the target's operations are done.
+        return JSONResponse(
+            {**events.to_dict(done.event), "operations": done.operations}, status_code=202
+        )
+    return JSONResponse(events.to_dict(done.event))
 
 
 @app.post("/v1/models/{model}:promote")
@@ -73,3 +94,13 @@ async def promote(model: str, request: Request) -> JSONResponse:
 async def rollback(model: str, request: Request) -> JSONResponse:
     """Stop the canary, or move the champion back to the version it replaced."""
     return await _step(request, model, "rollback")
+
+
+@app.post("/v1/rollouts:check")
+async def check_rollouts(request: Request) -> JSONResponse:
+    """Advance every running rollout (Cloud Scheduler calls this on GCP)."""
+    try:
+        checked = await run_in_threadpool(progress.check_all, request.app.state.step)
+    except RETRYABLE as exc:
+        return JSONResponse({"error": {"code": 503, "message": str(exc)}}, status_code=503)
+    return JSONResponse({"rollouts": checked})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from mlpipe.runtime.settings import CommonSettings
@@ -37,10 +39,33 @@ class DeployerSettings(CommonSettings):
         default="", description="The predictor's container image (cloud_run and vertex)."
     )
     # vertex: the endpoint models deploy to, and the machines that serve them.
-    vertex_endpoint: str = Field(default="", description="Endpoint id (numeric) or resource name.")
+    vertex_endpoint: str = Field(
+        default="",
+        description="Endpoint id or resource name; it serves this deployer's model only "
+        "(Vertex replaces an endpoint's whole split, so models never share one).",
+    )
     vertex_machine_type: str = "n1-standard-2"
     vertex_min_replicas: int = Field(default=1, ge=1)
     vertex_max_replicas: int = Field(default=1, ge=1)
+    vertex_serving_account: str = Field(
+        default="",
+        description="The service account the predictor runs as on Vertex AI "
+        "(DeployedModel.service_account); the deployer needs actAs on it.",
+    )
+    vertex_api_endpoint: str = Field(
+        default="",
+        description="Vertex AI's API host; default <region>-aiplatform.googleapis.com. An "
+        "http:// URL is a local Vertex AI (mlpipe vertex-standin).",
+    )
+    vertex_api_transport: Literal["", "grpc", "rest"] = Field(
+        default="", description="grpc or rest; default grpc, rest for an http:// endpoint."
+    )
+    rollout_check_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="Check running rollouts this often from inside the deployer (local "
+        "stacks); 0: only POST /v1/rollouts:check (Cloud Scheduler on GCP).",
+    )
 
     @field_validator("deploy_target")
     @classmethod
@@ -58,6 +83,8 @@ class DeployerSettings(CommonSettings):
             missing.append("MLPIPE_PREDICTOR_IMAGE")
         if self.deploy_target == "vertex" and not self.vertex_endpoint:
             missing.append("MLPIPE_VERTEX_ENDPOINT")
+        if self.deploy_target == "vertex" and not self.vertex_serving_account:
+            missing.append("MLPIPE_VERTEX_SERVING_ACCOUNT")
         if missing:
             raise ValueError(f"deploy target {self.deploy_target} needs {', '.join(missing)}")
         return self

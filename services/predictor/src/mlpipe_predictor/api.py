@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from mlpipe.ml.model_inputs import InvalidInstances
+from mlpipe_predictor import vertex
 from mlpipe_predictor.models import ModelStore
 from mlpipe_predictor.runtime import LoadedModel
 
@@ -170,6 +172,10 @@ class PredictRoutes:
         return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = getattr(self.app.state, "settings", None)
+        on_vertex = getattr(settings, "on_vertex", False)
+        if scope["type"] == "http" and on_vertex and await vertex.route(self, scope, receive, send):
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if PLAIN.match(path):
@@ -190,6 +196,7 @@ class PredictRoutes:
         send: Send,
         name: str | None,
         vertex: dict[str, str] | None,
+        shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         started = time.perf_counter()
         state = self.app.state
@@ -197,6 +204,8 @@ class PredictRoutes:
         try:
             model, instances, predictions = await score(state, scope, receive, name)
             status, body = 200, reply(model, predictions, vertex)
+            if shape is not None:
+                body = shape(body)
             served, version, count = model.name, str(model.version), len(predictions)
             state.prediction_log.record(model, instances, predictions)
         except BadRequest as exc:

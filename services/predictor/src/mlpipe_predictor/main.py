@@ -25,15 +25,21 @@ from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
 from mlpipe_predictor.runtime import warm_up
 from mlpipe_predictor.settings import PredictorSettings
 from mlpipe_predictor.steps import BatchJobs, PredictorStep
+from mlpipe_predictor.vertex import ArtifactDirectory
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(PredictorSettings)
-    clients = Clients.create(settings, stage="predictor")
+    clients = Clients.create(settings, stage="predictor", receives_push=settings.receives_push)
     warm_up()
     pinned = (settings.serve_model, settings.serve_version) if settings.serve_model else None
-    store = ModelStore(Registry(clients.storage), threads=settings.onnx_threads, pinned=pinned)
+    registry = (
+        ArtifactDirectory(clients.storage.client, settings.aip_storage_uri)
+        if settings.on_vertex
+        else Registry(clients.storage)
+    )
+    store = ModelStore(registry, threads=settings.onnx_threads, pinned=pinned)
     store.on_promotion = partial(
         promote_canary, store, clients.publisher.publish, settings.code_version
     )

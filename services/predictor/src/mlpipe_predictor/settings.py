@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, model_validator
 
 from mlpipe.runtime.settings import CommonSettings
 
 
 class PredictorSettings(CommonSettings):
+    # Vertex AI's custom-container contract (mlpipe_predictor.vertex): its port comes first.
+    port: int = Field(
+        default=8080, validation_alias=AliasChoices("AIP_HTTP_PORT", "PORT", "MLPIPE_PORT")
+    )
+    aip_storage_uri: str = Field(default="", validation_alias="AIP_STORAGE_URI")
+    aip_health_route: str = Field(default="", validation_alias="AIP_HEALTH_ROUTE")
+    aip_predict_route: str = Field(default="", validation_alias="AIP_PREDICT_ROUTE")
     # Vertex AI online prediction's request limit.
     max_body_bytes: int = Field(default=1_500_000, ge=1024)
     # A Cloud Run revision or a Vertex AI deployment serves exactly this model version
@@ -25,3 +32,30 @@ class PredictorSettings(CommonSettings):
     prediction_log_rate: float = Field(default=1.0, ge=0.0, le=1.0)
     prediction_log_buffer: int = Field(default=50_000, ge=1)
     prediction_log_flush_seconds: float = Field(default=5.0, gt=0)
+
+    @property
+    def on_vertex(self) -> bool:
+        """Served by Vertex AI: it sets AIP_PREDICT_ROUTE (with AIP_HTTP_PORT and the rest)."""
+        return bool(self.aip_predict_route)
+
+    @property
+    def receives_push(self) -> bool:
+        return not self.on_vertex
+
+    @model_validator(mode="after")
+    def _vertex_needs(self) -> PredictorSettings:
+        if not self.on_vertex:
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("AIP_STORAGE_URI", self.aip_storage_uri),
+                ("AIP_HEALTH_ROUTE", self.aip_health_route),
+                ("MLPIPE_SERVE_MODEL", self.serve_model),
+                ("MLPIPE_SERVE_VERSION", self.serve_version),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"serving on Vertex AI (AIP_PREDICT_ROUTE is set) needs {missing}")
+        return self

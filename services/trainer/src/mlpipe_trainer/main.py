@@ -43,6 +43,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.trainer_image,
             settings.code_version,
             settings.env,
+            settings.vertex_service_account,
+            settings.vertex_api_endpoint,
+            settings.vertex_api_transport,
         )
         launchers["vertex"] = VertexJobLauncher(target)
     app.state.clients = clients

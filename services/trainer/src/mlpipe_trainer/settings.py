@@ -32,6 +32,13 @@ class TrainerSettings(CommonSettings):
     # The image Vertex AI CustomJobs run (this service's own image); without it, pipelines
     # that ask for the vertex backend are rejected with a message naming this setting.
     trainer_image: str = ""
+    # The account Vertex AI CustomJobs run as when the pipeline names none: the trainer's own
+    # (a job without one runs as the Custom Code Service Agent, which cannot publish).
+    vertex_service_account: str = ""
+    # Vertex AI's API host (default <region>-aiplatform.googleapis.com over gRPC); an http://
+    # URL is a local Vertex AI (mlpipe vertex-standin), reached over REST.
+    vertex_api_endpoint: str = ""
+    vertex_api_transport: Literal["", "grpc", "rest"] = ""
     # warm: jobs fork from a pre-imported server (fast start); subprocess: a fresh interpreter.
     job_runner: Runner = "warm"
     # The memory local jobs share with this server; 0: the limit of its cgroup (Cloud Run's,

@@ -15,6 +15,7 @@ from google.cloud import aiplatform_v1
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
+from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
 
@@ -33,6 +34,11 @@ class VertexTarget:
     image: str  # the trainer's image: it contains the job entry point
     code_version: str
     env: str
+    # The account a job runs as when its pipeline names none: the trainer's own, which may
+    # publish TrainingCompleted and write the run (MLPIPE_VERTEX_SERVICE_ACCOUNT).
+    service_account: str = ""
+    api_endpoint: str = ""  # default: the region's host (MLPIPE_VERTEX_API_ENDPOINT)
+    api_transport: str = ""  # default: grpc, or rest for an http:// endpoint
 
 
 def custom_job_request(
@@ -51,6 +57,16 @@ def custom_job_request(
             )
         machine.accelerator_type = accelerator
         machine.accelerator_count = spec.accelerator_count
+    # Without one, a CustomJob runs as Vertex AI's Custom Code Service Agent, which may not
+    # publish TrainingCompleted: the run would train and never be heard of.
+    account = spec.service_account or target.service_account
+    if not account:
+        raise PermanentError(
+            "invalid_config",
+            f"pipeline {config.name} trains on Vertex AI, but no service account is set for "
+            "its job: set training.vertex.service_account, or MLPIPE_VERTEX_SERVICE_ACCOUNT "
+            "(the trainer's own account) on the trainer",
+        )
     run_id = started.context.run_id
     container = aiplatform_v1.ContainerSpec(
         image_uri=target.image,
@@ -71,7 +87,7 @@ def custom_job_request(
                     machine_spec=machine, replica_count=1, container_spec=container
                 )
             ],
-            service_account=spec.service_account or "",
+            service_account=account,
             base_output_directory=aiplatform_v1.GcsDestination(
                 output_uri_prefix=f"gs://{target.bucket}/{layout.RunPaths(run_id).vertex_output}"
             ),
@@ -91,9 +107,7 @@ ClientFactory = Callable[[str], aiplatform_v1.JobServiceClient]
 
 
 def regional_client(region: str) -> aiplatform_v1.JobServiceClient:
-    return aiplatform_v1.JobServiceClient(
-        client_options={"api_endpoint": f"{region}-aiplatform.googleapis.com"}
-    )
+    return aiplatform_v1.JobServiceClient(**vertex_client_kwargs(region))
 
 
 class VertexJobLauncher:
@@ -102,9 +116,13 @@ class VertexJobLauncher:
     # claim holds this long (mlpipe_trainer.lease).
     start_lease_seconds = 3600.0
 
-    def __init__(self, target: VertexTarget, client_factory: ClientFactory = regional_client):
+    def __init__(self, target: VertexTarget, client_factory: ClientFactory | None = None):
         self.target = target
-        self.client_factory = client_factory
+        self.client_factory = client_factory or self._client
+
+    def _client(self, region: str) -> aiplatform_v1.JobServiceClient:
+        kwargs = vertex_client_kwargs(region, self.target.api_endpoint, self.target.api_transport)
+        return aiplatform_v1.JobServiceClient(**kwargs)
 
     def launch(self, started: events_pb2.TrainingStarted, config: PipelineConfig) -> str:
         request = custom_job_request(started, config, self.target)

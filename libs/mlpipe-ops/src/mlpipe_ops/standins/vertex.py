@@ -171,6 +171,7 @@ class VertexStandIn:
         deploy_timeout: float = 300.0,
         log_dir: str | Path | None = None,
         seed: int | None = None,
+        local_env: dict[str, str] | None = None,
     ) -> None:
         if not project_number.isdigit():
             raise ValueError(f"a project number is all digits, not {project_number!r}")
@@ -190,6 +191,9 @@ class VertexStandIn:
             )
             if value
         }
+        # What every container needs on this machine and never on Vertex (rule 51), e.g.
+        # MLPIPE_HOST=127.0.0.1: on the shared host network a server binds 127.0.0.1 only.
+        self.cloud_env.update(local_env or {})
         self.runtime = Runtime(self.id)
         self._random = random.Random(seed)
         self._ids = random.Random(seed)

@@ -147,7 +147,8 @@ def run(app: str, service: str, settings_class: type[CommonSettings]) -> None:
     """
     try:
         settings = load_settings(settings_class)
-        push_verifier(settings)  # the lifespan builds it again; here it only stops a bad start
+        if settings.receives_push:
+            push_verifier(settings)  # the lifespan builds it again; here it stops a bad start
     except SettingsError as exc:
         exit_on_bad_settings(service, exc)
     setup_logging(service, settings.log_level, settings.project)

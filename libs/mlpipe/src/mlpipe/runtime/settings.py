@@ -6,6 +6,7 @@ Every setting is read from the environment with the `MLPIPE_` prefix (for exampl
 
 from __future__ import annotations
 
+import os
 from typing import Literal, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError
@@ -45,8 +46,25 @@ class CommonSettings(BaseSettings):
     # A Pub/Sub message is at most 10 MB; its base64 push envelope about 13.4 MB.
     max_push_bytes: int = Field(default=14_000_000, ge=1024)
 
+    @property
+    def receives_push(self) -> bool:
+        """Whether Pub/Sub pushes reach this process (so their tokens must be checked)."""
+        return True
+
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def _alias_set(cls: type[BaseSettings], name: str) -> str:
+    """The variable actually set among the alias choices that include `name` (pydantic names
+    the first choice, e.g. AIP_HTTP_PORT when PORT was given)."""
+    for info in cls.model_fields.values():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            choices = [c for c in alias.choices if isinstance(c, str)]
+            if name in choices:
+                return next((c for c in choices if c in os.environ), name)
+    return name
 
 
 def load_settings(cls: type[S]) -> S:
@@ -59,6 +77,7 @@ def load_settings(cls: type[S]) -> S:
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "?"
             env_name = name if name.isupper() else f"{prefix}{name}".upper()
+            env_name = _alias_set(cls, env_name)
             if err["type"] == "missing":
                 problems.append(f"missing required setting {env_name}")
             else:

@@ -7,6 +7,8 @@
     quarantine/<reason>/<stage>-<key>                       rejected inputs, kept whole
     registry/<model>/...                                    versions, aliases, claims
                                                             (RegistryPaths)
+    rollouts/<model>.json                                   a rollout still running on a
+                                                            cloud target (its operations)
     monitoring/<model>/dt=YYYY-MM-DD/<time>-<id>.jsonl      the predictor's prediction log,
                                                             read by the drift check
     monitoring/<model>/reports/<check_id>/                  a drift check's report and event
@@ -34,6 +36,7 @@ PIPELINES = "pipelines/"
 RUNS = "runs/"
 QUARANTINE = "quarantine/"
 REGISTRY = "registry/"
+ROLLOUTS = "rollouts/"
 MONITORING = "monitoring/"
 PREDICTIONS = "predictions/"
 
@@ -146,6 +149,21 @@ class RegistryPaths:
 
     def version_claim(self, version: int) -> str:
         return f"{self.version_claims}{version}"
+
+
+# --- rollouts ---------------------------------------------------------------------------
+def rollout_path(model: str) -> str:
+    """The record of `model`'s rollout while a cloud target's operations run."""
+    return f"{ROLLOUTS}{model}.json"
+
+
+def rollout_models(paths: Iterable[str]) -> list[str]:
+    """The models in a listing of ROLLOUTS, sorted."""
+    return sorted(
+        p[len(ROLLOUTS) : -len(".json")]
+        for p in paths
+        if p.startswith(ROLLOUTS) and p.endswith(".json") and p.count("/") == 1
+    )
 
 
 # --- monitoring ---------------------------------------------------------------------------

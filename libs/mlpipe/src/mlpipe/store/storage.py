@@ -186,6 +186,8 @@ class Storage:
     def list(self, prefix: str) -> list[str]:
         return [b.name for b in self.client.list_blobs(self.bucket_name, prefix=prefix)]
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, *, if_generation_match: int | None = None) -> None:
+        """Delete `path` (nothing if absent); with `if_generation_match`, only that generation
+        (raise `gexc.PreconditionFailed` when another one is live)."""
         with contextlib.suppress(gexc.NotFound):
-            self.bucket.blob(path).delete()
+            self.bucket.blob(path).delete(if_generation_match=if_generation_match)

@@ -6,7 +6,9 @@ A target never waits on a cloud long-running operation inside a push request: `a
 next step towards the desired state, and returns the operations it started (or those of
 `running`, from an earlier call, that have not finished). The deployer records them and calls
 `apply` again on a later delivery or check; a call whose operations are all done and whose
-serving matches returns a `Rollout` with no operations.
+serving matches returns a `Rollout` with no operations. One that cannot reach the desired state
+(an operation failed, the target refuses it) returns a `Rollout` with an `error`: the deployer
+reports it and stops following that rollout (see mlpipe_deployer.progress).
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ SERVE_VERSION_ENV = "MLPIPE_SERVE_VERSION"
 
 @dataclass
 class Rollout:
-    """Where a target stands after one `apply`: the resource it serves from, and the names of
-    long-running operations still running (none: serving matches the desired state)."""
+    """Where a target stands after one `apply`: the resource it serves from, the names of
+    long-running operations still running (none: serving matches the desired state), and why
+    it cannot get there (empty: it can)."""
 
     resource: str = ""
     operations: list[str] = field(default_factory=list)
+    error: str = ""
 
     @property
     def done(self) -> bool:
-        return not self.operations
+        return not self.operations and not self.error
 
 
 class DeployTarget(Protocol):

@@ -28,5 +28,8 @@ def make_target(settings: DeployerSettings) -> DeployTarget:
             settings.vertex_machine_type,
             settings.vertex_min_replicas,
             settings.vertex_max_replicas,
+            settings.vertex_serving_account,
+            settings.vertex_api_endpoint,
+            settings.vertex_api_transport,
         )
     return LocalTarget()

@@ -1,5 +1,11 @@
-"""Vertex AI: the registry's versions uploaded as versions of one Vertex model, deployed to an
-endpoint with the registry's traffic split."""
+"""Vertex AI: the registry's versions uploaded as versions of one Vertex model, deployed to the
+model's own endpoint with the registry's traffic split.
+
+`apply` never waits on an operation: each call checks the operations of the previous one,
+then starts the next step (an upload, a deployment, an undeployment) and returns its name; the
+deployer records it and calls again (mlpipe_deployer.progress). Every step is read from what
+Vertex serves, so a repeated call starts nothing twice.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.cloud import aiplatform_v1
+from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import field_mask_pb2
 
+from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store.registry import ModelVersion, Traffic
 from mlpipe_deployer.targets import SERVE_MODEL_ENV, SERVE_VERSION_ENV, Rollout, label_value
 
@@ -19,8 +27,18 @@ log = logging.getLogger(__name__)
 
 
 def vertex_model_id(model: str) -> str:
-    """A Vertex AI model id: [a-z0-9_-], not starting with '-' or '_', ≤ 63."""
-    return re.sub(r"[^a-z0-9_-]", "-", model.lower()).lstrip("-_")[:63]
+    """A Vertex AI model id: up to 63 of [a-z0-9_-], not starting with a digit or '-'
+    (UploadModelRequest.model_id); a name that starts with one gets an `m-` prefix."""
+    slug = re.sub(r"[^a-z0-9_-]", "-", model.lower())
+    if not slug or not (slug[0].isalpha() or slug[0] == "_"):
+        slug = "m-" + slug
+    return slug[:63]
+
+
+def model_id_of(name: str) -> str:
+    """The model id in a model resource name, whatever names its project (id or number) and
+    with or without `@version`: `projects/123/locations/l/models/iris@2` → `iris`."""
+    return name.rsplit("/models/", 1)[-1].split("@", 1)[0]
 
 
 def upload_request(
@@ -57,10 +75,12 @@ def upload_request(
                 aiplatform_v1.EnvVar(name=SERVE_VERSION_ENV, value=str(mv.version)),
                 aiplatform_v1.EnvVar(name="MLPIPE_PROJECT", value=project),
                 aiplatform_v1.EnvVar(name="MLPIPE_BUCKET", value=bucket),
+                aiplatform_v1.EnvVar(name="MLPIPE_CODE_VERSION", value=code_version),
             ],
+            # The predictor serves on AIP_HTTP_PORT, its health and predict routes are
+            # AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE (Vertex's defaults), and it reads the
+            # version from AIP_STORAGE_URI: no push route, so no push settings.
             ports=[aiplatform_v1.Port(container_port=8080)],
-            predict_route=f"/v1/models/{model}:predict",
-            health_route="/readyz",
         ),
     )
     model_path = f"{parent}/models/{vertex_model_id(model)}"
@@ -79,7 +99,7 @@ def uploaded_version(versions: Sequence[aiplatform_v1.Model], registry_version: 
     return None
 
 
-def endpoint_requests(
+def endpoint_step(
     endpoint: aiplatform_v1.Endpoint,
     model_path: str,
     model: str,
@@ -88,49 +108,70 @@ def endpoint_requests(
     machine_type: str,
     min_replicas: int,
     max_replicas: int,
+    service_account: str = "",
 ) -> list[Any]:
-    """Requests that make `endpoint` serve `desired` (Vertex version id → (registry version,
-    percent)): deploy what is missing with the whole split, else update the split; then
-    undeploy this model's versions that no longer get traffic."""
-    deployed = {d.model_version_id: d.id for d in endpoint.deployed_models if d.model == model_path}
+    """The next requests that bring `endpoint` towards serving `desired` (Vertex version id →
+    (registry version, percent)); [] once it does.
+
+    One long-running step at a time: deploy a missing version (its share as `"0"`, the
+    deployed ones at theirs: deployModel's split replaces the endpoint's); else set the split
+    (a plain update) and undeploy one version of this model that no longer gets traffic.
+    Deployed models are this model's by model id and version id: Vertex names them with the
+    project number, whatever the request used. An endpoint serving another model is refused
+    (ValueError): a split mixes the models behind one predict API, so each model has its own.
+    """
+    model_id = model_id_of(model_path)
+    others = sorted({model_id_of(d.model) for d in endpoint.deployed_models} - {model_id})
+    if others:
+        raise ValueError(
+            f"endpoint {endpoint.name} serves other models ({', '.join(others)}); mlpipe gives "
+            f"each model its own endpoint (MLPIPE_VERTEX_ENDPOINT for {model})"
+        )
+    deployed: dict[str, str] = {}
+    extra: list[str] = []  # a version deployed twice, or one no longer wanted
+    for d in endpoint.deployed_models:
+        if d.model_version_id in desired and d.model_version_id not in deployed:
+            deployed[d.model_version_id] = d.id
+        else:
+            extra.append(d.id)
     missing = [vid for vid in desired if vid not in deployed]
-    if len(missing) > 1:
-        raise ValueError(f"one new deployment per rollout step, not {missing}")
-    split = {deployed[vid]: percent for vid, (_, percent) in desired.items() if vid in deployed}
-    requests: list[Any] = []
+    kept = {deployed[vid]: percent for vid, (_, percent) in desired.items() if vid in deployed}
     if missing:
         vid = missing[0]
-        registry_version, percent = desired[vid]
-        requests.append(
+        registry_version = desired[vid][0]
+        # The versions still to deploy after this one get their share later.
+        split = {"0": 100 - sum(kept.values()), **kept, **dict.fromkeys(extra, 0)}
+        return [
             aiplatform_v1.DeployModelRequest(
                 endpoint=endpoint.name,
                 deployed_model=aiplatform_v1.DeployedModel(
                     model=f"{model_path}@{vid}",
                     display_name=f"{model}-v{registry_version}",
+                    service_account=service_account,
                     dedicated_resources=aiplatform_v1.DedicatedResources(
                         machine_spec=aiplatform_v1.MachineSpec(machine_type=machine_type),
                         min_replica_count=min_replicas,
                         max_replica_count=max_replicas,
                     ),
                 ),
-                # "0" is the model being deployed; the split replaces the endpoint's.
-                traffic_split={"0": percent, **split},
+                traffic_split=split,
             )
-        )
-    else:
+        ]
+    requests: list[Any] = []
+    current = {k: v for k, v in endpoint.traffic_split.items() if v}
+    if current != {k: v for k, v in kept.items() if v}:
         requests.append(
             aiplatform_v1.UpdateEndpointRequest(
-                endpoint=aiplatform_v1.Endpoint(name=endpoint.name, traffic_split=split),
+                endpoint=aiplatform_v1.Endpoint(
+                    name=endpoint.name, traffic_split={**kept, **dict.fromkeys(extra, 0)}
+                ),
                 update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]),
             )
         )
-    for vid, deployed_id in deployed.items():
-        if vid not in desired:
-            requests.append(
-                aiplatform_v1.UndeployModelRequest(
-                    endpoint=endpoint.name, deployed_model_id=deployed_id
-                )
-            )
+    if extra:
+        requests.append(
+            aiplatform_v1.UndeployModelRequest(endpoint=endpoint.name, deployed_model_id=extra[0])
+        )
     return requests
 
 
@@ -168,6 +209,11 @@ class VertexTarget:
     machine_type: str = "n1-standard-2"
     min_replicas: int = 1
     max_replicas: int = 1
+    # The identity the predictor runs as (DeployedModel.service_account); empty: Vertex's
+    # default serving identity, which may read only AIP_STORAGE_URI.
+    service_account: str = ""
+    api_endpoint: str = ""  # default: the regional host
+    api_transport: str = ""  # default: grpc, or rest for an http:// endpoint
     name: str = "vertex"
     models: Any = None
     endpoints: Any = None
@@ -179,10 +225,31 @@ class VertexTarget:
         return f"projects/{self.project}/locations/{self.region}/endpoints/{self.endpoint}"
 
     def _clients(self) -> tuple[Any, Any]:
-        options = {"api_endpoint": f"{self.region}-aiplatform.googleapis.com"}
-        models = self.models or aiplatform_v1.ModelServiceClient(client_options=options)
-        endpoints = self.endpoints or aiplatform_v1.EndpointServiceClient(client_options=options)
-        return models, endpoints
+        if self.models is None or self.endpoints is None:
+            kwargs = vertex_client_kwargs(self.region, self.api_endpoint, self.api_transport)
+            self.models = self.models or aiplatform_v1.ModelServiceClient(**kwargs)
+            self.endpoints = self.endpoints or aiplatform_v1.EndpointServiceClient(**kwargs)
+        return self.models, self.endpoints
+
+    def _still_running(self, running: Sequence[str]) -> tuple[list[str], str]:
+        """(operations of `running` not done yet, the error of one that failed or "")."""
+        from google.api_core import exceptions as gexc
+
+        models, endpoints = self._clients()
+        left = []
+        for name in running:
+            client = models if "/models/" in name else endpoints
+            try:
+                op = client.get_operation(operations_pb2.GetOperationRequest(name=name))
+            except gexc.NotFound:
+                # Vertex no longer knows it: the next step is read from what Vertex serves.
+                log.warning("operation %s is gone; reading the endpoint again", name)
+                continue
+            if not op.done:
+                left.append(name)
+            elif op.HasField("error") and op.error.code:
+                return [], f"Vertex AI operation {name} failed: {op.error.message}"
+        return left, ""
 
     def apply(
         self,
@@ -191,9 +258,15 @@ class VertexTarget:
         versions: dict[int, ModelVersion],
         running: Sequence[str] = (),
     ) -> Rollout:
+        """One step: wait for nothing; start at most one long-running operation."""
         from google.api_core import exceptions as gexc
 
         models, endpoints = self._clients()
+        left, failed = self._still_running(running)
+        if failed:
+            return Rollout(self.endpoint_path, error=failed)
+        if left:
+            return Rollout(self.endpoint_path, left)
         model_path = (
             f"projects/{self.project}/locations/{self.region}/models/{vertex_model_id(model)}"
         )
@@ -216,26 +289,35 @@ class VertexTarget:
                     code_version=self.code_version,
                     alias=alias,
                 )
-                vid = str(models.upload_model(request=request).result(timeout=540).model_version_id)
-                uploaded = list(models.list_model_versions(name=model_path))
+                started = models.upload_model(request=request)
+                return Rollout(self.endpoint_path, [started.operation.name])
             desired[vid] = (version, percent)
         endpoint = endpoints.get_endpoint(name=self.endpoint_path)
-        for request in endpoint_requests(
-            endpoint,
-            model_path,
-            model,
-            desired,
-            machine_type=self.machine_type,
-            min_replicas=self.min_replicas,
-            max_replicas=self.max_replicas,
-        ):
+        try:
+            requests = endpoint_step(
+                endpoint,
+                model_path,
+                model,
+                desired,
+                machine_type=self.machine_type,
+                min_replicas=self.min_replicas,
+                max_replicas=self.max_replicas,
+                service_account=self.service_account,
+            )
+        except ValueError as exc:
+            return Rollout(self.endpoint_path, error=str(exc))
+        operations = []
+        for request in requests:
             if isinstance(request, aiplatform_v1.DeployModelRequest):
-                endpoints.deploy_model(request=request).result(timeout=1800)
+                operations.append(endpoints.deploy_model(request=request).operation.name)
             elif isinstance(request, aiplatform_v1.UndeployModelRequest):
-                endpoints.undeploy_model(request=request).result(timeout=900)
+                operations.append(endpoints.undeploy_model(request=request).operation.name)
             else:
                 endpoints.update_endpoint(request=request)
-        for request in alias_requests(model_path, desired, traffic):
-            models.merge_version_aliases(request=request)
+        if operations:
+            return Rollout(self.endpoint_path, operations)
+        for merge in alias_requests(model_path, desired, traffic):
+            models.merge_version_aliases(request=merge)
         split = ", ".join(f"v{v}@{vid} {p}%" for vid, (v, p) in desired.items())
-        return Rollout(f"{self.endpoint_path} ({split})")
+        # The endpoint's name as Vertex returns it (with the project number).
+        return Rollout(f"{endpoint.name or self.endpoint_path} ({split})")
