@@ -131,6 +131,7 @@ bucket_role() {
 # An IAM condition that limits a bucket role to the model registry's objects (registry/...,
 # mlpipe.store.layout); conditions need uniform bucket-level access, which the bucket has.
 REGISTRY_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/registry/'),title=registry-only,description=mlpipe model registry objects"
+MONITORING_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/monitoring/'),title=monitoring-only,description=mlpipe prediction logs"
 # ingest, trainer, evaluator, deployer create objects, read them back, and overwrite or
 # delete some (training claims, the champion alias, reports): roles/storage.objectUser is the
 # narrowest predefined role with delete, and it is granted on this bucket only.
@@ -148,6 +149,8 @@ if [[ "$DEPLOY_TARGET" == vertex ]]; then
   # On Vertex AI the predictor runs as mlpipe-serving and loads the served version from the
   # registry: read only, under registry/ only.
   bucket_role "$(sa mlpipe-serving)" roles/storage.objectViewer --condition="$REGISTRY_ONLY"
+  # ... and appends its sampled prediction log under monitoring/ (create only).
+  bucket_role "$(sa mlpipe-serving)" roles/storage.objectCreator --condition="$MONITORING_ONLY"
 fi
 # Publishing to topics is granted per topic by `mlpipe infra apply` (the topics exist then).
 

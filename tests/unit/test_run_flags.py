@@ -73,6 +73,7 @@ def test_the_trainer_flags_for_dev(tmp_path: Path) -> None:
             "MLPIPE_PUSH_AUDIENCE": f"https://mlpipe-trainer-{NUMBER}.us-central1.run.app",
             "MLPIPE_PUSH_SERVICE_ACCOUNT": "mlpipe-push-trainer@mlpipe-dev.iam.gserviceaccount.com",
             "MLPIPE_TRAINER_IMAGE": IMAGE,
+            "MLPIPE_VERTEX_SERVICE_ACCOUNT": "mlpipe-trainer@mlpipe-dev.iam.gserviceaccount.com",
         },
     }
 
@@ -149,6 +150,16 @@ def test_every_push_identity_of_a_service_is_the_one_it_checks() -> None:
         assert routes and {(r.service_url, r.service_account) for r in routes} == {
             (env["MLPIPE_PUSH_AUDIENCE"], env["MLPIPE_PUSH_SERVICE_ACCOUNT"])
         }, service
+
+
+def test_on_gcp_the_trainers_vertex_jobs_run_as_the_trainer() -> None:
+    target = dev_with()
+    runtime = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")["trainer"]
+
+    env = service_runtime.service_environment(target, "trainer", runtime, code_version="c")
+
+    assert env["MLPIPE_VERTEX_SERVICE_ACCOUNT"] == target.runtime_accounts["trainer"]
+    assert env["MLPIPE_VERTEX_SERVICE_ACCOUNT"].startswith("mlpipe-trainer@")
 
 
 def test_on_the_emulators_a_service_takes_unauthenticated_pushes() -> None:

@@ -147,6 +147,7 @@ DERIVED_ENV = frozenset(
         "MLPIPE_PUSH_AUDIENCE",
         "MLPIPE_PUSH_SERVICE_ACCOUNT",
         "MLPIPE_TRAINER_IMAGE",
+        "MLPIPE_VERTEX_SERVICE_ACCOUNT",
         "MLPIPE_DEPLOY_TARGET",
         "MLPIPE_REGION",
         "MLPIPE_CLOUD_RUN_SERVICE",
@@ -231,9 +232,10 @@ def service_environment(
     """Every variable `service` needs on `target`, and nothing else: the project, bucket,
     code version and environment; how push requests are checked (on GCP, the OIDC audience and
     identity its subscriptions sign with, as `mlpipe infra apply` configures them); the
-    trainer's own image (Vertex AI CustomJobs run it); on GCP, where the deployer rolls models
-    out (the environment's deploy_target, the predictor service, the predictor image of the
-    same build, the serving identity on Vertex AI); then runtime.yaml's `env`.
+    trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); on GCP,
+    where the deployer rolls models out (the environment's deploy_target, the predictor
+    service, the predictor image of the same build, the serving identity on Vertex AI); then
+    runtime.yaml's `env`.
 
     Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
     env = {
@@ -254,6 +256,10 @@ def service_environment(
         }
     if service == "trainer" and image:
         env["MLPIPE_TRAINER_IMAGE"] = image
+    if service == "trainer" and not target.emulated:
+        # A Vertex AI CustomJob runs as the trainer's own account unless its config names one:
+        # the Custom Code Service Agent could not publish TrainingCompleted.
+        env["MLPIPE_VERTEX_SERVICE_ACCOUNT"] = target.runtime_accounts["trainer"]
     if service == "deployer" and not target.emulated:
         env |= {
             "MLPIPE_DEPLOY_TARGET": target.deploy_target,
