@@ -97,7 +97,7 @@ def write_config(
 def check(config: Path) -> None:
     """`haproxy -c`: raise BalancerError quoting haproxy's complaint and the line it names."""
     done = subprocess.run(
-        [binary(), "-c", "-q", "-f", str(config)], capture_output=True, text=True, timeout=30
+        [binary(), "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
     )
     if done.returncode != 0:
         raise BalancerError(refusal(config, done.stdout + done.stderr))

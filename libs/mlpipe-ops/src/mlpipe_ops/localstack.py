@@ -420,7 +420,11 @@ class LocalStack:
             if child.poll() is not None:
                 said = Path(proc.log).read_text(errors="replace")[-4000:]
                 raise StackError(balancer.refusal(config, said) + f"\n  (log: {proc.log})")
-            return all(not port_free(port) for port in st.service_ports.values())
+            # Each frontend answers (503 while its instances start): haproxy holds the port.
+            # (a port held by anything else does not answer: the check times out, not yet)
+            for port in st.service_ports.values():
+                self._http.get(f"http://{HOST}:{port}/healthz")
+            return True
 
         pending.add(proc.name, ready, lambda: None, proc.log)
 
