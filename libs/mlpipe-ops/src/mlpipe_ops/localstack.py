@@ -700,7 +700,7 @@ class LocalStack:
         runtimes, own = self._services()
         for service, name, port in self._instances():
             container = Container(
-                name=f"mlpipe-{name}-{st.pubsub_port}",
+                name=f"mlpipe-{name}-{st.pubsub_port}{docker.NAME_SUFFIX}",
                 service=service,
                 port=port,
                 image=docker.IMAGE.format(service=service),
