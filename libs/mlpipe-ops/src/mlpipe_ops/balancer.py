@@ -26,8 +26,10 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mlpipe_ops import statedir
+
 HOST = "127.0.0.1"
-CONFIG_DIR = "balancer"
+CONFIG_DIR = statedir.BALANCER_DIR  # `mlpipe down --wipe` removes it
 CONFIG_FILE = "haproxy.cfg"
 # haproxy names the file and line of a configuration error: "[/path/haproxy.cfg:12]".
 CONFIG_LINE = re.compile(r"\[(?P<file>[^\]:]+):(?P<line>\d+)\]")

@@ -10,6 +10,11 @@ messages in flight) the reconcile pass re-publishes from the runs' records
 in `<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before). The
 layout and its checks: mlpipe_ops.statedir.
 
+With `instances=N` (N > 1, `mlpipe up --instances N`) each service runs as N instances, on
+ports of their own, behind one haproxy frontend per service on the service's usual port
+(mlpipe_ops.balancer), so push subscriptions and clients address one URL per service as on
+Cloud Run; at N = 1 each service listens on that port itself and no balancer runs.
+
 Start order: both emulators at once; the services as soon as fake-gcs-server answers (the
 predictor loads the registry's champions in its lifespan; none needs Pub/Sub to start), so they
 import while the emulator's JVM boots; the topology once the emulator answers.
