@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from google.cloud import pubsub_v1
+from typer.testing import CliRunner
 
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
@@ -25,6 +26,7 @@ from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_ops import balancer
+from mlpipe_ops.cli import app
 from mlpipe_ops.follow import EventWatcher
 from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
 from tests.conftest import REPO, free_base_port, unique, wait_until
@@ -136,6 +138,10 @@ def test_each_service_runs_n_instances_behind_one_balanced_url(
         assert f"bind 127.0.0.1:{port}" in config
     assert answered == {"1": 60}
     assert per_instance == [20] * N  # round robin: each instance its turn
+    shown = CliRunner().invoke(app, ["status", "--state-dir", stack.state_dir]).output
+    assert f"{N} instances of each service behind haproxy" in shown
+    for proc in instances:
+        assert f"{proc.name:<16} pid {proc.pid}  port {proc.port}  up" in shown
 
 
 def requests_served(url: str) -> int:
