@@ -37,7 +37,7 @@ pytestmark = pytest.mark.integration
 
 N = 3
 MODEL = "iris-classifier"
-# The predictor's registry watch runs every second; the bound is 5 s.
+# The predictor's registry watch runs every second; the bound asked for is 5 s.
 CONVERGENCE_SECONDS = 5.0
 
 
