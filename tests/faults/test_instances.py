@@ -303,7 +303,8 @@ def test_a_run_survives_each_crash_point_killing_one_instance_while_the_others_c
 def test_a_burst_of_a_thousand_requests_through_the_balancers_loses_none(
     stack: StackState,
 ) -> None:
-    figures = burst_of_a_thousand(stack)
+    # Fifteen service processes share the machine's cores: slower than at N = 1, never lossy.
+    figures = burst_of_a_thousand(stack, within=360.0)
     lost_ids = figures.pop("lost_ids")
     FIGURES["burst"] = figures
     print(f"\nburst at N={N}: {figures}")
