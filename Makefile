@@ -5,7 +5,7 @@ UV ?= uv
 export PATH := $(HOME)/.local/bin:$(PATH)
 PROTO_OUT := libs/mlpipe/src
 
-.PHONY: help bootstrap demo up up-containers down test test-faults test-recovery test-containers lint typecheck protos check-protos
+.PHONY: help bootstrap demo up up-containers down test test-faults test-recovery test-faults-scale test-containers lint typecheck protos check-protos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/'
@@ -36,6 +36,9 @@ test-faults: bootstrap ## fault suite: duplicate storm, bad-input catalogue, 100
 
 test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures replay (~4 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_recovery.py
+
+test-faults-scale: bootstrap ## the fault suites at three instances per service behind haproxy (~5 min)
+	@$(UV) run --frozen pytest -m faults tests/faults/test_instances.py
 
 test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
 	@$(UV) run --frozen pytest -m containers tests/containers

@@ -8,8 +8,15 @@ The iris pipeline is trained by the trainer's own code and deployed by the deplo
 `python -m mlpipe_predictor` process on 127.0.0.1. MLflow gets the very same fitted pipeline
 (the registered artifact), saved with mlflow.sklearn, served by `mlflow models serve
 --env-manager local` from its own virtualenv (created here with uv, outside the project's
-dependencies). One client, one keep-alive connection, one row per request, sequential:
-latency percentiles and requests per second. Not a test: nothing here is asserted.
+dependencies). MLflow is pinned (MLFLOW_SPEC) and its model is saved with its requirements
+written out (`pip_requirements`), not inferred: inference runs pip against the machine's own
+configuration, and where that pip is missing or differs MLflow's dedup step fails with "The
+specified requirements versions are incompatible" (mlflow/utils/environment.py runs `pip
+install --dry-run` to compare two pins of one package), so on a fresh machine the side-by-side
+never ran. One row per request, two loads: one client on one keep-alive connection,
+sequential; then 16 concurrent clients, each on its own keep-alive connection, against the
+predictor (one uvicorn worker) and MLflow at its default workers (`mlflow models serve`: 1).
+Latency percentiles and requests per second. Not a test: nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +44,11 @@ sys.path.insert(0, str(REPO))
 ROW = [5.1, 3.5, 1.4, 0.2]
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 MLFLOW_VENV = Path(os.environ.get("MLPIPE_BENCH_MLFLOW_VENV", "/tmp/mlpipe-bench-mlflow"))
-MLFLOW_SPEC = os.environ.get("MLPIPE_BENCH_MLFLOW_SPEC", "mlflow")
+# Pinned, so every machine measures the same MLflow (3.17.2: the newest whose every wheel the
+# package index here carries); MLPIPE_BENCH_MLFLOW_SPEC overrides.
+MLFLOW_VERSION = "3.17.2"
+MLFLOW_SPEC = os.environ.get("MLPIPE_BENCH_MLFLOW_SPEC", f"mlflow=={MLFLOW_VERSION}")
+CONCURRENT_CLIENTS = 16
 
 
 PLAIN_ROUTE = "mlpipe predictor, HTTP `POST /predict`"
@@ -86,6 +98,63 @@ def measure(call: Callable[[], Any], count: int, warmup: int, budget: float) -> 
     }
 
 
+def measure_concurrent(
+    make_call: Callable[[], Callable[[], Any]], clients: int, count: int, budget: float
+) -> dict[str, float]:
+    """`clients` threads, each with its own call (its own connection), `count` calls in all
+    (or until `budget` s); latency per call, throughput over the whole."""
+    calls = [make_call() for _ in range(clients)]
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    left = [count]
+
+    began = [0.0]  # set once every client is warm, as they all start
+    ready = threading.Barrier(clients + 1, action=lambda: began.__setitem__(0, time.perf_counter()))
+
+    def run(call: Callable[[], Any]) -> None:
+        mine = []
+        try:
+            for _ in range(20):  # warm-up, all clients at once (an idle one would time out)
+                call()
+        except BaseException as exc:
+            errors.append(exc)
+        ready.wait()
+        while not errors and time.perf_counter() - began[0] < budget:
+            with lock:
+                if left[0] <= 0:
+                    break
+                left[0] -= 1
+            t0 = time.perf_counter()
+            try:
+                call()
+            except BaseException as exc:  # reported below, not swallowed
+                errors.append(exc)
+                break
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began[0]
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
+    return {
+        "n": len(latencies),
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "mean_ms": statistics.fmean(latencies) * 1e3,
+        "rps": len(latencies) / elapsed,
+        # Kept-alive connections the server closed, reopened by the client.
+        "reconnects": sum(int(getattr(call, "reconnects", 0)) for call in calls),
+    }
+
+
 class HttpClient:
     """One keep-alive connection; raises unless the server answers 200."""
 
@@ -95,10 +164,19 @@ class HttpClient:
         self.body = json.dumps(body).encode()
         self.headers = {"Content-Type": "application/json"}
         self.last: Any = None
+        self.reconnects = 0
 
     def __call__(self) -> None:
-        self.connection.request("POST", self.path, self.body, self.headers)
-        reply = self.connection.getresponse()
+        try:
+            self.connection.request("POST", self.path, self.body, self.headers)
+            reply = self.connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # The server closed the kept-alive connection: open another, as any HTTP
+            # client's pool does, and count it.
+            self.connection.close()
+            self.reconnects += 1
+            self.connection.request("POST", self.path, self.body, self.headers)
+            reply = self.connection.getresponse()
         data = reply.read()
         if reply.status != 200:
             raise RuntimeError(f"{self.path}: HTTP {reply.status}: {data[:300]!r}")
@@ -196,25 +274,26 @@ def deploy_iris(workdir: Path) -> tuple[Any, Any, dict[str, str]]:
 
 # --- MLflow -----------------------------------------------------------------------------------
 def mlflow_python() -> Path:
-    python = MLFLOW_VENV / "bin" / "python"
-    if not (MLFLOW_VENV / "bin" / "mlflow").exists():
-        import sklearn
+    import sklearn
 
-        print(f"installing {MLFLOW_SPEC} into {MLFLOW_VENV} (its own venv, not the project's)")
+    python = MLFLOW_VENV / "bin" / "python"
+    if not python.exists():
         subprocess.run(["uv", "venv", "-q", "-p", "3.11", str(MLFLOW_VENV)], check=True)
-        subprocess.run(
-            [
-                "uv",
-                "pip",
-                "install",
-                "-q",
-                "--python",
-                str(python),
-                MLFLOW_SPEC,
-                f"scikit-learn=={sklearn.__version__}",  # the pickle needs the same version
-            ],
-            check=True,
-        )
+    # Every run: a venv left with another MLflow gets the pinned one (nothing to do if it has).
+    print(f"{MLFLOW_SPEC} in {MLFLOW_VENV} (its own venv, not the project's)")
+    subprocess.run(
+        [
+            "uv",
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(python),
+            MLFLOW_SPEC,
+            f"scikit-learn=={sklearn.__version__}",  # the pickle needs the same version
+        ],
+        check=True,
+    )
     return python
 
 
@@ -226,17 +305,24 @@ def mlflow_model(estimator: Any, workdir: Path) -> tuple[Path, str]:
     joblib.dump(estimator, pickled)
     target = workdir / "mlflow-model"
     script = (
-        "import joblib, sys, pandas as pd, mlflow, mlflow.sklearn\n"
+        "import joblib, sys, cloudpickle, sklearn, pandas as pd, mlflow, mlflow.sklearn\n"
         "m = joblib.load(sys.argv[1])\n"
         f"x = pd.DataFrame([{ROW!r}], columns={FEATURES!r})\n"
+        # Written out, each package once, so MLflow infers nothing through pip.
+        "reqs = [f'mlflow=={mlflow.__version__}', f'scikit-learn=={sklearn.__version__}',\n"
+        "        f'cloudpickle=={cloudpickle.__version__}', f'pandas=={pd.__version__}']\n"
         # MLflow 3's default (skops) refuses the trees unless told to trust them; cloudpickle
         # was its default for years, and loading is not part of what is measured.
-        "mlflow.sklearn.save_model(m, sys.argv[2], input_example=x,\n"
+        "mlflow.sklearn.save_model(m, sys.argv[2], input_example=x, pip_requirements=reqs,\n"
         "    serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)\n"
         "print(mlflow.__version__)\n"
     )
     out = subprocess.run(
-        [str(python), "-c", script, str(pickled), str(target)], capture_output=True, text=True
+        [str(python), "-c", script, str(pickled), str(target)],
+        capture_output=True,
+        text=True,
+        # Its check of requirements through pip: nothing to check when they are written out.
+        env={**os.environ, "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true"},
     )
     if out.returncode != 0:
         raise RuntimeError(f"saving the MLflow model failed: {out.stderr.strip()[-600:]}")
@@ -284,7 +370,8 @@ def write_results(section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         end = text.find("\n## ", start_at + 1)
-        text = text[:start_at] + section + ("" if end == -1 else text[end + 1 :])
+        rest = "" if end == -1 else "\n" + text[end + 1 :]
+        text = text[:start_at] + section.rstrip("\n") + "\n" + rest
     path.write_text(text.rstrip("\n") + "\n")
 
 
@@ -370,6 +457,20 @@ def main() -> int:
                     )
                     results.append((label, measure(client, count, 200, args.budget)))
                 print("mlpipe reply:", client.last.decode())
+                if rate == "1":
+                    results.append(
+                        (
+                            f"{PLAIN_ROUTE}, {CONCURRENT_CLIENTS} concurrent clients",
+                            measure_concurrent(
+                                lambda port=port: HttpClient(  # type: ignore[misc]
+                                    port, "/predict", {"instances": [ROW]}
+                                ),
+                                CONCURRENT_CLIENTS,
+                                args.requests * 4,
+                                args.budget,
+                            ),
+                        )
+                    )
                 stop(predictor)
 
             if not args.no_mlflow:
@@ -412,6 +513,21 @@ def main() -> int:
                         )
                     )
                     print("mlflow reply:", client.last.decode())
+                    body = {"dataframe_split": {"columns": FEATURES, "data": [ROW]}}
+                    results.append(
+                        (
+                            f"MLflow {version} `mlflow models serve` (default workers: 1), "
+                            f"{CONCURRENT_CLIENTS} concurrent clients",
+                            measure_concurrent(
+                                lambda port=port: HttpClient(  # type: ignore[misc]
+                                    port, "/invocations", body
+                                ),
+                                CONCURRENT_CLIENTS,
+                                args.requests * 4,
+                                args.budget,
+                            ),
+                        )
+                    )
                 except (subprocess.CalledProcessError, RuntimeError, OSError) as exc:
                     problems.append(f"MLflow could not be measured: {exc}")
                     print(problems[-1])
@@ -437,9 +553,18 @@ def main() -> int:
     if mlflow_rows:
         theirs = mlflow_rows[0]
         ratios.append(
-            f"throughput x{ours['rps'] / theirs['rps']:.1f} MLflow's; "
+            f"one client: throughput x{ours['rps'] / theirs['rps']:.1f} MLflow's; "
             f"p50 {theirs['p50_ms'] / ours['p50_ms']:.1f}x lower; "
             f"p99 {theirs['p99_ms'] / ours['p99_ms']:.1f}x lower"
+        )
+    if len(mlflow_rows) > 1:
+        ours_many = named[f"{PLAIN_ROUTE}, {CONCURRENT_CLIENTS} concurrent clients"]
+        theirs_many = mlflow_rows[1]
+        ratios.append(
+            f"{CONCURRENT_CLIENTS} concurrent clients: throughput "
+            f"x{ours_many['rps'] / theirs_many['rps']:.1f} MLflow's; "
+            f"p50 {theirs_many['p50_ms'] / ours_many['p50_ms']:.1f}x lower; "
+            f"p99 {theirs_many['p99_ms'] / ours_many['p99_ms']:.1f}x lower"
         )
     sklearn_row = results[0][1]
     ratios.append(
@@ -447,20 +572,29 @@ def main() -> int:
         f"ms (x{sklearn_row['p50_ms'] / ours['p50_ms']:.1f} faster over HTTP than sklearn "
         f"without HTTP)"
     )
+    for name, r in results:
+        if r.get("reconnects"):
+            ratios.append(
+                f"{name}: the server closed {int(r['reconnects'])} kept-alive connection(s) "
+                f"during the run; each was reopened (counted in its latency)"
+            )
     for line in ratios:
         print(line)
     section = "\n".join(
         [
             "## Serving",
             "",
-            "One row per request, one client on one keep-alive connection, sequential, on "
-            "127.0.0.1; the same fitted RandomForest(100) iris pipeline everywhere (trained by "
+            "One row per request on 127.0.0.1: one client on one keep-alive connection, "
+            f"sequential; then {CONCURRENT_CLIENTS} concurrent clients (threads of this "
+            "script, each on its own keep-alive connection, sharing the machine's CPUs with "
+            "the server). The same fitted RandomForest(100) iris pipeline everywhere (trained by "
             "the trainer's code, deployed by the deployer's step: ONNX compiled and checked on "
             "the holdout). The predictor runs as `python -m mlpipe_predictor` (uvicorn with "
             "httptools and uvloop, one worker), with its prediction log on (the default: every "
             "request recorded and written to GCS in the background) and, for comparison, off; "
-            "MLflow as `mlflow models serve --env-manager local` (its defaults) "
-            "from its own virtualenv.",
+            f"MLflow {MLFLOW_SPEC} as `mlflow models serve --env-manager local` (its defaults: "
+            "one uvicorn worker) from its own virtualenv, its model saved with its "
+            "requirements written out (no inference through pip).",
             "",
             "Command: `uv run --frozen python bench/serving/run.py`",
             "",

@@ -76,6 +76,12 @@ def test_services_are_forked_after_their_recorded_imports_each_in_its_own_sessio
         assert not [m for m in modules if m.startswith("mlpipe")], service
     assert "sklearn" in recorded["trainer"] and "sklearn" not in recorded["ingest"]
     assert sorted(services) == sorted(state.service_ports)
+    # One instance each (the default): each service on its own port, no load balancer.
+    assert state.instance_ports == {} and {p.port for p in services.values()} == set(
+        state.service_ports.values()
+    )
+    assert not any(p.name == "haproxy" for p in state.processes)
+    assert not (state_dir / statedir.BALANCER_DIR).exists()
     assert {n: h["service"] for n, h in health.items()} == {n: n for n in services}
     assert sessions == {n: p.pid for n, p in services.items()}
     assert names == {n: f"mlpipe-{n}"[:15] for n in services}

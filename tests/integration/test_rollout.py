@@ -154,3 +154,78 @@ def test_the_registry_rollout_steps_never_go_back_by_accident(cloud: Cloud) -> N
     assert stale == (True, None) and older == (False, 4)
     assert steps == [(3, 4), (2, 3), (1, 2)]
     assert registry.traffic("m").shares() == [(1, 100, "champion")]
+
+
+def test_two_predictor_instances_count_one_canary_together_and_promote_it_once(
+    cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    from mlpipe.store import layout
+    from mlpipe_predictor.models import ModelStore, RegistryWatch
+
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    deploy(
+        cloud,
+        trained(cloud, iris_config, renamed_iris(iris_csv)),
+        canary_percent=50,
+        promote_after=10,
+    )
+    registry = Registry(cloud.storage)
+    promoted: list[tuple[str, str, int]] = []
+    instances = [ModelStore(Registry(cloud.storage)) for _ in range(2)]
+    for store in instances:
+        store.on_promotion = lambda m, v, s=store: promoted.append((s.instance, m, v))
+        store.load_all()
+    watches = [RegistryWatch(store) for store in instances]
+
+    # 20 requests, each instance serving every other one: 5 canary successes each, so
+    # neither alone reaches 10.
+    for i in range(20):
+        store = instances[i % 2]
+        model, watch = store.route("iris-classifier")
+        store.report(model.name, watch, ok=True)
+    alone = [store.watch_of("iris-classifier").succeeded for store in instances]  # type: ignore[union-attr]
+    for _ in range(2):  # each instance's watch round, twice
+        for watch in watches:
+            watch.check()
+    _, round_id = registry.traffic_round("iris-classifier")
+    paths = layout.RegistryPaths("iris-classifier")
+
+    assert alone == [5, 5]
+    assert len(promoted) == 1 and promoted[0][1:] == ("iris-classifier", 2)
+    assert len(cloud.storage.list(paths.promotion(round_id))) == 1
+    assert sorted(cloud.storage.list(paths.canary_counts(round_id))) == sorted(
+        paths.canary_count(round_id, store.instance) for store in instances
+    )
+    assert registry.canary_counts("iris-classifier", round_id) == (10, 0)
+
+
+def test_a_canary_failure_on_one_instance_stops_every_instance_promoting_it(
+    cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    from mlpipe_predictor.models import ModelStore, RegistryWatch
+
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    deploy(
+        cloud,
+        trained(cloud, iris_config, renamed_iris(iris_csv)),
+        canary_percent=50,
+        promote_after=4,
+    )
+    promoted: list[int] = []
+    first, second = (ModelStore(Registry(cloud.storage)) for _ in range(2))
+    for store in (first, second):
+        store.on_promotion = lambda m, v: promoted.append(v)
+        store.load_all()
+    canary = first.watch_of("iris-classifier")
+    assert canary is not None
+    first.report("iris-classifier", canary, ok=False)
+    RegistryWatch(first).check()  # its failure is written for the others to see
+
+    for _ in range(20):
+        model, watch = second.route("iris-classifier")
+        second.report(model.name, watch, ok=True)
+    RegistryWatch(second).check()
+    time.sleep(1)  # a check the requests started in a thread of its own has ended too
+
+    assert promoted == []
+    assert Registry(cloud.storage).traffic("iris-classifier").canary == 2

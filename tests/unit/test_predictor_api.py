@@ -301,3 +301,15 @@ def test_a_full_prediction_log_drops_and_counts_without_failing_requests(iris: L
     log = client.app.state.prediction_log  # type: ignore[attr-defined]
     assert log.counts["sampled"] == 2 and log.counts["dropped"] == 3
     assert len(log._buffer) == 2
+
+
+def test_a_canary_watch_counts_the_other_instances_successes_and_failures() -> None:
+    watch = CanaryWatch(2, promote_after=10)
+    watch.others_succeeded = 7  # the other instances' totals at the last check
+
+    asked = [watch.record(True) for _ in range(4)]
+
+    assert asked == [False, False, True, False]
+    failed_elsewhere = CanaryWatch(2, promote_after=2)
+    failed_elsewhere.others_failed = 1
+    assert [failed_elsewhere.record(True) for _ in range(3)] == [False] * 3

@@ -49,7 +49,12 @@ DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
     Path, typer.Option(help="Where the local stack keeps PIDs and logs.", envvar="MLPIPE_STATE_DIR")
 ]
-BasePort = Annotated[int, typer.Option(help="First of the 7 consecutive ports the stack uses.")]
+BasePort = Annotated[
+    int,
+    typer.Option(
+        help="First of the consecutive ports the stack uses: 7, plus 5 x N with --instances N."
+    ),
+]
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -74,8 +79,14 @@ def _running_stack(state_dir: Path) -> StackState:
 
 def _echo_services(state: StackState) -> None:
     """Each service's process or container; a container that restarted shows its last lines."""
+    if state.instance_ports:
+        typer.echo(
+            f"  {state.instances} instances of each service behind haproxy; each service's URL "
+            f"is its load balancer's (e.g. predictor {state.url('predictor')})"
+        )
     for proc in state.processes:
-        typer.echo(f"  {proc.name:<16} pid {proc.pid}  {'up' if proc.alive() else 'DOWN'}")
+        where = f"  port {proc.port}" if proc.service and state.instance_ports else ""
+        typer.echo(f"  {proc.name:<16} pid {proc.pid}{where}  {'up' if proc.alive() else 'DOWN'}")
     for container in state.containers:
         described = container.describe()
         typer.echo(f"  {container.service:<16} container {container.name}  {described}")
@@ -109,9 +120,17 @@ def up(
             "contract and infra/runtime.yaml's limits, on the local Docker engine."
         ),
     ] = False,
+    instances: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Run N instances of each service behind one local load balancer per service "
+            "(haproxy, round robin), as Cloud Run scales a service out; 1: no balancer.",
+        ),
+    ] = 1,
 ) -> None:
     """Start the emulators, the topology and the five services on 127.0.0.1."""
-    stack = LocalStack(state_dir, base_port=base_port, containers=containers)
+    stack = LocalStack(state_dir, base_port=base_port, containers=containers, instances=instances)
     try:
         stack.up()
     except StackError as exc:

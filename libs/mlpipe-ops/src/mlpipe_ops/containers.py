@@ -35,6 +35,8 @@ STOP_GRACE_SECONDS = 10
 # The tag of the images a local stack builds and runs; MLPIPE_IMAGE_TAG keeps the images of two
 # checkouts apart on one engine.
 IMAGE = "mlpipe-{service}:" + (os.environ.get("MLPIPE_IMAGE_TAG") or "local")
+# ...and the names of their containers, where two checkouts run stacks on one engine.
+NAME_SUFFIX = f"-{os.environ['MLPIPE_IMAGE_TAG']}" if os.environ.get("MLPIPE_IMAGE_TAG") else ""
 USER = "10001:10001"  # services/Dockerfile's user
 BASE_IMAGES = ("python:3.11.7-slim-bookworm", "ghcr.io/astral-sh/uv:0.13.9")
 # Each container of a local stack carries its state directory under this label.

@@ -10,6 +10,11 @@ messages in flight) the reconcile pass re-publishes from the runs' records
 in `<state_dir>/logs/<name>.log` (a container's when it is removed; `docker logs` before). The
 layout and its checks: mlpipe_ops.statedir.
 
+With `instances=N` (N > 1, `mlpipe up --instances N`) each service runs as N instances, on
+ports of their own, behind one haproxy frontend per service on the service's usual port
+(mlpipe_ops.balancer), so push subscriptions and clients address one URL per service as on
+Cloud Run; at N = 1 each service listens on that port itself and no balancer runs.
+
 Start order: both emulators at once; the services as soon as fake-gcs-server answers (the
 predictor loads the registry's champions in its lifespan; none needs Pub/Sub to start), so they
 import while the emulator's JVM boots; the topology once the emulator answers.
@@ -35,8 +40,8 @@ from pathlib import Path
 import httpx
 
 from mlpipe.messaging import topology
+from mlpipe_ops import balancer, infra, statedir
 from mlpipe_ops import containers as docker
-from mlpipe_ops import infra, statedir
 from mlpipe_ops.containers import Container
 from mlpipe_ops.service_runtime import (
     RuntimeDefinitionError,
@@ -64,6 +69,7 @@ class Proc:
     port: int
     log: str
     marker: str  # a word of its command line, checked before signalling a PID
+    service: str = ""  # the service this process is an instance of ("" for the others)
 
     def alive(self) -> bool:
         try:
@@ -84,6 +90,18 @@ class StackState:
     state_dir: str
     processes: list[Proc] = field(default_factory=list)
     containers: list[Container] = field(default_factory=list)
+    # With --instances N > 1: each service's instances' ports, behind the load balancer that
+    # listens on service_ports; empty at N = 1, where each service listens there itself.
+    instance_ports: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def instances(self) -> int:
+        return max((len(p) for p in self.instance_ports.values()), default=1)
+
+    def instance_urls(self, service: str) -> list[str]:
+        """Each instance's own URL (the service's URL at N = 1)."""
+        ports = self.instance_ports.get(service) or [self.service_ports[service]]
+        return [f"http://{HOST}:{p}" for p in ports]
 
     def running(self) -> bool:
         """Every process and container of the stack is up (a restarting container counts:
@@ -246,13 +264,26 @@ class LocalStack:
         code_version: str | None = None,
         env: dict[str, str] | None = None,
         containers: bool = False,
+        instances: int = 1,
     ) -> None:
+        if instances < 1:
+            raise StackError(f"--instances takes 1 or more, not {instances}")
         self.containers = containers
         self.state_dir = state_dir.resolve()
         self.logs = self.state_dir / "logs"
         self.extra_env = env or {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         ports = {name: base_port + 2 + i for i, name in enumerate(SERVICES)}
+        # Past the services' ports: service k's instance j at base + 2 + len(SERVICES) + k*N + j.
+        first = base_port + 2 + len(SERVICES)
+        instance_ports = (
+            {
+                name: [first + k * instances + j for j in range(instances)]
+                for k, name in enumerate(SERVICES)
+            }
+            if instances > 1
+            else {}
+        )
         self.state = StackState(
             project=project,
             bucket=bucket,
@@ -261,6 +292,7 @@ class LocalStack:
             service_ports=ports,
             code_version=code_version or git_commit(),
             state_dir=str(self.state_dir),
+            instance_ports=instance_ports,
         )
 
     @cached_property
@@ -291,13 +323,17 @@ class LocalStack:
 
     def up(
         self,
-        timeout: float = 120.0,
+        timeout: float | None = None,
         progress: Callable[[str], None] = print,
         services: bool = True,
         reconcile: bool = True,
     ) -> StackState:
         """Start everything (or, with `services=False`, only the two emulators and the bucket);
-        then, unless `reconcile=False`, finish the runs the previous stack left unfinished."""
+        then, unless `reconcile=False`, finish the runs the previous stack left unfinished.
+        `timeout` (default 120 s, a minute more per extra instance of each service) bounds the
+        wait for readiness."""
+        if timeout is None:
+            timeout = 120.0 + 60.0 * (self.state.instances - 1)
         existing = StackState.load(self.state_dir)
         if existing and existing.running():
             progress(f"stack already running (state in {self.state_dir})")
@@ -345,6 +381,7 @@ class LocalStack:
         st = self.state
         ports = {"pubsub-emulator": st.pubsub_port, "fake-gcs-server": st.gcs_port}
         ports.update(st.service_ports)
+        ports.update({name: port for _, name, port in self._instances()})
         # A process killed a moment ago (the previous stack's) may still be closing its socket.
         deadline = time.monotonic() + PORT_GRACE_SECONDS
         while (busy := [n for n, p in ports.items() if not port_free(p)]) and (
@@ -358,6 +395,43 @@ class LocalStack:
                 + "; ".join(taken)
                 + ". Stop it, or pick other ports with --base-port"
             )
+
+    def _instances(self) -> list[tuple[str, str, int]]:
+        """(service, instance name, port) of every service instance: the service's own name
+        and port at N = 1; `<service>-<i>` on its own port behind the balancer otherwise."""
+        st = self.state
+        if not st.instance_ports:
+            return [(name, name, st.service_ports[name]) for name in SERVICES]
+        return [
+            (name, f"{name}-{i}", port)
+            for name in SERVICES
+            for i, port in enumerate(st.instance_ports[name], 1)
+        ]
+
+    def _start_balancer(self, base_env: dict[str, str], pending: Pending) -> None:
+        """haproxy in front of each service's instances (mlpipe_ops.balancer); its config is
+        checked first, so a refused one is reported with the line haproxy names."""
+        st = self.state
+        try:
+            config = balancer.write_config(self.state_dir, st.service_ports, st.instance_ports)
+            balancer.check(config)
+            cmd = balancer.command(config)
+        except balancer.BalancerError as exc:
+            raise StackError(str(exc)) from None
+        proc = self._spawn("haproxy", cmd, 0, "haproxy", base_env)
+        child = self._children[proc.name]
+
+        def ready() -> bool:
+            if child.poll() is not None:
+                said = Path(proc.log).read_text(errors="replace")[-4000:]
+                raise StackError(balancer.refusal(config, said) + f"\n  (log: {proc.log})")
+            # Each frontend answers (503 while its instances start): haproxy holds the port.
+            # (a port held by anything else does not answer: the check times out, not yet)
+            for port in st.service_ports.values():
+                self._http.get(f"http://{HOST}:{port}/healthz")
+            return True
+
+        pending.add(proc.name, ready, lambda: None, proc.log)
 
     def _check_objects(self) -> None:
         """Refuse to serve a bucket whose files fake-gcs-server could not read faithfully."""
@@ -407,6 +481,8 @@ class LocalStack:
         gcs = self._spawn(
             "fake-gcs-server", self._gcs_command(), st.gcs_port, "fake-gcs-server", base_env
         )
+        if services and st.instance_ports:
+            self._start_balancer(base_env, pending)
         if services and self.containers:
             self._build_images(progress)  # while the emulators boot
             # Readiness is timed from here: a first build takes minutes, not a start-up.
@@ -527,20 +603,23 @@ class LocalStack:
         while the emulators boot; return what lets it fork them once the bucket exists."""
         st = self.state
         _, own = self._services()
+        instances = self._instances()
+        ports = {name: (service, port) for service, name, port in instances}
         plan = {
             "record": str(self.state_dir / statedir.PRESTART_DIR),
             "services": [
                 {
-                    "service": name,
-                    "port": st.service_ports[name],
+                    "service": service,
+                    "name": name,
+                    "port": port,
                     "log": str(self.logs / f"{name}.log"),
                     "env": {
-                        **own[name],
-                        "PORT": str(st.service_ports[name]),
+                        **own[service],
+                        "PORT": str(port),
                         "MLPIPE_JOB_LOG_DIR": str(self.logs / "jobs"),
                     },
                 }
-                for name in SERVICES
+                for service, name, port in instances
             ],
         }
         log_path = self.logs / "prestart.log"
@@ -572,9 +651,8 @@ class LocalStack:
                 line, _, rest = bytes(received).partition(b"\n")
                 received[:] = rest
                 name, pid = line.decode().split()
-                proc = Proc(
-                    name, int(pid), st.service_ports[name], str(self.logs / f"{name}.log"), PRESTART
-                )
+                service, port = ports[name]
+                proc = Proc(name, int(pid), port, str(self.logs / f"{name}.log"), PRESTART, service)
                 st.processes.append(proc)
                 st.save()
                 pending.add(
@@ -586,7 +664,7 @@ class LocalStack:
             code = popen.poll()
             if code is None:
                 return False
-            missing = [n for n in SERVICES if not any(p.name == n for p in st.processes)]
+            missing = [n for n in ports if not any(p.name == n for p in st.processes)]
             if code != 0 or missing:
                 raise StackError(f"the services' starter exited ({code}); see {log_path}")
             # It has forked every service and exited: not part of the running stack.
@@ -625,17 +703,16 @@ class LocalStack:
         st = self.state
         # Only what a Cloud Run instance would have: nothing of this shell's environment.
         runtimes, own = self._services()
-        for name in SERVICES:
-            port = st.service_ports[name]
+        for service, name, port in self._instances():
             container = Container(
-                name=f"mlpipe-{name}-{st.pubsub_port}",
-                service=name,
+                name=f"mlpipe-{name}-{st.pubsub_port}{docker.NAME_SUFFIX}",
+                service=service,
                 port=port,
-                image=docker.IMAGE.format(service=name),
+                image=docker.IMAGE.format(service=service),
                 log=str(self.logs / f"{name}.log"),
             )
-            runtime = runtimes[name]
-            env = {**own[name], **docker.cloud_run_env(name, port, st.code_version)}
+            runtime = runtimes[service]
+            env = {**own[service], **docker.cloud_run_env(service, port, st.code_version)}
             # Left over from a stack that was killed: same name, so it is ours.
             docker.docker("rm", "--force", container.name, check=False)
             try:
@@ -649,7 +726,7 @@ class LocalStack:
                 partial(self._container_ready, container),
                 partial(
                     progress,
-                    f"{container.service:<16} http://{HOST}:{container.port}  container "
+                    f"{name:<16} http://{HOST}:{container.port}  container "
                     f"{container.name} ({runtime.memory}, {runtime.cpu:g} CPU)",
                 ),
                 container.log,

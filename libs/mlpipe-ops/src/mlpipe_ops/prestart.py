@@ -21,8 +21,10 @@ Each forked service is its own session (its PID is its process group, as `start_
 gives), with its own variables over this process's environment, its stdout/stderr on its log,
 and its module run as `python -m mlpipe_<service>` runs it. The protocol with
 mlpipe_ops.localstack, on stdin: the plan (one JSON line), then "go" once the bucket exists; on
-stdout: "<service> <pid>" per fork. A module that fails to import here is skipped: the service
-imports it itself, or fails as it would alone.
+stdout: "<name> <pid>" per fork, where a service run as N instances (`mlpipe up --instances N`)
+has N entries in the plan, each with its own name, port and log, all forked at its step. A
+module that fails to import here is skipped: the service imports it itself, or fails as it
+would alone.
 """
 
 from __future__ import annotations
@@ -152,7 +154,9 @@ def main() -> None:
     t0 = time.monotonic()
     plan = json.loads(sys.stdin.readline())
     folder = Path(plan["record"])
-    entries = {e["service"]: e for e in plan["services"]}
+    entries: dict[str, list[dict[str, Any]]] = {}
+    for entry in plan["services"]:
+        entries.setdefault(entry["service"], []).append(entry)
     steps = order(load_record(folder, list(entries)), list(entries))
     waited = False
     for modules, batch in steps:
@@ -169,12 +173,12 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-        for service in batch:
+        for entry in (e for service in batch for e in entries[service]):
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                _child(entries[service], folder)
-            print(f"{service} {pid}", flush=True)
+                _child(entry, folder)
+            print(f"{entry.get('name', entry['service'])} {pid}", flush=True)
 
 
 if __name__ == "__main__":

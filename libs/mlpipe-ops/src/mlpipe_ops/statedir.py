@@ -9,6 +9,7 @@ and wiping it.
     <state_dir>/reconcile.json  what `mlpipe up`'s reconcile pass re-published (.reconcile)
     <state_dir>/gcs-checked.json  objects found intact, so that a start checks only new ones
     <state_dir>/prestart/       the modules each service imports at start (.prestart)
+    <state_dir>/balancer/       haproxy's configuration with --instances N (.balancer)
 
 How fake-gcs-server 1.54 keeps an object on disk (internal/backend/fs.go): the bytes in
 `gcs/<bucket>/<object name>`, written to a temporary file and renamed into place; its attributes
@@ -41,6 +42,7 @@ REPORTS_DIR = "reports"
 RECONCILE_FILE = "reconcile.json"
 CHECKED_FILE = "gcs-checked.json"
 PRESTART_DIR = "prestart"
+BALANCER_DIR = "balancer"  # mlpipe_ops.balancer.CONFIG_DIR
 # What `mlpipe down --wipe` removes: everything the stack writes into its state directory.
 DATA = (
     GCS_DIR,
@@ -50,6 +52,7 @@ DATA = (
     RECONCILE_FILE,
     CHECKED_FILE,
     PRESTART_DIR,
+    BALANCER_DIR,
     STATE_FILE,
 )
 

@@ -20,7 +20,7 @@ from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
-from mlpipe_predictor.models import ModelStore, promote_canary
+from mlpipe_predictor.models import ModelStore, RegistryWatch, promote_canary
 from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
 from mlpipe_predictor.runtime import warm_up
 from mlpipe_predictor.settings import PredictorSettings
@@ -44,6 +44,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         promote_canary, store, clients.publisher.publish, settings.code_version
     )
     store.load_all()
+    # Every instance follows the registry, not only the one the push reaches.
+    watch = RegistryWatch(store, settings.registry_watch_seconds)
+    watch.start()
     app.state.settings = settings
     app.state.clients = clients
     app.state.store = store
@@ -60,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await run_in_threadpool(watch.stop)
         await run_in_threadpool(app.state.prediction_log.stop)
 
 

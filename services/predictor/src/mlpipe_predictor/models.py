@@ -4,6 +4,20 @@ the traffic split the registry names.
 Hot swap: a new version is loaded and warmed up beside the old one; then one assignment
 replaces the whole routing table. A request picks its version once and is served entirely by
 it, so no request fails or mixes versions during a deployment.
+
+Cloud Run runs many instances of the predictor and only one receives each DeploymentCompleted,
+so every instance also watches the registry (`RegistryWatch`): once a second it lists the
+models and each model's alias objects (one delimited listing plus one per model, metadata only)
+and refreshes a model whose aliases' generations changed; so every instance serves the
+registry's champion, canary and percentage within about a second and a load of the push.
+
+A canary's outcomes are counted across instances: each instance writes its own running totals
+(`registry/<model>/canary-counts/<canary generation>/<instance>`) when they change and sums
+everyone's; when the sum reaches `promote_after` with no failure anywhere, the instance that
+sees it claims the canary's promotion marker (created only if absent) and only the winner
+promotes, so the canary is promoted once whichever instance counted the last request. An
+instance that dies between its claim and the promotion leaves the canary running: `mlpipe
+promote` finishes it.
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,28 +38,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CanaryWatch:
-    """Counts a canary's outcomes; asks for its promotion once `promote_after` succeed."""
+    """Counts a canary's outcomes on this instance, beside the other instances' last known
+    totals; asks once for the promotion check when together they reach `promote_after`."""
 
     version: int
     promote_after: int
+    round_id: int = 0  # the canary alias's generation (Registry.traffic_round)
     succeeded: int = 0
     failed: int = 0
     asked: bool = False
+    # The other instances' totals at the last check, and ours as last written.
+    others_succeeded: int = 0
+    others_failed: int = 0
+    written: tuple[int, int] = (0, 0)
+    settled: bool = False  # the promotion was claimed (by us or another instance)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    settling: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, ok: bool) -> bool:
-        """Count one prediction; True exactly once, when the canary has earned promotion."""
+        """Count one prediction; True exactly once, when the canary seems to have earned its
+        promotion (the caller then checks the shared totals)."""
         with self.lock:
             if not ok:
                 self.failed += 1
                 return False
             self.succeeded += 1
-            if self.asked or self.failed or not self.promote_after:
+            if self.asked or self.failed or self.others_failed or not self.promote_after:
                 return False
-            if self.succeeded >= self.promote_after:
+            if self.succeeded + self.others_succeeded >= self.promote_after:
                 self.asked = True
                 return True
         return False
+
+    def counts(self) -> tuple[int, int]:
+        with self.lock:
+            return self.succeeded, self.failed
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,9 @@ class ModelStore:
         self._counter = itertools.count()
         # Called (model, canary version) in a thread when a canary has earned promotion.
         self.on_promotion: Callable[[str, int], None] | None = None
+        # This instance among the predictor's instances (its canary counts are kept under it).
+        self.instance = uuid.uuid4().hex[:12]
+        self._refreshing = threading.Lock()
 
     # --- the request path ---------------------------------------------------------------
     def route(self, name: str | None) -> tuple[LoadedModel, CanaryWatch | None]:
@@ -101,10 +132,47 @@ class ModelStore:
         return served.champion, None
 
     def report(self, model: str, watch: CanaryWatch | None, ok: bool) -> None:
-        if watch is not None and watch.record(ok) and self.on_promotion is not None:
-            threading.Thread(
-                target=self.on_promotion, args=(model, watch.version), daemon=True
-            ).start()
+        if watch is not None and watch.record(ok):
+            threading.Thread(target=self.settle_canary, args=(model, watch), daemon=True).start()
+
+    def settle_canary(self, model: str, watch: CanaryWatch) -> None:
+        """Write this instance's counts of `watch` if they changed, sum every instance's,
+        and promote the canary if it has earned it and this instance wins its claim."""
+        if self.pinned is not None or watch.settled:
+            return
+        with watch.settling:
+            succeeded, failed = watch.counts()
+            if (succeeded, failed) != watch.written:
+                self.registry.record_canary_count(
+                    model, watch.round_id, self.instance, succeeded, failed
+                )
+                watch.written = (succeeded, failed)
+            if not watch.promote_after or watch.settled:
+                return
+            total_ok, total_failed = self.registry.canary_counts(model, watch.round_id)
+            # Ours as written (the listing may lag the write: never count less than that).
+            others_ok = max(0, total_ok - succeeded)
+            others_failed = max(0, total_failed - failed)
+            with watch.lock:
+                watch.others_succeeded, watch.others_failed = others_ok, others_failed
+                if watch.asked and (watch.failed or others_failed):
+                    watch.asked = False
+            if failed or others_failed or succeeded + others_ok < watch.promote_after:
+                return
+            watch.settled = True
+            if not self.registry.claim_promotion(
+                model, watch.round_id, self.instance, succeeded + others_ok
+            ):
+                log.info("canary v%d of %s: another instance promotes it", watch.version, model)
+                return
+        log.info(
+            "canary v%d of %s earned its promotion: %d successful predictions on all instances",
+            watch.version,
+            model,
+            succeeded + others_ok,
+        )
+        if self.on_promotion is not None:
+            self.on_promotion(model, watch.version)
 
     # --- what is served -----------------------------------------------------------------
     def served(self) -> dict[str, dict[str, Any]]:
@@ -130,6 +198,13 @@ class ModelStore:
                     "runtime": s.canary.runtime,
                     "succeeded": s.watch.succeeded if s.watch else 0,
                     "failed": s.watch.failed if s.watch else 0,
+                    # Every instance's, as this one last summed them.
+                    "succeeded_all_instances": (
+                        s.watch.succeeded + s.watch.others_succeeded if s.watch else 0
+                    ),
+                    "failed_all_instances": (
+                        s.watch.failed + s.watch.others_failed if s.watch else 0
+                    ),
                     "promote_after": s.watch.promote_after if s.watch else 0,
                 }
             out[name] = entry
@@ -161,13 +236,18 @@ class ModelStore:
         return load_version(self.registry, name, version, self.threads)  # outside the lock
 
     def refresh(self, name: str) -> Served | None:
-        """Load what the registry says `name` should serve, then swap it in at once."""
+        """Load what the registry says `name` should serve, then swap it in at once (one
+        refresh at a time: the push and the registry watch may both ask)."""
+        with self._refreshing:
+            return self._refresh(name)
+
+    def _refresh(self, name: str) -> Served | None:
         if self.pinned is not None:
             if name != self.pinned[0]:
                 return None
             loaded = self._loaded(name, self.pinned[1])
             return self._swap(name, Served(loaded))
-        traffic = self.registry.traffic(name)
+        traffic, round_id = self.registry.traffic_round(name)
         if traffic.champion is None and traffic.canary is None:
             return None
         champion = None if traffic.champion is None else self._loaded(name, traffic.champion)
@@ -179,8 +259,12 @@ class ModelStore:
             old = current.watch if current else None
             watch = (
                 old
-                if old is not None and old.version == traffic.canary
-                else CanaryWatch(traffic.canary, traffic.promote_after if self.auto_promote else 0)
+                if old is not None and (old.version, old.round_id) == (traffic.canary, round_id)
+                else CanaryWatch(
+                    traffic.canary,
+                    traffic.promote_after if self.auto_promote else 0,
+                    round_id=round_id,
+                )
             )
         return self._swap(name, Served(champion, canary, traffic.canary_percent, watch))
 
@@ -209,6 +293,53 @@ class ModelStore:
                 log.exception("could not load %s", name)
 
 
+class RegistryWatch:
+    """Keeps a ModelStore on the registry's desired state without the push (see the module
+    docstring): every `interval` seconds, in a thread of its own."""
+
+    def __init__(self, store: ModelStore, interval: float = 1.0) -> None:
+        self.store = store
+        self.interval = interval
+        self.seen: dict[str, dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.store.pinned is not None or self.interval <= 0:
+            return  # a pinned deployment serves one version; nothing to follow
+        self._thread = threading.Thread(target=self._run, daemon=True, name="registry-watch")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:
+                # The next round tries again; a registry that cannot be read is not fatal.
+                log.warning("registry watch: round failed", exc_info=True)
+
+    def check(self) -> list[str]:
+        """One round: refresh each model whose aliases changed, and settle each canary's
+        counts; return the models refreshed."""
+        store = self.store
+        refreshed = []
+        for name in store.registry.served_models():
+            generations = store.registry.alias_generations(name)
+            if generations and generations != self.seen.get(name):
+                store.refresh(name)
+                self.seen[name] = generations
+                refreshed.append(name)
+            watch = store.watch_of(name)
+            if watch is not None:
+                store.settle_canary(name, watch)
+        return refreshed
+
+
 def promote_canary(
     store: ModelStore, publish: Callable[[Any], Any], code_version: str, model: str, version: int
 ) -> None:
@@ -217,7 +348,7 @@ def promote_canary(
     from mlpipe.messaging.rollout import rollout_event
 
     watch = store.watch_of(model)
-    count = watch.succeeded if watch else 0
+    count = watch.succeeded + watch.others_succeeded if watch else 0
     try:
         promoted, previous = store.registry.promote(model, expected=version)
     except RolloutError as exc:

@@ -22,6 +22,9 @@ class PredictorSettings(CommonSettings):
     serve_model: str = ""
     serve_version: int = Field(default=0, ge=0)
     onnx_threads: int = Field(default=1, ge=1)
+    # How often each instance checks the registry's aliases (and settles canary counts), so
+    # every instance converges on a deployment without its push; 0: only on the push.
+    registry_watch_seconds: float = Field(default=1.0, ge=0)
     batch_chunk_rows: int = Field(default=10_000, ge=1)
     # Requests with at most this many instances are scored on the event loop (faster than a
     # thread hop); bigger ones in the thread pool, so they never stall small ones.

@@ -150,6 +150,19 @@ class RegistryPaths:
     def version_claim(self, version: int) -> str:
         return f"{self.version_claims}{version}"
 
+    def canary_counts(self, round_id: int) -> str:
+        """The folder of one canary's outcome counts, one object per predictor instance; a
+        canary is told apart by its alias's generation (`round_id`), so a version canaried
+        again starts from zero."""
+        return f"{self.prefix}canary-counts/{round_id}/"
+
+    def canary_count(self, round_id: int, instance: str) -> str:
+        return self.canary_counts(round_id) + instance
+
+    def promotion(self, round_id: int) -> str:
+        """Created once by the instance that promotes that canary (if_generation_match=0)."""
+        return f"{self.prefix}promotions/{round_id}"
+
 
 # --- rollouts ---------------------------------------------------------------------------
 def rollout_path(model: str) -> str:

@@ -8,6 +8,9 @@ are mlpipe.store.layout.RegistryPaths):
     registry/<model>/versions/<n>/version.json   written last: the version is then complete
     registry/<model>/aliases/champion            {"version": n, "history": [older champions]}
     registry/<model>/aliases/canary              {"version": n, "percent": p, ...} during a canary
+    registry/<model>/canary-counts/<g>/<instance>  one predictor instance's outcomes of the
+                                                 canary whose alias has generation g
+    registry/<model>/promotions/<g>              that canary's automatic promotion, claimed once
 
 Every write that decides something uses a generation precondition, so concurrent or repeated
 deliveries of the same run register exactly one version, and two rollout steps racing on the
@@ -297,22 +300,77 @@ class Registry:
 
     # --- rollout: champion and canary ---------------------------------------------------------
     def traffic(self, model: str) -> Traffic:
+        return self.traffic_round(model)[0]
+
+    def traffic_round(self, model: str) -> tuple[Traffic, int]:
+        """The traffic, and the generation of the canary alias it was read from (0 without a
+        canary): what tells this canary apart from an earlier one of the same version."""
         paths = RegistryPaths(model)
         champion = self.storage.read_json(paths.alias(CHAMPION))
-        canary = self.storage.read_json(paths.alias(CANARY))
+        found = self.storage.read(paths.alias(CANARY))
+        canary = None if found is None else found.json()
+        round_id = 0 if found is None else found.generation
         champion_version = None if champion is None else int(champion["version"])
         history = [] if champion is None else [int(v) for v in champion.get("history", [])]
         # A promotion moves the champion first, then removes the canary: in between, the
         # canary names the champion and gets no traffic of its own.
         if canary is None or int(canary["version"]) == champion_version:
-            return Traffic(champion_version, history=history)
-        return Traffic(
+            return Traffic(champion_version, history=history), 0
+        traffic = Traffic(
             champion_version,
             int(canary["version"]),
             int(canary.get("percent", 0)),
             int(canary.get("promote_after", 0)),
             history,
         )
+        return traffic, round_id
+
+    def served_models(self) -> list[str]:
+        """The models in the registry, from one delimited listing (not every object under it,
+        as `models` reads): cheap enough to poll."""
+        pages = self.storage.client.list_blobs(
+            self.storage.bucket_name, prefix=layout.REGISTRY, delimiter="/"
+        )
+        for _ in pages:  # the prefixes are known once the pages are read
+            pass
+        return sorted(p[len(layout.REGISTRY) :].rstrip("/") for p in pages.prefixes)
+
+    def alias_generations(self, model: str) -> dict[str, int]:
+        """Each alias of `model` and its object's generation, from one listing: a deployment,
+        promotion or rollback changes one of them."""
+        prefix = RegistryPaths(model).aliases
+        return {
+            blob.name[len(prefix) :]: int(blob.generation or 0)
+            for blob in self.storage.client.list_blobs(self.storage.bucket_name, prefix=prefix)
+        }
+
+    # --- a canary's outcomes, counted across predictor instances ------------------------------
+    def record_canary_count(
+        self, model: str, round_id: int, instance: str, succeeded: int, failed: int
+    ) -> None:
+        """One instance's running totals for a canary; only that instance writes its object."""
+        self.storage.write_json(
+            RegistryPaths(model).canary_count(round_id, instance),
+            {"succeeded": succeeded, "failed": failed, "updated_at": _now()},
+        )
+
+    def canary_counts(self, model: str, round_id: int) -> tuple[int, int]:
+        """(succeeded, failed) summed over every instance that counted the canary."""
+        succeeded = failed = 0
+        for path in self.storage.list(RegistryPaths(model).canary_counts(round_id)):
+            found = self.storage.read_json(path)
+            if isinstance(found, dict):
+                succeeded += int(found.get("succeeded", 0))
+                failed += int(found.get("failed", 0))
+        return succeeded, failed
+
+    def claim_promotion(self, model: str, round_id: int, instance: str, succeeded: int) -> bool:
+        """True for exactly one caller per canary: the instance that is to promote it."""
+        record = {"instance": instance, "succeeded": succeeded, "claimed_at": _now()}
+        created = self.storage.create_if_absent(
+            RegistryPaths(model).promotion(round_id), json.dumps(record).encode()
+        )
+        return created is not None
 
     def start_canary(
         self, model: str, version: int, percent: int, promote_after: int = 0
