@@ -17,10 +17,12 @@ redelivery meanwhile only advances that rollout.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,7 @@ class Precompiled:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="precompile")
         self._futures: OrderedDict[tuple[str, str], Future[CompileResult]] = OrderedDict()
         self._lock = threading.Lock()
+        self._warm: Future[None] | None = None
 
     def start(self, key: tuple[str, str], compile_fn: Any) -> bool:
         """Schedule `compile_fn()` under `key`; False when it is already there."""
@@ -77,6 +80,24 @@ class Precompiled:
             while len(self._futures) > self.limit:
                 self._futures.popitem(last=False)
             return True
+
+    def warm_up(self, warm: Callable[[], Compiled]) -> Future[None]:
+        """Run `warm()` (a first, tiny compilation) on the compilations' thread."""
+
+        def run() -> None:
+            try:
+                log.info("ONNX compiler warmed up: %s", warm().note)
+            except Exception:
+                log.warning("the ONNX warm-up failed; the first compilation pays", exc_info=True)
+
+        self._warm = self._pool.submit(run)
+        return self._warm
+
+    def warmed(self, timeout: float = 120.0) -> None:
+        """Wait for the warm-up, if one was started, so two first conversions never overlap."""
+        if self._warm is not None:
+            with contextlib.suppress(Exception):
+                self._warm.result(timeout=timeout)
 
     def take(self, key: tuple[str, str], timeout: float = 120.0) -> CompileResult | None:
         """The compilation started for `key` (waiting for it to finish), or None."""
@@ -170,6 +191,8 @@ def register_version(
         if found is not None:
             return found
     early = deps.precompiled.take((run_id, evaluation.model_sha256))
+    if early is None:
+        deps.precompiled.warmed()
     compiled, bundle = early or compile_for(deps.storage, evaluation, artifact, deps.compile_onnx)
     log.info("runtime %s: %s", compiled.runtime, compiled.note)
     extra = {ONNX_FILE: compiled.onnx} if compiled.runtime == ONNX and compiled.onnx else {}

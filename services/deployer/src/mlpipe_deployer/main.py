@@ -29,11 +29,8 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(DeployerSettings)
     clients = Clients.create(settings, stage="deployer")
-    if settings.compile_onnx:
-        checked = await run_in_threadpool(warm_up)
-        log.info("ONNX compiler warmed up: %s", checked.note)
     app.state.clients = clients
-    app.state.step = Deployer(
+    app.state.step = deployer = Deployer(
         clients.storage,
         clients.publisher,
         Registry(clients.storage, settings.registry_claim_lease_seconds),
@@ -43,6 +40,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.canary_promote_after,
         settings.compile_onnx,
     )
+    if settings.compile_onnx:
+        # After the port answers, on the compilations' own thread: a compilation asked for
+        # before it ends waits behind it instead of paying the first conversion itself.
+        deployer.precompiled.warm_up(warm_up)
     checker = None
     if settings.rollout_check_seconds > 0:
         checker = asyncio.create_task(_check_every(app, settings.rollout_check_seconds))
