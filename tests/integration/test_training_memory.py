@@ -122,7 +122,7 @@ def test_a_dataset_too_large_for_the_memory_limit_is_refused_before_any_job(
     assert len(failed) == 1
     event = failed[0]
     assert isinstance(event, events_pb2.PipelineFailed)
-    assert event.stage == "trainer" and event.reason == "dataset_too_large"
+    assert events.pipeline_stage(event) == "trainer" and event.reason == "dataset_too_large"
     uri = cloud.storage.uri(path)
     assert event.message.startswith(f"dataset {uri} is 20 MiB (about 499 MiB in memory to train)")
     assert "the trainer's memory limit is 512 MiB (MLPIPE_MEMORY_LIMIT_BYTES)" in event.message

@@ -210,7 +210,7 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
         raise PermanentError("artifact_missing", f"split {trained.split_uri} does not exist")
     split = Split.from_json(split_obj.json())
     data = _read_verified(deps.storage, trained.dataset.uri, trained.dataset.sha256, "dataset")
-    frame = read_dataset(data, trained.dataset.format or "csv", trained.dataset.uri)
+    frame = read_dataset(data, events.data_format(trained.dataset) or "csv", trained.dataset.uri)
     holdout = frame.iloc[split.holdout]
 
     metrics, details = score(bundle, holdout, config)
@@ -264,7 +264,7 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
     fault_point("evaluator.before_publish")
     deps.publisher.publish(result)
     failed = [
-        f"{g.name}={g.value:.4f} (needs {g.comparison} {g.threshold:.4g})"
+        f"{g.name}={g.value:.4f} (needs {events.gate_comparison(g)} {g.threshold:.4g})"
         for g in gates
         if not g.passed
     ]

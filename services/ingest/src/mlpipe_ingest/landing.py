@@ -124,7 +124,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             sha256=sha,
             name=config.name,
             row_count=len(table.rows),
-            format=ext,
+            data_format=events.DATA_FORMAT.of(ext),
             landed_at=events.timestamp(landed_at),
         ),
         already_present=already,

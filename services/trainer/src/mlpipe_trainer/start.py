@@ -204,7 +204,10 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
                 fmt,
                 size,
                 events_pb2.DatasetRef(
-                    uri=note.uri, generation=note.generation, name=name, format=fmt
+                    uri=note.uri,
+                    generation=note.generation,
+                    name=name,
+                    data_format=events.DATA_FORMAT.of(fmt),
                 ),
             )
         # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
@@ -228,7 +231,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
         generation=note.generation,
         sha256=sha,
         name=name,
-        format=fmt,
+        data_format=events.DATA_FORMAT.of(fmt),
         row_count=int(note.metadata.get("row_count") or 0),
     )
     landed_at = note.time_created or dt.datetime.now(dt.UTC)
@@ -304,7 +307,11 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     fault_point("trainer.after_claim")
 
     deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
-    started = events_pb2.TrainingStarted(context=ctx, dataset=dataset, backend=launcher.backend)
+    started = events_pb2.TrainingStarted(
+        context=ctx,
+        dataset=dataset,
+        training_backend=events.TRAINING_BACKEND.of(launcher.backend),
+    )
     if memory is not None and size is not None:
         # Reserved until the job exits (the launcher releases it); beside the jobs running
         # now it may not fit: the redelivery tries again.
@@ -327,7 +334,7 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
     deps.publisher.publish(started)
     log.info(
         "started %s training job %s for %s (attempt %d)",
-        started.backend,
+        launcher.backend,
         started.job_id,
         note.uri,
         claim.attempt,
