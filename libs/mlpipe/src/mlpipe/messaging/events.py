@@ -48,6 +48,16 @@ TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.DriftDetected.DESCRIPTOR.full_name: DRIFT_DETECTED,
 }
 
+# What GCS publishes on the bucket's notification topic: an object's JSON resource, with the
+# notification's attributes (mlpipe.messaging.push.parse_object_notification reads it).
+GCS_OBJECT_NOTIFICATION = "storage#object"
+
+# The type of event each topic carries.
+EVENT_FOR_TOPIC: dict[str, str] = {
+    **{topic: kind for kind, topic in TOPIC_FOR_EVENT.items()},
+    GCS_OBJECTS: GCS_OBJECT_NOTIFICATION,
+}
+
 EVENT_TYPES: dict[str, type[Message]] = {
     cls.DESCRIPTOR.full_name: cls
     for cls in (

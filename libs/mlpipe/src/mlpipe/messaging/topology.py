@@ -36,6 +36,11 @@ class PushSubscription:
     min_backoff_seconds: int = 1
     max_backoff_seconds: int = 60
 
+    @property
+    def event(self) -> str:
+        """The event type it delivers (a message type's full name): its topic's."""
+        return events.EVENT_FOR_TOPIC[self.topic]
+
 
 @dataclass(frozen=True)
 class PullSubscription:
@@ -95,9 +100,10 @@ TOPOLOGY = Topology(
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
-        # The delivery that starts a training job is acknowledged only once the run is
-        # recorded: until then it answers 503, so a job lost with its instance is started
-        # again by the redelivery (mlpipe_trainer.lease). Enough attempts for hours of training.
+        # The delivery that starts a training job is acknowledged once the job is started and
+        # recorded (mlpipe_trainer.start); a job lost later is started again by the trainer's
+        # reconciler. Only a delivery whose instance died between its claim and its job's
+        # start is held (503) until that claim lapses: enough attempts for a long start lease.
         PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer", **TRAINING_HOLD),
         # Identical bytes land once; re-ingesting them under a changed config starts its run.
         PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer", **TRAINING_HOLD),
@@ -142,6 +148,12 @@ TOPOLOGY = Topology(
         "predictor": (events.PIPELINE_FAILURES,),
     },
 )
+
+
+def event_of(subscription: str) -> str:
+    """The event type a push subscription of TOPOLOGY delivers; "" for any other name."""
+    found = next((s for s in TOPOLOGY.push if s.name == subscription), None)
+    return found.event if found is not None else ""
 
 
 def create_topics(
