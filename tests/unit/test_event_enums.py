@@ -168,3 +168,21 @@ def test_the_rollout_command_names_each_share_s_alias(share: dict[str, Any]) -> 
     line = rollout_summary("iris", "promote", {"reason": "canary v2 promoted", "traffic": [share]})
 
     assert line == "iris: canary v2 promoted; traffic now v2 100% champion"
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        {"uri": "gs://b/datasets/iris/x.parquet", "data_format": "DATA_FORMAT_PARQUET"},
+        {"uri": "gs://b/datasets/iris/x.parquet", "format": "parquet"},  # before the enum
+    ],
+)
+def test_a_drift_check_reads_the_champion_s_dataset_in_its_format(
+    recorded: dict[str, Any],
+) -> None:
+    from mlpipe.store.registry import ModelVersion
+    from mlpipe_evaluator.monitor import dataset_of
+
+    champion = ModelVersion("iris", 1, "0123456789abcdef", "", "", {"dataset": recorded})
+
+    assert events.data_format(dataset_of(champion)) == "parquet"
