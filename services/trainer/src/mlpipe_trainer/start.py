@@ -99,24 +99,31 @@ def _relanded(landed: events_pb2.DatasetLanded) -> ObjectNotification | None:
     """
     if not landed.already_present:
         return None  # the object's own notification starts that run
-    bucket, name = parse_gs_uri(landed.dataset.uri)
+    return notification_of(landed.context, landed.dataset)
+
+
+def notification_of(
+    ctx: events_pb2.RunContext, dataset: events_pb2.DatasetRef
+) -> ObjectNotification:
+    """The notification GCS sent (or would have sent) for an event's dataset."""
+    bucket, name = parse_gs_uri(dataset.uri)
     metadata = {
-        "sha256": landed.dataset.sha256,
-        "row_count": str(landed.dataset.row_count),
-        "request_id": landed.context.request_id,
+        "sha256": dataset.sha256,
+        "row_count": str(dataset.row_count),
+        "request_id": ctx.request_id,
     }
-    if landed.context.HasField("requested_at"):
-        metadata["requested_at"] = landed.context.requested_at.ToDatetime(dt.UTC).isoformat()
+    if ctx.HasField("requested_at"):
+        metadata["requested_at"] = ctx.requested_at.ToDatetime(dt.UTC).isoformat()
     return ObjectNotification(
         bucket=bucket,
         name=name,
-        generation=landed.dataset.generation,
+        generation=dataset.generation,
         event_type="OBJECT_FINALIZE",
         metadata=metadata,
         size=0,
         content_type="",
-        time_created=landed.dataset.landed_at.ToDatetime(dt.UTC)
-        if landed.dataset.HasField("landed_at")
+        time_created=dataset.landed_at.ToDatetime(dt.UTC)
+        if dataset.HasField("landed_at")
         else None,
     )
 
@@ -437,7 +444,14 @@ def reconcile(deps: TrainingStarter) -> list[StepResult]:
         config = load_run_config(deps.storage, run_id)
         attempt = claim.attempt if claim is not None else 0
         log.warning("run %s: its job is gone; starting it again", run_id, extra={"run_id": run_id})
-        results.append(start(notification_of(started), f"reconcile-{attempt}", deps, config))
+        results.append(
+            start(
+                notification_of(started.context, started.dataset),
+                f"reconcile-{attempt}",
+                deps,
+                config,
+            )
+        )
     return results
 
 
@@ -463,27 +477,6 @@ class Reconciler:
                 self.starter.reconcile()
             except Exception:  # a pass that fails is tried again at the next tick
                 log.exception("reconcile pass failed")
-
-
-def notification_of(started: events_pb2.TrainingStarted) -> ObjectNotification:
-    """The notification GCS sent for a started run's dataset, rebuilt from its TrainingStarted."""
-    bucket, name = parse_gs_uri(started.dataset.uri)
-    metadata = {
-        "sha256": started.dataset.sha256,
-        "row_count": str(started.dataset.row_count),
-        "request_id": started.context.request_id,
-        "requested_at": started.context.requested_at.ToDatetime(dt.UTC).isoformat(),
-    }
-    return ObjectNotification(
-        bucket=bucket,
-        name=name,
-        generation=started.dataset.generation,
-        event_type="OBJECT_FINALIZE",
-        metadata=metadata,
-        size=0,
-        content_type="",
-        time_created=started.dataset.landed_at.ToDatetime(dt.UTC),
-    )
 
 
 def fail_crashed(
