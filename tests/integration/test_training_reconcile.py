@@ -1,5 +1,5 @@
-"""A training start is acknowledged once its run is recorded (claim with the job's id, the
-open-run marker, TrainingStarted), not held with 503 for the length of the job; the
+"""A training start is acknowledged once its run is recorded (the open-run marker, the
+claim, TrainingStarted), not held with 503 for the length of the job; the
 reconciler starts again every started run whose job is gone, and only those."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from mlpipe.ml.config import PipelineConfig
 from mlpipe.runtime.service import handle_push
 from mlpipe.store import layout
 from mlpipe.store.storage import sha256_hex
+from mlpipe.v1 import events_pb2
 from mlpipe_trainer import lease
 from mlpipe_trainer.start import TrainingStarter
 from tests.integration.conftest import Cloud, notification
@@ -59,8 +60,12 @@ def test_a_started_run_is_acknowledged_and_so_is_its_redelivery(
     assert first[0] == 200 and first[1]["status"] == "training", first
     assert again[0] == 200 and again[1]["status"] == "in_progress", again
     assert launcher.launched == [run_id]
-    claim = lease.read(cloud.storage, layout.RunPaths(run_id).claim)
-    assert claim is not None and claim.job_id == f"local-{run_id}-1"
+    paths = layout.RunPaths(run_id)
+    claim = lease.read(cloud.storage, paths.claim)
+    assert claim is not None and claim.body["message_id"] == "n1"
+    recorded = cloud.storage.read(paths.started)
+    assert recorded is not None
+    assert events.from_json(events_pb2.TrainingStarted, recorded.data).job_id == f"local-{run_id}-1"
     assert cloud.storage.exists(layout.open_run_path(run_id))
     assert len(cloud.pulled(events.TRAINING_STARTED, expect=1)) == 1
 
@@ -165,3 +170,25 @@ def test_the_trainer_route_runs_the_reconciler(
 
     assert reply.status_code == 200
     assert reply.json() == {"restarted": []}
+
+
+def test_a_run_whose_instance_died_before_its_claim_is_started_by_the_reconciler(
+    cloud: Cloud,
+    iris_config: PipelineConfig,
+    iris_csv: str,
+    starter: tuple[TrainingStarter, RecordingLauncher],
+) -> None:
+    deps, launcher = starter
+    body, sha = landed(cloud, iris_csv)
+    run_id = layout.run_id_for(sha, iris_config.sha256())
+    paths = layout.RunPaths(run_id)
+    assert deps(parse_envelope(body)).status == "training"
+    # What an instance that died right after writing the marker leaves: no claim, no start.
+    cloud.storage.delete(paths.claim)
+    cloud.storage.delete(paths.started)
+
+    restarted = deps.reconcile()
+
+    assert [(r.run_id, r.status) for r in restarted] == [(run_id, "training")]
+    assert launcher.launched == [run_id, run_id]
+    assert cloud.storage.exists(paths.started)

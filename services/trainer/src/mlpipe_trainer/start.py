@@ -34,7 +34,6 @@ from mlpipe.runtime.steps import (
     Recorded,
     Router,
     StepResult,
-    held,
     permanent,
     run_step,
     transient,
@@ -286,6 +285,15 @@ def admit(
     launcher = _launcher(plan, deps)
     if plan.memory is not None:
         _refuse_if_too_large(plan.memory, plan.note, plan.fmt, plan.size, plan.dataset, plan.ctx)
+    # From here the reconciler watches the run: the marker, written before the claim, holds
+    # what starts the run again, so no instance can die holding a claim nobody watches.
+    deps.storage.write(paths.config, plan.config.canonical_json(), content_type="application/json")
+    opened = events_pb2.TrainingStarted(context=plan.ctx, dataset=plan.dataset)
+    deps.storage.write(
+        layout.open_run_path(run_id),
+        events.to_json(opened).encode(),
+        content_type="application/json",
+    )
     # Until its job renews it, a claim lives as long as the backend may take to start one.
     start_lease = float(getattr(launcher, "start_lease_seconds", 0) or deps.lease_seconds)
     body = {
@@ -296,27 +304,15 @@ def admit(
         "lease_seconds": start_lease,
         "claimed_at_iso": dt.datetime.now(dt.UTC).isoformat(),
     }
-    claim, live = lease.take(deps.storage, paths.claim, body, deps.lease_seconds)
+    claim, _ = lease.take(deps.storage, paths.claim, body, deps.lease_seconds)
     if claim is None:
-        if live is not None and live.body.get("message_id") == message_id and not live.job_id:
-            # This delivery claimed the run and its job is not started yet (the instance may
-            # have died in between): ask again until the job starts or the claim lapses.
-            return held(f"run {run_id} is claimed by this notification; its job is starting")
-        # A started job, or another delivery, owns the run: its lease (and the reconciler
-        # when it lapses) makes sure it ends recorded.
+        # A job, or a delivery starting one, owns the run: its lease, and the reconciler once
+        # the lease lapses, see that the run ends recorded.
         return StepResult("in_progress", {"detail": "the run's claim is held"}, run_id=run_id)
     if claim.crashes >= deps.max_crashes:
         failed = fail_crashed(deps, plan.ctx, plan.dataset, claim)
         deps.storage.delete(layout.open_run_path(run_id))
         return StepResult("failed", {"reason": failed.reason}, run_id=run_id)
-    # From here the reconciler watches the run: the marker holds what restarts it.
-    deps.storage.write(paths.config, plan.config.canonical_json(), content_type="application/json")
-    opened = events_pb2.TrainingStarted(context=plan.ctx, dataset=plan.dataset)
-    deps.storage.write(
-        layout.open_run_path(run_id),
-        events.to_json(opened).encode(),
-        content_type="application/json",
-    )
     fault_point("trainer.after_claim")
     claimed.append(claim)
     return None
@@ -362,8 +358,6 @@ def launch(
         lease.release(deps.storage, paths.claim, crashed=False)
         raise
     fault_point("trainer.after_launch")
-    # The job is started: its claim says so (unless the job's first renewal said it first).
-    lease.update(deps.storage, paths.claim, claim, job_id=started.job_id)
     log.info(
         "started %s training job %s for %s (attempt %d)",
         launcher.backend,
@@ -382,8 +376,8 @@ def start(
     config: PipelineConfig | None = None,
 ) -> StepResult:
     """A dataset object → its run's training job, through the step protocol. The delivery is
-    acknowledged once the job is started and recorded (claim with its job id, TrainingStarted,
-    the open-run marker): the lease and `reconcile` see it through from there."""
+    acknowledged once the run is recorded (the open-run marker, the claim, TrainingStarted):
+    the lease and `reconcile` see it through from there."""
     try:
         plan = plan_run(note, deps, config)
     except PermanentError as exc:

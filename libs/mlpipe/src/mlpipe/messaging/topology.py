@@ -100,10 +100,9 @@ TOPOLOGY = Topology(
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
-        # The delivery that starts a training job is acknowledged once the job is started and
-        # recorded (mlpipe_trainer.start); a job lost later is started again by the trainer's
-        # reconciler. Only a delivery whose instance died between its claim and its job's
-        # start is held (503) until that claim lapses: enough attempts for a long start lease.
+        # The delivery that starts a training job is acknowledged once the run is recorded
+        # (mlpipe_trainer.start); a job lost later is started again by the trainer's
+        # reconciler. Retries are for failures before that (memory busy, GCS down).
         PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer", **TRAINING_HOLD),
         # Identical bytes land once; re-ingesting them under a changed config starts its run.
         PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer", **TRAINING_HOLD),
