@@ -25,8 +25,9 @@ up-containers: bootstrap ## the same, each service as its image under Cloud Run'
 down: ## stop everything `make up` started
 	@$(UV) run --frozen mlpipe down
 
-test: bootstrap ## lint, type-check, unit, integration and e2e tests
+test: bootstrap ## lint, import contracts, type-check, unit, integration and e2e tests
 	@$(UV) run --frozen ruff check .
+	@$(UV) run --frozen lint-imports
 	@$(UV) run --frozen ruff format --check .
 	@$(UV) run --frozen mypy libs services
 	@$(UV) run --frozen pytest -m "not faults and not containers and not cloud"

@@ -193,7 +193,7 @@ def one_run(
                 continue
             name = type(event).__name__
             if isinstance(event, events_pb2.PipelineFailed):
-                record["error"] = f"{event.stage}: {event.reason}: {event.message}"
+                record["error"] = f"{events.pipeline_stage(event)}: {event.reason}: {event.message}"
                 if poller.is_alive():
                     poller.stop()
                 return record

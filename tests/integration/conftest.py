@@ -188,10 +188,7 @@ def forward(client: TestClient, event: Message, n: int = 1) -> dict:
 
 
 def job_started(reply: Any) -> bool:
-    """The trainer started a job: it holds the notification (503) until the run is recorded."""
+    """The trainer started a job, and acknowledged the notification (its lease and the
+    reconciler see the run through)."""
     body = reply.json()
-    return (
-        reply.status_code == 503
-        and body.get("status") == "held"
-        and "started training job" in body["detail"]
-    )
+    return reply.status_code == 200 and body.get("status") == "training" and bool(body["job_id"])

@@ -104,7 +104,7 @@ def test_a_dataset_without_the_target_column_fails_cleanly(
     assert [f.reason for f in failed] == ["missing_column"]
     assert "species" in failed[0].message and path in failed[0].message
     # Checked by the trainer before any job, and the upload copied to quarantine.
-    assert failed[0].stage == "trainer"
+    assert events.pipeline_stage(failed[0]) == "trainer"
     assert failed[0].quarantine_uri.startswith(cloud.storage.uri("quarantine/missing_column/"))
     kept = cloud.storage.read(cloud.storage.path_of(failed[0].quarantine_uri))
     assert kept is not None and kept.data == (no_target + "\n").encode()

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 
 def split(event: events_pb2.DeploymentCompleted) -> list[tuple[int, int, str]]:
-    return [(t.version, t.percent, t.alias) for t in event.traffic]
+    return [(t.version, t.percent, events.model_alias(t)) for t in event.traffic]
 
 
 def answered_by(url: str, n: int) -> Counter[str]:
@@ -56,23 +56,44 @@ def test_a_canary_gets_its_share_then_promote_and_rollback_move_all_traffic(
         after_rollback = answered_by(served.url, 20)
 
     published = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=4)
-    assert (v1.action, v1.alias, split(v1)) == ("promote", "champion", [(1, 100, "champion")])
-    assert (v2.action, v2.alias, v2.previous_version) == ("canary", "canary", 1)
+    assert (events.rollout_action(v1), events.model_alias(v1), split(v1)) == (
+        "promote",
+        "champion",
+        [(1, 100, "champion")],
+    )
+    assert (events.rollout_action(v2), events.model_alias(v2), v2.previous_version) == (
+        "canary",
+        "canary",
+        1,
+    )
     assert split(v2) == [(1, 75, "champion"), (2, 25, "canary")]
     assert during == {"1": 75, "2": 25}
     assert shown == "v1 75% champion, v2 25% canary"
-    assert (promoted.action, promoted.version, promoted.previous_version) == ("promote", 2, 1)
+    assert (events.rollout_action(promoted), promoted.version, promoted.previous_version) == (
+        "promote",
+        2,
+        1,
+    )
     assert split(promoted) == [(2, 100, "champion")]
     assert promoted.requested_by == "test" and promoted.context.run_id == v2.context.run_id
     assert after_promotion == {"2": 20}
-    assert (rolled_back.action, rolled_back.version, rolled_back.previous_version) == (
+    assert (
+        events.rollout_action(rolled_back),
+        rolled_back.version,
+        rolled_back.previous_version,
+    ) == (
         "rollback",
         1,
         2,
     )
     assert split(rolled_back) == [(1, 100, "champion")]
     assert after_rollback == {"1": 20}
-    assert [e.action for e in published] == ["promote", "canary", "promote", "rollback"]
+    assert [events.rollout_action(e) for e in published] == [
+        "promote",
+        "canary",
+        "promote",
+        "rollback",
+    ]
 
 
 def test_a_canary_that_serves_enough_requests_without_errors_promotes_itself(
@@ -102,7 +123,11 @@ def test_a_canary_that_serves_enough_requests_without_errors_promotes_itself(
     published = cloud.pulled(events.DEPLOYMENT_COMPLETED, expect=2)
     promoted = published[-1]
     assert registry.traffic("iris-classifier").shares() == [(2, 100, "champion")]
-    assert (promoted.action, promoted.requested_by, promoted.version) == ("promote", "predictor", 2)
+    assert (events.rollout_action(promoted), promoted.requested_by, promoted.version) == (
+        "promote",
+        "predictor",
+        2,
+    )
     assert "after 10 successful predictions" in promoted.reason
     assert split(promoted) == [(2, 100, "champion")]
     assert models["iris-classifier"]["version"] == 2 and "canary" not in models["iris-classifier"]
@@ -124,7 +149,9 @@ def test_rollback_during_a_canary_stops_it_and_the_deployer_routes_say_what_cann
 
     assert stopped.status_code == 200
     assert stopped.json()["reason"] == "canary v2 stopped; v1 keeps 100%"
-    assert stopped.json()["traffic"] == [{"version": "1", "percent": 100, "alias": "champion"}]
+    assert stopped.json()["traffic"] == [
+        {"version": "1", "percent": 100, "model_alias": "MODEL_ALIAS_CHAMPION"}
+    ]
     assert nothing.status_code == 409
     assert nothing.json()["error"]["message"] == "iris-classifier has no canary to promote"
     assert no_history.status_code == 409 and "no earlier champion" in no_history.text

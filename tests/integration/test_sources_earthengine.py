@@ -25,5 +25,7 @@ def test_a_failed_export_is_reported(cloud: Cloud) -> None:
     assert files is None
     assert tasks.started[0]["fileNamePrefix"] == SPEC.file_prefix
     failed = cloud.pulled(events.PIPELINE_FAILURES)
-    assert [(f.stage, f.reason) for f in failed] == [("earthengine", "ee_task_failed")]
+    assert [(events.pipeline_stage(f), f.reason) for f in failed] == [
+        ("earthengine", "ee_task_failed")
+    ]
     assert "T1" in failed[0].message and "quota" in failed[0].message

@@ -37,7 +37,7 @@ def test_a_bad_upload_is_quarantined_and_a_good_one_trains(
     assert [f.reason for f in failed] == ["wrong_type"]
     assert cloud.storage.uri(bad_path) in failed[0].message
     assert "'sepal_width'" in failed[0].message and "'wide'" in failed[0].message
-    assert failed[0].stage == "trainer"
+    assert events.pipeline_stage(failed[0]) == "trainer"
     assert failed[0].quarantine_uri.startswith(cloud.storage.uri("quarantine/wrong_type/"))
     kept = cloud.storage.read(cloud.storage.path_of(failed[0].quarantine_uri), with_metadata=True)
     assert kept is not None and kept.data == bad_csv.encode()

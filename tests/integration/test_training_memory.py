@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from mlpipe.errors import Held, TransientError
 from mlpipe.messaging import events
 from mlpipe.messaging.push import parse_envelope
 from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.settings import CommonSettings, load_settings
+from mlpipe.runtime.steps import Outcome
 from mlpipe.store import layout
 from mlpipe.store.storage import sha256_hex
 from mlpipe.v1 import events_pb2
@@ -27,7 +27,7 @@ from mlpipe_trainer import lease
 from mlpipe_trainer.launcher import JobExit, LocalJobLauncher
 from mlpipe_trainer.memory import MemoryBudget, MiB
 from mlpipe_trainer.recovery import crash_reporter
-from mlpipe_trainer.start import TrainingStarter, start_training
+from mlpipe_trainer.start import TrainingStarter
 from tests.conftest import REPO, wait_until
 from tests.integration.conftest import Cloud, notification
 
@@ -122,7 +122,7 @@ def test_a_dataset_too_large_for_the_memory_limit_is_refused_before_any_job(
     assert len(failed) == 1
     event = failed[0]
     assert isinstance(event, events_pb2.PipelineFailed)
-    assert event.stage == "trainer" and event.reason == "dataset_too_large"
+    assert events.pipeline_stage(event) == "trainer" and event.reason == "dataset_too_large"
     uri = cloud.storage.uri(path)
     assert event.message.startswith(f"dataset {uri} is 20 MiB (about 499 MiB in memory to train)")
     assert "the trainer's memory limit is 512 MiB (MLPIPE_MEMORY_LIMIT_BYTES)" in event.message
@@ -159,18 +159,16 @@ def test_a_job_that_fits_alone_waits_while_running_jobs_hold_the_memory(
     run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     assert memory.reserve("another-run", 40 * MiB, "csv") is None  # a running job: ~720 MiB
 
-    with pytest.raises(TransientError) as waiting:
-        start_training(parse_envelope(body), deps)
+    waiting = deps(parse_envelope(body))
 
-    assert not isinstance(waiting.value, Held)
-    assert f"run {run_id} waits for memory" in str(waiting.value)
+    assert waiting.outcome is Outcome.TRANSIENT
+    assert f"run {run_id} waits for memory" in waiting.detail["detail"]
     assert launcher.launched == []
     claim = lease.read(cloud.storage, layout.RunPaths(run_id).claim)
     assert claim is not None and claim.state == lease.RELEASED and claim.crashes == 0
 
     memory.release("another-run")  # that job ended
-    with pytest.raises(Held):
-        start_training(parse_envelope(body), deps)
+    assert deps(parse_envelope(body)).status == "training"
 
     assert launcher.launched == [run_id]
     assert set(memory.reserved()) == {run_id}
@@ -189,8 +187,7 @@ def test_a_job_killed_by_the_oom_killer_fails_its_run_at_once(
     deps = TrainingStarter(
         cloud.storage, cloud.publisher, {"local": RecordingLauncher()}, "test", 120.0
     )
-    with pytest.raises(Held):
-        start_training(parse_envelope(body), deps)  # claimed; its job "started"
+    assert deps(parse_envelope(body)).status == "training"  # claimed; its job "started"
     run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     paths = layout.RunPaths(run_id)
     recorded = cloud.storage.read(paths.started)
@@ -214,8 +211,8 @@ def test_a_job_killed_by_the_oom_killer_fails_its_run_at_once(
     assert cloud.storage.exists(paths.failed)
     claim = lease.read(cloud.storage, paths.claim)
     assert claim is not None and claim.state == lease.RELEASED
-    # Not retried: the held notification's redelivery is acknowledged.
-    again = start_training(parse_envelope(body), deps)
+    # Not retried: a redelivery of the notification is acknowledged.
+    again = deps(parse_envelope(body))
     assert again.status == "duplicate" and again.detail["detail"] == "run already failed"
 
 
@@ -281,8 +278,7 @@ def test_a_job_the_oom_killer_ends_for_real_fails_its_run_once(
     run_id = layout.run_id_for(metadata["sha256"], bikeshare.sha256())
     t0 = time.monotonic()
 
-    with pytest.raises(Held):
-        start_training(parse_envelope(body), deps)
+    assert deps(parse_envelope(body)).status == "training"
 
     failed = cloud.pulled(events.PIPELINE_FAILURES, timeout=90)
     took = time.monotonic() - t0
@@ -292,7 +288,7 @@ def test_a_job_the_oom_killer_ends_for_real_fails_its_run_once(
     assert (memory.reading().oom_kills or 0) >= 1
     assert cloud.storage.exists(layout.RunPaths(run_id).failed)
     assert cloud.pulled(events.TRAINING_COMPLETED, expect=0, timeout=0.5) == []
-    again = start_training(parse_envelope(body), deps)
+    again = deps(parse_envelope(body))
     assert again.status == "duplicate"  # no second job, no crash loop
     assert launcher.running() == []
     print(f"job OOM-killed and its run failed {took:.1f}s after the notification")

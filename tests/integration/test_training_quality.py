@@ -3,8 +3,6 @@ and every kind of bad training input failing cleanly."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -128,15 +126,7 @@ def test_same_bytes_and_config_give_the_same_run_split_and_metrics(cloud: Cloud)
 
 
 def evaluate_direct(storage: Storage, cloud: Cloud, trained: events_pb2.TrainingCompleted) -> None:
-    from mlpipe.messaging.push import PushMessage
-
-    message = PushMessage(
-        data=events.encode(trained),
-        attributes={},
-        message_id="t",
-        publish_time=dt.datetime.now(dt.UTC),
-    )
-    result = evaluate(message, Evaluator(storage, cloud.publisher, "test"))
+    result = evaluate(trained, Evaluator(storage, cloud.publisher, "test"))
     assert result.status in ("passed", "gates_failed")
 
 

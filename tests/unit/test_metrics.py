@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from mlpipe.messaging import events
 from mlpipe.ml.config import GatesSpec, RelativeGate
 from mlpipe_evaluator.metrics import (
     apply_gates,
@@ -82,7 +83,11 @@ def test_each_absolute_gate_passes_and_fails(
     [passed] = apply_gates(gates, {metric: passing})
     [failed] = apply_gates(gates, {metric: failing})
 
-    assert (passed.name, passed.metric, passed.comparison) == (gate, metric, comparison)
+    assert (passed.name, passed.metric, events.gate_comparison(passed)) == (
+        gate,
+        metric,
+        comparison,
+    )
     assert passed.threshold == pytest.approx(threshold)
     assert passed.value == pytest.approx(passing)
     assert passed.passed is True
@@ -141,14 +146,14 @@ def test_a_relative_gate_allows_the_margin_and_no_more() -> None:
 
     accuracy, rmse = relative_gates(gates, {"accuracy": 0.881, "rmse": 2.6}, champion)
 
-    assert (accuracy.name, accuracy.comparison, accuracy.kind) == (
+    assert (accuracy.name, events.gate_comparison(accuracy), accuracy.kind) == (
         "relative_accuracy",
         ">=",
         "relative",
     )
     assert accuracy.threshold == pytest.approx(0.88)
     assert accuracy.passed is True
-    assert rmse.comparison == "<="
+    assert events.gate_comparison(rmse) == "<="
     assert rmse.threshold == pytest.approx(2.5)
     assert rmse.passed is False
 

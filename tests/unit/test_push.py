@@ -19,7 +19,7 @@ from mlpipe.messaging.push import (
     parse_object_notification,
 )
 from mlpipe.runtime.service import handle_push
-from mlpipe.runtime.steps import StepResult
+from mlpipe.runtime.steps import Outcome, Router, StepResult, held, transient
 
 
 def _body(message: Any, **envelope: Any) -> bytes:
@@ -253,3 +253,67 @@ def test_a_held_delivery_is_answered_503_without_a_warning(
     assert reply.get("status") == status and reply["detail"] == str(error)
     assert [r.levelname for r in caplog.records] == [level]
     assert str(error) in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("result", "status", "level"),
+    [
+        (held("run r1's job is starting", "r1"), "held", "INFO"),
+        (transient("r1 waits for memory", "r1"), None, "WARNING"),
+    ],
+)
+def test_held_and_transient_outcomes_are_values_answered_503(
+    result: StepResult, status: str | None, level: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="mlpipe.runtime.service")
+    code, reply = handle_push(
+        make_envelope(b"x", message_id="m1"),
+        lambda message: result,
+        failures=None,  # type: ignore[arg-type]
+    )
+
+    assert code == 503
+    assert reply.get("status") == status and reply["detail"] == result.detail["detail"]
+    assert reply["run_id"] == "r1"
+    assert [r.levelname for r in caplog.records] == [level]
+
+
+def test_the_router_decodes_the_type_its_subscription_carries() -> None:
+    from mlpipe.v1 import events_pb2
+
+    seen: list[Any] = []
+    router = Router(
+        {
+            "mlpipe.v1.TrainingCompleted": lambda e, m: seen.append(e) or StepResult("scored"),
+        }
+    )
+    event = events_pb2.TrainingCompleted(model_name="iris-classifier")
+    body = make_envelope(
+        event.SerializeToString(), subscription="projects/p/subscriptions/evaluator-push"
+    )
+
+    result = router(parse_envelope(body))
+
+    assert result.status == "scored"
+    assert seen == [event]
+
+
+def test_a_type_without_a_step_is_a_permanent_outcome_naming_what_it_takes() -> None:
+    router = Router({"mlpipe.v1.TrainingCompleted": lambda e, m: StepResult("scored")})
+    body = make_envelope(b"{}", {"event_type": "mlpipe.v1.DeploymentCompleted"})
+
+    result = router(parse_envelope(body))
+
+    assert result.outcome is Outcome.PERMANENT and result.failure is not None
+    assert result.failure.reason == "unexpected_event"
+    assert "['mlpipe.v1.TrainingCompleted']" in result.failure.message
+
+
+def test_an_undecodable_event_is_a_permanent_outcome() -> None:
+    router = Router({"mlpipe.v1.TrainingCompleted": lambda e, m: StepResult("scored")})
+    body = make_envelope(b"\xff\xff\xff", subscription="projects/p/subscriptions/evaluator-push")
+
+    result = router(parse_envelope(body))
+
+    assert result.outcome is Outcome.PERMANENT and result.failure is not None
+    assert result.failure.reason == "invalid_message"

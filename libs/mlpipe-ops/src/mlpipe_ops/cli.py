@@ -265,7 +265,8 @@ def _print_gates(evaluation: events_pb2.EvaluationCompleted) -> None:
             else typer.style("FAIL", fg=typer.colors.RED)
         )
         typer.echo(
-            f"{'':10}{mark}  {gate.name:<32} {gate.value:8.4f} {gate.comparison} {gate.threshold:g}"
+            f"{'':10}{mark}  {gate.name:<32} {gate.value:8.4f} "
+            f"{events.gate_comparison(gate)} {gate.threshold:g}"
         )
 
 
@@ -315,7 +316,9 @@ def follow_run(
                     )
                     return 0 if event.deployed else 1
         elif isinstance(event, events_pb2.TrainingStarted):
-            typer.echo(f"{stamp} trainer    started {event.backend} job {event.job_id}")
+            typer.echo(
+                f"{stamp} trainer    started {events.training_backend(event)} job {event.job_id}"
+            )
         elif isinstance(event, events_pb2.TrainingCompleted):
             typer.echo(
                 f"{stamp} training   {event.estimator.rsplit('.', 1)[-1]} fitted on "
@@ -332,8 +335,8 @@ def follow_run(
                 return 1
             was = f"v{event.previous_version}" if event.previous_version else "none"
             typer.echo(
-                f"{stamp} deployer   {event.model_name} v{event.version} is {event.alias}"
-                f" (was {was})"
+                f"{stamp} deployer   {event.model_name} v{event.version} is "
+                f"{events.model_alias(event)} (was {was})"
             )
             if _wait_serving(state, event.model_name, event.version):
                 typer.secho(
@@ -346,7 +349,8 @@ def follow_run(
             return 1
         elif isinstance(event, events_pb2.PipelineFailed):
             typer.secho(
-                f"{stamp} FAILED at {event.stage}: {event.reason}: {event.message}",
+                f"{stamp} FAILED at {events.pipeline_stage(event)}: "
+                f"{event.reason}: {event.message}",
                 fg=typer.colors.RED,
             )
             if event.quarantine_uri:

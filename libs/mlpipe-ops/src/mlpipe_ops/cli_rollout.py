@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from google.protobuf import json_format
 
 from mlpipe.messaging import events
 from mlpipe.store.registry import Registry
@@ -66,16 +67,20 @@ def _rollout(model: str, action: str, state_dir: Path) -> None:
         except (ValueError, KeyError, TypeError):
             message = reply.text
         raise _fail(f"{action} {model}: {message}")
-    done: dict[str, Any] = reply.json()
-    split = ", ".join(
-        f"v{t.get('version', 0)} {t.get('percent', 0)}% {t.get('alias', '')}"
-        for t in done.get("traffic", [])
+    typer.echo(rollout_summary(model, action, reply.json()))
+
+
+def rollout_summary(model: str, action: str, reply: dict[str, Any]) -> str:
+    """One line for the deployer's reply: the DeploymentCompleted it published, as JSON."""
+    done = json_format.ParseDict(
+        reply, events_pb2.DeploymentCompleted(), ignore_unknown_fields=True
     )
-    if reply.status_code == 202:
-        running = ", ".join(done.get("operations", []))
-        typer.echo(f"{model}: {done.get('reason', action)}; rolling out to {split} ({running})")
-        return
-    typer.echo(f"{model}: {done.get('reason', action)}; traffic now {split}")
+    split = ", ".join(f"v{t.version} {t.percent}% {events.model_alias(t)}" for t in done.traffic)
+    running = [str(name) for name in reply.get("operations", [])]
+    if running:
+        # 202: accepted; DeploymentCompleted follows once the target's operations are done.
+        return f"{model}: {done.reason or action}; rolling out to {split} ({', '.join(running)})"
+    return f"{model}: {done.reason or action}; traffic now {split}"
 
 
 def promote(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:

@@ -137,7 +137,7 @@ class Deployer:
 
 def _gate_summary(evaluation: events_pb2.EvaluationCompleted) -> str:
     failed = [
-        f"{g.name}: {g.value:.4f} {'<' if g.comparison == '>=' else '>'} {g.threshold}"
+        f"{g.name}: {g.value:.4f} {'<' if events.gate_comparison(g) == '>=' else '>'} {g.threshold}"
         for g in evaluation.gates
         if not g.passed
     ]
@@ -155,7 +155,7 @@ def holdout_frame(
     obj = storage.read(storage.path_of(ref.uri), generation=ref.generation or None)
     if obj is None or (ref.sha256 and sha256_hex(obj.data) != ref.sha256):
         return pd.DataFrame()
-    frame = read_dataset(obj.data, ref.format or "csv", ref.uri)
+    frame = read_dataset(obj.data, events.data_format(ref) or "csv", ref.uri)
     return frame.iloc[Split.from_json(split_doc).holdout]
 
 
@@ -280,8 +280,8 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
         ),
         dataset=evaluation.dataset,
         model_name=model,
-        alias=CHAMPION,
-        target=deps.target.name,
+        model_alias=events.MODEL_ALIAS.of(CHAMPION),
+        deploy_target=events.DEPLOY_TARGET.of(deps.target.name),
         requested_by="deployer",
     )
     if not evaluation.passed:
@@ -301,8 +301,8 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
         outcome.model_sha256 = version.model_sha256
         outcome.previous_version = previous or 0
         outcome.deployed = deployed
-        outcome.alias = alias
-        outcome.action = action
+        outcome.model_alias = events.MODEL_ALIAS.of(alias)
+        outcome.rollout_action = events.ROLLOUT_ACTION.of(action)
         outcome.runtime = str(version.info.get("runtime", SKLEARN))
         outcome.runtime_note = str(version.info.get("runtime_note", ""))
         if deployed:
@@ -333,7 +333,7 @@ def _deployed(outcome: events_pb2.DeploymentCompleted, run_id: str) -> StepResul
         "deployed" if outcome.deployed else "did not deploy",
         outcome.model_name,
         outcome.version,
-        outcome.reason or f"now {outcome.alias} ({outcome.runtime})",
+        outcome.reason or f"now {events.model_alias(outcome)} ({outcome.runtime})",
     )
     return StepResult(
         "deployed" if outcome.deployed else "not_deployed",

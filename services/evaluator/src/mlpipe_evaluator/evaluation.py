@@ -15,15 +15,13 @@ import numpy as np
 import pandas as pd
 
 from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
-from mlpipe.messaging.topology import MONITOR_PUSH
 from mlpipe.ml.config import PipelineConfig, load_run_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.split import Split
-from mlpipe.runtime.steps import StepResult, decode_message, republish_recorded
+from mlpipe.runtime.steps import Recorded, Router, StepResult, permanent, run_step
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
@@ -40,6 +38,7 @@ from mlpipe_evaluator.metrics import (
 
 log = logging.getLogger(__name__)
 
+TRAINING_COMPLETED = events_pb2.TrainingCompleted.DESCRIPTOR.full_name
 MONITORING_REQUEST = events_pb2.MonitoringRequest.DESCRIPTOR.full_name
 
 
@@ -52,19 +51,23 @@ class Evaluator:
     champions: ChampionCache = field(default_factory=lambda: ChampionCache())
 
     def __call__(self, message: PushMessage) -> StepResult:
-        if (
-            message.subscription_name == MONITOR_PUSH
-            or message.attributes.get(events.EVENT_TYPE_ATTR) == MONITORING_REQUEST
-        ):
-            return self.monitor(decode_message(events_pb2.MonitoringRequest, message))
-        return evaluate(message, self)
+        return Router(
+            {
+                TRAINING_COMPLETED: lambda event, _: evaluate(event, self),
+                MONITORING_REQUEST: lambda event, _: self.monitor(event),
+            },
+            default=TRAINING_COMPLETED,
+        )(message)
 
     def monitor(self, request: events_pb2.MonitoringRequest) -> StepResult:
         from mlpipe_evaluator import monitor
 
-        result = monitor.check(
-            self.storage, self.publisher, self.code_version, request, self.champions.load
-        )
+        try:
+            result = monitor.check(
+                self.storage, self.publisher, self.code_version, request, self.champions.load
+            )
+        except PermanentError as exc:
+            return permanent(exc)
         return StepResult(
             result.status,
             {
@@ -187,21 +190,30 @@ def champion_metrics(
     return metrics, version, ""
 
 
-def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
-    trained = decode_message(events_pb2.TrainingCompleted, message)
+def evaluate(trained: events_pb2.TrainingCompleted, deps: Evaluator) -> StepResult:
+    """TrainingCompleted → EvaluationCompleted, through the step protocol."""
     run_id = trained.context.run_id
     if not layout.RUN_ID_PATTERN.match(run_id):
-        raise PermanentError("invalid_message", f"TrainingCompleted has bad run_id {run_id!r}")
-    paths = layout.RunPaths(run_id)
-
-    if republish_recorded(
-        deps.storage, deps.publisher, paths.evaluation, events_pb2.EvaluationCompleted
-    ):
-        return StepResult(
-            "duplicate", {"detail": "already evaluated; event re-published"}, run_id=run_id
+        return permanent(
+            PermanentError("invalid_message", f"TrainingCompleted has bad run_id {run_id!r}")
         )
+    paths = layout.RunPaths(run_id)
+    return run_step(
+        storage=deps.storage,
+        publisher=deps.publisher,
+        stage="evaluator",
+        run_id=run_id,
+        skip=Recorded(paths.evaluation, events_pb2.EvaluationCompleted),
+        work=lambda: score_run(trained, paths, deps),
+        done=lambda result: evaluated(result, run_id),
+    )
 
-    config = load_run_config(deps.storage, run_id)
+
+def holdout_of(
+    trained: events_pb2.TrainingCompleted, deps: Evaluator
+) -> tuple[PipelineConfig, dict[str, Any], pd.DataFrame]:
+    """The run's config, its model (verified, then unpickled) and its holdout rows."""
+    config = load_run_config(deps.storage, trained.context.run_id)
     model_bytes = _read_verified(deps.storage, trained.model_uri, trained.model_sha256, "model")
     # Verified against the sha256 the training job recorded before unpickling.
     bundle = joblib.load(io.BytesIO(model_bytes))
@@ -210,9 +222,17 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
         raise PermanentError("artifact_missing", f"split {trained.split_uri} does not exist")
     split = Split.from_json(split_obj.json())
     data = _read_verified(deps.storage, trained.dataset.uri, trained.dataset.sha256, "dataset")
-    frame = read_dataset(data, trained.dataset.format or "csv", trained.dataset.uri)
-    holdout = frame.iloc[split.holdout]
+    frame = read_dataset(data, events.data_format(trained.dataset) or "csv", trained.dataset.uri)
+    return config, bundle, frame.iloc[split.holdout]
 
+
+def score_run(
+    trained: events_pb2.TrainingCompleted, paths: layout.RunPaths, deps: Evaluator
+) -> events_pb2.EvaluationCompleted:
+    """The pure step: score the model and the champion on the holdout, apply the gates, and
+    write metrics.json and report.html; the EvaluationCompleted to record."""
+    run_id = trained.context.run_id
+    config, bundle, holdout = holdout_of(trained, deps)
     metrics, details = score(bundle, holdout, config)
     champion, champion_version, note = champion_metrics(
         deps.storage, trained.model_name, run_id, holdout, config, deps.champions
@@ -221,7 +241,6 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
         config.gates, metrics, champion, note
     )
     passed = all(g.passed for g in gates)
-
     result = events_pb2.EvaluationCompleted(
         context=events.next_context(
             trained.context, producer="evaluator", code_version=deps.code_version
@@ -254,24 +273,25 @@ def evaluate(message: PushMessage, deps: Evaluator) -> StepResult:
     )
     page = report.render(result, details, deps.storage.read_json(paths.lineage))
     deps.storage.write(paths.report, page.encode(), content_type="text/html; charset=utf-8")
-    fault_point("evaluator.before_record")
-    # The recorded event is written last: a run is "evaluated" only once all of it exists.
-    if deps.storage.create_if_absent(paths.evaluation, events.to_json(result).encode()) is None:
-        # A concurrent delivery recorded its result first: publish that one, not ours.
-        recorded = deps.storage.read(paths.evaluation)
-        if recorded is not None:
-            result = events.from_json(events_pb2.EvaluationCompleted, recorded.data)
-    fault_point("evaluator.before_publish")
-    deps.publisher.publish(result)
+    # The recorded event is written next (run_step), last: a run is "evaluated" only once
+    # all of it exists.
+    return result
+
+
+def evaluated(result: events_pb2.EvaluationCompleted, run_id: str) -> StepResult:
     failed = [
-        f"{g.name}={g.value:.4f} (needs {g.comparison} {g.threshold:.4g})"
-        for g in gates
+        f"{g.name}={g.value:.4f} (needs {events.gate_comparison(g)} {g.threshold:.4g})"
+        for g in result.gates
         if not g.passed
     ]
     log.info(
         "evaluated: %s%s",
-        "passed" if passed else "FAILED",
+        "passed" if result.passed else "FAILED",
         f" ({'; '.join(failed)})" if failed else "",
-        extra={"metrics": metrics},
+        extra={"metrics": dict(result.metrics)},
     )
-    return StepResult("passed" if passed else "gates_failed", {"metrics": metrics}, run_id=run_id)
+    return StepResult(
+        "passed" if result.passed else "gates_failed",
+        {"metrics": dict(result.metrics)},
+        run_id=run_id,
+    )

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from mlpipe.messaging import events
 from mlpipe.ml.config import HIGHER_IS_BETTER, GatesSpec
 from mlpipe.v1 import events_pb2
 
@@ -102,7 +103,7 @@ def _gate(
     return events_pb2.GateResult(
         name=name,
         metric=metric,
-        comparison=comparison,
+        gate_comparison=events.GATE_COMPARISON.of(comparison),
         threshold=threshold,
         value=value,
         passed=ok,
@@ -135,7 +136,7 @@ def relative_gates(
                 events_pb2.GateResult(
                     name=name,
                     metric=rule.metric,
-                    comparison=comparison,
+                    gate_comparison=events.GATE_COMPARISON.of(comparison),
                     value=value,
                     passed=True,
                     kind="relative",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from google.protobuf import json_format
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
@@ -30,6 +31,7 @@ from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import MonitoringSpec, PipelineConfig, load_pipeline_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.split import Split
+from mlpipe.runtime.steps import record_and_publish
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
@@ -72,11 +74,18 @@ def served_inputs(storage: Storage, model: str, since: dt.datetime) -> pd.DataFr
     return pd.DataFrame.from_records(records)
 
 
+def dataset_of(champion: ModelVersion) -> events_pb2.DatasetRef:
+    """The DatasetRef the registry recorded for a version (its JSON, older fields included)."""
+    ref = events_pb2.DatasetRef()
+    json_format.ParseDict(champion.info.get("dataset", {}), ref, ignore_unknown_fields=True)
+    return ref
+
+
 def training_rows(storage: Storage, champion: ModelVersion) -> tuple[pd.DataFrame, bytes, str]:
     """(the champion's training rows, its dataset bytes, their format), verified by sha256."""
-    ref = champion.info.get("dataset", {})
-    uri, sha, fmt = ref.get("uri", ""), ref.get("sha256", ""), ref.get("format") or "csv"
-    generation = int(ref["generation"]) if ref.get("generation") else None
+    ref = dataset_of(champion)
+    uri, sha, fmt = ref.uri, ref.sha256, events.data_format(ref) or "csv"
+    generation = ref.generation or None
     obj = storage.read(storage.path_of(uri), generation=generation) if uri else None
     if obj is None or (sha and sha256_hex(obj.data) != sha):
         raise PermanentError(
@@ -215,11 +224,12 @@ def check(
     load_bundle: Any,
 ) -> CheckResult:
     """Run one drift check; see the module docstring. `load_bundle(registry, version)` gives
-    the champion's verified, unpickled bundle."""
+    the champion's verified, unpickled bundle. The step protocol, by hand: the report is the
+    record (written last, so a redelivery after a crash redoes the check or re-publishes the
+    recorded DriftDetected), and the event is recorded before it is published."""
     if not request.pipeline:
         raise PermanentError("invalid_message", "MonitoringRequest has no pipeline")
     config = load_pipeline_config(storage, request.pipeline)
-    spec = config.monitoring
     model = config.model.name
     now = dt.datetime.now(dt.UTC)
     check_id = CHECK_ID.sub("-", request.request_id)[:64] or now.strftime("%Y%m%dT%H%M%S")
@@ -237,7 +247,60 @@ def check(
     champion = registry.get(model, version) if version else None
     if champion is None:
         raise PermanentError("no_champion", f"{model} has no champion to check")
-    bundle = load_bundle(registry, champion)
+    measured = measure(storage, config, champion, load_bundle(registry, champion), request, now)
+    summary = {"check_id": check_id, **measured.summary}
+    event = None
+    if measured.drifted:
+        event = drift_event(storage, config, champion, measured, request, code_version, check_id)
+        retrain_if_allowed(storage, publisher, config, measured, event, now, check_id)
+        summary |= {
+            "retrain_request_id": event.retrain_request_id,
+            "retrain_note": event.retrain_note,
+        }
+        event = record_and_publish(storage, publisher, paths.event, event, stage="monitor")
+        log.warning(
+            "drift in %s v%d: %s; %s",
+            model,
+            champion.version,
+            ", ".join(measured.drifted),
+            event.retrain_note,
+        )
+    elif measured.drifts is not None:
+        log.info("no drift in %s v%d (%d served rows)", model, champion.version, measured.served)
+    page = drift.render_html(summary, measured.drifts or [], measured.prediction)
+    storage.write(paths.page, page.encode(), content_type="text/html")
+    storage.write_json(paths.report, summary)
+    return CheckResult(summary["status"], summary, event)
+
+
+@dataclass
+class Measured:
+    """What one drift check found: the summary, and the drifts when there were enough rows."""
+
+    summary: dict[str, Any]
+    served: int
+    reference_rows: int
+    dataset: bytes
+    fmt: str
+    drifts: list[drift.Drift] | None = None
+    prediction: drift.Drift | None = None
+
+    @property
+    def drifted(self) -> list[str]:
+        found = [*(self.drifts or []), *([self.prediction] if self.prediction else [])]
+        return [d.name for d in found if d.drifted]
+
+
+def measure(
+    storage: Storage,
+    config: PipelineConfig,
+    champion: ModelVersion,
+    bundle: dict[str, Any],
+    request: events_pb2.MonitoringRequest,
+    now: dt.datetime,
+) -> Measured:
+    """The pure part of a check: the champion's training rows against what it served."""
+    spec = config.monitoring
     features: list[str] = list(bundle["features"])
     kinds = {
         f: "categorical" if bundle.get("feature_types", {}).get(f) == "categorical" else "numeric"
@@ -245,12 +308,10 @@ def check(
     }
     reference, dataset, fmt = training_rows(storage, champion)
     window = request.window_hours or spec.window_hours
-    current = served_inputs(storage, model, now - dt.timedelta(hours=window))
-
+    current = served_inputs(storage, config.model.name, now - dt.timedelta(hours=window))
     summary: dict[str, Any] = {
-        "check_id": check_id,
         "pipeline": config.name,
-        "model": model,
+        "model": config.model.name,
         "version": champion.version,
         "run_id": champion.run_id,
         "checked_at": now.isoformat(),
@@ -259,6 +320,7 @@ def check(
         "reference_rows": len(reference),
         "thresholds": spec.model_dump(mode="json", exclude={"retrain"}),
     }
+    found = Measured(summary, len(current), len(reference), dataset, fmt)
     if len(current) < spec.min_samples:
         summary |= {
             "status": "not_enough_data",
@@ -266,100 +328,95 @@ def check(
             f"fewer than monitoring.min_samples ({spec.min_samples})",
             "features": [],
         }
-        storage.write_json(paths.report, summary)
-        storage.write(
-            paths.page,
-            drift.render_html(summary, [], None).encode(),
-            content_type="text/html",
-        )
-        return CheckResult("not_enough_data", summary)
-
-    drifts = drift.compare(reference, current, kinds, spec)
-    reference_predictions = list(bundle["estimator"].predict(reference[features]))
-    if config.model.task == "classification":
-        prediction = drift.categorical_drift(
-            PREDICTION,
-            reference_predictions,
-            current[PREDICTION],
-            spec.prediction_psi_threshold,
-        )
-    else:
-        prediction = drift.numeric_drift(
-            PREDICTION,
-            reference_predictions,
-            current[PREDICTION],
-            spec.model_copy(update={"psi_threshold": spec.prediction_psi_threshold}),
-        )
-    drifted = [d.name for d in [*drifts, prediction] if d.drifted]
-    status = "drift" if drifted else "stable"
+        return found
+    found.drifts = drift.compare(reference, current, kinds, spec)
+    found.prediction = prediction_drift(config, bundle, reference[features], current)
+    drifted = found.drifted
     summary |= {
-        "status": status,
+        "status": "drift" if drifted else "stable",
         "verdict": (
             f"drift in {', '.join(drifted)}" if drifted else "no feature crossed a threshold"
         ),
         "drifted": drifted,
-        "features": [d.to_json() for d in drifts],
-        "prediction": prediction.to_json(),
+        "features": [d.to_json() for d in found.drifts],
+        "prediction": found.prediction.to_json(),
     }
+    return found
 
-    event: events_pb2.DriftDetected | None = None
-    if drifted:
-        event = events_pb2.DriftDetected(
-            context=events.context(
-                producer="evaluator",
-                code_version=code_version,
-                run_id=champion.run_id,
-                pipeline=config.name,
-                config_sha256=str(champion.info.get("config_sha256", "")),
-                request_id=request.request_id,
-            ),
-            model_name=model,
-            version=champion.version,
-            check_id=check_id,
-            served_samples=len(current),
-            reference_rows=len(reference),
-            features=[_proto(d) for d in drifts],
-            prediction=_proto(prediction),
-            report_uri=storage.uri(paths.page),
-            checked_at=events.timestamp(now),
-        )
-        retrain = None
-        if not spec.retrain.enabled:
-            note = "retraining on drift is off (monitoring.retrain.enabled)"
-        else:
-            retrain, note = retrain_request(storage, config, dataset, fmt, check_id)
-            if retrain is not None:
-                allowed, why = claim_retrain(storage, model, spec, now, check_id)
-                note = f"{note}; {why}"
-                if not allowed:
-                    retrain = None
-        if retrain is not None:
-            publisher.publish(retrain, attributes={"request_id": retrain.request_id})
-            event.retrain_request_id = retrain.request_id
-        event.retrain_note = note
-        summary |= {"retrain_request_id": event.retrain_request_id, "retrain_note": note}
 
-    if event is not None:
-        # The event is recorded before it is published and the report is written last, so a
-        # redelivery after a crash either redoes the check or re-publishes this same event.
-        if storage.create_if_absent(paths.event, events.to_json(event).encode()) is None:
-            first = storage.read(paths.event)
-            if first is not None:
-                event = events.from_json(events_pb2.DriftDetected, first.data)
-        publisher.publish(event)
-        log.warning(
-            "drift in %s v%d: %s; %s",
-            model,
-            champion.version,
-            ", ".join(drifted),
-            event.retrain_note,
+def prediction_drift(
+    config: PipelineConfig, bundle: dict[str, Any], reference: pd.DataFrame, current: pd.DataFrame
+) -> drift.Drift:
+    """The champion's predictions on its training rows against those it served."""
+    spec = config.monitoring
+    reference_predictions = list(bundle["estimator"].predict(reference))
+    if config.model.task == "classification":
+        return drift.categorical_drift(
+            PREDICTION, reference_predictions, current[PREDICTION], spec.prediction_psi_threshold
         )
-    else:
-        log.info("no drift in %s v%d (%d served rows)", model, champion.version, len(current))
-    storage.write(
-        paths.page,
-        drift.render_html(summary, drifts, prediction).encode(),
-        content_type="text/html",
+    return drift.numeric_drift(
+        PREDICTION,
+        reference_predictions,
+        current[PREDICTION],
+        spec.model_copy(update={"psi_threshold": spec.prediction_psi_threshold}),
     )
-    storage.write_json(paths.report, summary)
-    return CheckResult(status, summary, event)
+
+
+def drift_event(
+    storage: Storage,
+    config: PipelineConfig,
+    champion: ModelVersion,
+    measured: Measured,
+    request: events_pb2.MonitoringRequest,
+    code_version: str,
+    check_id: str,
+) -> events_pb2.DriftDetected:
+    assert measured.drifts is not None and measured.prediction is not None
+    paths = layout.DriftCheckPaths(config.model.name, check_id)
+    return events_pb2.DriftDetected(
+        context=events.context(
+            producer="evaluator",
+            code_version=code_version,
+            run_id=champion.run_id,
+            pipeline=config.name,
+            config_sha256=str(champion.info.get("config_sha256", "")),
+            request_id=request.request_id,
+        ),
+        model_name=config.model.name,
+        version=champion.version,
+        check_id=check_id,
+        served_samples=measured.served,
+        reference_rows=measured.reference_rows,
+        features=[_proto(d) for d in measured.drifts],
+        prediction=_proto(measured.prediction),
+        report_uri=storage.uri(paths.page),
+        checked_at=events.timestamp(dt.datetime.fromisoformat(measured.summary["checked_at"])),
+    )
+
+
+def retrain_if_allowed(
+    storage: Storage,
+    publisher: Publisher,
+    config: PipelineConfig,
+    measured: Measured,
+    event: events_pb2.DriftDetected,
+    now: dt.datetime,
+    check_id: str,
+) -> None:
+    """Publish the retraining IngestRequest when the pipeline allows one now; the event says
+    which (retrain_request_id) or why none (retrain_note)."""
+    spec = config.monitoring
+    retrain = None
+    if not spec.retrain.enabled:
+        note = "retraining on drift is off (monitoring.retrain.enabled)"
+    else:
+        retrain, note = retrain_request(storage, config, measured.dataset, measured.fmt, check_id)
+        if retrain is not None:
+            allowed, why = claim_retrain(storage, config.model.name, spec, now, check_id)
+            note = f"{note}; {why}"
+            if not allowed:
+                retrain = None
+    if retrain is not None:
+        publisher.publish(retrain, attributes={"request_id": retrain.request_id})
+        event.retrain_request_id = retrain.request_id
+    event.retrain_note = note

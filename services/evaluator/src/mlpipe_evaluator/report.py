@@ -7,6 +7,7 @@ import html
 import math
 from typing import Any
 
+from mlpipe.messaging import events
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.metrics import NOT_APPLIED
 
@@ -38,7 +39,7 @@ def gate_table(gates: list[events_pb2.GateResult]) -> str:
         skipped = g.note.startswith(NOT_APPLIED)
         verdict = "skipped" if skipped else "pass" if g.passed else "FAIL"
         css = "skip" if skipped else "pass" if g.passed else "fail"
-        threshold = "" if skipped else f"{g.comparison} {g.threshold:.4g}"
+        threshold = "" if skipped else f"{events.gate_comparison(g)} {g.threshold:.4g}"
         rows.append(
             f"<tr><td>{_e(g.name)}</td><td>{_e(g.kind)}</td><td>{_num(g.value)}</td>"
             f"<td>{_e(threshold)}</td><td class='{css}'>{verdict}</td>"

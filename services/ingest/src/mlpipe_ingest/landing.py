@@ -17,14 +17,14 @@ from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
-from mlpipe.ml.config import load_pipeline_config
+from mlpipe.ml.config import PipelineConfig, load_pipeline_config
 from mlpipe.ml.validation import check_dataset, describe_schema, schema_of
-from mlpipe.runtime.steps import StepResult, decode_message
+from mlpipe.runtime.steps import Router, StepResult, permanent
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.sources import SourceSettings, table_from_request
-from mlpipe_ingest.table import to_csv_bytes, to_parquet_bytes
+from mlpipe_ingest.table import Table, to_csv_bytes, to_parquet_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +39,55 @@ class Landing:
     sources: SourceSettings | None = None
 
     def __call__(self, message: PushMessage) -> StepResult:
-        return land(message, self)
-
-
-def land(message: PushMessage, deps: Landing) -> StepResult:
-    if len(message.data) > deps.max_inline_bytes:
-        raise PermanentError(
-            "payload_too_large",
-            f"request is {len(message.data)} bytes, over the inline limit of "
-            f"{deps.max_inline_bytes}; upload the file to "
-            f"{deps.storage.uri(layout.dataset_prefix('<name>') + 'dt=YYYY-MM-DD/')} instead",
+        if len(message.data) > self.max_inline_bytes:
+            return permanent(
+                PermanentError(
+                    "payload_too_large",
+                    f"request is {len(message.data)} bytes, over the inline limit of "
+                    f"{self.max_inline_bytes}; upload the file to "
+                    f"{self.storage.uri(layout.dataset_prefix('<name>') + 'dt=YYYY-MM-DD/')} "
+                    "instead",
+                )
+            )
+        return Router({INGEST_REQUEST: lambda request, m: land(request, m, self)}, INGEST_REQUEST)(
+            message
         )
-    request = decode_message(events_pb2.IngestRequest, message)
-    if not request.dataset:
-        raise PermanentError("invalid_message", "IngestRequest.dataset is empty")
-    config = load_pipeline_config(deps.storage, request.dataset, deps.env)
-    ctx = events.context(
-        producer="ingest",
-        code_version=deps.code_version,
-        pipeline=config.name,
-        config_sha256=config.sha256(),
-        request_id=request.request_id,
+
+
+INGEST_REQUEST = events_pb2.IngestRequest.DESCRIPTOR.full_name
+
+
+def land(request: events_pb2.IngestRequest, message: PushMessage, deps: Landing) -> StepResult:
+    """IngestRequest → a checked dataset object → DatasetLanded. No claim and no record: the
+    object is named by its content and created only if absent, so it is its own record."""
+    try:
+        landed, rows = land_request(request, message, deps)
+    except PermanentError as exc:
+        return permanent(exc)
+    deps.publisher.publish(landed)
+    already = landed.already_present
+    log.info(
+        "landed %s (%d rows)%s",
+        landed.dataset.uri,
+        rows,
+        " — identical content was already there" if already else "",
+        extra={"run_id": landed.context.run_id},
+    )
+    return StepResult(
+        "landed" if not already else "duplicate",
+        {"dataset_uri": landed.dataset.uri},
+        run_id=landed.context.run_id,
     )
 
+
+def checked_table(
+    request: events_pb2.IngestRequest,
+    message: PushMessage,
+    deps: Landing,
+    config: PipelineConfig,
+    ctx: events_pb2.RunContext,
+) -> tuple[Table, str]:
+    """The request's rows, fetched and checked against the pipeline's dataset contract."""
     try:
         table, source = table_from_request(
             request,
@@ -80,7 +106,24 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
     except PermanentError as exc:
         exc.context = ctx
         raise
+    return table, source
 
+
+def land_request(
+    request: events_pb2.IngestRequest, message: PushMessage, deps: Landing
+) -> tuple[events_pb2.DatasetLanded, int]:
+    """The pure step: write the request's checked rows where their content names them."""
+    if not request.dataset:
+        raise PermanentError("invalid_message", "IngestRequest.dataset is empty")
+    config = load_pipeline_config(deps.storage, request.dataset, deps.env)
+    ctx = events.context(
+        producer="ingest",
+        code_version=deps.code_version,
+        pipeline=config.name,
+        config_sha256=config.sha256(),
+        request_id=request.request_id,
+    )
+    table, source = checked_table(request, message, deps, config, ctx)
     parquet = request.format == events_pb2.DATA_FORMAT_PARQUET
     data = to_parquet_bytes(table) if parquet else to_csv_bytes(table)
     ext = "parquet" if parquet else "csv"
@@ -101,19 +144,7 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
         "request_id": request.request_id,
         "requested_at": when.isoformat(),
     }
-    generation = deps.storage.create_if_absent(
-        path,
-        data,
-        content_type="text/csv" if ext == "csv" else "application/vnd.apache.parquet",
-        metadata=metadata,
-    )
-    already = generation is None
-    landed_at = dt.datetime.now(dt.UTC)
-    if generation is None:
-        existing = deps.storage.bucket.get_blob(path)
-        generation = int(existing.generation) if existing is not None else 0
-        if existing is not None and existing.time_created is not None:
-            landed_at = existing.time_created
+    generation, already, landed_at = write_once(deps.storage, path, data, ext, metadata)
     fault_point("ingest.after_land")
     ctx.run_id = layout.run_id_for(sha, ctx.config_sha256)
     landed = events_pb2.DatasetLanded(
@@ -124,22 +155,29 @@ def land(message: PushMessage, deps: Landing) -> StepResult:
             sha256=sha,
             name=config.name,
             row_count=len(table.rows),
-            format=ext,
+            data_format=events.DATA_FORMAT.of(ext),
             landed_at=events.timestamp(landed_at),
         ),
         already_present=already,
         columns=table.header,
     )
-    deps.publisher.publish(landed)
-    log.info(
-        "landed %s (%d rows)%s",
-        landed.dataset.uri,
-        len(table.rows),
-        " — identical content was already there" if already else "",
-        extra={"run_id": ctx.run_id},
+    return landed, len(table.rows)
+
+
+def write_once(
+    storage: Storage, path: str, data: bytes, ext: str, metadata: dict[str, str]
+) -> tuple[int, bool, dt.datetime]:
+    """Create the object unless it exists: (its generation, whether identical content was
+    already there, when it landed)."""
+    generation = storage.create_if_absent(
+        path,
+        data,
+        content_type="text/csv" if ext == "csv" else "application/vnd.apache.parquet",
+        metadata=metadata,
     )
-    return StepResult(
-        "landed" if not already else "duplicate",
-        {"dataset_uri": landed.dataset.uri},
-        run_id=ctx.run_id,
-    )
+    if generation is not None:
+        return generation, False, dt.datetime.now(dt.UTC)
+    existing = storage.bucket.get_blob(path)
+    if existing is None:
+        return 0, True, dt.datetime.now(dt.UTC)
+    return int(existing.generation), True, existing.time_created or dt.datetime.now(dt.UTC)

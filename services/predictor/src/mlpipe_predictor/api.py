@@ -159,6 +159,21 @@ VERTEX = re.compile(
 )
 
 
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
 class PredictRoutes:
     """The ASGI app uvicorn runs: the three predict routes are answered here directly (no
     middleware, routing table or Request object on the request path); everything else, and
@@ -174,7 +189,7 @@ class PredictRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = getattr(self.app.state, "settings", None)
         on_vertex = getattr(settings, "on_vertex", False)
-        if scope["type"] == "http" and on_vertex and await vertex.route(self, scope, receive, send):
+        if scope["type"] == "http" and on_vertex and await self._vertex(scope, receive, send):
             return
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
@@ -188,6 +203,26 @@ class PredictRoutes:
                 params = found.groupdict()
                 return await self._predict(scope, receive, send, params["endpoint"], params)
         await self.app(scope, receive, send)
+
+    async def _vertex(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Under Vertex AI (mlpipe_predictor.vertex): answer its health and predict routes,
+        refuse the push route; False for any other request, which the usual routes answer."""
+        settings = self.state.settings
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path == settings.aip_predict_route:
+            await self._predict(
+                scope, receive, send, settings.serve_model, None, vertex.predictions_only
+            )
+            return True
+        if method == "GET" and path == settings.aip_health_route:
+            served = self.state.store.served()
+            await send_json(send, 200 if served else 503, {"ready": bool(served), "models": served})
+            return True
+        if path == "/pubsub/push":
+            message = "no Pub/Sub push reaches a Vertex AI deployment"
+            await send_json(send, 404, {"error": {"code": 404, "message": message}})
+            return True
+        return False
 
     async def _predict(
         self,
@@ -216,18 +251,7 @@ class PredictRoutes:
         state.serving_metrics.observe(
             served, version, time.perf_counter() - started, status == 200, count
         )
-        data = json.dumps(body, separators=(",", ":")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+        await send_json(send, status, body)
 
 
 async def vertex_endpoint(request: Request) -> JSONResponse:

@@ -17,10 +17,7 @@ check (MLPIPE_PUSH_* are not needed): /pubsub/push answers 404 here.
 
 from __future__ import annotations
 
-import json
 from typing import Any
-
-from starlette.types import Receive, Scope, Send
 
 from mlpipe.store.registry import MODEL_FILE, ModelVersion, Registry
 from mlpipe.store.storage import Storage, parse_gs_uri, sha256_hex
@@ -72,37 +69,3 @@ class ArtifactDirectory(Registry):
 def predictions_only(body: dict[str, Any]) -> dict[str, Any]:
     """What a custom container answers on the predict route: Vertex adds the rest."""
     return {"predictions": body["predictions"]} if "predictions" in body else body
-
-
-async def answer(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})
-
-
-async def route(routes: Any, scope: Scope, receive: Receive, send: Send) -> bool:
-    """Answer Vertex AI's health and predict routes (and refuse the push route); False for any
-    other request, which the predictor's usual routes answer."""
-    settings = routes.state.settings
-    path, method = scope["path"], scope["method"]
-    if method == "POST" and path == settings.aip_predict_route:
-        await routes._predict(scope, receive, send, settings.serve_model, None, predictions_only)
-        return True
-    if method == "GET" and path == settings.aip_health_route:
-        served = routes.state.store.served()
-        await answer(send, 200 if served else 503, {"ready": bool(served), "models": served})
-        return True
-    if path == "/pubsub/push":
-        message = "no Pub/Sub push reaches a Vertex AI deployment"
-        await answer(send, 404, {"error": {"code": 404, "message": message}})
-        return True
-    return False

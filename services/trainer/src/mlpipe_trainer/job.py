@@ -13,11 +13,11 @@ import os
 import sys
 
 from mlpipe.errors import PermanentError
-from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.logs import bind_run_id, setup_logging
 from mlpipe.runtime.settings import load_settings
+from mlpipe.runtime.steps import record_and_publish
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
@@ -90,12 +90,7 @@ def _run(
     # The marker is written last and holds the event, so a redelivery can re-publish it. It
     # is created only if absent: should an earlier attempt have recorded the run, its event
     # stands and is the one published.
-    if clients.storage.create_if_absent(paths.training, events.to_json(completed).encode()) is None:
-        recorded = clients.storage.read(paths.training)
-        if recorded is not None:
-            completed = events.from_json(events_pb2.TrainingCompleted, recorded.data)
-    fault_point("job.before_publish")
-    clients.publisher.publish(completed)
+    record_and_publish(clients.storage, clients.publisher, paths.training, completed, stage="job")
     heartbeat.published()
     return RECORDED
 

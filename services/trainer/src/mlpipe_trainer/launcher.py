@@ -7,9 +7,9 @@
 - `subprocess`: a fresh `python -m mlpipe_trainer.job`, exactly what a cloud job runs.
 
 A watcher thread reaps each child; if it dies without recording a result (killed, a bug, a
-shutdown), the watcher releases the run's claim so that the redelivery of the notification,
-which stays unacknowledged until the run is recorded, starts it again (see
-mlpipe_trainer.lease); after repeated crashes the run fails with `job_crashed`. A job the
+shutdown), the watcher releases the run's claim so that the reconciler starts it again (see
+mlpipe_trainer.start.reconcile and mlpipe_trainer.lease); after repeated crashes the run
+fails with `job_crashed`. A job the
 OOM killer ended (SIGKILL while the cgroup's oom_kill count rose) would only be killed again:
 its run fails at once with `out_of_memory` (mlpipe_trainer.memory).
 """
@@ -246,7 +246,8 @@ class LocalJobLauncher:
 
     def terminate_all(self, grace: float = 3.0, timeout: float = 2.0) -> None:
         """On shutdown: give running jobs `grace` seconds to finish, then stop them and
-        release their claims, so the redelivered notifications start them again elsewhere.
+        release their claims, so that a reconciler (another instance's, or Cloud Scheduler's
+        call) starts them again elsewhere.
         Within Cloud Run's 10 s between SIGTERM and SIGKILL."""
         self._stopping = True
         deadline = time.monotonic() + grace

@@ -44,6 +44,11 @@ class Claim:
         return int(self.body.get("attempt", 1))
 
     @property
+    def job_id(self) -> str:
+        """The job started for this claim ("" until one is)."""
+        return str(self.body.get("job_id", ""))
+
+    @property
     def crashes(self) -> int:
         return int(self.body.get("crashes", 0))
 

@@ -7,7 +7,8 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.service import create_app
@@ -16,7 +17,7 @@ from mlpipe_trainer.launcher import LocalJobLauncher
 from mlpipe_trainer.memory import MemoryBudget
 from mlpipe_trainer.recovery import crash_reporter
 from mlpipe_trainer.settings import TrainerSettings
-from mlpipe_trainer.start import JobLauncher, TrainingStarter
+from mlpipe_trainer.start import JobLauncher, Reconciler, TrainingStarter
 from mlpipe_trainer.vertex import VertexJobLauncher, VertexTarget
 
 
@@ -27,7 +28,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     memory = MemoryBudget(settings.memory_limit_bytes)
     local = LocalJobLauncher(
         settings.job_log_dir,
-        crash_reporter(clients, settings.training_max_crashes, memory),
+        crash_reporter(
+            clients,
+            settings.training_max_crashes,
+            memory,
+            restart=lambda: app.state.step.reconcile(),
+        ),
         settings.job_runner,
         memory=memory,
     )
@@ -59,8 +65,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.training_max_crashes,
         memory,
     )
+    timer = Reconciler(app.state.step, settings.reconcile_interval_seconds)
+    timer.start()
     yield
+    timer.stop()
     await asyncio.to_thread(local.terminate_all, settings.shutdown_job_grace_seconds)
 
 
 app = create_app("trainer", lifespan)
+
+
+@app.post("/v1/runs:reconcile")
+async def reconcile_runs(request: Request) -> dict[str, object]:
+    """Start again every started run whose job is gone (Cloud Scheduler calls this)."""
+    starter: TrainingStarter = request.app.state.step
+    results = await run_in_threadpool(starter.reconcile)
+    return {"restarted": [{"run_id": r.run_id, "status": r.status} for r in results]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 from mlpipe.messaging import events
 from mlpipe.runtime.clients import Clients
@@ -17,12 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def crash_reporter(
-    clients: Clients, max_crashes: int = 3, memory: MemoryBudget | None = None
+    clients: Clients,
+    max_crashes: int = 3,
+    memory: MemoryBudget | None = None,
+    restart: Callable[[], object] | None = None,
 ) -> CrashHandler:
-    """Release a dead job's claim so the held notification's redelivery retries the run; after
-    `max_crashes` crashes, fail the run with `job_crashed` and keep the job's log tail. A job
-    the OOM killer ended fails its run at once with `out_of_memory`: a retry would only be
-    killed again."""
+    """Release a dead job's claim so that the reconciler starts the run again (`restart`, when
+    given, runs it at once); after `max_crashes` crashes, fail the run with `job_crashed` and
+    keep the job's log tail. A job the OOM killer ended fails its run at once with
+    `out_of_memory`: a retry would only be killed again."""
 
     def report(started: events_pb2.TrainingStarted, end: JobExit) -> None:
         paths = layout.RunPaths(started.context.run_id)
@@ -46,13 +51,15 @@ def crash_reporter(
         if crashes < max_crashes:
             log.warning(
                 "run %s: claim released after its job exited with %d (%d crash(es) of %d "
-                "allowed); the redelivered notification starts it again",
+                "allowed); the reconciler starts it again",
                 started.context.run_id,
                 end.code,
                 crashes,
                 max_crashes,
                 extra={"run_id": started.context.run_id},
             )
+            if restart is not None and not end.stopping:
+                threading.Thread(target=restart, name="restart-run", daemon=True).start()
             return
         tail = end.log_path.read_bytes()[-20_000:] if end.log_path.exists() else b""
         kept = clients.failures.quarantine("job_crashed", tail, key=started.context.run_id)

@@ -22,8 +22,11 @@ Runner = Literal["warm", "subprocess"]
 class TrainerSettings(CommonSettings):
     job_log_dir: Path = Path("/tmp/mlpipe-jobs")
     # A running job renews its run's claim every quarter of this; a claim not renewed for this
-    # long belongs to a job that is gone, and the held notification's redelivery takes it over.
+    # long belongs to a job that is gone, and the reconciler starts the run again.
     training_lease_seconds: float = 120.0
+    # How often this process runs the reconciler itself (0: never; Cloud Scheduler calls
+    # POST /v1/runs:reconcile in the cloud, where an idle instance gets no CPU).
+    reconcile_interval_seconds: float = Field(default=15.0, ge=0)
     # A run whose job died this many times without recording a result fails (job_crashed).
     training_max_crashes: int = 3
     # On SIGTERM: how long running local jobs may take to finish before they are stopped and

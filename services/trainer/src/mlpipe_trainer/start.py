@@ -1,17 +1,22 @@
 """The trainer's step: a dataset landed → claim its run → start a training job → return.
 
 Training never runs inside the push request (its deadline is at most 600 s): the job is
-started and the handler returns at once. The job publishes TrainingCompleted itself.
+started and the delivery acknowledged at once. The job publishes TrainingCompleted itself.
+Nothing is lost when a job dies: its claim is a lease (mlpipe_trainer.lease), and `reconcile`
+(on a timer here, from Cloud Scheduler in the cloud) starts again every started run whose
+lease lapsed without a result. Holding the delivery with 503 for the length of a job instead
+would make Pub/Sub slow the whole subscription, so new datasets would wait behind it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from mlpipe.errors import Held, PermanentError, TransientError
+from mlpipe.errors import PermanentError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
@@ -21,11 +26,18 @@ from mlpipe.messaging.push import (
     PushMessage,
     parse_object_notification,
 )
-from mlpipe.ml.config import PipelineConfig, load_pipeline_config
+from mlpipe.ml.config import PipelineConfig, load_pipeline_config, load_run_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.validation import check_dataset
 from mlpipe.runtime.failures import FailureReporter
-from mlpipe.runtime.steps import StepResult, decode_message
+from mlpipe.runtime.steps import (
+    Recorded,
+    Router,
+    StepResult,
+    permanent,
+    run_step,
+    transient,
+)
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, parse_gs_uri, sha256_hex
 from mlpipe.v1 import events_pb2
@@ -57,7 +69,16 @@ class TrainingStarter:
     memory: MemoryBudget | None = None
 
     def __call__(self, message: PushMessage) -> StepResult:
-        return start_training(message, self)
+        return Router(
+            {
+                events.GCS_OBJECT_NOTIFICATION: lambda m, _: on_notification(m, self),
+                events_pb2.DatasetLanded.DESCRIPTOR.full_name: lambda e, m: on_landed(e, m, self),
+            },
+            default=events.GCS_OBJECT_NOTIFICATION,
+        )(message)
+
+    def reconcile(self) -> list[StepResult]:
+        return reconcile(self)
 
 
 def _requested_at(metadata: dict[str, str], default: dt.datetime) -> dt.datetime:
@@ -68,34 +89,40 @@ def _requested_at(metadata: dict[str, str], default: dt.datetime) -> dt.datetime
         return default
 
 
-def _relanded(message: PushMessage) -> ObjectNotification | None:
+def _relanded(landed: events_pb2.DatasetLanded) -> ObjectNotification | None:
     """A DatasetLanded for content that was already there, as the notification GCS would
     have sent for it; None for any other DatasetLanded.
 
     Ingest names objects by content, so identical bytes land once and GCS notifies once. When
     they are ingested again under a changed config, this is what starts the new run.
     """
-    landed = decode_message(events_pb2.DatasetLanded, message)
     if not landed.already_present:
         return None  # the object's own notification starts that run
-    bucket, name = parse_gs_uri(landed.dataset.uri)
+    return notification_of(landed.context, landed.dataset)
+
+
+def notification_of(
+    ctx: events_pb2.RunContext, dataset: events_pb2.DatasetRef
+) -> ObjectNotification:
+    """The notification GCS sent (or would have sent) for an event's dataset."""
+    bucket, name = parse_gs_uri(dataset.uri)
     metadata = {
-        "sha256": landed.dataset.sha256,
-        "row_count": str(landed.dataset.row_count),
-        "request_id": landed.context.request_id,
+        "sha256": dataset.sha256,
+        "row_count": str(dataset.row_count),
+        "request_id": ctx.request_id,
     }
-    if landed.context.HasField("requested_at"):
-        metadata["requested_at"] = landed.context.requested_at.ToDatetime(dt.UTC).isoformat()
+    if ctx.HasField("requested_at"):
+        metadata["requested_at"] = ctx.requested_at.ToDatetime(dt.UTC).isoformat()
     return ObjectNotification(
         bucket=bucket,
         name=name,
-        generation=landed.dataset.generation,
+        generation=dataset.generation,
         event_type="OBJECT_FINALIZE",
         metadata=metadata,
         size=0,
         content_type="",
-        time_created=landed.dataset.landed_at.ToDatetime(dt.UTC)
-        if landed.dataset.HasField("landed_at")
+        time_created=dataset.landed_at.ToDatetime(dt.UTC)
+        if dataset.HasField("landed_at")
         else None,
     )
 
@@ -161,20 +188,35 @@ def _refuse_if_too_large(
         raise PermanentError("dataset_too_large", problem, context=ctx, dataset=dataset)
 
 
-def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
-    if (
-        message.attributes.get(events.EVENT_TYPE_ATTR)
-        == events_pb2.DatasetLanded.DESCRIPTOR.full_name
-    ):
-        relanded = _relanded(message)
-        if relanded is None:
-            return StepResult("ignored", {"detail": "new objects start runs by notification"})
-        note = relanded
-    else:
-        try:
-            note = parse_object_notification(message)
-        except EnvelopeError as exc:
-            raise PermanentError("invalid_notification", str(exc)) from exc
+@dataclass
+class RunPlan:
+    """What a notification asks for: the run it keys (dataset sha256 x config) and its inputs."""
+
+    note: ObjectNotification
+    fmt: str
+    config: PipelineConfig
+    ctx: events_pb2.RunContext
+    dataset: events_pb2.DatasetRef
+    # The local jobs' memory budget and the object's size, when a local job will train it.
+    memory: MemoryBudget | None
+    size: int | None
+    # A direct upload's bytes, read to hash them: checked before any job starts.
+    uploaded: bytes | None
+
+    @property
+    def run_id(self) -> str:
+        return self.ctx.run_id
+
+    @property
+    def paths(self) -> layout.RunPaths:
+        return layout.RunPaths(self.ctx.run_id)
+
+
+def plan_run(
+    note: ObjectNotification, deps: TrainingStarter, config: PipelineConfig | None = None
+) -> RunPlan | StepResult:
+    """The run a dataset object starts under its pipeline's config (or `config`, the one a
+    run recorded); a StepResult when the object starts nothing."""
     if note.event_type != "OBJECT_FINALIZE" or note.bucket != deps.storage.bucket_name:
         return StepResult("ignored", {"object": note.uri, "event": note.event_type})
     match = layout.DATASET_PATH.match(note.name)
@@ -185,158 +227,250 @@ def start_training(message: PushMessage, deps: TrainingStarter) -> StepResult:
                 f"{note.uri} is not a dataset path: expected {layout.DATASET_PATH_FORM}",
             )
         return StepResult("ignored", {"object": note.uri})
-
     name, fmt = match["name"], match["ext"]
-    config = load_pipeline_config(deps.storage, name, deps.env)
+    config = config or load_pipeline_config(deps.storage, name, deps.env)
     memory = deps.memory if config.training.backend == "local" else None
-    size = None
-    if memory is not None:
-        # GCS's notification says; a relanded dataset's event does not: ask for its metadata.
-        size = note.size or object_size(deps.storage, note.name, note.generation)
-    sha = note.metadata.get("sha256", "")
+    # GCS's notification says; a relanded dataset's event does not: ask for its metadata.
+    size = (note.size or object_size(deps.storage, note.name, note.generation)) if memory else None
+    dataset = events_pb2.DatasetRef(
+        uri=note.uri,
+        generation=note.generation,
+        sha256=note.metadata.get("sha256", ""),
+        name=name,
+        data_format=events.DATA_FORMAT.of(fmt),
+        row_count=int(note.metadata.get("row_count") or 0),
+    )
     uploaded: bytes | None = None
-    if not sha:
+    if not dataset.sha256:
         if memory is not None:
             # Hashing and checking an upload holds all of it in this server's memory.
-            _refuse_if_too_large(
-                memory,
-                note,
-                fmt,
-                size,
-                events_pb2.DatasetRef(
-                    uri=note.uri, generation=note.generation, name=name, format=fmt
-                ),
-            )
+            _refuse_if_too_large(memory, note, fmt, size, dataset)
         # A direct upload: GCS offers only md5/crc32c, so hash the exact generation.
         obj = deps.storage.read(note.name, generation=note.generation)
         if obj is None:
             return StepResult("ignored", {"object": note.uri, "detail": "object is gone"})
-        sha = sha256_hex(obj.data)
-        uploaded = obj.data
-    config_sha = config.sha256()
-    run_id = layout.run_id_for(sha, config_sha)
+        dataset.sha256, uploaded = sha256_hex(obj.data), obj.data
     ctx = events.context(
         producer="trainer",
         code_version=deps.code_version,
-        run_id=run_id,
+        run_id=layout.run_id_for(dataset.sha256, config.sha256()),
         pipeline=name,
-        config_sha256=config_sha,
+        config_sha256=config.sha256(),
         request_id=note.metadata.get("request_id", ""),
-    )
-    dataset = events_pb2.DatasetRef(
-        uri=note.uri,
-        generation=note.generation,
-        sha256=sha,
-        name=name,
-        format=fmt,
-        row_count=int(note.metadata.get("row_count") or 0),
     )
     landed_at = note.time_created or dt.datetime.now(dt.UTC)
     dataset.landed_at.CopyFrom(events.timestamp(landed_at))
     ctx.requested_at.CopyFrom(events.timestamp(_requested_at(note.metadata, landed_at)))
-    paths = layout.RunPaths(run_id)
+    return RunPlan(note, fmt, config, ctx, dataset, memory, size, uploaded)
 
-    recorded = deps.storage.read(paths.training)
-    if recorded is not None:
-        current = lease.read(deps.storage, paths.claim)
-        if (
-            current is not None
-            and current.state == lease.PUBLISHED
-            and current.body.get("message_id") == message.message_id
-        ):
-            # The delivery held while its own job ran: the job published; just acknowledge.
-            return StepResult("trained", {"detail": "run recorded by its job"}, run_id=run_id)
-        deps.publisher.publish(events.from_json(events_pb2.TrainingCompleted, recorded.data))
-        return StepResult(
-            "duplicate", {"detail": "run already trained; event re-published"}, run_id=run_id
-        )
+
+def admit(
+    plan: RunPlan, message_id: str, deps: TrainingStarter, claimed: list[lease.Claim]
+) -> StepResult | None:
+    """Check what can be checked before a job starts, then claim the run (into `claimed`);
+    None when this delivery starts the job, or the answer to give instead."""
+    run_id, paths = plan.run_id, plan.paths
     if deps.storage.exists(paths.failed):
         return StepResult("duplicate", {"detail": "run already failed"}, run_id=run_id)
-    if uploaded is not None:
+    if plan.uploaded is not None:
         # Ingest checked what it landed; a direct upload is checked here, before any job.
-        problem = check_upload(uploaded, fmt, note.uri, config)
+        problem = check_upload(plan.uploaded, plan.fmt, plan.note.uri, plan.config)
         if problem is not None:
-            failed = reject_upload(deps, note, uploaded, problem, ctx, dataset)
+            failed = reject_upload(deps, plan.note, plan.uploaded, problem, plan.ctx, plan.dataset)
             return StepResult(
                 "rejected",
                 {"reason": failed.reason, "quarantine_uri": failed.quarantine_uri},
                 run_id=run_id,
             )
-
-    launcher = deps.launchers.get(config.training.backend)
-    if launcher is None:
-        raise PermanentError(
-            "backend_unavailable",
-            f"pipeline {name!r} asks for training backend {config.training.backend!r}; this "
-            f"trainer offers {sorted(deps.launchers)} (vertex needs MLPIPE_TRAINER_IMAGE)",
-            context=ctx,
-            dataset=dataset,
-        )
-    if memory is not None:
-        _refuse_if_too_large(memory, note, fmt, size, dataset, ctx)
+    launcher = _launcher(plan, deps)
+    if plan.memory is not None:
+        _refuse_if_too_large(plan.memory, plan.note, plan.fmt, plan.size, plan.dataset, plan.ctx)
+    # From here the reconciler watches the run: the marker, written before the claim, holds
+    # what starts the run again, so no instance can die holding a claim nobody watches.
+    deps.storage.write(paths.config, plan.config.canonical_json(), content_type="application/json")
+    opened = events_pb2.TrainingStarted(context=plan.ctx, dataset=plan.dataset)
+    deps.storage.write(
+        layout.open_run_path(run_id),
+        events.to_json(opened).encode(),
+        content_type="application/json",
+    )
     # Until its job renews it, a claim lives as long as the backend may take to start one.
     start_lease = float(getattr(launcher, "start_lease_seconds", 0) or deps.lease_seconds)
     body = {
         "run_id": run_id,
-        "dataset": note.uri,
-        "generation": note.generation,
-        "message_id": message.message_id,
+        "dataset": plan.note.uri,
+        "generation": plan.note.generation,
+        "message_id": message_id,
         "lease_seconds": start_lease,
         "claimed_at_iso": dt.datetime.now(dt.UTC).isoformat(),
     }
-    claim, held = lease.take(deps.storage, paths.claim, body, deps.lease_seconds)
+    claim, _ = lease.take(deps.storage, paths.claim, body, deps.lease_seconds)
     if claim is None:
-        if held is not None and held.body.get("message_id") == message.message_id:
-            # This delivery started the job: keep it unacknowledged until the run is
-            # recorded, so that a job lost with its instance is started again.
-            raise Held(
-                f"run {run_id} is training ({held.state}, job {held.body.get('job_id', '-')}); "
-                f"this notification is acknowledged once the run is recorded"
-            )
-        return StepResult(
-            "in_progress",
-            {"detail": "another delivery holds this run's claim"},
-            run_id=run_id,
-        )
+        # A job, or a delivery starting one, owns the run: its lease, and the reconciler once
+        # the lease lapses, see that the run ends recorded.
+        return StepResult("in_progress", {"detail": "the run's claim is held"}, run_id=run_id)
     if claim.crashes >= deps.max_crashes:
-        failed = fail_crashed(deps, ctx, dataset, claim)
+        failed = fail_crashed(deps, plan.ctx, plan.dataset, claim)
+        deps.storage.delete(layout.open_run_path(run_id))
         return StepResult("failed", {"reason": failed.reason}, run_id=run_id)
     fault_point("trainer.after_claim")
+    claimed.append(claim)
+    return None
 
-    deps.storage.write(paths.config, config.canonical_json(), content_type="application/json")
-    started = events_pb2.TrainingStarted(context=ctx, dataset=dataset, backend=launcher.backend)
-    if memory is not None and size is not None:
+
+def _launcher(plan: RunPlan, deps: TrainingStarter) -> JobLauncher:
+    launcher = deps.launchers.get(plan.config.training.backend)
+    if launcher is None:
+        raise PermanentError(
+            "backend_unavailable",
+            f"pipeline {plan.config.name!r} asks for training backend "
+            f"{plan.config.training.backend!r}; this trainer offers {sorted(deps.launchers)} "
+            f"(vertex needs MLPIPE_TRAINER_IMAGE)",
+            context=plan.ctx,
+            dataset=plan.dataset,
+        )
+    return launcher
+
+
+def launch(
+    plan: RunPlan, claim: lease.Claim, deps: TrainingStarter
+) -> events_pb2.TrainingStarted | StepResult:
+    """Start the run's job: the pure step of a training start."""
+    run_id, paths, launcher = plan.run_id, plan.paths, _launcher(plan, deps)
+    started = events_pb2.TrainingStarted(
+        context=plan.ctx,
+        dataset=plan.dataset,
+        training_backend=events.TRAINING_BACKEND.of(launcher.backend),
+    )
+    if plan.memory is not None and plan.size is not None:
         # Reserved until the job exits (the launcher releases it); beside the jobs running
         # now it may not fit: the redelivery tries again.
-        waiting = memory.reserve(run_id, size, fmt)
+        waiting = plan.memory.reserve(run_id, plan.size, plan.fmt)
         if waiting is not None:
             lease.release(deps.storage, paths.claim, crashed=False)
-            raise TransientError(waiting)
+            return transient(waiting, run_id)
     try:
-        started.job_id = launcher.launch(started, config)
+        started.job_id = launcher.launch(started, plan.config)
     except Exception:
         # Release the claim so the redelivery can start the job again.
-        if memory is not None:
-            memory.release(run_id)
+        if plan.memory is not None:
+            plan.memory.release(run_id)
         lease.release(deps.storage, paths.claim, crashed=False)
         raise
     fault_point("trainer.after_launch")
-    deps.storage.write(
-        paths.started, events.to_json(started).encode(), content_type="application/json"
-    )
-    deps.publisher.publish(started)
     log.info(
         "started %s training job %s for %s (attempt %d)",
-        started.backend,
+        launcher.backend,
         started.job_id,
-        note.uri,
+        plan.note.uri,
         claim.attempt,
         extra={"run_id": run_id},
     )
-    raise Held(
-        f"started training job {started.job_id} for run {run_id} (attempt {claim.attempt}); "
-        f"this notification is acknowledged once the run is recorded"
+    return started
+
+
+def start(
+    note: ObjectNotification,
+    message_id: str,
+    deps: TrainingStarter,
+    config: PipelineConfig | None = None,
+) -> StepResult:
+    """A dataset object → its run's training job, through the step protocol. The delivery is
+    acknowledged once the run is recorded (the open-run marker, the claim, TrainingStarted):
+    the lease and `reconcile` see it through from there."""
+    try:
+        plan = plan_run(note, deps, config)
+    except PermanentError as exc:
+        return permanent(exc)
+    if isinstance(plan, StepResult):
+        return plan
+    claimed: list[lease.Claim] = []
+    return run_step(
+        storage=deps.storage,
+        publisher=deps.publisher,
+        stage="trainer",
+        run_id=plan.run_id,
+        skip=Recorded(plan.paths.training, events_pb2.TrainingCompleted),
+        record_at=plan.paths.started,
+        claim=lambda: admit(plan, message_id, deps, claimed),
+        work=lambda: launch(plan, claimed[0], deps),
+        done=lambda started: StepResult(
+            "training",
+            {"job_id": started.job_id, "backend": events.training_backend(started)},
+            plan.run_id,
+        ),
     )
+
+
+def on_notification(message: PushMessage, deps: TrainingStarter) -> StepResult:
+    try:
+        note = parse_object_notification(message)
+    except EnvelopeError as exc:
+        return permanent(PermanentError("invalid_notification", str(exc)))
+    return start(note, message.message_id, deps)
+
+
+def on_landed(
+    landed: events_pb2.DatasetLanded, message: PushMessage, deps: TrainingStarter
+) -> StepResult:
+    note = _relanded(landed)
+    if note is None:
+        return StepResult("ignored", {"detail": "new objects start runs by notification"})
+    return start(note, message.message_id, deps)
+
+
+def reconcile(deps: TrainingStarter) -> list[StepResult]:
+    """Restart every started run whose job is gone: its claim was released or its lease
+    lapsed, and no result is recorded. Cloud Scheduler calls it through the trainer's
+    `POST /v1/runs:reconcile`; a local trainer runs it on a timer too. Idempotent."""
+    results = []
+    for marker in deps.storage.list(layout.OPEN_RUNS):
+        run_id = marker.removeprefix(layout.OPEN_RUNS)
+        paths = layout.RunPaths(run_id)
+        if deps.storage.exists(paths.training) or deps.storage.exists(paths.failed):
+            deps.storage.delete(marker)  # recorded: nothing left to watch
+            continue
+        claim = lease.read(deps.storage, paths.claim)
+        opened = deps.storage.read(marker)
+        if opened is None or (claim is not None and not claim.expired(deps.lease_seconds)):
+            continue
+        started = events.from_json(events_pb2.TrainingStarted, opened.data)
+        config = load_run_config(deps.storage, run_id)
+        attempt = claim.attempt if claim is not None else 0
+        log.warning("run %s: its job is gone; starting it again", run_id, extra={"run_id": run_id})
+        results.append(
+            start(
+                notification_of(started.context, started.dataset),
+                f"reconcile-{attempt}",
+                deps,
+                config,
+            )
+        )
+    return results
+
+
+class Reconciler:
+    """Runs `reconcile` every `interval` seconds in a background thread (0: never)."""
+
+    def __init__(self, starter: TrainingStarter, interval: float) -> None:
+        self.starter = starter
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconciler", daemon=True)
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.starter.reconcile()
+            except Exception:  # a pass that fails is tried again at the next tick
+                log.exception("reconcile pass failed")
 
 
 def fail_crashed(

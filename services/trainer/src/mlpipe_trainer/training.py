@@ -53,7 +53,7 @@ def train(
     paths = layout.RunPaths(run_id)
     config: PipelineConfig = load_run_config(storage, run_id)
     data = fetch_dataset(storage, started.dataset)
-    frame = read_dataset(data, started.dataset.format or "csv", started.dataset.uri)
+    frame = read_dataset(data, events.data_format(started.dataset) or "csv", started.dataset.uri)
     features = check_dataset(frame, config, started.dataset.uri)
     split = split_rows(frame, config)
     estimator = build_pipeline(config, features)
@@ -116,7 +116,7 @@ def train(
         model_uri=storage.uri(paths.model),
         model_sha256=model_sha,
         model_name=config.model.name,
-        task=config.model.task,
+        model_task=events.MODEL_TASK.of(config.model.task),
         estimator=config.model.estimator,
         train_rows=len(split.train),
         holdout_rows=len(split.holdout),

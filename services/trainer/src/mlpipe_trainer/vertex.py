@@ -1,7 +1,9 @@
 """Vertex AI training backend: the same job entry point, run as a Vertex AI CustomJob from the
 trainer's own image on the machine (and accelerators) the pipeline config asks for.
 
-`custom_job_request` is pure, so the exact request is tested without reaching Google.
+`custom_job_request` is pure, so the exact request is tested without reaching Google. The
+Vertex AI client is imported on first use: it takes seconds of CPU, which every trainer start
+would pay for a backend most pipelines never use.
 """
 
 from __future__ import annotations
@@ -9,8 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from google.cloud import aiplatform_v1
+from typing import TYPE_CHECKING
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
@@ -18,6 +19,9 @@ from mlpipe.ml.config import PipelineConfig
 from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
+
+if TYPE_CHECKING:
+    from google.cloud import aiplatform_v1
 
 JOB_COMMAND = ["python", "-m", "mlpipe_trainer.job"]
 
@@ -44,6 +48,8 @@ class VertexTarget:
 def custom_job_request(
     started: events_pb2.TrainingStarted, config: PipelineConfig, target: VertexTarget
 ) -> aiplatform_v1.CreateCustomJobRequest:
+    from google.cloud import aiplatform_v1
+
     spec = config.training.vertex
     machine = aiplatform_v1.MachineSpec(machine_type=spec.machine_type)
     if spec.accelerator_type:
@@ -103,10 +109,12 @@ def custom_job_request(
     )
 
 
-ClientFactory = Callable[[str], aiplatform_v1.JobServiceClient]
+ClientFactory = Callable[[str], "aiplatform_v1.JobServiceClient"]
 
 
 def regional_client(region: str) -> aiplatform_v1.JobServiceClient:
+    from google.cloud import aiplatform_v1
+
     return aiplatform_v1.JobServiceClient(**vertex_client_kwargs(region))
 
 
@@ -121,6 +129,8 @@ class VertexJobLauncher:
         self.client_factory = client_factory or self._client
 
     def _client(self, region: str) -> aiplatform_v1.JobServiceClient:
+        from google.cloud import aiplatform_v1
+
         kwargs = vertex_client_kwargs(region, self.target.api_endpoint, self.target.api_transport)
         return aiplatform_v1.JobServiceClient(**kwargs)
 

@@ -7,7 +7,9 @@ schemas define (BINARY and JSON), so a person can publish a request from the com
 from __future__ import annotations
 
 import datetime as dt
-from typing import TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
@@ -16,6 +18,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mlpipe.v1 import events_pb2
 
 M = TypeVar("M", bound=Message)
+# The value type of one generated enum (mypy-protobuf gives each its own int subtype).
+V = TypeVar("V", bound=int)
 
 # Topic names; the same names are used on the emulator and in every GCP project.
 INGEST_REQUESTS = "ingest-requests"
@@ -42,6 +46,16 @@ TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.BatchPredictionRequest.DESCRIPTOR.full_name: BATCH_PREDICTION_REQUESTS,
     events_pb2.MonitoringRequest.DESCRIPTOR.full_name: MONITORING_REQUESTS,
     events_pb2.DriftDetected.DESCRIPTOR.full_name: DRIFT_DETECTED,
+}
+
+# What GCS publishes on the bucket's notification topic: an object's JSON resource, with the
+# notification's attributes (mlpipe.messaging.push.parse_object_notification reads it).
+GCS_OBJECT_NOTIFICATION = "storage#object"
+
+# The type of event each topic carries.
+EVENT_FOR_TOPIC: dict[str, str] = {
+    **{topic: kind for kind, topic in TOPIC_FOR_EVENT.items()},
+    GCS_OBJECTS: GCS_OBJECT_NOTIFICATION,
 }
 
 EVENT_TYPES: dict[str, type[Message]] = {
@@ -149,3 +163,119 @@ def next_context(
     ctx.code_version = code_version
     ctx.event_time.CopyFrom(timestamp())
     return ctx
+
+
+@dataclass(frozen=True)
+class Choices(Generic[V]):
+    """The values of one proto enum and the text each had when its field was a string.
+
+    Writers set the enum field (`of`); readers read it back as that text (`text`). Events
+    recorded before the enum existed carry only the old string field, which readers fall back
+    to (the field helpers below), so stored events stay readable.
+    """
+
+    enum: str
+    values: Mapping[str, V]
+
+    def of(self, text: str) -> V:
+        """The enum value of `text`; text outside the set is a bug in the writer."""
+        try:
+            return self.values[text]
+        except KeyError:
+            raise ValueError(
+                f"{text!r} is not a {self.enum} (one of {sorted(self.values)})"
+            ) from None
+
+    def text(self, value: V, fallback: str = "") -> str:
+        """The text of `value`; `fallback` (the old string field) when it is unspecified."""
+        for text, number in self.values.items():
+            if number == value and number != 0:
+                return text
+        return fallback
+
+
+DATA_FORMAT = Choices(
+    "DataFormat", {"csv": events_pb2.DATA_FORMAT_CSV, "parquet": events_pb2.DATA_FORMAT_PARQUET}
+)
+TRAINING_BACKEND = Choices(
+    "TrainingBackend",
+    {"local": events_pb2.TRAINING_BACKEND_LOCAL, "vertex": events_pb2.TRAINING_BACKEND_VERTEX},
+)
+MODEL_TASK = Choices(
+    "ModelTask",
+    {
+        "classification": events_pb2.MODEL_TASK_CLASSIFICATION,
+        "regression": events_pb2.MODEL_TASK_REGRESSION,
+    },
+)
+GATE_COMPARISON = Choices(
+    "GateComparison",
+    {">=": events_pb2.GATE_COMPARISON_AT_LEAST, "<=": events_pb2.GATE_COMPARISON_AT_MOST},
+)
+DEPLOY_TARGET = Choices(
+    "DeployTarget",
+    {
+        "local": events_pb2.DEPLOY_TARGET_LOCAL,
+        "cloud_run": events_pb2.DEPLOY_TARGET_CLOUD_RUN,
+        "vertex": events_pb2.DEPLOY_TARGET_VERTEX,
+    },
+)
+MODEL_ALIAS = Choices(
+    "ModelAlias",
+    {"champion": events_pb2.MODEL_ALIAS_CHAMPION, "canary": events_pb2.MODEL_ALIAS_CANARY},
+)
+ROLLOUT_ACTION = Choices(
+    "RolloutAction",
+    {
+        "promote": events_pb2.ROLLOUT_ACTION_PROMOTE,
+        "canary": events_pb2.ROLLOUT_ACTION_CANARY,
+        "rollback": events_pb2.ROLLOUT_ACTION_ROLLBACK,
+    },
+)
+PIPELINE_STAGE = Choices(
+    "PipelineStage",
+    {
+        "ingest": events_pb2.PIPELINE_STAGE_INGEST,
+        "trainer": events_pb2.PIPELINE_STAGE_TRAINER,
+        "training-job": events_pb2.PIPELINE_STAGE_TRAINING_JOB,
+        "evaluator": events_pb2.PIPELINE_STAGE_EVALUATOR,
+        "deployer": events_pb2.PIPELINE_STAGE_DEPLOYER,
+        "predictor": events_pb2.PIPELINE_STAGE_PREDICTOR,
+        "earthengine": events_pb2.PIPELINE_STAGE_EARTHENGINE,
+    },
+)
+
+
+def data_format(dataset: events_pb2.DatasetRef) -> str:
+    """ "csv" or "parquet" ("" when the event says neither)."""
+    return DATA_FORMAT.text(dataset.data_format, dataset.format)
+
+
+def training_backend(started: events_pb2.TrainingStarted) -> str:
+    return TRAINING_BACKEND.text(started.training_backend, started.backend)
+
+
+def model_task(completed: events_pb2.TrainingCompleted) -> str:
+    return MODEL_TASK.text(completed.model_task, completed.task)
+
+
+def gate_comparison(gate: events_pb2.GateResult) -> str:
+    """ ">=" or "<="."""
+    return GATE_COMPARISON.text(gate.gate_comparison, gate.comparison)
+
+
+def deploy_target(deployment: events_pb2.DeploymentCompleted) -> str:
+    return DEPLOY_TARGET.text(deployment.deploy_target, deployment.target)
+
+
+def model_alias(item: events_pb2.DeploymentCompleted | events_pb2.TrafficShare) -> str:
+    """The alias a deployment moved, or a traffic share's alias."""
+    return MODEL_ALIAS.text(item.model_alias, item.alias)
+
+
+def rollout_action(deployment: events_pb2.DeploymentCompleted) -> str:
+    return ROLLOUT_ACTION.text(deployment.rollout_action, deployment.action)
+
+
+def pipeline_stage(failed: events_pb2.PipelineFailed) -> str:
+    return PIPELINE_STAGE.text(failed.pipeline_stage, failed.stage)

@@ -12,7 +12,10 @@ from mlpipe.v1 import events_pb2
 
 
 def traffic_shares(traffic: Traffic) -> list[events_pb2.TrafficShare]:
-    return [events_pb2.TrafficShare(version=v, percent=p, alias=a) for v, p, a in traffic.shares()]
+    return [
+        events_pb2.TrafficShare(version=v, percent=p, model_alias=events.MODEL_ALIAS.of(a))
+        for v, p, a in traffic.shares()
+    ]
 
 
 def rollout_event(
@@ -49,16 +52,16 @@ def rollout_event(
         dataset=dataset,
         model_name=model,
         version=version,
-        alias=alias,
+        model_alias=events.MODEL_ALIAS.of(alias),
         deployed=True,
         reason=reason,
         model_uri=mv.model_uri,
         model_sha256=mv.model_sha256,
-        target=target,
+        deploy_target=events.DEPLOY_TARGET.of(target),
         previous_version=previous_version or 0,
         runtime=str(mv.info.get("runtime", "sklearn")),
         runtime_note=str(mv.info.get("runtime_note", "")),
-        action=action,
+        rollout_action=events.ROLLOUT_ACTION.of(action),
         traffic=traffic_shares(registry.traffic(model)),
         target_resource=target_resource,
         requested_by=requested_by,

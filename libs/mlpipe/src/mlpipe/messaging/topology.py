@@ -36,6 +36,11 @@ class PushSubscription:
     min_backoff_seconds: int = 1
     max_backoff_seconds: int = 60
 
+    @property
+    def event(self) -> str:
+        """The event type it delivers (a message type's full name): its topic's."""
+        return events.EVENT_FOR_TOPIC[self.topic]
+
 
 @dataclass(frozen=True)
 class PullSubscription:
@@ -95,9 +100,9 @@ TOPOLOGY = Topology(
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
-        # The delivery that starts a training job is acknowledged only once the run is
-        # recorded: until then it answers 503, so a job lost with its instance is started
-        # again by the redelivery (mlpipe_trainer.lease). Enough attempts for hours of training.
+        # The delivery that starts a training job is acknowledged once the run is recorded
+        # (mlpipe_trainer.start); a job lost later is started again by the trainer's
+        # reconciler. Retries are for failures before that (memory busy, GCS down).
         PushSubscription("trainer-push", events.GCS_OBJECTS, "trainer", **TRAINING_HOLD),
         # Identical bytes land once; re-ingesting them under a changed config starts its run.
         PushSubscription("trainer-landed-push", events.DATASETS_LANDED, "trainer", **TRAINING_HOLD),
@@ -144,6 +149,12 @@ TOPOLOGY = Topology(
         "predictor": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
     },
 )
+
+
+def event_of(subscription: str) -> str:
+    """The event type a push subscription of TOPOLOGY delivers; "" for any other name."""
+    found = next((s for s in TOPOLOGY.push if s.name == subscription), None)
+    return found.event if found is not None else ""
 
 
 def create_topics(

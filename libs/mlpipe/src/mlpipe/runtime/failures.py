@@ -25,6 +25,8 @@ class FailureReporter:
     ) -> None:
         self.storage = storage
         self.publisher = publisher
+        # A stage outside PipelineStage is a bug: say so at start-up, not at the first failure.
+        self.stage_value = events.PIPELINE_STAGE.of(stage)
         self.stage = stage
         self.code_version = code_version
 
@@ -73,7 +75,7 @@ class FailureReporter:
         ctx.event_time.CopyFrom(events.timestamp())
         failed = events_pb2.PipelineFailed(
             context=ctx,
-            stage=self.stage,
+            pipeline_stage=self.stage_value,
             reason=reason,
             message=message,
             quarantine_uri=quarantine_uri,

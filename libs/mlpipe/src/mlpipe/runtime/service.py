@@ -18,13 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from mlpipe.errors import Held, PermanentError, TransientError
-from mlpipe.messaging.push import EnvelopeError, parse_envelope
+from mlpipe.messaging.push import EnvelopeError, PushMessage, parse_envelope
 from mlpipe.runtime.auth import PushAuthError, push_verifier
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.failures import FailureReporter
 from mlpipe.runtime.logs import CloudLoggingFormatter, run_context, setup_logging
 from mlpipe.runtime.settings import CommonSettings, SettingsError, load_settings
-from mlpipe.runtime.steps import Step
+from mlpipe.runtime.steps import Outcome, Step
 from mlpipe.store import storage as gcs
 
 log = logging.getLogger(__name__)
@@ -57,26 +57,11 @@ def handle_push(
     with run_context(run_id=message.attributes.get("run_id", ""), trace=trace):
         try:
             result = step(message)
+            if result.outcome is Outcome.PERMANENT and result.failure is not None:
+                return _reject(message, result.failure, failures)
         except PermanentError as exc:
-            try:
-                failed = failures.report(
-                    reason=exc.reason,
-                    message=exc.message,
-                    payload=message.raw,
-                    source=message,
-                    context=exc.context,
-                    dataset=exc.dataset,
-                )
-            except gcs.TRANSIENT_ERRORS:
-                log.exception("could not report a permanent failure; asking for a retry")
-                return 503, {"error": "unavailable", "detail": "could not keep the payload"}
-            # Acknowledged: redelivering a message that can never succeed helps nobody.
-            return 200, {
-                "status": "rejected",
-                "reason": exc.reason,
-                "detail": exc.message,
-                "quarantine_uri": failed.quarantine_uri,
-            }
+            # Steps not yet on the protocol's return values (mlpipe.runtime.steps) raise.
+            return _reject(message, exc, failures)
         except RETRYABLE as exc:
             # Both stay unacknowledged; a held delivery's work is under way, not failing.
             held = isinstance(exc, Held)
@@ -96,7 +81,43 @@ def handle_push(
                 extra={"delivery_attempt": message.delivery_attempt},
             )
             return 500, {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+    if result.outcome in (Outcome.HELD, Outcome.TRANSIENT):
+        held = result.outcome is Outcome.HELD
+        log.log(
+            logging.INFO if held else logging.WARNING,
+            "%s: %s",
+            "held until its work is recorded" if held else "transient failure, retry",
+            result.detail.get("detail", result.status),
+            extra={"delivery_attempt": message.delivery_attempt},
+        )
+        kind = {"status": "held"} if held else {"error": "transient"}
+        return 503, {**kind, "run_id": result.run_id, **result.detail}
     return 200, {"status": result.status, "run_id": result.run_id, **result.detail}
+
+
+def _reject(
+    message: PushMessage, exc: PermanentError, failures: FailureReporter
+) -> tuple[int, dict[str, Any]]:
+    """Report a permanent failure, keeping the payload, and acknowledge it."""
+    try:
+        failed = failures.report(
+            reason=exc.reason,
+            message=exc.message,
+            payload=message.raw,
+            source=message,
+            context=exc.context,
+            dataset=exc.dataset,
+        )
+    except gcs.TRANSIENT_ERRORS:
+        log.exception("could not report a permanent failure; asking for a retry")
+        return 503, {"error": "unavailable", "detail": "could not keep the payload"}
+    # Acknowledged: redelivering a message that can never succeed helps nobody.
+    return 200, {
+        "status": "rejected",
+        "reason": exc.reason,
+        "detail": exc.message,
+        "quarantine_uri": failed.quarantine_uri,
+    }
 
 
 def push_endpoint(

@@ -39,6 +39,9 @@ REGISTRY = "registry/"
 ROLLOUTS = "rollouts/"
 MONITORING = "monitoring/"
 PREDICTIONS = "predictions/"
+# One marker per training run whose job was started and whose result is not yet recorded: the
+# trainer's reconciler lists only these (and drops the marker once the run is recorded).
+OPEN_RUNS = "training/open/"
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DATASET_PATH = re.compile(
@@ -97,6 +100,10 @@ class RunPaths:
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
         self.job_log = base + "job.log"
         self.vertex_output = base + "vertex/"  # a Vertex AI CustomJob's output directory
+
+
+def open_run_path(run_id: str) -> str:
+    return f"{OPEN_RUNS}{run_id}"
 
 
 # --- quarantine ---------------------------------------------------------------------------

@@ -40,6 +40,160 @@ DATA_FORMAT_CSV: DataFormat.ValueType  # 1
 DATA_FORMAT_PARQUET: DataFormat.ValueType  # 2
 Global___DataFormat: _TypeAlias = DataFormat  # noqa: Y015
 
+class _TrainingBackend:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TrainingBackendEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TrainingBackend.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRAINING_BACKEND_UNSPECIFIED: _TrainingBackend.ValueType  # 0
+    TRAINING_BACKEND_LOCAL: _TrainingBackend.ValueType  # 1
+    """a process beside the trainer"""
+    TRAINING_BACKEND_VERTEX: _TrainingBackend.ValueType  # 2
+    """a Vertex AI CustomJob"""
+
+class TrainingBackend(_TrainingBackend, metaclass=_TrainingBackendEnumTypeWrapper):
+    """Where a training job runs (the pipeline config's training.backend)."""
+
+TRAINING_BACKEND_UNSPECIFIED: TrainingBackend.ValueType  # 0
+TRAINING_BACKEND_LOCAL: TrainingBackend.ValueType  # 1
+"""a process beside the trainer"""
+TRAINING_BACKEND_VERTEX: TrainingBackend.ValueType  # 2
+"""a Vertex AI CustomJob"""
+Global___TrainingBackend: _TypeAlias = TrainingBackend  # noqa: Y015
+
+class _ModelTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TASK_UNSPECIFIED: _ModelTask.ValueType  # 0
+    MODEL_TASK_CLASSIFICATION: _ModelTask.ValueType  # 1
+    MODEL_TASK_REGRESSION: _ModelTask.ValueType  # 2
+
+class ModelTask(_ModelTask, metaclass=_ModelTaskEnumTypeWrapper):
+    """What a model predicts (the pipeline config's model.task)."""
+
+MODEL_TASK_UNSPECIFIED: ModelTask.ValueType  # 0
+MODEL_TASK_CLASSIFICATION: ModelTask.ValueType  # 1
+MODEL_TASK_REGRESSION: ModelTask.ValueType  # 2
+Global___ModelTask: _TypeAlias = ModelTask  # noqa: Y015
+
+class _GateComparison:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GateComparisonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GateComparison.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GATE_COMPARISON_UNSPECIFIED: _GateComparison.ValueType  # 0
+    GATE_COMPARISON_AT_LEAST: _GateComparison.ValueType  # 1
+    """value >= threshold"""
+    GATE_COMPARISON_AT_MOST: _GateComparison.ValueType  # 2
+    """value <= threshold"""
+
+class GateComparison(_GateComparison, metaclass=_GateComparisonEnumTypeWrapper):
+    """How a quality gate compares a metric with its threshold."""
+
+GATE_COMPARISON_UNSPECIFIED: GateComparison.ValueType  # 0
+GATE_COMPARISON_AT_LEAST: GateComparison.ValueType  # 1
+"""value >= threshold"""
+GATE_COMPARISON_AT_MOST: GateComparison.ValueType  # 2
+"""value <= threshold"""
+Global___GateComparison: _TypeAlias = GateComparison  # noqa: Y015
+
+class _DeployTarget:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeployTargetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeployTarget.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPLOY_TARGET_UNSPECIFIED: _DeployTarget.ValueType  # 0
+    DEPLOY_TARGET_LOCAL: _DeployTarget.ValueType  # 1
+    DEPLOY_TARGET_CLOUD_RUN: _DeployTarget.ValueType  # 2
+    DEPLOY_TARGET_VERTEX: _DeployTarget.ValueType  # 3
+
+class DeployTarget(_DeployTarget, metaclass=_DeployTargetEnumTypeWrapper):
+    """Where the deployer rolls models out."""
+
+DEPLOY_TARGET_UNSPECIFIED: DeployTarget.ValueType  # 0
+DEPLOY_TARGET_LOCAL: DeployTarget.ValueType  # 1
+DEPLOY_TARGET_CLOUD_RUN: DeployTarget.ValueType  # 2
+DEPLOY_TARGET_VERTEX: DeployTarget.ValueType  # 3
+Global___DeployTarget: _TypeAlias = DeployTarget  # noqa: Y015
+
+class _ModelAlias:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelAliasEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelAlias.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_ALIAS_UNSPECIFIED: _ModelAlias.ValueType  # 0
+    MODEL_ALIAS_CHAMPION: _ModelAlias.ValueType  # 1
+    MODEL_ALIAS_CANARY: _ModelAlias.ValueType  # 2
+
+class ModelAlias(_ModelAlias, metaclass=_ModelAliasEnumTypeWrapper):
+    """A registry alias: the version that serves, and the one on trial beside it."""
+
+MODEL_ALIAS_UNSPECIFIED: ModelAlias.ValueType  # 0
+MODEL_ALIAS_CHAMPION: ModelAlias.ValueType  # 1
+MODEL_ALIAS_CANARY: ModelAlias.ValueType  # 2
+Global___ModelAlias: _TypeAlias = ModelAlias  # noqa: Y015
+
+class _RolloutAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_ACTION_UNSPECIFIED: _RolloutAction.ValueType  # 0
+    ROLLOUT_ACTION_PROMOTE: _RolloutAction.ValueType  # 1
+    """to 100% of the traffic"""
+    ROLLOUT_ACTION_CANARY: _RolloutAction.ValueType  # 2
+    """a share beside the champion"""
+    ROLLOUT_ACTION_ROLLBACK: _RolloutAction.ValueType  # 3
+
+class RolloutAction(_RolloutAction, metaclass=_RolloutActionEnumTypeWrapper):
+    """The rollout step a DeploymentCompleted records."""
+
+ROLLOUT_ACTION_UNSPECIFIED: RolloutAction.ValueType  # 0
+ROLLOUT_ACTION_PROMOTE: RolloutAction.ValueType  # 1
+"""to 100% of the traffic"""
+ROLLOUT_ACTION_CANARY: RolloutAction.ValueType  # 2
+"""a share beside the champion"""
+ROLLOUT_ACTION_ROLLBACK: RolloutAction.ValueType  # 3
+Global___RolloutAction: _TypeAlias = RolloutAction  # noqa: Y015
+
+class _PipelineStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PipelineStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PipelineStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PIPELINE_STAGE_UNSPECIFIED: _PipelineStage.ValueType  # 0
+    PIPELINE_STAGE_INGEST: _PipelineStage.ValueType  # 1
+    PIPELINE_STAGE_TRAINER: _PipelineStage.ValueType  # 2
+    PIPELINE_STAGE_TRAINING_JOB: _PipelineStage.ValueType  # 3
+    PIPELINE_STAGE_EVALUATOR: _PipelineStage.ValueType  # 4
+    PIPELINE_STAGE_DEPLOYER: _PipelineStage.ValueType  # 5
+    PIPELINE_STAGE_PREDICTOR: _PipelineStage.ValueType  # 6
+    PIPELINE_STAGE_EARTHENGINE: _PipelineStage.ValueType  # 7
+    """an Earth Engine export started by ingest"""
+
+class PipelineStage(_PipelineStage, metaclass=_PipelineStageEnumTypeWrapper):
+    """The part of the pipeline that reported a failure."""
+
+PIPELINE_STAGE_UNSPECIFIED: PipelineStage.ValueType  # 0
+PIPELINE_STAGE_INGEST: PipelineStage.ValueType  # 1
+PIPELINE_STAGE_TRAINER: PipelineStage.ValueType  # 2
+PIPELINE_STAGE_TRAINING_JOB: PipelineStage.ValueType  # 3
+PIPELINE_STAGE_EVALUATOR: PipelineStage.ValueType  # 4
+PIPELINE_STAGE_DEPLOYER: PipelineStage.ValueType  # 5
+PIPELINE_STAGE_PREDICTOR: PipelineStage.ValueType  # 6
+PIPELINE_STAGE_EARTHENGINE: PipelineStage.ValueType  # 7
+"""an Earth Engine export started by ingest"""
+Global___PipelineStage: _TypeAlias = PipelineStage  # noqa: Y015
+
 @_typing.final
 class RunContext(_message.Message):
     """Identity and provenance carried by every event of a run."""
@@ -109,6 +263,7 @@ class DatasetRef(_message.Message):
     ROW_COUNT_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     LANDED_AT_FIELD_NUMBER: _builtins.int
+    DATA_FORMAT_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
     """gs://bucket/datasets/<name>/dt=YYYY-MM-DD/<id>.csv"""
     generation: _builtins.int
@@ -119,7 +274,10 @@ class DatasetRef(_message.Message):
     """dataset (pipeline) name"""
     row_count: _builtins.int
     format: _builtins.str
-    """"csv" or "parquet" """
+    """Deprecated: "csv" or "parquet"; written by events before data_format, read only as
+    their fallback (mlpipe.messaging.events.data_format).
+    """
+    data_format: Global___DataFormat.ValueType
     @_builtins.property
     def landed_at(self) -> _timestamp_pb2.Timestamp:
         """when the object was created in GCS"""
@@ -134,10 +292,11 @@ class DatasetRef(_message.Message):
         row_count: _builtins.int = ...,
         format: _builtins.str = ...,
         landed_at: _timestamp_pb2.Timestamp | None = ...,
+        data_format: Global___DataFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["landed_at", b"landed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "generation", b"generation", "landed_at", b"landed_at", "name", b"name", "row_count", b"row_count", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_format", b"data_format", "format", b"format", "generation", b"generation", "landed_at", b"landed_at", "name", b"name", "row_count", b"row_count", "sha256", b"sha256", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,9 +428,13 @@ class TrainingStarted(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    TRAINING_BACKEND_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
-    """"local", "vertex", ..."""
+    """Deprecated: "local" or "vertex"; written by events before training_backend, read only as
+    their fallback (mlpipe.messaging.events.training_backend).
+    """
     job_id: _builtins.str
+    training_backend: Global___TrainingBackend.ValueType
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
@@ -283,10 +446,11 @@ class TrainingStarted(_message.Message):
         dataset: Global___DatasetRef | None = ...,
         backend: _builtins.str = ...,
         job_id: _builtins.str = ...,
+        training_backend: Global___TrainingBackend.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context", b"context", "dataset", b"dataset", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context", b"context", "dataset", b"dataset", "job_id", b"job_id", "training_backend", b"training_backend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -312,11 +476,14 @@ class TrainingCompleted(_message.Message):
     FIT_SECONDS_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_TASK_FIELD_NUMBER: _builtins.int
     model_uri: _builtins.str
     model_sha256: _builtins.str
     model_name: _builtins.str
     task: _builtins.str
-    """"classification" or "regression" """
+    """Deprecated: "classification" or "regression"; written by events before model_task, read
+    only as their fallback (mlpipe.messaging.events.model_task).
+    """
     estimator: _builtins.str
     """import path of the estimator"""
     train_rows: _builtins.int
@@ -324,6 +491,7 @@ class TrainingCompleted(_message.Message):
     split_uri: _builtins.str
     lineage_uri: _builtins.str
     fit_seconds: _builtins.float
+    model_task: Global___ModelTask.ValueType
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
@@ -349,10 +517,11 @@ class TrainingCompleted(_message.Message):
         fit_seconds: _builtins.float = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        model_task: Global___ModelTask.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "estimator", b"estimator", "finished_at", b"finished_at", "fit_seconds", b"fit_seconds", "holdout_rows", b"holdout_rows", "lineage_uri", b"lineage_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "split_uri", b"split_uri", "started_at", b"started_at", "task", b"task", "train_rows", b"train_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "estimator", b"estimator", "finished_at", b"finished_at", "fit_seconds", b"fit_seconds", "holdout_rows", b"holdout_rows", "lineage_uri", b"lineage_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_task", b"model_task", "model_uri", b"model_uri", "split_uri", b"split_uri", "started_at", b"started_at", "task", b"task", "train_rows", b"train_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,12 +541,15 @@ class GateResult(_message.Message):
     PASSED_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    GATE_COMPARISON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "min_accuracy", "min_per_class_f1[setosa]" """
     metric: _builtins.str
     """e.g. "accuracy", "f1[setosa]" """
     comparison: _builtins.str
-    """">=" or "<=" """
+    """Deprecated: ">=" or "<="; written by events before gate_comparison, read only as their
+    fallback (mlpipe.messaging.events.gate_comparison).
+    """
     threshold: _builtins.float
     value: _builtins.float
     passed: _builtins.bool
@@ -385,6 +557,7 @@ class GateResult(_message.Message):
     """"absolute" (a fixed threshold) or "relative" (against the current champion)."""
     note: _builtins.str
     """Why a gate was skipped or how its threshold was derived."""
+    gate_comparison: Global___GateComparison.ValueType
     def __init__(
         self,
         *,
@@ -396,10 +569,11 @@ class GateResult(_message.Message):
         passed: _builtins.bool = ...,
         kind: _builtins.str = ...,
         note: _builtins.str = ...,
+        gate_comparison: Global___GateComparison.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "kind", b"kind", "metric", b"metric", "name", b"name", "note", b"note", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comparison", b"comparison", "gate_comparison", b"gate_comparison", "kind", b"kind", "metric", b"metric", "name", b"name", "note", b"note", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,11 +702,16 @@ class DeploymentCompleted(_message.Message):
     TRAFFIC_FIELD_NUMBER: _builtins.int
     TARGET_RESOURCE_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    DEPLOY_TARGET_FIELD_NUMBER: _builtins.int
+    MODEL_ALIAS_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ACTION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     version: _builtins.int
     """Registry version created for this run (0 when nothing was deployed)."""
     alias: _builtins.str
-    """the alias moved, e.g. "champion" """
+    """Deprecated: the alias moved, "champion" or "canary"; written by events before
+    model_alias, read only as their fallback (mlpipe.messaging.events.model_alias).
+    """
     deployed: _builtins.bool
     reason: _builtins.str
     """why nothing was deployed, when deployed is false"""
@@ -540,7 +719,9 @@ class DeploymentCompleted(_message.Message):
     """the registered artifact"""
     model_sha256: _builtins.str
     target: _builtins.str
-    """"local", "cloud_run" or "vertex" """
+    """Deprecated: "local", "cloud_run" or "vertex"; written by events before deploy_target,
+    read only as their fallback (mlpipe.messaging.events.deploy_target).
+    """
     previous_version: _builtins.int
     runtime: _builtins.str
     """How the predictor runs `version`: "onnx" (compiled at deploy time and checked against
@@ -549,11 +730,17 @@ class DeploymentCompleted(_message.Message):
     runtime_note: _builtins.str
     """How the ONNX model was checked, or why scikit-learn is used instead."""
     action: _builtins.str
-    """The rollout step this event records: "promote" (to 100%), "canary", "rollback"."""
+    """Deprecated: the rollout step, "promote", "canary" or "rollback"; written by events before
+    rollout_action, read only as their fallback (mlpipe.messaging.events.rollout_action).
+    """
     target_resource: _builtins.str
     """What the target changed: a Cloud Run revision, a Vertex AI model version, ..."""
     requested_by: _builtins.str
     """Who asked for this step: "deployer", "cli", or "predictor" (automatic promotion)."""
+    deploy_target: Global___DeployTarget.ValueType
+    model_alias: Global___ModelAlias.ValueType
+    rollout_action: Global___RolloutAction.ValueType
+    """The rollout step this event records."""
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
@@ -582,10 +769,13 @@ class DeploymentCompleted(_message.Message):
         traffic: _abc.Iterable[Global___TrafficShare] | None = ...,
         target_resource: _builtins.str = ...,
         requested_by: _builtins.str = ...,
+        deploy_target: Global___DeployTarget.ValueType = ...,
+        model_alias: Global___ModelAlias.ValueType = ...,
+        rollout_action: Global___RolloutAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alias", b"alias", "context", b"context", "dataset", b"dataset", "deployed", b"deployed", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "previous_version", b"previous_version", "reason", b"reason", "requested_by", b"requested_by", "runtime", b"runtime", "runtime_note", b"runtime_note", "target", b"target", "target_resource", b"target_resource", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alias", b"alias", "context", b"context", "dataset", b"dataset", "deploy_target", b"deploy_target", "deployed", b"deployed", "model_alias", b"model_alias", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "previous_version", b"previous_version", "reason", b"reason", "requested_by", b"requested_by", "rollout_action", b"rollout_action", "runtime", b"runtime", "runtime_note", b"runtime_note", "target", b"target", "target_resource", b"target_resource", "traffic", b"traffic", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,20 +790,25 @@ class TrafficShare(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     PERCENT_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
+    MODEL_ALIAS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     percent: _builtins.int
     alias: _builtins.str
-    """"champion" or "canary" """
+    """Deprecated: "champion" or "canary"; written by events before model_alias, read only as
+    their fallback (mlpipe.messaging.events.model_alias).
+    """
+    model_alias: Global___ModelAlias.ValueType
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         percent: _builtins.int = ...,
         alias: _builtins.str = ...,
+        model_alias: Global___ModelAlias.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "percent", b"percent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_alias", b"model_alias", "percent", b"percent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,8 +875,11 @@ class PipelineFailed(_message.Message):
     QUARANTINE_URI_FIELD_NUMBER: _builtins.int
     SOURCE_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     SOURCE_SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    PIPELINE_STAGE_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
-    """"ingest", "trainer", "training-job", ..."""
+    """Deprecated: "ingest", "trainer", "training-job", ...; written by events before
+    pipeline_stage, read only as their fallback (mlpipe.messaging.events.pipeline_stage).
+    """
     reason: _builtins.str
     """machine-readable code, e.g. "missing_column" """
     message: _builtins.str
@@ -691,6 +889,7 @@ class PipelineFailed(_message.Message):
     source_message_id: _builtins.str
     """the Pub/Sub message that carried it"""
     source_subscription: _builtins.str
+    pipeline_stage: Global___PipelineStage.ValueType
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     @_builtins.property
@@ -708,10 +907,11 @@ class PipelineFailed(_message.Message):
         quarantine_uri: _builtins.str = ...,
         source_message_id: _builtins.str = ...,
         source_subscription: _builtins.str = ...,
+        pipeline_stage: Global___PipelineStage.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "message", b"message", "quarantine_uri", b"quarantine_uri", "reason", b"reason", "source_message_id", b"source_message_id", "source_subscription", b"source_subscription", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "message", b"message", "pipeline_stage", b"pipeline_stage", "quarantine_uri", b"quarantine_uri", "reason", b"reason", "source_message_id", b"source_message_id", "source_subscription", b"source_subscription", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,33 @@
+"""What a service imports to start: a cloud client it may never use is imported on first use.
+
+The Vertex AI client alone takes about 5 s of CPU to import; the deployer (local target) and
+the trainer (local backend) would pay it at every start of the local stack.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CLOUD_CLIENTS = ("google.cloud.aiplatform_v1", "google.cloud.aiplatform", "google.cloud.run_v2")
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("mlpipe_deployer.main", "mlpipe_deployer.targets.configured"),
+        ("mlpipe_trainer.main", "mlpipe_trainer.vertex"),
+    ],
+)
+def test_starting_imports_no_cloud_client(modules: tuple[str, ...]) -> None:
+    probe = (
+        f"import sys, {', '.join(modules)};"
+        f"print(sorted(m for m in {CLOUD_CLIENTS!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+
+    assert done.stdout.strip() == "[]"
