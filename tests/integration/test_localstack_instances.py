@@ -234,7 +234,7 @@ def test_a_canary_is_promoted_once_on_the_counts_of_every_instance(
         f"canary successes per instance {sorted(counts.values())}, promotions {len(promotions)}"
     )
     assert registry.traffic(MODEL).shares() == [(2, 100, "champion")]
-    assert len(promotions) == 1 and promotions[0].action == "promote"
+    assert len(promotions) == 1 and events.rollout_action(promotions[0]) == "promote"
     assert promotions[0].version == 2
     assert len(markers) == 1
     # Every instance counted part of it; none alone reached the bound: the counts were shared.

@@ -34,7 +34,8 @@ class StepTarget:
 
     steps: int = 2
     fail_with: str = ""
-    name: str = "scripted"
+    # Events name the target by its DeployTarget value; this one stands in for a cloud target.
+    name: str = "vertex"
     started: list[str] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
     calls: list[tuple[Traffic, tuple[str, ...]]] = field(default_factory=list)
@@ -155,7 +156,9 @@ def test_a_promotion_on_an_asynchronous_target_is_published_when_it_has_rolled_o
 
     assert not step.finished and step.operations == ["operations/1"]
     assert before == []
-    assert [(e.action, e.version, e.previous_version) for e in published] == [("promote", 2, 1)]
+    assert [(events.rollout_action(e), e.version, e.previous_version) for e in published] == [
+        ("promote", 2, 1)
+    ]
 
 
 def test_the_deployers_own_timer_finishes_a_rollout_when_asked_to(

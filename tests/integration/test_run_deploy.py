@@ -189,7 +189,15 @@ def test_gcloud_deploys_the_runtime_definition(
         # What `mlpipe infra apply` puts on the subscriptions that push to this service.
         "MLPIPE_PUSH_AUDIENCE": f"https://mlpipe-{service}-{NUMBER}.{REGION}.run.app",
         "MLPIPE_PUSH_SERVICE_ACCOUNT": f"mlpipe-push-{service}@{PROJECT}.iam.gserviceaccount.com",
-        **({"MLPIPE_TRAINER_IMAGE": image} if service == "trainer" else {}),
+        # The trainer's own image and account: what its Vertex AI CustomJobs run as.
+        **(
+            {
+                "MLPIPE_TRAINER_IMAGE": image,
+                "MLPIPE_VERTEX_SERVICE_ACCOUNT": target.runtime_accounts["trainer"],
+            }
+            if service == "trainer"
+            else {}
+        ),
         # Where the deployer rolls out (the environment file), with this build's predictor.
         **(
             {

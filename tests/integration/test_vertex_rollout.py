@@ -245,7 +245,7 @@ def test_a_model_rolls_out_to_vertex_as_champion_canary_promotion_and_rollback(
     assert len(containers) == 1 and containers[0].endswith(next(iter(after_rollback)))
     assert len(removed) == 2, removed  # no deployment was ever started twice
 
-    actions = [(e.action, e.version, e.deployed) for e in published]
+    actions = [(events.rollout_action(e), e.version, e.deployed) for e in published]
     assert actions == [
         ("promote", 1, True),
         ("canary", 2, True),
@@ -253,7 +253,10 @@ def test_a_model_rolls_out_to_vertex_as_champion_canary_promotion_and_rollback(
         ("promote", 2, True),
         ("rollback", 1, True),
     ]
-    assert all(e.target == "vertex" and vertex.endpoint in e.target_resource for e in published)
+    assert all(
+        events.deploy_target(e) == "vertex" and vertex.endpoint in e.target_resource
+        for e in published
+    )
     assert [(t.version, t.percent) for t in published[1].traffic] == [(1, 90), (2, 10)]
 
 
@@ -328,7 +331,8 @@ def test_a_dropped_file_trains_as_a_custom_job_and_is_served_from_its_vertex_end
     ]  # fmt: skip
     assert evaluated[0].passed
     assert rolling_out["status"] == "rolling_out" and checks >= 1
-    assert len(deployed) == 1 and deployed[0].deployed and deployed[0].target == "vertex"
+    assert len(deployed) == 1 and deployed[0].deployed
+    assert events.deploy_target(deployed[0]) == "vertex"
     assert deployed[0].target_resource.startswith(endpoint)
     assert answer.predictions == ["setosa"] and answer.model_version_id == "1"
     assert again["status"] == "duplicate" and after == {"rollouts": []}
