@@ -41,14 +41,7 @@ class ArtifactDirectory(Registry):
                 f"{self.storage.uri(self.prefix)} holds {info.get('model')} "
                 f"v{info.get('version')}, not {model} v{version}"
             )
-        return ModelVersion(
-            model=model,
-            version=version,
-            run_id=info["run_id"],
-            model_uri=info["model_uri"],
-            model_sha256=info["model_sha256"],
-            info=info,
-        )
+        return ModelVersion.from_record(model, version, info)
 
     def load_artifact(self, mv: ModelVersion, name: str = MODEL_FILE) -> bytes:
         expected = mv.model_sha256 if name == MODEL_FILE else (mv.artifact(name) or ("", ""))[1]

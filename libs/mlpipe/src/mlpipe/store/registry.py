@@ -61,6 +61,11 @@ class ModelVersion:
     model_sha256: str
     info: dict[str, Any]
 
+    @classmethod
+    def from_record(cls, model: str, version: int, info: dict[str, Any]) -> ModelVersion:
+        """A version from its version.json."""
+        return cls(model, version, info["run_id"], info["model_uri"], info["model_sha256"], info)
+
     def artifact(self, name: str) -> tuple[str, str] | None:
         """(uri, sha256) of an extra artifact registered with this version, e.g. model.onnx."""
         found = self.info.get("artifacts", {}).get(name)
@@ -112,14 +117,7 @@ class Registry:
         info = self.storage.read_json(RegistryPaths(model).version_record(version))
         if info is None:
             return None
-        return ModelVersion(
-            model=model,
-            version=version,
-            run_id=info["run_id"],
-            model_uri=info["model_uri"],
-            model_sha256=info["model_sha256"],
-            info=info,
-        )
+        return ModelVersion.from_record(model, version, info)
 
     def alias(self, model: str, alias: str = CHAMPION) -> int | None:
         value = self.storage.read_json(RegistryPaths(model).alias(alias))
