@@ -270,7 +270,7 @@ def test_a_missing_schedule_is_created_with_the_built_job(
         "POST", f"/v1/{expected.parent}/jobs", json.loads(scheduler_v1.Job.to_json(expected.job))
     )
 
-    (change,) = infra.schedule_changes(dev, clients)
+    change = by_name(infra.schedule_changes(dev, clients), "mlpipe-iris-smoke")
     assert change.run is not None
     change.run()
 
@@ -291,7 +291,7 @@ def test_a_changed_schedule_is_patched_with_its_mask(
     google.reply("GET", f"/v1/{JOB}", json.loads(scheduler_v1.Job.to_json(live)))
     google.reply("PATCH", f"/v1/{JOB}", json.loads(scheduler_v1.Job.to_json(live)))
 
-    (change,) = infra.schedule_changes(dev, clients)
+    change = by_name(infra.schedule_changes(dev, clients), "mlpipe-iris-smoke")
     assert change.run is not None
     change.run()
 
@@ -308,7 +308,68 @@ def test_a_schedule_as_configured_is_left_alone(
     live.state = scheduler_v1.Job.State.ENABLED
     google.reply("GET", f"/v1/{JOB}", json.loads(scheduler_v1.Job.to_json(live)))
 
-    assert infra.schedule_changes(dev, clients) == []
+    assert [c.name for c in infra.schedule_changes(dev, clients)] == [
+        c.name for c in infra.SERVICE_CHECKS
+    ]
+
+
+def by_name(changes: list[infra.Change], name: str) -> infra.Change:
+    (found,) = [c for c in changes if c.name == name]
+    return found
+
+
+CHECK_JOB = f"projects/{PROJECT}/locations/us-central1/jobs/mlpipe-deployer-rollouts-check"
+
+
+def test_the_deployers_rollout_check_is_scheduled_with_the_push_identitys_token(
+    google: StandIn, clients: infra.Clients, dev: infra.Target
+) -> None:
+    # https://cloud.google.com/scheduler/docs/http-target-auth: an OIDC token of an account of
+    # the project that holds run.invoker on the service; the audience, the service's URL.
+    audience, account = dev.push_receiver("deployer")
+    google.reply("POST", f"/v1/{dev.location}/jobs", {"name": CHECK_JOB})
+
+    change = by_name(infra.schedule_changes(dev, clients), "mlpipe-deployer-rollouts-check")
+    assert change.run is not None
+    change.run()
+
+    assert change.action == "create"
+    (sent,) = [s for s in google.sent("POST") if s.path == f"/v1/{dev.location}/jobs"]
+    job = scheduler_v1.Job.from_json(json.dumps(sent.body))
+    assert job.name == CHECK_JOB and job.schedule == "* * * * *"
+    assert job.http_target == scheduler_v1.HttpTarget(
+        uri=audience + "/v1/rollouts:check",
+        http_method=scheduler_v1.HttpMethod.POST,
+        oidc_token=scheduler_v1.OidcToken(service_account_email=account, audience=audience),
+    )
+    assert sent.body["httpTarget"]["oidcToken"] == {
+        "serviceAccountEmail": account,
+        "audience": audience,
+    }
+    # The token's identity may call the service: the push identity's run.invoker binding.
+    assert any(
+        b.role == "roles/run.invoker" and b.member == f"serviceAccount:{account}"
+        for b in infra.iam_bindings(dev)
+    )
+
+
+def test_a_check_calling_another_url_is_updated(
+    google: StandIn, clients: infra.Clients, dev: infra.Target
+) -> None:
+    check = infra.SERVICE_CHECKS[0]
+    live = scheduler_v1.Job(infra.check_job(dev, check))
+    live.http_target.uri = "https://old.example/v1/rollouts:check"
+    google.reply("GET", f"/v1/{CHECK_JOB}", json.loads(scheduler_v1.Job.to_json(live)))
+    google.reply("PATCH", f"/v1/{CHECK_JOB}", json.loads(scheduler_v1.Job.to_json(live)))
+
+    change = by_name(infra.schedule_changes(dev, clients), check.name)
+    assert change.run is not None
+    change.run()
+
+    assert change.action == "update" and "uri https://old.example" in change.detail
+    (sent,) = google.sent("PATCH")
+    assert sent.query["updateMask"] == ["httpTarget"]
+    assert sent.body["httpTarget"]["uri"].endswith(".run.app/v1/rollouts:check")
 
 
 # --- Cloud Run services against infra/runtime.yaml ----------------------------------------------

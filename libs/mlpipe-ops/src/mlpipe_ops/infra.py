@@ -605,6 +605,59 @@ def scheduler_job(target: Target, schedule: ScheduleSpec) -> scheduler_v1.Job:
     )
 
 
+@dataclass(frozen=True)
+class ServiceCheck:
+    """A route of a service that Cloud Scheduler calls on GCP: it finishes or restarts work the
+    service recorded, since an idle Cloud Run instance gets no CPU for a timer of its own (the
+    local stack's services run the same function on a timer instead)."""
+
+    name: str
+    service: str
+    path: str
+    schedule: str
+    what: str
+
+
+SERVICE_CHECKS = (
+    ServiceCheck(
+        "mlpipe-deployer-rollouts-check",
+        "deployer",
+        "/v1/rollouts:check",
+        "* * * * *",
+        "finishes rollouts whose cloud operations have ended (docs/deploy.md)",
+    ),
+    ServiceCheck(
+        "mlpipe-trainer-reconcile",
+        "trainer",
+        "/v1/runs:reconcile",
+        "* * * * *",
+        "restarts training runs whose lease lapsed (docs/reliability.md)",
+    ),
+)
+
+
+def check_job(target: Target, check: ServiceCheck) -> scheduler_v1.Job:
+    """The Cloud Scheduler job that POSTs to `check`'s route with an OIDC token.
+
+    https://cloud.google.com/scheduler/docs/http-target-auth: the token's account must belong
+    to the job's project and, for Cloud Run, hold roles/run.invoker on the service; whoever
+    creates the job needs iam.serviceAccounts.actAs on it (OidcToken.service_account_email).
+    The service's push identity already holds run.invoker on it (iam_bindings), and the
+    audience is the service URL, as for its push subscriptions."""
+    audience, account = target.push_receiver(check.service)
+    return scheduler_v1.Job(
+        name=f"{target.location}/jobs/{check.name}",
+        description=f"mlpipe {target.env}: {check.service} {check.what}",
+        schedule=check.schedule,
+        time_zone="Etc/UTC",
+        http_target=scheduler_v1.HttpTarget(
+            uri=audience.rstrip("/") + check.path,
+            http_method=scheduler_v1.HttpMethod.POST,
+            oidc_token=scheduler_v1.OidcToken(service_account_email=account, audience=audience),
+        ),
+    )
+
+
 def create_job_request(target: Target, schedule: ScheduleSpec) -> scheduler_v1.CreateJobRequest:
     return scheduler_v1.CreateJobRequest(
         parent=target.location, job=scheduler_job(target, schedule)
@@ -618,6 +671,10 @@ _JOB_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
     ("pubsub_target", "topic", lambda j: j.pubsub_target.topic_name),
     ("pubsub_target", "request", lambda j: j.pubsub_target.data),
     ("pubsub_target", "attributes", lambda j: dict(j.pubsub_target.attributes)),
+    ("http_target", "uri", lambda j: j.http_target.uri),
+    ("http_target", "method", lambda j: j.http_target.http_method),
+    ("http_target", "token account", lambda j: j.http_target.oidc_token.service_account_email),
+    ("http_target", "token audience", lambda j: j.http_target.oidc_token.audience),
 )
 
 
@@ -1143,20 +1200,26 @@ def notification_changes(target: Target, clients: Clients) -> list[Change]:
 
 
 def schedule_changes(target: Target, clients: Clients) -> list[Change]:
-    changes = []
+    """The environment's schedules, then the services' scheduled checks (SERVICE_CHECKS)."""
+    wanted: list[tuple[str, scheduler_v1.Job, str]] = []
     for schedule in target.schedules:
-        desired = scheduler_job(target, schedule)
         topic = target.topology.schedule_topic if schedule.kind == "ingest" else schedule.topic
         detail = f"'{schedule.schedule}' {schedule.time_zone} → {topic}"
+        wanted.append((schedule.name, scheduler_job(target, schedule), detail))
+    for check in SERVICE_CHECKS:
+        job = check_job(target, check)
+        wanted.append((check.name, job, f"'{check.schedule}' Etc/UTC → POST {job.http_target.uri}"))
+    changes = []
+    for name, desired, detail in wanted:
         try:
             existing = clients.scheduler.get_job(name=desired.name)
         except gexc.NotFound:
-            request = create_job_request(target, schedule)
+            request = scheduler_v1.CreateJobRequest(parent=target.location, job=desired)
             changes.append(
                 Change(
                     "create",
                     "schedule",
-                    schedule.name,
+                    name,
                     detail,
                     run=partial(clients.scheduler.create_job, request=request),
                 )
@@ -1169,7 +1232,7 @@ def schedule_changes(target: Target, clients: Clients) -> list[Change]:
                 Change(
                     "update",
                     "schedule",
-                    schedule.name,
+                    name,
                     "; ".join(d for _, d in differences),
                     run=partial(clients.scheduler.update_job, request=update),
                 )
