@@ -265,7 +265,7 @@ JOB = f"projects/{PROJECT}/locations/us-central1/jobs/mlpipe-iris-smoke"
 def test_a_missing_schedule_is_created_with_the_built_job(
     google: StandIn, clients: infra.Clients, dev: infra.Target
 ) -> None:
-    expected = infra.create_job_request(dev, dev.schedules[0])
+    expected = infra.create_job_request(dev, infra.scheduler_job(dev, dev.schedules[0]))
     google.reply(
         "POST", f"/v1/{expected.parent}/jobs", json.loads(scheduler_v1.Job.to_json(expected.job))
     )

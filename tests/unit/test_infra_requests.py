@@ -143,7 +143,7 @@ def test_a_moved_endpoint_and_account_become_one_push_config_update(dev: infra.T
 def test_the_schedule_job_publishes_the_ingest_request_as_json(dev: infra.Target) -> None:
     (schedule,) = dev.schedules
 
-    request = infra.create_job_request(dev, schedule)
+    request = infra.create_job_request(dev, infra.scheduler_job(dev, schedule))
 
     data = (REPO / "infra/schedules/iris-smoke.json").read_text()
     expected_message = events.from_json(events_pb2.IngestRequest, data)

@@ -658,10 +658,9 @@ def check_job(target: Target, check: ServiceCheck) -> scheduler_v1.Job:
     )
 
 
-def create_job_request(target: Target, schedule: ScheduleSpec) -> scheduler_v1.CreateJobRequest:
-    return scheduler_v1.CreateJobRequest(
-        parent=target.location, job=scheduler_job(target, schedule)
-    )
+def create_job_request(target: Target, job: scheduler_v1.Job) -> scheduler_v1.CreateJobRequest:
+    """Create `job` (a schedule's, or a service check's) in the target's location."""
+    return scheduler_v1.CreateJobRequest(parent=target.location, job=job)
 
 
 _JOB_FIELDS: tuple[tuple[str, str, Callable[[Any], Any]], ...] = (
@@ -1214,7 +1213,7 @@ def schedule_changes(target: Target, clients: Clients) -> list[Change]:
         try:
             existing = clients.scheduler.get_job(name=desired.name)
         except gexc.NotFound:
-            request = scheduler_v1.CreateJobRequest(parent=target.location, job=desired)
+            request = create_job_request(target, desired)
             changes.append(
                 Change(
                     "create",
