@@ -5,7 +5,7 @@ UV ?= uv
 export PATH := $(HOME)/.local/bin:$(PATH)
 PROTO_OUT := libs/mlpipe/src
 
-.PHONY: help bootstrap demo up up-containers down test test-faults test-recovery test-faults-scale test-containers lint typecheck protos check-protos
+.PHONY: help bootstrap demo up up-containers down test test-faults test-recovery test-faults-scale test-browser test-containers test-containers-scale lint typecheck protos check-protos
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/'
@@ -29,8 +29,15 @@ test: bootstrap ## lint, import contracts, type-check, unit, integration and e2e
 	@$(UV) run --frozen ruff check .
 	@$(UV) run --frozen lint-imports
 	@$(UV) run --frozen ruff format --check .
-	@$(UV) run --frozen mypy libs services
-	@$(UV) run --frozen pytest -m "not faults and not containers and not cloud"
+	@$(UV) run --frozen mypy libs services jobs
+	@# Two workers, each with its own emulators; a file's tests stay on one worker (they
+	@# share its module fixtures). Most of the time is spent waiting on stacks and emulators.
+	@# The tests of whole local stacks (several instances, restarts, start-up) then run alone:
+	@# their timing bounds are for a stack that has the machine to itself.
+	@$(UV) run --frozen pytest -m "not faults and not containers and not cloud" \
+		-n 2 --dist loadfile --durations=20 --ignore-glob="tests/integration/test_localstack_*"
+	@$(UV) run --frozen pytest -m "not faults and not containers and not cloud" \
+		--durations=10 tests/integration/test_localstack_*.py
 
 test-faults: bootstrap ## fault suite: duplicate storm, bad-input catalogue, 1000-request burst (~2 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_faults.py
@@ -41,8 +48,14 @@ test-recovery: bootstrap ## crash points, emulator restarts, SIGTERM, failures r
 test-faults-scale: bootstrap ## the fault suites at three instances per service behind haproxy (~5 min)
 	@$(UV) run --frozen pytest -m faults tests/faults/test_instances.py
 
+test-browser: bootstrap ## the console's pages in Debian's chromium (also part of `make test`; ~80 s)
+	@$(UV) run --frozen pytest -m browser tests/browser
+
 test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
-	@$(UV) run --frozen pytest -m containers tests/containers
+	@$(UV) run --frozen pytest -m containers tests/containers/test_stack_in_containers.py
+
+test-containers-scale: bootstrap ## two containers of each image behind haproxy, the chain through them (~4 min)
+	@$(UV) run --frozen pytest -m containers tests/containers/test_instances_in_containers.py
 
 .PHONY: test-cloud
 test-cloud: bootstrap ## Vertex AI's real clients against the local Vertex AI stand-in (needs dockerd)

@@ -34,7 +34,7 @@ REGION="${REGION:-us-central1}"
 REPOSITORY="${REPOSITORY:-mlpipe}"
 # The same name as infra/environments/*.yaml's bucket ("{project}-mlpipe").
 BUCKET="${PROJECT}-mlpipe"
-SERVICES=(ingest trainer evaluator deployer predictor)
+SERVICES=(ingest trainer evaluator deployer predictor console)
 DEPLOY="${DEPLOY:-release}"
 [[ "$DEPLOY" == release || "$DEPLOY" == direct ]] || {
   echo "DEPLOY must be release or direct, not '$DEPLOY'" >&2
@@ -86,7 +86,9 @@ step "APIs"
 g services enable \
   run.googleapis.com pubsub.googleapis.com storage.googleapis.com \
   cloudbuild.googleapis.com artifactregistry.googleapis.com cloudscheduler.googleapis.com \
-  aiplatform.googleapis.com iam.googleapis.com cloudresourcemanager.googleapis.com
+  aiplatform.googleapis.com iam.googleapis.com cloudresourcemanager.googleapis.com \
+  bigquery.googleapis.com earthengine.googleapis.com dataflow.googleapis.com \
+  cloudtrace.googleapis.com
 if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
   g services enable clouddeploy.googleapis.com
 fi
@@ -132,6 +134,8 @@ bucket_role() {
 # mlpipe.store.layout); conditions need uniform bucket-level access, which the bucket has.
 REGISTRY_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/registry/'),title=registry-only,description=mlpipe model registry objects"
 MONITORING_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/monitoring/'),title=monitoring-only,description=mlpipe prediction logs"
+PREDICTIONS_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/predictions/'),title=predictions-only,description=mlpipe batch predictions and their job records"
+DATAFLOW_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/dataflow/'),title=dataflow-only,description=Dataflow templates and staging and temporary files"
 # ingest, trainer, evaluator, deployer create objects, read them back, and overwrite or
 # delete some (training claims, the champion alias, reports): roles/storage.objectUser is the
 # narrowest predefined role with delete, and it is granted on this bucket only.
@@ -145,6 +149,11 @@ bucket_role "$(sa mlpipe-predictor)" roles/storage.objectCreator
 # Its automatic promotion of a canary rewrites the registry's alias objects (champion, canary:
 # overwrite and delete), so it may delete and replace objects, under registry/ only.
 bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser --condition="$REGISTRY_ONLY"
+# Its batch jobs (Dataflow workers running as mlpipe-predictor) delete a retried bundle's
+# shards, a failed job's outputs and its records, under predictions/ only ...
+bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser --condition="$PREDICTIONS_ONLY"
+# ... and Dataflow stages, writes and removes its temporary files under dataflow/ only.
+bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser --condition="$DATAFLOW_ONLY"
 if [[ "$DEPLOY_TARGET" == vertex ]]; then
   # On Vertex AI the predictor runs as mlpipe-serving and loads the served version from the
   # registry: read only, under registry/ only.
@@ -152,7 +161,36 @@ if [[ "$DEPLOY_TARGET" == vertex ]]; then
   # ... and appends its sampled prediction log under monitoring/ (create only).
   bucket_role "$(sa mlpipe-serving)" roles/storage.objectCreator --condition="$MONITORING_ONLY"
 fi
+QUARANTINE_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/quarantine/'),title=quarantine-only,description=mlpipe quarantined inputs"
+# The console reads every page's records ...
+bucket_role "$(sa mlpipe-console)" roles/storage.objectViewer
+# ... records each action under audit/console/ (create only) ...
+bucket_role "$(sa mlpipe-console)" roles/storage.objectCreator
+# ... and notes a replay on the quarantined object's metadata (an update, quarantine/ only).
+bucket_role "$(sa mlpipe-console)" roles/storage.objectUser --condition="$QUARANTINE_ONLY"
 # Publishing to topics is granted per topic by `mlpipe infra apply` (the topics exist then).
+
+step "Roles of ingest (the BigQuery source)"
+# Runs the BigQuery source's query and extract jobs, billed to this project
+# (bigquery.jobs.create). The extract writes under ingest/exports/ in the bucket with the
+# ingest account's own storage role above. Reading a source table also needs
+# roles/bigquery.dataViewer on its dataset, granted by the dataset's owner (public datasets
+# need none): docs/ingest-sources.md#bigquery.
+retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+  --member="serviceAccount:$(sa mlpipe-ingest)" --role=roles/bigquery.jobUser
+
+step "Roles of ingest (the Earth Engine source)"
+# The earth_engine source starts table exports and reads their operations under this project
+# (MLPIPE_EARTHENGINE_PROJECT defaults to it): Earth Engine asks for
+# roles/serviceusage.serviceUsageConsumer and one of its own roles that may create export
+# tasks (roles/earthengine.writer). The project must also be registered for Earth Engine
+# (commercial or noncommercial use), once, in the Cloud console's Earth Engine page: no
+# command does that. The export writes into the bucket as the caller, through the
+# roles/storage.objectUser ingest holds on it.
+for role in roles/earthengine.writer roles/serviceusage.serviceUsageConsumer; do
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$(sa mlpipe-ingest)" --role="$role"
+done
 
 step "Roles of the trainer"
 # Creates Vertex AI CustomJobs for pipelines whose training.backend is vertex.
@@ -162,6 +200,22 @@ retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
 # dataset, write the model and publish TrainingCompleted; starting it needs actAs on itself.
 retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-trainer)" \
   --member="serviceAccount:$(sa mlpipe-trainer)" --role=roles/iam.serviceAccountUser
+
+step "Roles of the predictor (batch jobs on Dataflow)"
+# Launches the batch job's Flex Template and follows and cancels its jobs (Dataflow grants
+# per project).
+retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+  --member="serviceAccount:$(sa mlpipe-predictor)" --role=roles/dataflow.developer
+# The job's workers run as mlpipe-predictor (they read the inputs and the registry, write the
+# outputs and publish BatchPredictionCompleted with its other roles).
+retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+  --member="serviceAccount:$(sa mlpipe-predictor)" --role=roles/dataflow.worker
+# Launching a job that runs as mlpipe-predictor needs actAs on itself.
+retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-predictor)" \
+  --member="serviceAccount:$(sa mlpipe-predictor)" --role=roles/iam.serviceAccountUser
+# The launcher and the workers pull the batch job's image from this repository only.
+retry g artifacts repositories add-iam-policy-binding "$REPOSITORY" --location="$REGION" \
+  --member="serviceAccount:$(sa mlpipe-predictor)" --role=roles/artifactregistry.reader
 
 step "Roles of the deployer ($DEPLOY_TARGET)"
 if [[ "$DEPLOY_TARGET" == cloud_run ]]; then
@@ -178,6 +232,14 @@ if [[ "$DEPLOY_TARGET" == vertex ]]; then
   retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-serving)" \
     --member="serviceAccount:$(sa mlpipe-deployer)" --role=roles/iam.serviceAccountUser
 fi
+
+step "Traces"
+for s in "${SERVICES[@]}"; do
+  # Each service (and the training jobs, which run as mlpipe-trainer) writes its spans to
+  # Cloud Trace (infra/runtime.yaml: MLPIPE_TRACE_EXPORTER=cloud-trace; mlpipe.tracing).
+  retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+    --member="serviceAccount:$(sa "mlpipe-$s")" --role=roles/cloudtrace.agent
+done
 
 step "Push identities"
 for s in "${SERVICES[@]}"; do

@@ -91,7 +91,7 @@ SEGMENTS = (
         "job.published",
         "evaluator.ctx",
     ),
-    ("evaluator: metrics, report, record, publish", "evaluator.ctx", "evaluator.published"),
+    ("evaluator: metrics, record, publish", "evaluator.ctx", "evaluator.published"),
     (
         "EvaluationCompleted → deployer step begins (push + 1 read)",
         "evaluator.published",
@@ -346,8 +346,10 @@ def run_chain(
     progress: Any = print,
     profile: bool = True,
     containers: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """`containers`: the services run as their images (`mlpipe up --containers`)."""
+    """`containers`: the services run as their images (`mlpipe up --containers`); `env`:
+    settings for every service (over the stack's own)."""
     base = free_base_port()
     suffix = uuid.uuid4().hex[:8]
     stack = LocalStack(
@@ -356,6 +358,7 @@ def run_chain(
         project=f"bench-{suffix}",
         bucket=f"bench-{suffix}",
         containers=containers,
+        env=env,
     )
     progress(f"chain: starting a stack on ports {base}..{base + 6} (state {state_dir})")
     t0 = time.monotonic()

@@ -56,11 +56,11 @@ def _read(storage: Storage, uri: str) -> bytes:
 
 def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) -> dict[str, Any]:
     """{piece: p50 seconds} for the pieces of each step (call inside client_env(state))."""
+    from mlpipe.ml.scoring import load_version
     from mlpipe_deployer.deployment import holdout_frame
     from mlpipe_deployer.onnx_compile import compile_model, session
-    from mlpipe_evaluator.evaluation import score
+    from mlpipe_evaluator.evaluation import Champion, Evaluated, plot_data, score, scored
     from mlpipe_evaluator.report import render
-    from mlpipe_predictor.runtime import load_version
 
     storage = Storage(make_client(state.project), state.bucket)
     registry = Registry(storage)
@@ -81,7 +81,7 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
     settings = CommonSettings(project=state.project, bucket=state.bucket)
     put(
         "job: Clients.create() (storage + PublisherClient)",
-        lambda: Clients.create(settings, stage="bench", receives_push=False),
+        lambda: Clients.create(settings, stage="training-job", receives_push=False),
     )
     # A fresh Publisher's first publish opens its gRPC channel: what each training job pays.
     topology.create_topics(state.project, ("bench-scratch",))
@@ -152,7 +152,23 @@ def profile_steps(state: StackState, run_id: str, model: str, repeats: int = 7) 
     if evaluation_obj is not None:
         evaluation = events.from_json(events_pb2.EvaluationCompleted, evaluation_obj.data)
     lineage_doc = storage.read_json(paths.lineage)
-    put("evaluator: report.render (HTML)", lambda: render(evaluation, details, lineage_doc))
+    put(
+        "evaluator: report.render, no plots (HTML)",
+        lambda: render(evaluation, details, lineage_doc),
+    )
+    kept = Evaluated(
+        config, bundle, holdout, scored(bundle, holdout, config), Champion(None, 0, "")
+    )
+    # After the verdict is published: the numbers behind the plots, and the drawn report.
+    put(
+        "evaluator, after the verdict: plots.json's numbers",
+        lambda: plot_data(storage, run_id, kept),
+    )
+    plots_doc = plot_data(storage, run_id, kept)
+    put(
+        "evaluator, after the verdict: report.render with matplotlib plots",
+        lambda: render(evaluation, details, lineage_doc, plots_doc),
+    )
 
     # Deployer.
     put(

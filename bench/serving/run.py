@@ -408,10 +408,10 @@ def main() -> int:
                     measure(lambda: estimator.predict(frame), 300, 20, args.budget),
                 )
             )
+            from mlpipe.ml.scoring import load_version
             from mlpipe.store.registry import Registry
             from mlpipe.store.storage import Storage, make_client
             from mlpipe_ops.localstack import client_env
-            from mlpipe_predictor.runtime import load_version
 
             with client_env(stack.state):
                 registry = Registry(Storage(make_client(stack.state.project), stack.state.bucket))

@@ -16,9 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 STATIONS = {"a": ["lyon", "nantes", "lille"], "b": ["porto", "braga"]}
 
 
-def observations(provider: str, days: int = 6, seed: int = 0) -> list[dict[str, object]]:
+START = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def observations(
+    provider: str, days: int = 6, seed: int = 0, start: dt.datetime = START
+) -> list[dict[str, object]]:
     rng = random.Random(f"{provider}-{seed}")
-    start = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
     rows: list[dict[str, object]] = []
     for station in STATIONS[provider]:
         base = rng.uniform(12, 20)

@@ -5,6 +5,11 @@
 Serves the two providers on 127.0.0.1 (a free port), registers pipeline.yaml, publishes one
 IngestRequest whose `http` source lists both URLs, and follows the run until the model serves
 (or fails). The server stops when the run is over. MLPIPE_STATE_DIR picks another stack.
+
+The stations' history is landed first from BigQuery (history.py explains why it is a
+request of its own): the BigQuery stand-in is served at the URL the stack gave ingest (its
+`bigquery (local)` port, or MLPIPE_BIGQUERY_URL for a stack started before it had one), the
+history request is published and its run followed to its served model, then the providers'.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from history import history_request, serve_history  # noqa: E402
 from providers import Providers  # noqa: E402
 
 from mlpipe.messaging import events  # noqa: E402
@@ -40,6 +46,22 @@ def weather_request(urls: list[str], request_id: str) -> events_pb2.IngestReques
     return request
 
 
+def land_history(state: StackState, bigquery_url: str, timeout: float) -> int:
+    """Serve the history in the BigQuery stand-in, publish its request, follow its run."""
+    history = serve_history(bigquery_url, state.project, make_client(state.project))
+    try:
+        request_id = uuid.uuid4().hex
+        with EventWatcher(state.project) as watcher:
+            t0 = time.monotonic()
+            Publisher(state.project).publish(
+                history_request(request_id), attributes={"request_id": request_id}
+            )
+            print(f"published IngestRequest {request_id} for the history in BigQuery")
+            return follow_run(state, watcher, request_id, t0, timeout)
+    finally:
+        history.stop()
+
+
 def main() -> int:
     state = StackState.load(Path(os.environ.get("MLPIPE_STATE_DIR", DEFAULT_STATE_DIR)))
     if state is None:
@@ -53,6 +75,14 @@ def main() -> int:
             Storage(make_client(state.project), state.bucket).write(
                 config_path(config.name), text.encode()
             )
+            timeout = float(os.environ.get("MLPIPE_RUN_TIMEOUT", "180"))
+            # The stack's ingest calls this URL for its bigquery source (a stack recorded
+            # before it had one: MLPIPE_BIGQUERY_URL, or no history).
+            bigquery_url = state.bigquery_url or os.environ.get("MLPIPE_BIGQUERY_URL", "")
+            if bigquery_url:
+                code = land_history(state, bigquery_url, timeout)
+                if code != 0:
+                    return code
             request_id = uuid.uuid4().hex
             with EventWatcher(state.project) as watcher:
                 t0 = time.monotonic()
@@ -61,13 +91,7 @@ def main() -> int:
                     attributes={"request_id": request_id},
                 )
                 print(f"published IngestRequest {request_id} for {providers.urls}")
-                return follow_run(
-                    state,
-                    watcher,
-                    request_id,
-                    t0,
-                    float(os.environ.get("MLPIPE_RUN_TIMEOUT", "180")),
-                )
+                return follow_run(state, watcher, request_id, t0, timeout)
     finally:
         providers.stop()
 

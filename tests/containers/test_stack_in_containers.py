@@ -26,8 +26,9 @@ from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_ops import containers as docker
 from mlpipe_ops.follow import EventWatcher
-from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe_ops.localstack import SERVICES, LocalStack, StackError, StackState, client_env
 from mlpipe_ops.service_runtime import load_runtimes
+from mlpipe_ops.statedir import TRACES_DIR
 from tests.conftest import REPO, collect, engine_missing, free_base_port, unique, wait_until
 
 pytestmark = pytest.mark.containers
@@ -78,8 +79,10 @@ def test_each_service_runs_as_its_image_under_its_runtime_definition(stack: Stac
     runtimes = load_runtimes("local")
 
     found = {c.service: c.inspect() for c in stack.containers}
+    traces = f"{Path(stack.state_dir) / TRACES_DIR}:{docker.TRACES_MOUNT}:rw"
 
-    assert sorted(found) == sorted(runtimes)
+    # The push services (the console is started on its own, by `mlpipe console`).
+    assert sorted(found) == sorted(SERVICES)
     for service, info in found.items():
         assert info is not None, service
         host, config = info["HostConfig"], info["Config"]
@@ -91,6 +94,7 @@ def test_each_service_runs_as_its_image_under_its_runtime_definition(stack: Stac
         assert host["NanoCpus"] == int(runtimes[service].cpu * 1e9)
         assert host["ReadonlyRootfs"] is True
         assert "/tmp" in host["Tmpfs"]
+        assert host["Binds"] == [traces]  # its spans, in the stack's state directory
         assert host["RestartPolicy"]["Name"] == "unless-stopped"
         assert int(config["StopTimeout"]) == docker.STOP_GRACE_SECONDS
         assert env["K_SERVICE"] == f"mlpipe-{service}"
@@ -114,6 +118,9 @@ def test_iris_runs_to_serving_through_the_containers(stack: StackState) -> None:
     assert "stack (containers):" in status.stdout
     assert f"container mlpipe-trainer-{stack.pubsub_port}  running" in status.stdout
     assert "iris-classifier v1" in status.stdout
+    # Each image wrote its spans through the mount, as the processes do.
+    written = {p.name.rsplit("-", 1)[0] for p in (Path(stack.state_dir) / TRACES_DIR).glob("*")}
+    assert {"ingest", "trainer", "training-job", "evaluator", "deployer", "predictor"} <= written
 
 
 def test_a_regression_example_runs_to_serving(stack: StackState) -> None:

@@ -7,6 +7,7 @@ exactly as on Cloud Run.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -224,6 +225,29 @@ def test_the_other_examples_run_to_serving_with_a_report(
     assert "<svg" in page and run_id in page
 
 
+def test_the_weather_example_lands_its_history_from_bigquery_then_its_providers(
+    stack: StackState,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mlpipe_ops.cli", "run", "--example", "weather"],
+        cwd=REPO,
+        env={**os.environ, "MLPIPE_STATE_DIR": stack.state_dir, "MLPIPE_RUN_TIMEOUT": "150"},
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    history, recent = out.split("for the history in BigQuery", 1)[1].split("published", 1)
+    # The history is exported by the local BigQuery as Parquet and lands without passing
+    # through ingest's memory; the providers' recent hours land as CSV and serve last.
+    assert re.search(r"landed gs://\S+/datasets/weather/dt=\S+\.parquet \(\d+ rows\)", history)
+    assert "serving weather-temp v1" in history
+    assert re.search(r"landed gs://\S+/datasets/weather/dt=\S+\.csv \(\d+ rows\)", recent)
+    assert "serving weather-temp v2" in recent
+
+
 def test_a_run_has_a_timeline_from_request_to_deployment(stack: StackState) -> None:
     from mlpipe_ops.cli_runs import run_timeline
 
@@ -244,6 +268,58 @@ def test_a_run_has_a_timeline_from_request_to_deployment(stack: StackState) -> N
     ]
     times = [when for _, when in hops]
     assert times == sorted(times)
+
+
+def test_a_run_is_one_trace_across_every_service_and_the_cli_draws_it(
+    stack: StackState,
+) -> None:
+    from mlpipe import tracing
+    from mlpipe_ops.statedir import TRACES_DIR
+
+    storage = Storage(make_client(stack.project), stack.bucket)
+    version = Registry(storage).get("iris-classifier", 1)
+    assert version is not None
+    traces = Path(stack.state_dir) / TRACES_DIR
+    started = storage.read_json(f"runs/{version.run_id}/started.json") or {}
+    recorded = started["context"]["trace_id"]
+
+    def chain() -> list[dict]:
+        # The trace the run's records name; the tests before this one redelivered some of its
+        # messages, and a delivery that carries no context (a notification sent again by
+        # hand) is a trace of its own, found by the run id too.
+        return [s for s in tracing.run_spans(traces, version.run_id) if s["trace_id"] == recorded]
+
+    deadline = time.monotonic() + 10  # each process exports every half second
+    spans = chain()
+    while not any(s["service"] == "predictor" for s in spans) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        spans = chain()
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if s["parent_id"] not in ids]
+    timeline = cli(stack, "-m", "mlpipe_ops.cli", "timeline", version.run_id)
+
+    assert {s["service"] for s in spans} >= {
+        "ingest",
+        "trainer",
+        "training-job",
+        "evaluator",
+        "deployer",
+        "predictor",
+    }
+    assert [r["name"] for r in roots] == ["ingest IngestRequest"]
+    names = [s["name"] for s in spans]
+    for hop in (
+        "trainer ObjectFinalize",  # through the landed object's metadata
+        "training job",  # through TRACEPARENT
+        "fit",
+        "evaluator TrainingCompleted",  # through googclient_traceparent
+        "deployer EvaluationCompleted",
+        "predictor DeploymentCompleted",
+    ):
+        assert hop in names, names
+    assert timeline.returncode == 0, timeline.stderr
+    assert recorded in timeline.stdout.splitlines()[1]  # "trace <id>[, <id> ...]"
+    assert "predictor DeploymentCompleted" in timeline.stdout
 
 
 def cli(stack: StackState, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:

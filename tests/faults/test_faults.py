@@ -97,7 +97,9 @@ def log_problems(stack: StackState) -> list[str]:
     for log in Path(stack.state_dir, "logs").glob("*.log"):
         for line in log.read_text(errors="replace").splitlines():
             if "Traceback" in line or "unexpected error" in line:
-                found.append(f"{log.name}: {line[:300]}")
+                # The start (the message) and the end (where the exception was raised).
+                shown = line if len(line) <= 600 else f"{line[:300]} … {line[-300:]}"
+                found.append(f"{log.name}: {shown}")
     return found
 
 
@@ -399,6 +401,12 @@ def test_the_poison_catalogue_gets_its_documented_answers(
 
 
 # --- 3. a burst -------------------------------------------------------------------------------
+# Cloud Run's defaults for a liveness probe (the Admin API's Probe: timeoutSeconds defaults to
+# 1, failureThreshold to 3): a probe fails past 1 s, and 3 failures in a row restart it.
+LIVENESS_TIMEOUT = 1.0
+LIVENESS_FAILURES = 3
+
+
 def burst_of_a_thousand(stack: StackState, within: float = 180.0) -> dict[str, Any]:
     """A thousand ingest requests published at once (one in ten naming no pipeline); its
     figures once every one is accounted for by a DatasetLanded or a PipelineFailed (or
@@ -416,6 +424,10 @@ def burst_of_a_thousand(stack: StackState, within: float = 180.0) -> dict[str, A
         for i, rid in enumerate(ids)
     ]
     slowest_health = 0.0
+    # Cloud Run restarts an instance whose liveness probe fails LIVENESS_FAILURES times in a
+    # row, each failing past LIVENESS_TIMEOUT: the longest such run of slow answers per service.
+    slow_in_a_row = dict.fromkeys(("ingest", "trainer", "predictor"), 0)
+    most_slow_in_a_row = 0
     accounted: dict[str, str] = {}
     topics = (events.DATASETS_LANDED, events.PIPELINE_FAILURES)
     with EventWatcher(stack.project, topics=topics) as watcher:
@@ -437,7 +449,11 @@ def burst_of_a_thousand(stack: StackState, within: float = 180.0) -> dict[str, A
             for service in ("ingest", "trainer", "predictor"):
                 t0 = time.monotonic()
                 httpx.get(f"{stack.url(service)}/healthz", timeout=5).raise_for_status()
-                slowest_health = max(slowest_health, time.monotonic() - t0)
+                answered = time.monotonic() - t0
+                slowest_health = max(slowest_health, answered)
+                slow = answered >= LIVENESS_TIMEOUT
+                slow_in_a_row[service] = slow_in_a_row[service] + 1 if slow else 0
+                most_slow_in_a_row = max(most_slow_in_a_row, slow_in_a_row[service])
             for observed in watcher.events(timeout=0.2):
                 event = observed.event
                 rid = event.context.request_id  # type: ignore[attr-defined]
@@ -456,6 +472,7 @@ def burst_of_a_thousand(stack: StackState, within: float = 180.0) -> dict[str, A
         "publish_seconds": round(published, 2),
         "all_accounted_seconds": round(took, 2),
         "slowest_health_seconds": round(slowest_health, 3),
+        "most_slow_health_answers_in_a_row": most_slow_in_a_row,
     }
 
 
@@ -466,5 +483,7 @@ def test_a_burst_of_a_thousand_requests_is_all_accounted_for(stack: StackState) 
     print(f"burst: {figures}")
     assert figures["lost"] == 0, f"lost: {lost_ids}"
     assert figures["failed_with_reason"] == 100
-    assert figures["slowest_health_seconds"] < 1.0
+    # Slow health answers are counted as Cloud Run's liveness probe would: never enough of
+    # them in a row for it to restart a service mid-burst.
+    assert figures["most_slow_health_answers_in_a_row"] < LIVENESS_FAILURES
     assert log_problems(stack) == []

@@ -42,6 +42,7 @@ from mlpipe_ops.localstack import (
     StackState,
     client_env,
     fake_gcs_binary,
+    pubsub_emulator_command,
     stop_processes,
 )
 from tests.conftest import REPO, free_base_port, unique, wait_until
@@ -289,14 +290,7 @@ def _restart_pubsub(state: StackState, root: Path) -> None:
     log = root / "pubsub-restarted.log"
     with log.open("ab") as out:
         popen = subprocess.Popen(
-            [
-                "gcloud",
-                *("beta", "emulators", "pubsub", "start"),
-                f"--host-port={state.pubsub_host}",
-                f"--project={state.project}",
-                f"--data-dir={root / 'pubsub-data'}",
-                "--quiet",
-            ],
+            pubsub_emulator_command(state, root / "pubsub-data"),
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, **state.client_env()},

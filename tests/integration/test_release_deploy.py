@@ -497,7 +497,7 @@ def test_gcloud_applies_one_pipeline_per_service_through_three_targets(
     pipelines = cloud_deploy.of_kind("deliveryPipelines")
     targets = cloud_deploy.of_kind("targets")
     assert sorted(pipelines) == sorted(
-        f"{location()}/deliveryPipelines/mlpipe-{s}" for s in TOPOLOGY.services
+        f"{location()}/deliveryPipelines/mlpipe-{s}" for s in TOPOLOGY.deployed
     )
     for pipeline in pipelines.values():
         assert pipeline["serialPipeline"]["stages"] == [

@@ -3,6 +3,7 @@ rollback; every step a DeploymentCompleted with the split."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
-from mlpipe.store.registry import Registry
+from mlpipe.store.registry import Registry, Traffic
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer import rollout
 from mlpipe_deployer.deployment import Deployer
@@ -256,3 +257,118 @@ def test_a_canary_failure_on_one_instance_stops_every_instance_promoting_it(
 
     assert promoted == []
     assert Registry(cloud.storage).traffic("iris-classifier").canary == 2
+
+
+def test_a_watch_round_that_read_the_registry_mid_write_is_corrected_next_round(
+    cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    from mlpipe_predictor.models import ModelStore, RegistryWatch
+
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    deploy(cloud, trained(cloud, iris_config, renamed_iris(iris_csv)), canary_percent=20)
+    store = ModelStore(Registry(cloud.storage))
+    store.load_all()
+    watch = RegistryWatch(store)
+    watch.check()
+    before = store.shares("iris-classifier")
+    Registry(cloud.storage).rollback("iris-classifier")  # the canary stopped: v1 100 %
+    # This round lists the new aliases but reads the traffic as it was before the write.
+    fresh = store.registry.traffic_round
+    store.registry.traffic_round = lambda name: (Traffic(1, 2, 20), 1)  # type: ignore[method-assign]
+    watch.check()
+    raced = store.shares("iris-classifier")
+    store.registry.traffic_round = fresh  # type: ignore[method-assign]
+    watch.check()  # the aliases did not change again
+
+    assert before == [(1, "champion", 80), (2, "canary", 20)]
+    assert raced == before
+    assert store.shares("iris-classifier") == [(1, "champion", 100)]
+
+
+def test_a_watch_round_is_timed_and_a_failed_one_is_counted_with_its_error(
+    cloud: Cloud, iris_config: PipelineConfig, iris_csv: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mlpipe.store.storage import Storage
+    from mlpipe_predictor.models import ModelStore, RegistryWatch
+
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    watch = RegistryWatch(ModelStore(Registry(cloud.storage)))
+    watch.round()
+    good = watch.status.as_dict()
+    # The same watch over a bucket that does not exist: every round fails, and says why.
+    missing = Storage(cloud.storage.client, "no-such-bucket-" + cloud.storage.bucket_name)
+    broken = RegistryWatch(ModelStore(Registry(missing)))
+    with caplog.at_level(logging.WARNING, logger="mlpipe_predictor.models"):
+        broken.round()
+        broken.round()
+
+    assert good["rounds"] == 1 and good["failures"] == 0 and good["last_error"] == ""
+    assert good["last_round_at"] and good["last_round_seconds"] > 0
+    assert set(good["last_round_parts"]) == {"list", "refresh", "settle", "record"}
+    assert good["last_round_parts"]["refresh"] > 0  # the first round loads what is served
+    assert broken.status.rounds == 2 and broken.status.failures == 2
+    assert "NotFound" in broken.status.last_error
+    assert sum("round failed" in r.message for r in caplog.records) == 2
+
+
+def test_each_watching_instance_records_what_it_serves_and_silent_ones_are_dropped(
+    cloud: Cloud, iris_config: PipelineConfig, iris_csv: str
+) -> None:
+    import datetime as dt
+
+    from mlpipe.store import layout
+    from mlpipe_predictor import models
+    from mlpipe_predictor.models import ModelStore, RegistryWatch
+
+    name = "iris-classifier"
+    deploy(cloud, trained(cloud, iris_config, iris_csv))
+    deploy(cloud, trained(cloud, iris_config, renamed_iris(iris_csv)), canary_percent=20)
+    registry = Registry(cloud.storage)
+    # Rounds run here one by one (the threads' own would come after an hour).
+    watches = [
+        RegistryWatch(
+            ModelStore(Registry(cloud.storage)), 3600, about={"revision": f"predictor-r{i}"}
+        )
+        for i in range(2)
+    ]
+    for watch in watches:
+        watch.start()
+    for watch in watches:
+        watch.round()
+    first = {r["instance"]: r for r in registry.instances(name)}
+    written = cloud.storage.read(layout.RegistryPaths(name).instance(watches[0].store.instance))
+    watches[0].round()  # nothing changed and no heartbeat due: not written again
+    unchanged = cloud.storage.read(layout.RegistryPaths(name).instance(watches[0].store.instance))
+    registry.rollback(name)
+    for watch in watches:
+        watch.round()
+    after = {r["instance"]: r for r in registry.instances(name)}
+    # A killed instance's record falls silent; the next backstop round of another drops it.
+    cloud.storage.write_json(
+        layout.RegistryPaths(name).instance("killed"),
+        {
+            "serving": [],
+            "updated_at": (dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)).isoformat(),
+        },
+    )
+    watches[0].rounds = models.BACKSTOP_ROUNDS - 1
+    watches[0].round()
+    watches[1].stop()  # as the service's shutdown stops it
+    final = {r["instance"]: r for r in registry.instances(name)}
+
+    ids = [w.store.instance for w in watches]
+    assert sorted(first) == sorted(ids)
+    for i, instance in enumerate(ids):
+        assert first[instance]["serving"] == [
+            {"version": 1, "alias": "champion", "percent": 80},
+            {"version": 2, "alias": "canary", "percent": 20},
+        ]
+        assert first[instance]["revision"] == f"predictor-r{i}"
+        assert first[instance]["canary"]["version"] == 2
+        assert after[instance]["serving"] == [{"version": 1, "alias": "champion", "percent": 100}]
+        assert after[instance]["canary"] is None
+    assert written is not None and unchanged is not None
+    assert unchanged.generation == written.generation
+    assert "killed" not in final and sorted(final) == sorted(ids)
+    assert final[ids[1]]["stopped_at"] and not final[ids[0]]["stopped_at"]
+    watches[0].stop()

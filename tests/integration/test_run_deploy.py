@@ -185,6 +185,8 @@ def test_gcloud_deploys_the_runtime_definition(
         "MLPIPE_BUCKET": f"{PROJECT}-mlpipe",
         "MLPIPE_CODE_VERSION": SHA,
         "MLPIPE_ENV": env,
+        # One trace per run, in Cloud Trace (mlpipe.tracing).
+        "MLPIPE_TRACE_EXPORTER": "cloud-trace",
         "MLPIPE_PUSH_AUTH": "oidc",
         # What `mlpipe infra apply` puts on the subscriptions that push to this service.
         "MLPIPE_PUSH_AUDIENCE": f"https://mlpipe-{service}-{NUMBER}.{REGION}.run.app",
@@ -207,6 +209,23 @@ def test_gcloud_deploys_the_runtime_definition(
                 "MLPIPE_PREDICTOR_IMAGE": image.replace("/deployer:", "/predictor:"),
             }
             if service == "deployer"
+            else {}
+        ),
+        # Batch jobs on Dataflow, as the predictor's own account, from this build's template.
+        **(
+            {
+                "MLPIPE_BATCH_LAUNCHER": "dataflow",
+                "MLPIPE_REGION": REGION,
+                "MLPIPE_BATCH_DATAFLOW_TEMPLATE": (
+                    f"gs://{PROJECT}-mlpipe/dataflow/templates/batch-{SHA}.json"
+                ),
+                "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT": target.runtime_accounts["predictor"],
+                "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION": f"gs://{PROJECT}-mlpipe/dataflow/temp",
+                "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION": (
+                    f"gs://{PROJECT}-mlpipe/dataflow/staging"
+                ),
+            }
+            if service == "predictor"
             else {}
         ),
         **runtime.env,

@@ -55,3 +55,54 @@ def test_the_weather_providers_land_as_one_dataset(
     landed = cloud.pulled(events.DATASETS_LANDED)
     assert landed[0].dataset.row_count == (3 + 2) * 48
     assert {"provider", "station", "temp_c"} <= set(landed[0].columns)
+
+
+def test_the_history_from_bigquery_and_the_providers_land_as_two_versions_of_one_dataset(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch, providers: object
+) -> None:
+    """The example's history (history.py) through the real BigQuery client and the stand-in:
+    its query's export fits the weather contract and lands, then the providers' request lands
+    in the same dataset. Driven through the BigQuery backend directly; through the export
+    mechanism once ingest has it."""
+    from mlpipe.store import layout
+    from mlpipe_ingest.sources_bigquery import (
+        BigQueryExports,
+        BigQuerySettings,
+        bigquery_client,
+        land_export,
+    )
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))  # history.py imports providers.py as run.py does
+    history = load("history")
+    config = parse_config((EXAMPLE / "pipeline.yaml").read_text())
+    stand_in = history.serve_history("http://127.0.0.1:0", cloud.project, cloud.storage.client)
+    try:
+        exports = BigQueryExports(
+            bigquery_client(cloud.project, stand_in.url), BigQuerySettings(cloud.project)
+        )
+        request = history.history_request("h1")
+        staging = cloud.storage.uri(layout.export_staging_prefix("h1"))
+        recorded = exports.start(request, staging, "h1")
+        for _ in range(4):
+            stand_in.advance(1)
+            status = exports.poll(recorded)
+        assert status.state == "done", status
+        landed_history, _ = land_export(
+            cloud.storage,
+            request,
+            status.objects,
+            exports.exported_table(recorded),
+            config,
+            code_version="test",
+            chunk_bytes=64 * 1024,
+        )
+    finally:
+        stand_in.stop()
+    assert landed_history.dataset.row_count == 5 * 24 * history.HISTORY_DAYS
+
+    test_the_weather_providers_land_as_one_dataset(cloud, monkeypatch, providers)
+
+    landed = cloud.storage.list(layout.dataset_prefix("weather"))
+    assert len(landed) == 2
+    assert cloud.storage.path_of(landed_history.dataset.uri) in landed
+    assert {p.rsplit(".", 1)[-1] for p in landed} == {"parquet", "csv"}

@@ -15,7 +15,7 @@ from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.evaluation import Evaluator, evaluate
 from mlpipe_trainer.training import train
-from tests.conftest import REPO, unique
+from tests.conftest import REPO, unique, wait_until
 from tests.integration.conftest import Cloud, forward, notification
 
 pytestmark = pytest.mark.integration
@@ -70,8 +70,10 @@ def test_a_worse_challenger_is_blocked_by_the_champion_gate(
     assert blocked.threshold == pytest.approx(first_eval.metrics["accuracy"] - 0.02)
     assert not second.deployed and "relative_accuracy" in second.reason
     assert Registry(cloud.storage).alias("iris-classifier") == 1
-    report = cloud.storage.read(cloud.storage.path_of(second_eval.report_uri))
-    assert report is not None
+    # The report is drawn after the push is answered.
+    report = wait_until(
+        lambda: cloud.storage.read(cloud.storage.path_of(second_eval.report_uri)), 60, "report"
+    )
     page = report.data.decode()
     assert "<svg" in page and "confusion matrix" in page and "champion v1" in page
     assert "relative_accuracy" in page and second_eval.context.run_id in page

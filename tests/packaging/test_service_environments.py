@@ -43,12 +43,7 @@ OPTIONAL_IMPORTS: dict[str, str] = {}
 # Imports made by code that sits in a service's package but is not wired into the service yet:
 # (importing module, missing module) -> why. The change that wires it in adds the dependency
 # and removes the entry.
-NOT_WIRED: dict[tuple[str, str], str] = {
-    ("mlpipe_ingest.sources_earthengine", "ee"): (
-        "earthengine-api, for EeTasks only: written but not installed or wired "
-        "(docs/ingest-sources.md)"
-    ),
-}
+NOT_WIRED: dict[tuple[str, str], str] = {}
 
 # A service that cannot start must say so promptly; this allows a cold import of the largest
 # service on a slow machine.
@@ -164,6 +159,20 @@ BAD_SETTINGS = {
         "needs MLPIPE_PUSH_AUDIENCE and MLPIPE_PUSH_SERVICE_ACCOUNT",
     ),
 }
+# No push reaches the console: what it checks before starting is who may act.
+SERVICE_BAD_SETTINGS = {
+    "console": {
+        "push auth": (
+            {
+                "MLPIPE_PROJECT": "p",
+                "MLPIPE_BUCKET": "b",
+                "PORT": "0",
+                "MLPIPE_CONSOLE_AUTH": "local",
+            },
+            "MLPIPE_CONSOLE_AUTH=local lets anyone act, which is only for the emulators",
+        ),
+    },
+}
 
 
 @pytest.mark.parametrize("svc", SERVICES)
@@ -171,6 +180,7 @@ def test_a_bad_setting_stops_the_service_with_one_line_naming_it(
     svc: str, environments: dict[str, Future[ServiceEnvironment]], tmp_path: Path
 ) -> None:
     python = environments[svc].result().python
+    cases = BAD_SETTINGS | SERVICE_BAD_SETTINGS.get(svc, {})
     # The three start concurrently: each mostly waits for imports.
     started = {
         case: subprocess.Popen(
@@ -181,7 +191,7 @@ def test_a_bad_setting_stops_the_service_with_one_line_naming_it(
             stderr=subprocess.PIPE,
             text=True,
         )
-        for case, (settings, _) in BAD_SETTINGS.items()
+        for case, (settings, _) in cases.items()
     }
     outputs = {}
     for case, process in started.items():
@@ -197,7 +207,7 @@ def test_a_bad_setting_stops_the_service_with_one_line_naming_it(
             pytest.fail(f"{case}: mlpipe_{svc} still running after {START_TIMEOUT_SECONDS}s")
 
     for case, (stdout, stderr, code) in outputs.items():
-        expected = BAD_SETTINGS[case][1]
+        expected = cases[case][1]
         assert code == EXIT_CONFIG, f"{case}: exit {code}\n{stderr}"
         assert "Traceback" not in stdout + stderr, f"{case}:\n{stderr}"
         lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]

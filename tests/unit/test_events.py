@@ -201,3 +201,20 @@ def test_next_context_leaves_the_previous_context_unchanged() -> None:
     events.next_context(previous, producer="trainer", code_version="def456")
 
     assert previous == before
+
+
+def test_a_binary_event_that_looks_like_json_after_its_first_byte_is_read_as_binary() -> None:
+    # Field 1's tag is 0x0a, a newline: with a context of 123 bytes, the first non-blank byte
+    # is `{` and the data looks like JSON to a sniffer that skips blanks.
+    failed = events_pb2.PipelineFailed(
+        context=events_pb2.RunContext(run_id="0" * 16, producer="ingest", request_id="r" * 95),
+        reason="missing_column",
+    )
+    data = failed.SerializeToString()
+    assert data[:2] == b"\n{"
+
+    assert events.decode(events_pb2.PipelineFailed, data) == failed
+    with pytest.raises(events.EventDecodeError, match="not a valid JSON"):
+        events.decode(events_pb2.PipelineFailed, b"\n{not json")
+    with pytest.raises(events.EventDecodeError, match="not a valid JSON"):
+        events.decode(events_pb2.PipelineFailed, data, "JSON")

@@ -17,6 +17,7 @@ SOURCES = [
     ROOT / "libs" / "mlpipe-ops" / "src" / "mlpipe_ops",
 ]
 SOURCES += sorted((ROOT / "services").glob("*/src/mlpipe_*"))
+SOURCES += sorted((ROOT / "jobs").glob("*/src/mlpipe_*"))
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
@@ -47,6 +48,10 @@ def test_the_contracts_hold() -> None:
     [
         ("mlpipe_trainer/start.py", "import mlpipe_ops.infra", "operator distribution"),
         ("mlpipe_trainer/start.py", "import mlpipe_evaluator.metrics", "another service"),
+        # The predictor launches the batch job as a process; it never imports it.
+        ("mlpipe_predictor/steps.py", "import mlpipe_batch.pipeline", "another service"),
+        ("mlpipe_batch/pipeline.py", "import mlpipe_predictor.batch", "another service"),
+        ("mlpipe_batch/pipeline.py", "import mlpipe_ops.infra", "operator distribution"),
         ("mlpipe/store/storage.py", "import mlpipe.messaging.events", "layers"),
         ("mlpipe_ingest/landing.py", "import starlette.responses", "web framework"),
         ("mlpipe_ingest/landing.py", "import mlpipe_ingest.main", "adapter module"),

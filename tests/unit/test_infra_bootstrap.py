@@ -44,7 +44,7 @@ def test_every_role_granted_is_justified_by_a_comment() -> None:
 def test_bootstrap_creates_the_accounts_the_environments_name() -> None:
     services = re.search(r"^SERVICES=\((.*)\)$", SCRIPT, re.M)
     assert services is not None
-    assert tuple(services.group(1).split()) == TOPOLOGY.services
+    assert tuple(services.group(1).split()) == TOPOLOGY.deployed
     assert 'ensure_sa "mlpipe-$s"' in SCRIPT and 'ensure_sa "mlpipe-push-$s"' in SCRIPT
     for name in ("dev", "staging", "prod"):
         env = infra.load_environment(name, REPO / "infra" / "environments")
@@ -55,7 +55,7 @@ def test_bootstrap_creates_the_accounts_the_environments_name() -> None:
             assert route.cloud_run_service.endswith(f"/services/mlpipe-{service}")
         assert target.bucket == "acme-ml-mlpipe"  # bootstrap's BUCKET="${PROJECT}-mlpipe"
         assert target.runtime_accounts == {
-            s: f"mlpipe-{s}@acme-ml.iam.gserviceaccount.com" for s in TOPOLOGY.services
+            s: f"mlpipe-{s}@acme-ml.iam.gserviceaccount.com" for s in TOPOLOGY.deployed
         }
 
 
@@ -71,11 +71,11 @@ def test_cloud_build_deploys_the_services_the_environments_name() -> None:
         target = infra.resolve(env, name, project="acme-ml", project_number=1)
         assert target.run_services == {
             s: f"projects/acme-ml/locations/{target.region}/services/mlpipe-{s}"
-            for s in TOPOLOGY.services
+            for s in TOPOLOGY.deployed
         }
 
 
-@pytest.mark.parametrize("service", TOPOLOGY.services)
+@pytest.mark.parametrize("service", TOPOLOGY.deployed)
 def test_bootstrap_imports_each_trigger_with_the_environment_substitutions(service: str) -> None:
     """The trigger file as bootstrap writes it: the committed one, then its heredoc."""
     appended = re.search(r'cat >>"\$triggers/\$s.yaml" <<EOF\n(.*?)\nEOF\n', SCRIPT, re.S)
@@ -210,10 +210,21 @@ def test_the_predictor_may_rewrite_registry_objects_only() -> None:
         f"{layout.REGISTRY}')"
     )
     grants = [ln for ln in SCRIPT.splitlines() if 'bucket_role "$(sa mlpipe-predictor)"' in ln]
-    # Read everywhere, create quarantine and prediction objects, delete/overwrite in registry/.
+    # Read everywhere, create quarantine and prediction objects, delete/overwrite in registry/,
+    # and, for its batch jobs, in predictions/ and dataflow/.
     assert grants == [
         'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectViewer',
         'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectCreator',
         'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser '
         '--condition="$REGISTRY_ONLY"',
+        'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser '
+        '--condition="$PREDICTIONS_ONLY"',
+        'bucket_role "$(sa mlpipe-predictor)" roles/storage.objectUser '
+        '--condition="$DATAFLOW_ONLY"',
     ]
+    for name, prefix in (("PREDICTIONS_ONLY", layout.PREDICTIONS), ("DATAFLOW_ONLY", "dataflow/")):
+        found = re.search(rf'^{name}="(.*)"$', SCRIPT, re.M)
+        assert found is not None
+        assert found.group(1).split(",title=")[0] == (
+            f"expression=resource.name.startsWith('projects/_/buckets/${{BUCKET}}/objects/{prefix}')"
+        )

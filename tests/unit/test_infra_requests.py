@@ -246,12 +246,31 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-deployer")),
         # The predictor's automatic promotion records a DeploymentCompleted.
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
+        # Batch jobs run as the predictor and publish their completion.
+        (topic + "batch-predictions-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         *(
             (topic + "pipeline-failures", "roles/pubsub.publisher", sa(f"mlpipe-{s}"))
             for s in services
         ),
         # dev deploys to cloud_run: the deployer updates the predictor service, and only it.
         (run + "predictor", "roles/run.developer", sa("mlpipe-deployer")),
+        # The console replays a failure to the topic its subscription reads, lists and
+        # acknowledges dead letters, and asks the deployer for rollout steps.
+        *(
+            (topic + t, "roles/pubsub.publisher", sa("mlpipe-console"))
+            for t in (
+                "ingest-requests",
+                "gcs-objects",
+                "datasets-landed",
+                "training-completed",
+                "evaluation-completed",
+                "monitoring-requests",
+                "deployment-completed",
+                "batch-prediction-requests",
+            )
+        ),
+        (sub + "dead-letters-archive", "roles/pubsub.subscriber", sa("mlpipe-console")),
+        (run + "deployer", "roles/run.invoker", sa("mlpipe-console")),
     }
     assert len(infra.iam_bindings(dev)) == len(bindings)  # no duplicates
 

@@ -135,3 +135,15 @@ def test_run_ids_come_from_a_listing_of_runs() -> None:
 def test_the_bucket_notification_watches_the_datasets_prefix() -> None:
     assert TOPOLOGY.notification.object_prefix == layout.DATASETS
     assert layout.DATASET_PATH.match(layout.dataset_path("iris", DAY, "x", "parquet"))
+
+
+def test_pending_reports_are_listed_by_run_id() -> None:
+    listing = [
+        layout.pending_report_path("0123456789abcdef"),
+        layout.pending_report_path("fedcba9876543210"),
+        layout.PENDING_REPORTS + "not-a-run-id",
+        "runs/0123456789abcdef/report.html",
+    ]
+
+    assert layout.pending_report_runs(listing) == ["0123456789abcdef", "fedcba9876543210"]
+    assert layout.RunPaths("0123456789abcdef").plots == "runs/0123456789abcdef/plots.json"

@@ -16,13 +16,13 @@ from fastapi.testclient import TestClient
 from mlpipe.ml.config import parse_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.modeling import build_pipeline
+from mlpipe.ml.scoring import LoadedModel, onnx_session
 from mlpipe.ml.split import split_rows
 from mlpipe.ml.validation import check_dataset
 from mlpipe_deployer.onnx_compile import compile_model
 from mlpipe_predictor.api import PredictRoutes
 from mlpipe_predictor.models import CanaryWatch, ModelStore, Served
 from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
-from mlpipe_predictor.runtime import LoadedModel, onnx_session
 from tests.conftest import REPO
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -277,17 +277,17 @@ def test_requests_errors_and_latency_are_counted_per_model_version(iris: LoadedM
     text = state.serving_metrics.render(state.prediction_log.counts)
     lines = set(text.splitlines())
 
-    assert 'mlpipe_predict_requests_total{model="iris-classifier",version="1"} 3' in lines
-    assert 'mlpipe_predict_instances_total{model="iris-classifier",version="1"} 6' in lines
+    assert 'mlpipe_predict_requests_total{model="iris-classifier",version="1"} 3.0' in lines
+    assert 'mlpipe_predict_instances_total{model="iris-classifier",version="1"} 6.0' in lines
     # A bad request is counted against the model it named (its version is unknown then).
-    assert 'mlpipe_predict_errors_total{model="nope",version="-"} 1' in lines
-    assert 'mlpipe_predict_errors_total{model="-",version="-"} 1' in lines
-    assert 'mlpipe_predict_latency_seconds_count{model="iris-classifier",version="1"} 3' in lines
+    assert 'mlpipe_predict_errors_total{model="nope",version="-"} 1.0' in lines
+    assert 'mlpipe_predict_errors_total{model="-",version="-"} 1.0' in lines
+    assert 'mlpipe_predict_latency_seconds_count{model="iris-classifier",version="1"} 3.0' in lines
     assert (
-        'mlpipe_predict_latency_seconds_bucket{model="iris-classifier",version="1",le="+Inf"} 3'
+        'mlpipe_predict_latency_seconds_bucket{le="+Inf",model="iris-classifier",version="1"} 3.0'
         in lines
     )
-    assert 'mlpipe_prediction_log_records_total{outcome="sampled"} 6' in lines
+    assert 'mlpipe_prediction_log_records_total{outcome="sampled"} 6.0' in lines
     assert "# TYPE mlpipe_predict_latency_seconds histogram" in lines
 
 

@@ -235,3 +235,42 @@ def test_oidc_needs_its_audience_and_service_account() -> None:
         settings(push_auth="oidc", push_audience=AUDIENCE, push_service_account=PUSHER)
     )
     assert made is not None and made.audience == AUDIENCE
+
+
+CALLER = "scheduler-job@acme.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize(
+    ("email", "callers", "admitted"),
+    [
+        (PUSHER, frozenset(), True),  # the push account may always call directly
+        (CALLER, frozenset({CALLER}), True),
+        (CALLER, frozenset({"*"}), True),  # whoever Cloud Run's IAM admitted
+        (CALLER, frozenset(), False),
+        ("someone@example.com", frozenset({CALLER}), False),
+    ],
+)
+def test_a_direct_caller_is_admitted_only_when_listed(
+    verifier: PushVerifier, email: str, callers: frozenset[str], admitted: bool
+) -> None:
+    authorization = f"Bearer {token(email=email)}"
+    if admitted:
+        assert verifier.verify_caller(authorization, callers) == email
+    else:
+        with pytest.raises(PushAuthError) as refused:
+            verifier.verify_caller(authorization, callers)
+        assert refused.value.status == 403 and email in refused.value.message
+
+
+def test_a_direct_caller_needs_a_verified_identity_for_this_service(
+    verifier: PushVerifier,
+) -> None:
+    with pytest.raises(PushAuthError, match="no verified identity") as unverified:
+        verifier.verify_caller(f"Bearer {token(email_verified=False)}", frozenset({"*"}))
+    assert unverified.value.status == 403
+    with pytest.raises(PushAuthError, match="audience") as elsewhere:
+        verifier.verify_caller(f"Bearer {token(aud='https://other.run.app')}", frozenset({"*"}))
+    assert elsewhere.value.status == 403
+    with pytest.raises(PushAuthError, match="without a bearer token") as anonymous:
+        verifier.verify_caller("", frozenset({"*"}))
+    assert anonymous.value.status == 401

@@ -77,7 +77,7 @@ def test_release_config_writes_the_pipelines_the_skaffold_config_and_a_manifest_
         [
             "clouddeploy.yaml",
             "skaffold.yaml",
-            *(f"manifests/{e}/{s}.yaml" for e in release.PROMOTION for s in TOPOLOGY.services),
+            *(f"manifests/{e}/{s}.yaml" for e in release.PROMOTION for s in TOPOLOGY.deployed),
         ]
     )
     for text in rendered.values():
@@ -106,7 +106,7 @@ def test_one_pipeline_per_service_through_dev_staging_prod_with_approval_before_
     targets = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Target"}
 
     assert {d["apiVersion"] for d in documents} == {"deploy.cloud.google.com/v1"}
-    assert [p["metadata"]["name"] for p in pipelines] == [f"mlpipe-{s}" for s in TOPOLOGY.services]
+    assert [p["metadata"]["name"] for p in pipelines] == [f"mlpipe-{s}" for s in TOPOLOGY.deployed]
     for pipeline in pipelines:
         assert pipeline["serialPipeline"]["stages"] == [
             {"targetId": f"mlpipe-{env}", "profiles": [env]} for env in ("dev", "staging", "prod")
@@ -135,8 +135,8 @@ def test_each_skaffold_profile_selects_its_environment_s_manifest(
 ) -> None:
     configs = list(yaml.safe_load_all(rendered["skaffold.yaml"]))
 
-    assert [c["metadata"]["name"] for c in configs] == [f"mlpipe-{s}" for s in TOPOLOGY.services]
-    for service, config in zip(TOPOLOGY.services, configs, strict=True):
+    assert [c["metadata"]["name"] for c in configs] == [f"mlpipe-{s}" for s in TOPOLOGY.deployed]
+    for service, config in zip(TOPOLOGY.deployed, configs, strict=True):
         assert config["apiVersion"] == release.SKAFFOLD_API_VERSION
         assert config["kind"] == "Config"
         assert config["deploy"] == {"cloudrun": {}}
@@ -402,7 +402,7 @@ FLAG_IN_MANIFEST: dict[str, Callable[[dict[str, Any]], Any] | None] = {
 
 
 @pytest.mark.parametrize("env", release.PROMOTION)
-@pytest.mark.parametrize("service", TOPOLOGY.services)
+@pytest.mark.parametrize("service", TOPOLOGY.deployed)
 def test_the_manifest_says_what_the_deploy_flags_say(
     rendered: dict[str, str], env: str, service: str
 ) -> None:

@@ -4,6 +4,7 @@ infra/runtime.yaml and the environment file, and the one environment a service g
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,7 @@ def test_the_trainer_flags_for_dev(tmp_path: Path) -> None:
             "MLPIPE_BUCKET": "mlpipe-dev-mlpipe",
             "MLPIPE_CODE_VERSION": SHA,
             "MLPIPE_ENV": "dev",
+            "MLPIPE_TRACE_EXPORTER": "cloud-trace",
             "MLPIPE_PUSH_AUTH": "oidc",
             "MLPIPE_PUSH_AUDIENCE": f"https://mlpipe-trainer-{NUMBER}.us-central1.run.app",
             "MLPIPE_PUSH_SERVICE_ACCOUNT": "mlpipe-push-trainer@mlpipe-dev.iam.gserviceaccount.com",
@@ -160,6 +162,33 @@ def test_on_gcp_the_trainers_vertex_jobs_run_as_the_trainer() -> None:
 
     assert env["MLPIPE_VERTEX_SERVICE_ACCOUNT"] == target.runtime_accounts["trainer"]
     assert env["MLPIPE_VERTEX_SERVICE_ACCOUNT"].startswith("mlpipe-trainer@")
+
+
+def test_on_gcp_batch_jobs_run_on_dataflow_as_the_predictor_from_the_builds_template(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = dev_with()
+    runtime = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")["predictor"]
+
+    env = service_runtime.service_environment(target, "predictor", runtime, code_version="c1")
+
+    assert env["MLPIPE_BATCH_LAUNCHER"] == "dataflow"
+    assert env["MLPIPE_REGION"] == target.region
+    assert env["MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT"] == target.runtime_accounts["predictor"]
+    assert env["MLPIPE_BATCH_DATAFLOW_TEMPLATE"] == (
+        f"gs://{target.bucket}/dataflow/templates/batch-c1.json"
+    )
+    assert env["MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION"] == f"gs://{target.bucket}/dataflow/temp"
+    # The workers are runtime.yaml's.
+    assert env["MLPIPE_BATCH_DATAFLOW_MACHINE_TYPE"] == "n2-standard-4"
+    assert env["MLPIPE_BATCH_DATAFLOW_MAX_WORKERS"] == "20"
+    # What it renders is what the predictor's settings accept.
+    from mlpipe_predictor.settings import PredictorSettings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = PredictorSettings()
+    assert settings.batch_launcher == "dataflow" and settings.batch_dataflow_max_workers == 20
 
 
 def test_on_the_emulators_a_service_takes_unauthenticated_pushes() -> None:
@@ -254,3 +283,62 @@ def test_an_invalid_runtime_definition_stops_infra_before_any_request(
 
     assert result.exit_code == 1
     assert "trainer.memory: 64Gi: Cloud Run allows 512Mi to 32Gi" in result.output
+
+
+def test_the_console_is_a_private_service_that_iap_identifies_users_of() -> None:
+    code, said = run_flags(
+        "console",
+        "--env",
+        "dev",
+        "--project-number",
+        str(NUMBER),
+        "--image",
+        "i",
+        "--code-version",
+        "c",
+    )
+
+    assert code == 0, said
+    flags = yaml.safe_load(said)
+    assert "--no-allow-unauthenticated" in flags
+    assert flags["--service-account"] == "mlpipe-console@mlpipe-dev.iam.gserviceaccount.com"
+    assert flags["--max-instances"] == 2  # infra/runtime.yaml's console
+    env = flags["--set-env-vars"]
+    # The run page's cost estimate: infra/prices.yaml as it is, and every service's size.
+    assert json.loads(env.pop("MLPIPE_PRICES")) == yaml.safe_load(
+        (REPO / "infra" / "prices.yaml").read_text()
+    )
+    assert json.loads(env.pop("MLPIPE_COST_SIZES")) == {
+        "console": {"cpu": 1, "memory_gib": 0.5, "cpu_always_allocated": False},
+        "deployer": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
+        "evaluator": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
+        "ingest": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
+        "predictor": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
+        "trainer": {"cpu": 2, "memory_gib": 2, "cpu_always_allocated": True},
+    }
+    assert env == {
+        "MLPIPE_PROJECT": "mlpipe-dev",
+        "MLPIPE_BUCKET": "mlpipe-dev-mlpipe",
+        "MLPIPE_CODE_VERSION": "c",
+        "MLPIPE_ENV": "dev",
+        "MLPIPE_TRACE_EXPORTER": "cloud-trace",
+        # No push reaches it: no push identity to check, IAP's signed header names the user.
+        "MLPIPE_CONSOLE_AUTH": "iap",
+        "MLPIPE_CONSOLE_AUDIENCE": f"https://mlpipe-console-{NUMBER}.us-central1.run.app",
+        "MLPIPE_CONSOLE_IAP_AUDIENCE": f"/projects/{NUMBER}/locations/us-central1/services/"
+        "mlpipe-console",
+        "MLPIPE_DEPLOYER_URL": f"https://mlpipe-deployer-{NUMBER}.us-central1.run.app",
+    }
+
+
+def test_on_the_emulators_the_console_lets_the_local_user_act() -> None:
+    env = infra.load_environment("local", ENVIRONMENTS)
+    ports = {**dict.fromkeys(TOPOLOGY.services, 18600), "deployer": 18604}
+    target = infra.resolve(env, "local", project="mlpipe-local", bucket="b", ports=ports)
+    runtime = service_runtime.load_runtimes("local", REPO / "infra" / "runtime.yaml")["console"]
+
+    found = service_runtime.service_environment(target, "console", runtime, code_version="dev")
+
+    assert found["MLPIPE_CONSOLE_AUTH"] == "local"
+    assert found["MLPIPE_DEPLOYER_URL"] == "http://127.0.0.1:18604"
+    assert "MLPIPE_PUSH_AUTH" not in found

@@ -11,7 +11,12 @@ import sys
 
 import pytest
 
-CLOUD_CLIENTS = ("google.cloud.aiplatform_v1", "google.cloud.aiplatform", "google.cloud.run_v2")
+CLOUD_CLIENTS = (
+    "google.cloud.aiplatform_v1",
+    "google.cloud.aiplatform",
+    "google.cloud.run_v2",
+    "google.cloud.bigquery",
+)
 
 
 @pytest.mark.parametrize(
@@ -19,12 +24,26 @@ CLOUD_CLIENTS = ("google.cloud.aiplatform_v1", "google.cloud.aiplatform", "googl
     [
         ("mlpipe_deployer.main", "mlpipe_deployer.targets.configured"),
         ("mlpipe_trainer.main", "mlpipe_trainer.vertex"),
+        ("mlpipe_ingest.main", "mlpipe_ingest.settings"),
     ],
 )
 def test_starting_imports_no_cloud_client(modules: tuple[str, ...]) -> None:
     probe = (
         f"import sys, {', '.join(modules)};"
         f"print(sorted(m for m in {CLOUD_CLIENTS!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_evaluator_starts_without_matplotlib() -> None:
+    # matplotlib is imported when a report is drawn, after the verdict is published.
+    probe = (
+        "import sys, mlpipe_evaluator.main, mlpipe_evaluator.evaluation;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120

@@ -8,7 +8,7 @@ import pytest
 
 from mlpipe.errors import PermanentError
 from mlpipe.ml.config import PipelineConfig, parse_config
-from mlpipe.ml.validation import check_dataset, describe_schema, schema_of
+from mlpipe.ml.validation import check_dataset, check_schema, describe_schema, schema_of
 
 SMALL_YAML = """\
 name: small
@@ -189,3 +189,53 @@ def test_unset_new_fields_keep_an_existing_configs_hash() -> None:
 
     assert b'"key"' not in plain.canonical_json()
     assert b'"key"' in parse_config(WEATHER_YAML).canonical_json()
+
+
+# --- a typed schema and a row count, without the data (a BigQuery export) ------------------
+WEATHER_SCHEMA = {"station": "text", "hour": "numeric", "humidity": "numeric", "temp": "numeric"}
+
+
+def test_a_typed_schema_that_fits_passes_and_returns_the_features() -> None:
+    config = parse_config(WEATHER_YAML)
+
+    assert check_schema(dict(WEATHER_SCHEMA), 5, config, "bq") == ["station", "hour", "humidity"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "rows", "reason", "named"),
+    [
+        ({"humidity": None}, 5, "missing_column", "humidity"),
+        (
+            {"temp": "text"},
+            5,
+            "wrong_type",
+            "'temp' is declared numeric but the source types it text",
+        ),
+        ({"hour": "datetime"}, 5, "wrong_type", "'hour'"),
+        ({"humidity": "nested"}, 5, "wrong_type", "'humidity'"),
+        ({}, 0, "header_only", "no rows"),
+    ],
+)
+def test_a_typed_schema_that_does_not_fit_is_refused_naming_the_column(
+    change: dict[str, str | None], rows: int, reason: str, named: str
+) -> None:
+    columns = {**WEATHER_SCHEMA, **change}
+    columns = {k: v for k, v in columns.items() if v is not None}
+
+    with pytest.raises(PermanentError) as caught:
+        check_schema(columns, rows, parse_config(WEATHER_YAML), "bq:job")  # type: ignore[arg-type]
+
+    assert caught.value.reason == reason
+    assert named in caught.value.message and "bq:job" in caught.value.message
+
+
+def test_a_row_count_outside_the_bounds_is_refused_from_the_metadata() -> None:
+    schema = {"label": "text", "x": "numeric"}
+
+    with pytest.raises(
+        PermanentError, match=r"has 7 rows; pipeline 'small' accepts 3\.\.6"
+    ) as caught:
+        check_schema(schema, 7, _config(), "bq")  # type: ignore[arg-type]
+
+    assert caught.value.reason == "row_count"
+    assert check_schema(schema, 6, _config(), "bq") == ["x"]  # type: ignore[arg-type]

@@ -68,6 +68,7 @@ def test_custom_job_request_has_machine_accelerators_image_args_and_labels() -> 
         "mlpipe-run-id": "0123456789abcdef",
         "mlpipe-pipeline": "crops",
         "mlpipe-commit": "abc1234def",
+        "mlpipe-env": "prod",
     }
     (pool,) = job.job_spec.worker_pool_specs
     assert pool.replica_count == 1

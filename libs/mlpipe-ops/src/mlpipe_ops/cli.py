@@ -18,19 +18,25 @@ from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
-from mlpipe.store import layout
+from mlpipe.store import layout, run_cost
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
-from mlpipe_ops import cli_rollout, cli_runs, statedir
+from mlpipe_ops import cli_console, cli_rollout, cli_runs, statedir
 from mlpipe_ops.cli_failures import failures_app
 from mlpipe_ops.cli_infra import infra_app
 from mlpipe_ops.cli_monitor import monitor_app
 from mlpipe_ops.cli_schedule import schedule_app
-from mlpipe_ops.cli_standins import vertex_standin
+from mlpipe_ops.cli_standins import bigquery_standin, earthengine_standin, vertex_standin
 from mlpipe_ops.follow import EventWatcher, Observed
 from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe_ops.service_runtime import (
+    RuntimeDefinitionError,
+    cost_sizes,
+    load_prices,
+    load_runtimes,
+)
 
 app = typer.Typer(
     help="mlpipe: an event-driven ML pipeline for Google Cloud.",
@@ -44,6 +50,8 @@ app.add_typer(schedule_app, name="schedule")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(failures_app, name="failures")
 app.command("vertex-standin")(vertex_standin)
+app.command("bigquery-standin")(bigquery_standin)
+app.command("earthengine-standin")(earthengine_standin)
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
@@ -423,7 +431,9 @@ def demo(
     try:
         state = stack.up()
         code = run_example(state, example, timeout)
-        if code == 0 and (find_example(example) / f"{example}.csv").exists():
+        folder = find_example(example)
+        # An example that drives itself (run.py) may train on other columns than its CSV's.
+        if code == 0 and (folder / f"{example}.csv").exists() and not (folder / "run.py").exists():
             sample = _sample_instance(example)
             reply = httpx.post(
                 f"{state.url('predictor')}/predict", json={"instances": [sample]}, timeout=10
@@ -464,6 +474,21 @@ def _run_state(storage: Storage, run_id: str) -> str:
     return "unknown"
 
 
+def echo_run_cost(storage: Storage, run_id: str, env: str = "local") -> None:
+    """The run's cost estimate (mlpipe.store.run_cost) at infra/prices.yaml's prices, each
+    step sized as infra/runtime.yaml says for `env`; or why there is none."""
+    try:
+        records, config, objects = run_cost.run_cost_inputs(storage, run_id)
+        cost = run_cost.estimate(
+            run_id, records, config, cost_sizes(load_runtimes(env)), objects, load_prices()
+        )
+    except (run_cost.CostInputError, RuntimeDefinitionError) as exc:
+        typer.echo(f"cost: no estimate: {exc}")
+        return
+    for line in run_cost.cost_lines(cost):
+        typer.echo(line)
+
+
 @app.command()
 def status(
     run_id: Annotated[str | None, typer.Argument(help="Show one run in full.")] = None,
@@ -488,6 +513,7 @@ def status(
                 if found is not None:
                     typer.echo(f"--- {label} ({found.uri})")
                     typer.echo(json.dumps(found.json(), indent=2))
+            echo_run_cost(storage, run_id)
             return
         run_ids = layout.run_ids(storage.list(layout.RUNS))
         typer.echo(f"runs ({len(run_ids)}):")
@@ -565,6 +591,7 @@ def predict(
 
 cli_runs.register(app)
 cli_rollout.register(app)
+cli_console.register(app)
 
 if __name__ == "__main__":
     app()

@@ -168,9 +168,9 @@ def run_flags(
             raise infra.InfraError(
                 f"env {env} is the local emulator stack; Cloud Run flags need a gcp environment"
             )
-        if service not in TOPOLOGY.services:
+        if service not in TOPOLOGY.deployed:
             raise infra.InfraError(
-                f"{service!r} is not a service (known: {', '.join(TOPOLOGY.services)})"
+                f"{service!r} is not a service (known: {', '.join(TOPOLOGY.deployed)})"
             )
         runtimes = service_runtime.load_runtimes(
             env, service_runtime.runtime_file(environments_dir)
@@ -247,12 +247,12 @@ def release_config(
     approval before prod; one target per environment), skaffold.yaml (a profile per environment)
     and manifests/ENV/SERVICE.yaml (each Cloud Run service as infra/runtime.yaml and
     infra/environments/ENV.yaml say, its image a placeholder the release replaces)."""
-    services = list(service or TOPOLOGY.services)
+    services = list(service or TOPOLOGY.deployed)
     try:
-        unknown = [s for s in services if s not in TOPOLOGY.services]
+        unknown = [s for s in services if s not in TOPOLOGY.deployed]
         if unknown:
             raise infra.InfraError(
-                f"{unknown[0]!r} is not a service (known: {', '.join(TOPOLOGY.services)})"
+                f"{unknown[0]!r} is not a service (known: {', '.join(TOPOLOGY.deployed)})"
             )
         projects = _per_env(project or [], "--project")
         numbers = _per_env(project_number or [], "--project-number")

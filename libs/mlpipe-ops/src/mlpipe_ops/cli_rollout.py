@@ -1,7 +1,8 @@
 """`mlpipe` rollout and batch commands: promote, rollback, batch-predict.
 
 promote and rollback ask the deployer (which owns the rollout and its target) to take the
-step; batch-predict asks the predictor to score a dataset in GCS, then follows the job.
+step, with the request the console sends too (mlpipe.runtime.rollout_requests);
+batch-predict asks the predictor to score a dataset in GCS, then follows the job.
 """
 
 from __future__ import annotations
@@ -14,13 +15,26 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from google.protobuf import json_format
 
 from mlpipe.messaging import events
+from mlpipe.runtime.rollout_requests import (
+    RolloutRequestError,
+    request_rollout,
+    rollout_summary,
+)
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
 from mlpipe_ops.localstack import StackState, client_env
+
+__all__ = [
+    "batch_predict",
+    "describe_traffic",
+    "promote",
+    "register",
+    "rollback",
+    "rollout_summary",
+]
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
 StateDir = Annotated[
@@ -54,33 +68,10 @@ def describe_traffic(registry: Registry, model: str) -> str:
 def _rollout(model: str, action: str, state_dir: Path) -> None:
     state = _stack(state_dir)
     try:
-        reply = httpx.post(
-            f"{state.url('deployer')}/v1/models/{model}:{action}",
-            headers={"x-mlpipe-requested-by": "cli"},
-            timeout=120,
-        )
-    except httpx.HTTPError as exc:
-        raise _fail(f"the deployer did not answer: {exc}") from None
-    if reply.status_code not in (200, 202):
-        try:
-            message = reply.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = reply.text
-        raise _fail(f"{action} {model}: {message}")
-    typer.echo(rollout_summary(model, action, reply.json()))
-
-
-def rollout_summary(model: str, action: str, reply: dict[str, Any]) -> str:
-    """One line for the deployer's reply: the DeploymentCompleted it published, as JSON."""
-    done = json_format.ParseDict(
-        reply, events_pb2.DeploymentCompleted(), ignore_unknown_fields=True
-    )
-    split = ", ".join(f"v{t.version} {t.percent}% {events.model_alias(t)}" for t in done.traffic)
-    running = [str(name) for name in reply.get("operations", [])]
-    if running:
-        # 202: accepted; DeploymentCompleted follows once the target's operations are done.
-        return f"{model}: {done.reason or action}; rolling out to {split} ({', '.join(running)})"
-    return f"{model}: {done.reason or action}; traffic now {split}"
+        reply = request_rollout(state.url("deployer"), model, action, requested_by="cli")
+    except RolloutRequestError as exc:
+        raise _fail(exc.message) from None
+    typer.echo(rollout_summary(model, action, reply))
 
 
 def promote(model: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import time
 import webbrowser
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from mlpipe import tracing
 from mlpipe.store import layout
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
+from mlpipe.store.run_records import run_outcome, run_timeline
 from mlpipe.store.storage import Storage, make_client
+from mlpipe_ops import statedir
 from mlpipe_ops.localstack import StackState, client_env
 
 DEFAULT_STATE_DIR = Path(".mlpipe")
@@ -45,35 +48,19 @@ def _storage(state_dir: Path) -> Iterator[Storage]:
         yield Storage(make_client(state.project), state.bucket)
 
 
-def _outcome(storage: Storage, run_id: str) -> dict[str, Any]:
-    paths = RunPaths(run_id)
-    row: dict[str, Any] = {"run_id": run_id, "state": "training"}
-    lineage = storage.read_json(paths.lineage) or {}
-    row["pipeline"] = lineage.get("dataset", {}).get("name", "")
-    if (failed := storage.read_json(paths.failed)) is not None:
-        row.update(state="failed", detail=f"{failed.get('stage')}: {failed.get('reason')}")
-    elif (done := storage.read_json(paths.deployment)) is not None:
-        row.update(
-            state="deployed" if done.get("deployed") else "not deployed",
-            detail=f"v{done.get('version', 0)}" if done.get("deployed") else done.get("reason", ""),
-        )
-    elif (evaluated := storage.read_json(paths.evaluation)) is not None:
-        row.update(state="evaluated", detail="passed" if evaluated.get("passed") else "failed")
-    elif storage.exists(paths.training):
-        row["state"] = "trained"
-    return row
-
-
 def runs(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """List runs with their outcome."""
     with _storage(state_dir) as storage:
         run_ids = layout.run_ids(storage.list(layout.RUNS))
-        rows = [_outcome(storage, run_id) for run_id in run_ids]
+        rows = [run_outcome(storage, run_id) for run_id in run_ids]
     for row in rows:
         run_id = row["run_id"]
         typer.echo(f"{run_id}  {row['pipeline']:<12} {row['state']:<13} {row.get('detail', '')}")
     if not run_ids:
         typer.echo("no runs yet")
+
+
+REPORT_WAIT_SECONDS = 30.0
 
 
 def report(
@@ -86,6 +73,15 @@ def report(
     paths = RunPaths(run_id)
     with _storage(state_dir) as storage:
         page = storage.read(paths.report)
+        # The evaluator draws the report after publishing its verdict: wait while it is due.
+        deadline = time.monotonic() + REPORT_WAIT_SECONDS
+        while (
+            page is None
+            and time.monotonic() < deadline
+            and storage.exists(layout.pending_report_path(run_id))
+        ):
+            time.sleep(0.2)
+            page = storage.read(paths.report)
         metrics = storage.read_json(paths.metrics)
     if page is None or metrics is None:
         typer.secho(
@@ -154,33 +150,6 @@ def lineage(model: str, version: int, state_dir: StateDir = DEFAULT_STATE_DIR) -
     typer.echo(json.dumps(chain, indent=2))
 
 
-def _when(value: Any) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-
-
-def run_timeline(storage: Storage, run_id: str) -> list[tuple[str, dt.datetime]]:
-    """The run's hops from the events its steps recorded, in time order."""
-    paths = RunPaths(run_id)
-    started = storage.read_json(paths.started) or {}
-    trained = storage.read_json(paths.training) or {}
-    evaluated = storage.read_json(paths.evaluation) or {}
-    deployed = storage.read_json(paths.deployment) or {}
-    first = started or trained
-    points = [
-        ("requested", first.get("context", {}).get("requested_at")),
-        ("landed in GCS", first.get("dataset", {}).get("landed_at")),
-        ("training job started", started.get("context", {}).get("event_time")),
-        ("fit started", trained.get("started_at")),
-        ("model written", trained.get("finished_at")),
-        ("evaluated", evaluated.get("context", {}).get("event_time")),
-        (
-            "deployed" if deployed.get("deployed") else "deployment decided",
-            deployed.get("context", {}).get("event_time"),
-        ),
-    ]
-    return [(label, when) for label, value in points if (when := _when(value))]
-
-
 def print_timeline(storage: Storage, run_id: str) -> None:
     hops = run_timeline(storage, run_id)
     if not hops:
@@ -197,9 +166,30 @@ def print_timeline(storage: Storage, run_id: str) -> None:
         previous = when
 
 
+def print_trace(spans: list[dict]) -> None:
+    """The run's trace as a waterfall: each span under its parent, its start and duration."""
+    rows = tracing.waterfall(spans)
+    typer.echo(f"trace {', '.join(sorted({r['trace_id'] for r in rows}))}")
+    for row in rows:
+        label = "  " * row["depth"] + row["name"]
+        failed = "  FAILED" if row["status"] == "ERROR" else ""
+        typer.echo(
+            f"  +{row['start_s']:7.3f}s  {row['duration_s'] * 1000:8.1f} ms  "
+            f"{row['service']:<13} {label}{failed}"
+        )
+
+
 def timeline(run_id: str, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
-    """Each hop of a run, from request to deployment, with its duration."""
+    """Each hop of a run, from request to deployment, with its duration: the run's trace
+    (every span of every service) when the stack recorded one, else its events."""
     with _storage(state_dir) as storage:
+        started = storage.read_json(RunPaths(run_id).started) or {}
+        traced = [t for t in [started.get("context", {}).get("trace_id", "")] if t]
+        spans = tracing.run_spans(state_dir / statedir.TRACES_DIR, run_id, traced)
+        if spans:
+            typer.echo(f"run {run_id}")
+            print_trace(spans)
+            return
         print_timeline(storage, run_id)
 
 

@@ -188,8 +188,10 @@ def run(
     runtime: ServiceRuntime,
     env: Mapping[str, str],
     labels: Mapping[str, str],
+    mounts: Mapping[str, str] | None = None,
 ) -> None:
-    """Start `container` under its runtime definition (see the module docstring)."""
+    """Start `container` under its runtime definition (see the module docstring); `mounts`:
+    host directory → container path, written by the container (the local stack's spans)."""
     memory = str(runtime.memory_bytes)
     args = [
         "run",
@@ -220,7 +222,13 @@ def run(
         args += ["--label", f"{key}={value}"]
     for key, value in env.items():
         args += ["--env", f"{key}={value}"]
+    for host, inside in (mounts or {}).items():
+        args += ["--volume", f"{host}:{inside}:rw"]
     docker(*args, container.image, timeout=60)
+
+
+# Where a container writes its spans: the stack's traces directory, mounted.
+TRACES_MOUNT = "/var/mlpipe/traces"
 
 
 def cloud_run_env(service: str, port: int, code_version: str) -> dict[str, str]:

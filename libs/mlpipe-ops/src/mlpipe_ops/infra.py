@@ -49,6 +49,7 @@ from pydantic import (
 )
 
 from mlpipe.messaging import events
+from mlpipe.messaging.kept_failures import DEAD_LETTER_ARCHIVE
 from mlpipe.messaging.topology import (
     PUSH_PATH,
     TOPOLOGY,
@@ -325,6 +326,8 @@ class Target:
     # What each Cloud Run service runs with (infra/runtime.yaml for this environment).
     runtimes: Mapping[str, ServiceRuntime] = field(default_factory=dict)
     schedules: tuple[ScheduleSpec, ...] = ()
+    # Every deployed service's base URL (service_url or its services.<name>.url override).
+    service_urls: Mapping[str, str] = field(default_factory=dict)
     topology: Topology = TOPOLOGY
     # The predictor's identity on Vertex AI (gcp only).
     serving_account: str = ""
@@ -342,6 +345,11 @@ class Target:
     @property
     def location(self) -> str:
         return f"projects/{self.project}/locations/{self.region}"
+
+    def service_url(self, service: str) -> str:
+        if service not in self.service_urls:
+            raise InfraError(f"{self.env}: no URL known for {service}")
+        return self.service_urls[service]
 
     def push_receiver(self, service: str) -> tuple[str, str]:
         """The OIDC audience and the identity of the push requests that reach `service`.
@@ -419,7 +427,7 @@ def resolve(
     serving = ""
     if gcp:
         serving = _fill(env.serving_service_account, "serving_service_account", values)
-        for service in topology.services:
+        for service in topology.deployed:
             per_service = {**values, "service": service}
             runtime[service] = _fill(
                 env.runtime_service_account, "runtime_service_account", per_service
@@ -427,6 +435,19 @@ def resolve(
             run_services[service] = f"projects/{project}/locations/{env.region}/services/" + _fill(
                 env.cloud_run_service, "cloud_run_service", per_service
             )
+    urls: dict[str, str] = {}
+    for service in topology.deployed:
+        per_service = {**values, "service": service}
+        if ports is not None and service in ports:
+            per_service["port"] = ports[service]
+        elif ports is not None:
+            continue  # a local stack that does not run it
+        override = env.services.get(service)
+        urls[service] = _fill(
+            override.url if override else env.service_url,
+            f"services.{service}.url" if override else "service_url",
+            per_service,
+        ).rstrip("/")
     routes = []
     for sub in topology.push:
         per_service = {**values, "service": sub.service}
@@ -461,6 +482,7 @@ def resolve(
         schedules=tuple(env.schedules),
         topology=topology,
         serving_account=serving,
+        service_urls=urls,
     )
 
 
@@ -633,6 +655,13 @@ SERVICE_CHECKS = (
         "* * * * *",
         "restarts training runs whose lease lapsed (docs/reliability.md)",
     ),
+    ServiceCheck(
+        "mlpipe-ingest-exports-check",
+        "ingest",
+        "/v1/exports:check",
+        "* * * * *",
+        "lands or fails sources' cloud exports that have ended (docs/ingest-sources.md)",
+    ),
 )
 
 
@@ -777,7 +806,7 @@ def iam_bindings(target: Target) -> list[IamBinding]:
         )
         for r in target.routes
     ]
-    for service in topo.services:
+    for service in topo.deployed:
         for topic in topo.publishes.get(service, ()):
             bindings.append(
                 IamBinding(
@@ -797,6 +826,25 @@ def iam_bindings(target: Target) -> list[IamBinding]:
                 "(this service only; actAs on the predictor's account: infra/bootstrap.sh)",
             )
         )
+    if "console" in target.runtime_accounts:
+        console = f"serviceAccount:{target.runtime_accounts['console']}"
+        bindings.append(
+            IamBinding(
+                target.subscription_path(DEAD_LETTER_ARCHIVE),
+                "roles/pubsub.subscriber",
+                console,
+                "the console lists dead letters and acknowledges the ones it replays",
+            )
+        )
+        if "deployer" in target.run_services:
+            bindings.append(
+                IamBinding(
+                    target.run_services["deployer"],
+                    "roles/run.invoker",
+                    console,
+                    "the console's promote and rollback call the deployer's routes",
+                )
+            )
     # Two subscriptions pushing to one service with one identity need one invoker binding.
     unique: dict[tuple[str, str, str], IamBinding] = {}
     for binding in bindings:

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -56,6 +57,8 @@ HOST = "127.0.0.1"
 PORT_GRACE_SECONDS = 3.0
 PRESTART = "mlpipe_ops.prestart"
 SERVICES = topology.TOPOLOGY.services
+EARTHENGINE = "earthengine"
+EARTHENGINE_MODULE = "mlpipe_ops.standins.earthengine"
 
 
 class StackError(RuntimeError):
@@ -93,6 +96,20 @@ class StackState:
     # With --instances N > 1: each service's instances' ports, behind the load balancer that
     # listens on service_ports; empty at N = 1, where each service listens there itself.
     instance_ports: dict[str, list[int]] = field(default_factory=dict)
+    # The local Earth Engine (mlpipe_ops.standins.earthengine) ingest's earth_engine source
+    # calls; 0 in a stack record written before it was part of the stack.
+    earthengine_port: int = 0
+
+    @property
+    def earthengine_url(self) -> str:
+        return f"http://{HOST}:{self.earthengine_port}" if self.earthengine_port else ""
+
+    @property
+    def bigquery_url(self) -> str:
+        """Where ingest's bigquery source calls: the port after the local Earth Engine's, on
+        which nothing listens until something serves a local BigQuery there (the weather
+        example serves its history so, mlpipe_ops.standins.bigquery)."""
+        return f"http://{HOST}:{self.earthengine_port + 1}" if self.earthengine_port else ""
 
     @property
     def instances(self) -> int:
@@ -271,8 +288,10 @@ class LocalStack:
         self.containers = containers
         self.state_dir = state_dir.resolve()
         self.logs = self.state_dir / "logs"
+        self.traces = self.state_dir / statedir.TRACES_DIR
         self.extra_env = env or {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._record_forks: Callable[[], None] = lambda: None
         ports = {name: base_port + 2 + i for i, name in enumerate(SERVICES)}
         # Past the services' ports: service k's instance j at base + 2 + len(SERVICES) + k*N + j.
         first = base_port + 2 + len(SERVICES)
@@ -293,6 +312,8 @@ class LocalStack:
             code_version=code_version or git_commit(),
             state_dir=str(self.state_dir),
             instance_ports=instance_ports,
+            # Past every service's and instance's port.
+            earthengine_port=first + (len(SERVICES) * instances if instances > 1 else 0),
         )
 
     @cached_property
@@ -347,6 +368,8 @@ class LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.logs / "jobs").mkdir(exist_ok=True)
         (self.state_dir / statedir.PUBSUB_DIR).mkdir(exist_ok=True)
+        self.traces.mkdir(exist_ok=True)
+        self.traces.chmod(0o777)  # a container's user writes its spans there too
         self.state.processes = []
         self.state.containers = []
         try:
@@ -358,6 +381,8 @@ class LocalStack:
             self._start_all(timeout, progress, services)
         except BaseException:
             progress("start-up failed or was interrupted: stopping what was started")
+            with contextlib.suppress(Exception):
+                self._record_forks()
             self.down(progress)
             raise
         if services and reconcile:
@@ -382,6 +407,8 @@ class LocalStack:
         ports = {"pubsub-emulator": st.pubsub_port, "fake-gcs-server": st.gcs_port}
         ports.update(st.service_ports)
         ports.update({name: port for _, name, port in self._instances()})
+        ports[EARTHENGINE] = st.earthengine_port
+        ports["bigquery (local)"] = st.earthengine_port + 1
         # A process killed a moment ago (the previous stack's) may still be closing its socket.
         deadline = time.monotonic() + PORT_GRACE_SECONDS
         while (busy := [n for n, p in ports.items() if not port_free(p)]) and (
@@ -463,17 +490,7 @@ class LocalStack:
         # notification, and nothing is uploaded before the topology exists.
         pubsub = self._spawn(
             "pubsub-emulator",
-            [
-                "gcloud",
-                "beta",
-                "emulators",
-                "pubsub",
-                "start",
-                f"--host-port={st.pubsub_host}",
-                f"--project={st.project}",
-                f"--data-dir={self.state_dir / statedir.PUBSUB_DIR}",
-                "--quiet",
-            ],
+            pubsub_emulator_command(st, self.state_dir / statedir.PUBSUB_DIR),
             st.pubsub_port,
             "pubsub",
             base_env,
@@ -483,6 +500,8 @@ class LocalStack:
         )
         if services and st.instance_ports:
             self._start_balancer(base_env, pending)
+        if services:
+            self._start_earthengine(base_env, pending, progress)
         if services and self.containers:
             self._build_images(progress)  # while the emulators boot
             # Readiness is timed from here: a first build takes minutes, not a start-up.
@@ -547,6 +566,31 @@ class LocalStack:
         pending.wait()
         progress(f"stack up in {time.monotonic() - t0:.1f}s; logs in {self.logs}")
 
+    def _start_earthengine(
+        self, base_env: dict[str, str], pending: Pending, progress: Callable[[str], None]
+    ) -> None:
+        """The local Earth Engine, writing its exports into this stack's GCS emulator."""
+        st = self.state
+        proc = self._spawn(
+            EARTHENGINE,
+            [
+                sys.executable,
+                "-m",
+                EARTHENGINE_MODULE,
+                *("--port", str(st.earthengine_port)),
+                *("--project", st.project),
+            ],
+            st.earthengine_port,
+            EARTHENGINE_MODULE,
+            base_env,
+        )
+        pending.add(
+            proc.name,
+            self._process_ready(proc, f"{st.earthengine_url}/$discovery/rest?version=v1"),
+            partial(progress, f"{EARTHENGINE:<16} {st.earthengine_url}"),
+            proc.log,
+        )
+
     def _gcs_command(self) -> list[str]:
         st = self.state
         note = topology.TOPOLOGY.notification
@@ -590,6 +634,17 @@ class LocalStack:
             name: {
                 **service_environment(target, name, runtimes[name], code_version=st.code_version),
                 **hosts,
+                **(
+                    {
+                        "MLPIPE_EARTHENGINE_URL": st.earthengine_url,
+                        "MLPIPE_BIGQUERY_URL": st.bigquery_url,
+                    }
+                    if name == "ingest"
+                    else {}
+                ),
+                # One trace per run, its spans kept beside the runs (mlpipe.tracing).
+                "MLPIPE_TRACE_EXPORTER": "file",
+                "MLPIPE_TRACE_DIR": str(self.traces),
                 **self.extra_env,
                 "MLPIPE_HOST": HOST,
             }
@@ -642,10 +697,10 @@ class LocalStack:
         os.set_blocking(popen.stdout.fileno(), False)
         received = bytearray()
 
-        def forked() -> bool:
-            """Record each service as it is forked; done once the starter has exited."""
+        def record_forks() -> None:
+            """Record each service the starter says it has forked."""
             assert popen.stdout is not None
-            with contextlib.suppress(BlockingIOError, TypeError):
+            with contextlib.suppress(BlockingIOError, TypeError, ValueError):
                 received.extend(popen.stdout.read() or b"")
             while b"\n" in received:
                 line, _, rest = bytes(received).partition(b"\n")
@@ -661,9 +716,14 @@ class LocalStack:
                     partial(progress, f"{proc.name:<16} http://{HOST}:{proc.port}"),
                     proc.log,
                 )
+
+        def forked() -> bool:
+            """Record each service as it is forked; done once the starter has exited."""
+            record_forks()
             code = popen.poll()
             if code is None:
                 return False
+            record_forks()  # what it wrote between the read above and its exit
             missing = [n for n in ports if not any(p.name == n for p in st.processes)]
             if code != 0 or missing:
                 raise StackError(f"the services' starter exited ({code}); see {log_path}")
@@ -673,6 +733,8 @@ class LocalStack:
             return True
 
         pending.add(starter.name, forked, lambda: None, str(log_path))
+        # A start that fails learns every fork already reported, so that `down` stops it.
+        self._record_forks = record_forks
 
         def go() -> None:
             assert popen.stdin is not None
@@ -712,11 +774,21 @@ class LocalStack:
                 log=str(self.logs / f"{name}.log"),
             )
             runtime = runtimes[service]
-            env = {**own[service], **docker.cloud_run_env(service, port, st.code_version)}
+            env = {
+                **own[service],
+                **docker.cloud_run_env(service, port, st.code_version),
+                "MLPIPE_TRACE_DIR": docker.TRACES_MOUNT,
+            }
             # Left over from a stack that was killed: same name, so it is ours.
             docker.docker("rm", "--force", container.name, check=False)
             try:
-                docker.run(container, runtime, env, {docker.STATE_LABEL: str(self.state_dir)})
+                docker.run(
+                    container,
+                    runtime,
+                    env,
+                    {docker.STATE_LABEL: str(self.state_dir)},
+                    mounts={str(self.traces): docker.TRACES_MOUNT},
+                )
             except docker.DockerError as exc:
                 raise StackError(f"{name}: {exc}") from None
             st.containers.append(container)
@@ -781,6 +853,31 @@ class LocalStack:
         return statedir.wipe(self.state_dir)
 
 
+def pubsub_emulator_command(st: StackState, data_dir: Path) -> list[str]:
+    """The Pub/Sub emulator's own launcher from the Cloud SDK's `platform/pubsub-emulator`
+    component, run directly: `gcloud beta emulators pubsub start` runs exactly it (it prints
+    "Executing: …/cloud-pubsub-emulator --host=… --port=…") after a second or more of gcloud's
+    own Python start on a 2-core machine. Without the component where gcloud's SDK keeps it,
+    gcloud is asked to start it."""
+    gcloud = shutil.which("gcloud")
+    if gcloud:
+        sdk = Path(os.path.realpath(gcloud)).parents[1]
+        launcher = sdk / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
+        if os.access(launcher, os.X_OK):
+            return [str(launcher), f"--host={HOST}", f"--port={st.pubsub_port}"]
+    return [
+        "gcloud",
+        "beta",
+        "emulators",
+        "pubsub",
+        "start",
+        f"--host-port={st.pubsub_host}",
+        f"--project={st.project}",
+        f"--data-dir={data_dir}",
+        "--quiet",
+    ]
+
+
 def stop_processes(
     processes: list[Proc], progress: Callable[[str], None] = print, grace: float = 10.0
 ) -> None:
@@ -801,7 +898,7 @@ def stop_processes(
         if proc.alive() and not _reaped(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        # The group may hold children that outlive their leader (java under gcloud).
+        # The group may hold children that outlive their leader (java under its launcher).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         progress(f"stopped {proc.name} (pid {proc.pid})")

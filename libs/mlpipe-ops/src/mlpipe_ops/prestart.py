@@ -25,6 +25,12 @@ stdout: "<name> <pid>" per fork, where a service run as N instances (`mlpipe up 
 has N entries in the plan, each with its own name, port and log, all forked at its step. A
 module that fails to import here is skipped: the service imports it itself, or fails as it
 would alone.
+
+Told to stop (SIGTERM or SIGINT) before it has forked every service, as when a failed `mlpipe
+up` stops what it started, it stops the services it has forked first: each is in a session
+of its own, out of reach of a signal to this process's group, and the stack may not have read
+its "<name> <pid>" line yet. The stop signals are blocked across each fork until the child is
+listed, and each child puts the default handlers back (and unblocks them) right after it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import importlib
 import json
 import os
 import runpy
+import signal
 import sys
 import threading
 import time
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 FIRST_PARTY = ("mlpipe",)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def recordable(name: str) -> bool:
@@ -122,6 +130,10 @@ def _record_when_ready(service: str, port: int, folder: Path) -> None:
 
 def _child(entry: dict[str, Any], folder: Path) -> NoReturn:
     """In the forked process: become `python -m mlpipe_<service>` in a session of its own."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    # Forked with the stop signals blocked: one sent meanwhile now ends this process.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     os.setsid()
     fd = os.open(entry["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -150,8 +162,39 @@ def _child(entry: dict[str, Any], folder: Path) -> NoReturn:
     sys.exit(0)
 
 
+def stop_forked(forked: list[int], grace: float = 5.0) -> None:
+    """SIGTERM each forked service's session, then SIGKILL what has not exited within `grace`."""
+    for pid in forked:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    left = list(forked)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    left.remove(pid)
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def main() -> None:
     t0 = time.monotonic()
+    me = os.getpid()
+    forked: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        # A child between its fork and its own reset still runs this handler: only the starter
+        # stops the others.
+        if os.getpid() != me:
+            os._exit(128 + signum)
+        stop_forked(forked)
+        os._exit(128 + signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop)
     plan = json.loads(sys.stdin.readline())
     folder = Path(plan["record"])
     entries: dict[str, list[dict[str, Any]]] = {}
@@ -175,9 +218,14 @@ def main() -> None:
         )
         for entry in (e for service in batch for e in entries[service]):
             sys.stdout.flush()
+            # A stop signal arriving between the fork and the append would find the new child
+            # missing from `forked` and leave it running: it waits until the child is listed.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             pid = os.fork()
             if pid == 0:
                 _child(entry, folder)
+            forked.append(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             print(f"{entry.get('name', entry['service'])} {pid}", flush=True)
 
 

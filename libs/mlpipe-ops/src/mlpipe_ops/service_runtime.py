@@ -22,11 +22,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlpipe.messaging.topology import TOPOLOGY
+from mlpipe.store.run_cost import CostInputError, PriceTable, ServiceSize, sizes_to_json
 
 if TYPE_CHECKING:
     from mlpipe_ops.infra import Target
 
 RUNTIME_FILE = "runtime.yaml"
+PRICES_FILE = "prices.yaml"
 _QUANTITY = re.compile(r"^(\d+)(Mi|Gi)$")
 _UNITS = {"Mi": 1024**2, "Gi": 1024**3}
 MIB = 1024**2
@@ -153,6 +155,16 @@ DERIVED_ENV = frozenset(
         "MLPIPE_CLOUD_RUN_SERVICE",
         "MLPIPE_PREDICTOR_IMAGE",
         "MLPIPE_VERTEX_SERVING_ACCOUNT",
+        "MLPIPE_BATCH_LAUNCHER",
+        "MLPIPE_BATCH_DATAFLOW_TEMPLATE",
+        "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT",
+        "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION",
+        "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION",
+        "MLPIPE_CONSOLE_AUTH",
+        "MLPIPE_CONSOLE_AUDIENCE",
+        "MLPIPE_DEPLOYER_URL",
+        "MLPIPE_COST_SIZES",
+        "MLPIPE_PRICES",
     }
 )
 
@@ -194,14 +206,14 @@ def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, Ser
     services = raw.get("services") or {}
     changes = (raw.get("environments") or {}).get(env) or {}
     for where, names in (("services", services), (f"environments.{env}", changes)):
-        extra = sorted(set(names) - set(TOPOLOGY.services))
+        extra = sorted(set(names) - set(TOPOLOGY.deployed))
         if extra:
             raise RuntimeDefinitionError(
                 f"{path}: {where}.{extra[0]}: unknown service "
-                f"(known: {', '.join(TOPOLOGY.services)})"
+                f"(known: {', '.join(TOPOLOGY.deployed)})"
             )
     runtimes = {}
-    for service in TOPOLOGY.services:
+    for service in TOPOLOGY.deployed:
         merged: dict[str, Any] = {
             **defaults,
             **(services.get(service) or {}),
@@ -221,6 +233,39 @@ def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, Ser
     return runtimes
 
 
+def cost_sizes(runtimes: Mapping[str, ServiceRuntime]) -> dict[str, ServiceSize]:
+    """Each service's size as a run's cost estimate prices it (mlpipe.store.run_cost)."""
+    return {
+        name: ServiceSize(r.cpu, r.memory_bytes / GIB, r.cpu_always_allocated)
+        for name, r in runtimes.items()
+    }
+
+
+def load_prices(path: Path | None = None) -> PriceTable:
+    """The price table, `infra/prices.yaml` beside runtime.yaml unless `path` is given."""
+    path = path or runtime_file().with_name(PRICES_FILE)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CostInputError(f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CostInputError(f"{path}: expected a mapping at the top level")
+    return PriceTable.from_mapping(raw)
+
+
+def cost_environment(env: str) -> dict[str, str]:
+    """What the console needs to estimate a run's cost, as two variables: every service's
+    size (MLPIPE_COST_SIZES) and the price table (MLPIPE_PRICES), compact JSON.
+
+    The console may not import this distribution, and infra/ is not in its image: passing
+    both in its environment keeps infra/runtime.yaml and infra/prices.yaml the one source
+    (a copy shipped as package data could drift), and a deploy carries a change of either."""
+    return {
+        "MLPIPE_COST_SIZES": sizes_to_json(cost_sizes(load_runtimes(env))),
+        "MLPIPE_PRICES": load_prices().to_json(),
+    }
+
+
 def service_environment(
     target: Target,
     service: str,
@@ -230,9 +275,11 @@ def service_environment(
     image: str = "",
 ) -> dict[str, str]:
     """Every variable `service` needs on `target`, and nothing else: the project, bucket,
-    code version and environment; how push requests are checked (on GCP, the OIDC audience and
-    identity its subscriptions sign with, as `mlpipe infra apply` configures them); the
-    trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); on GCP,
+    code version and environment; on GCP, spans to Cloud Trace; how push requests are checked
+    (on GCP, the OIDC audience and identity its subscriptions sign with, as `mlpipe infra
+    apply` configures them); the
+    trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); the
+    console's sizes and prices for cost estimates (cost_environment); on GCP,
     where the deployer rolls models out (the environment's deploy_target, the predictor
     service, the predictor image of the same build, the serving identity on Vertex AI); then
     runtime.yaml's `env`.
@@ -244,6 +291,29 @@ def service_environment(
         "MLPIPE_CODE_VERSION": code_version,
         "MLPIPE_ENV": target.env,
     }
+    if not target.emulated:
+        # One trace per run in Cloud Trace (mlpipe.tracing; each service account holds
+        # roles/cloudtrace.agent). The local stack keeps spans in its state directory.
+        env["MLPIPE_TRACE_EXPORTER"] = "cloud-trace"
+    if service in target.topology.viewers:
+        # No push reaches a viewer. Locally everyone may act (the console refuses that away
+        # from the emulators); on GCP Identity-Aware Proxy names the user
+        # (mlpipe_console.identity) and the deployer, which it asks for rollout steps, is private.
+        env["MLPIPE_CONSOLE_AUTH"] = "local" if target.emulated else "iap"
+        if not target.emulated:
+            env["MLPIPE_CONSOLE_AUDIENCE"] = target.service_url(service)
+            # IAP's signed header is checked for this audience: a Cloud Run service behind IAP
+            # directly (cloud.google.com/iap/docs/signed-headers-howto); behind a load
+            # balancer it is /projects/N/global/backendServices/ID, set in runtime.yaml's env.
+            name = target.run_services[service].rsplit("/", 1)[-1]
+            env["MLPIPE_CONSOLE_IAP_AUDIENCE"] = (
+                f"/projects/{target.project_number}/locations/{target.region}/services/{name}"
+            )
+        if "deployer" in target.service_urls:
+            env["MLPIPE_DEPLOYER_URL"] = target.service_url("deployer")
+        # The run page's cost estimate (mlpipe.store.run_cost).
+        env |= cost_environment(target.env)
+        return env | runtime.env
     if target.emulated:
         # The emulator sends no Authorization header (mlpipe.runtime.auth accepts none only there).
         env["MLPIPE_PUSH_AUTH"] = "none"
@@ -270,7 +340,23 @@ def service_environment(
             env["MLPIPE_PREDICTOR_IMAGE"] = sibling_image(image, "predictor")
         if target.deploy_target == "vertex":
             env["MLPIPE_VERTEX_SERVING_ACCOUNT"] = target.serving_account
+    if service == "predictor" and not target.emulated:
+        # Batch jobs run on Dataflow as the predictor's own account (it publishes their
+        # completion), from the Flex Template of the same build (jobs/batch/cloudbuild.yaml).
+        env |= {
+            "MLPIPE_BATCH_LAUNCHER": "dataflow",
+            "MLPIPE_REGION": target.region,
+            "MLPIPE_BATCH_DATAFLOW_TEMPLATE": batch_template_uri(target.bucket, code_version),
+            "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT": target.runtime_accounts["predictor"],
+            "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION": f"gs://{target.bucket}/dataflow/temp",
+            "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION": f"gs://{target.bucket}/dataflow/staging",
+        }
     return env | runtime.env
+
+
+def batch_template_uri(bucket: str, code_version: str) -> str:
+    """Where jobs/batch/cloudbuild.yaml writes the batch job's Flex Template spec file."""
+    return f"gs://{bucket}/dataflow/templates/batch-{code_version}.json"
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ RECONCILE_FILE = "reconcile.json"
 CHECKED_FILE = "gcs-checked.json"
 PRESTART_DIR = "prestart"
 BALANCER_DIR = "balancer"  # mlpipe_ops.balancer.CONFIG_DIR
+TRACES_DIR = "traces"  # the services' spans, one JSON lines file per process (mlpipe.tracing)
 # What `mlpipe down --wipe` removes: everything the stack writes into its state directory.
 DATA = (
     GCS_DIR,
@@ -53,6 +54,7 @@ DATA = (
     CHECKED_FILE,
     PRESTART_DIR,
     BALANCER_DIR,
+    TRACES_DIR,
     STATE_FILE,
 )
 

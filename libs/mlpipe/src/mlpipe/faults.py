@@ -35,6 +35,10 @@ POINTS = (
     "deployer.after_register",  # version registered, champion alias not moved
     "deployer.before_publish",  # deployment.json written, DeploymentCompleted not published
 )
+# Points of a batch job (mlpipe_batch), outside the training chain the recovery suite walks.
+BATCH_POINTS = (
+    "batch.before_metrics",  # every shard written, the metrics not
+)
 
 
 def _parse(value: str) -> dict[str, float | None]:

@@ -39,7 +39,7 @@ from mlpipe.messaging.rollout import traffic_shares
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.model_inputs import schema_from_bundle
 from mlpipe.ml.split import Split
-from mlpipe.runtime.steps import StepResult, decode_message
+from mlpipe.runtime.steps import Recorded, Router, StepResult, permanent, run_step
 from mlpipe.store import layout
 from mlpipe.store.registry import CANARY, CHAMPION, ONNX_FILE, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # The deployer's subscription to TrainingCompleted (see mlpipe.messaging.topology).
 TRAINED_PUSH = "deployer-trained-push"
 TRAINING_COMPLETED = events_pb2.TrainingCompleted.DESCRIPTOR.full_name
+EVALUATION_COMPLETED = events_pb2.EvaluationCompleted.DESCRIPTOR.full_name
 CompileResult = tuple[Compiled, dict[str, Any]]
 
 
@@ -127,12 +128,13 @@ class Deployer:
     precompiled: Precompiled = field(default_factory=Precompiled)
 
     def __call__(self, message: PushMessage) -> StepResult:
-        if (
-            message.subscription_name == TRAINED_PUSH
-            or message.attributes.get(events.EVENT_TYPE_ATTR) == TRAINING_COMPLETED
-        ):
-            return precompile(message, self)
-        return deploy(message, self)
+        return Router(
+            {
+                TRAINING_COMPLETED: lambda trained, m: precompile(trained, self),
+                EVALUATION_COMPLETED: lambda evaluation, m: deploy(evaluation, self),
+            },
+            EVALUATION_COMPLETED,
+        )(message)
 
 
 def _gate_summary(evaluation: events_pb2.EvaluationCompleted) -> str:
@@ -235,15 +237,17 @@ def roll_out(deps: Deployer, model: str, version: int) -> tuple[bool, int | None
     return moved or previous == version, previous, CHAMPION, "promote"
 
 
-def precompile(message: PushMessage, deps: Deployer) -> StepResult:
+def precompile(trained: events_pb2.TrainingCompleted, deps: Deployer) -> StepResult:
     """Start compiling a freshly trained model while it is being evaluated."""
-    trained = decode_message(events_pb2.TrainingCompleted, message)
     run_id = trained.context.run_id
     if not deps.compile_onnx:
         return StepResult("ignored", {"reason": "ONNX compilation is off"}, run_id=run_id)
     if not layout.RUN_ID_PATTERN.match(run_id) or not trained.model_sha256:
-        raise PermanentError(
-            "invalid_message", f"TrainingCompleted lacks a valid run_id/model_sha256 ({run_id!r})"
+        return permanent(
+            PermanentError(
+                "invalid_message",
+                f"TrainingCompleted lacks a valid run_id/model_sha256 ({run_id!r})",
+            )
         )
     if deps.storage.exists(layout.RunPaths(run_id).deployment):
         return StepResult("ignored", {"reason": "already deployed"}, run_id=run_id)
@@ -258,21 +262,35 @@ def precompile(message: PushMessage, deps: Deployer) -> StepResult:
     return StepResult("compiling" if started else "duplicate", {}, run_id=run_id)
 
 
-def deploy(message: PushMessage, deps: Deployer) -> StepResult:
-    evaluation = decode_message(events_pb2.EvaluationCompleted, message)
+def deploy(evaluation: events_pb2.EvaluationCompleted, deps: Deployer) -> StepResult:
+    """On the step protocol: skip if `deployment.json` is recorded → decide → record → publish.
+    No claim: registration is idempotent on the run (the registry's per-run claim)."""
     run_id = evaluation.context.run_id
     if not layout.RUN_ID_PATTERN.match(run_id) or not evaluation.model_name:
-        raise PermanentError(
-            "invalid_message", f"EvaluationCompleted lacks a valid run_id/model_name ({run_id!r})"
+        return permanent(
+            PermanentError(
+                "invalid_message",
+                f"EvaluationCompleted lacks a valid run_id/model_name ({run_id!r})",
+            )
         )
-    paths = layout.RunPaths(run_id)
-    recorded = deps.storage.read(paths.deployment)
-    if recorded is not None:
-        deps.publisher.publish(events.from_json(events_pb2.DeploymentCompleted, recorded.data))
-        return StepResult(
-            "duplicate", {"detail": "already decided; event re-published"}, run_id=run_id
-        )
+    return run_step(
+        storage=deps.storage,
+        publisher=deps.publisher,
+        stage="deployer",
+        run_id=run_id,
+        skip=Recorded(layout.RunPaths(run_id).deployment, events_pb2.DeploymentCompleted),
+        work=lambda: decide(evaluation, deps),
+        done=lambda outcome: _deployed(outcome, run_id),
+    )
 
+
+def decide(
+    evaluation: events_pb2.EvaluationCompleted, deps: Deployer
+) -> events_pb2.DeploymentCompleted | StepResult:
+    """The pure step: the DeploymentCompleted to record (not deployed: gates failed, or a newer
+    version is already there), or what the rollout did (it records a deployment itself, once
+    the target has finished: mlpipe_deployer.progress)."""
+    run_id = evaluation.context.run_id
     model = evaluation.model_name
     outcome = events_pb2.DeploymentCompleted(
         context=events.next_context(
@@ -287,44 +305,37 @@ def deploy(message: PushMessage, deps: Deployer) -> StepResult:
     if not evaluation.passed:
         outcome.deployed = False
         outcome.reason = _gate_summary(evaluation) or "evaluation did not pass"
-    else:
-        artifact = deps.storage.read(deps.storage.path_of(evaluation.model_uri))
-        if artifact is None or sha256_hex(artifact.data) != evaluation.model_sha256:
-            raise PermanentError(
-                "artifact_mismatch", f"{evaluation.model_uri} is missing or differs from its sha256"
-            )
-        version = register_version(deps, evaluation, artifact.data)
-        deployed, previous, alias, action = roll_out(deps, model, version.version)
-        traffic = deps.registry.traffic(model)
-        outcome.version = version.version
-        outcome.model_uri = version.model_uri
-        outcome.model_sha256 = version.model_sha256
-        outcome.previous_version = previous or 0
-        outcome.deployed = deployed
-        outcome.model_alias = events.MODEL_ALIAS.of(alias)
-        outcome.rollout_action = events.ROLLOUT_ACTION.of(action)
-        outcome.runtime = str(version.info.get("runtime", SKLEARN))
-        outcome.runtime_note = str(version.info.get("runtime_note", ""))
-        if deployed:
-            outcome.traffic.extend(traffic_shares(traffic))
-            advanced = progress.advance(deps, model, outcome, run_id)
-            finished = advanced.for_run(run_id)
-            if finished is None:
-                # Acknowledged: the rollout's record finishes it (mlpipe_deployer.progress).
-                return StepResult(
-                    "rolling_out",
-                    {"version": outcome.version, "operations": advanced.rollout.operations},
-                    run_id=run_id,
-                )
-            return _deployed(finished, run_id)
+        return outcome
+    artifact = deps.storage.read(deps.storage.path_of(evaluation.model_uri))
+    if artifact is None or sha256_hex(artifact.data) != evaluation.model_sha256:
+        raise PermanentError(
+            "artifact_mismatch", f"{evaluation.model_uri} is missing or differs from its sha256"
+        )
+    version = register_version(deps, evaluation, artifact.data)
+    deployed, previous, alias, action = roll_out(deps, model, version.version)
+    outcome.version = version.version
+    outcome.model_uri = version.model_uri
+    outcome.model_sha256 = version.model_sha256
+    outcome.previous_version = previous or 0
+    outcome.deployed = deployed
+    outcome.model_alias = events.MODEL_ALIAS.of(alias)
+    outcome.rollout_action = events.ROLLOUT_ACTION.of(action)
+    outcome.runtime = str(version.info.get("runtime", SKLEARN))
+    outcome.runtime_note = str(version.info.get("runtime_note", ""))
+    if not deployed:
         outcome.reason = f"a newer version (v{previous}) is already {alias}"
-    if deps.storage.create_if_absent(paths.deployment, events.to_json(outcome).encode()) is None:
-        recorded = deps.storage.read(paths.deployment)
-        if recorded is not None:
-            outcome = events.from_json(events_pb2.DeploymentCompleted, recorded.data)
-    fault_point("deployer.before_publish")
-    deps.publisher.publish(outcome)
-    return _deployed(outcome, run_id)
+        return outcome
+    outcome.traffic.extend(traffic_shares(deps.registry.traffic(model)))
+    advanced = progress.advance(deps, model, outcome, run_id)
+    finished = advanced.for_run(run_id)
+    if finished is None:
+        # Acknowledged: the rollout's record finishes it (mlpipe_deployer.progress).
+        return StepResult(
+            "rolling_out",
+            {"version": outcome.version, "operations": advanced.rollout.operations},
+            run_id=run_id,
+        )
+    return _deployed(finished, run_id)
 
 
 def _deployed(outcome: events_pb2.DeploymentCompleted, run_id: str) -> StepResult:

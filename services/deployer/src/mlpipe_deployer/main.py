@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from mlpipe.messaging import events
 from mlpipe.runtime.clients import Clients
-from mlpipe.runtime.service import RETRYABLE, create_app
+from mlpipe.runtime.service import RETRYABLE, create_app, every
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry, RolloutError
 from mlpipe_deployer import progress, rollout
@@ -44,22 +43,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # After the port answers, on the compilations' own thread: a compilation asked for
         # before it ends waits behind it instead of paying the first conversion itself.
         deployer.precompiled.warm_up(warm_up)
-    checker = None
-    if settings.rollout_check_seconds > 0:
-        checker = asyncio.create_task(_check_every(app, settings.rollout_check_seconds))
-    yield
-    if checker is not None:
-        checker.cancel()
-
-
-async def _check_every(app: FastAPI, seconds: float) -> None:
-    """A local stack's stand-in for the Cloud Scheduler job that calls /v1/rollouts:check."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await run_in_threadpool(progress.check_all, app.state.step)
-        except Exception:
-            log.exception("checking the running rollouts failed; trying again later")
+    # Locally, what Cloud Scheduler does on GCP: POST /v1/rollouts:check.
+    async with every(
+        settings.rollout_check_seconds,
+        lambda: progress.check_all(deployer),
+        "checking the running rollouts",
+    ):
+        yield
 
 
 app = create_app("deployer", lifespan)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,8 +26,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(EvaluatorSettings)
     clients = Clients.create(settings, stage="evaluator")
     app.state.clients = clients
-    app.state.step = Evaluator(clients.storage, clients.publisher, settings.code_version)
-    yield
+    step = app.state.step = Evaluator(clients.storage, clients.publisher, settings.code_version)
+    # Reports a stopped instance left undrawn; off the start path.
+    threading.Thread(target=step.reports.sweep, name="report-sweep", daemon=True).start()
+    try:
+        yield
+    finally:
+        await run_in_threadpool(step.reports.drain, 10.0)
+        await run_in_threadpool(step.drawer.close)
 
 
 app = create_app("evaluator", lifespan)

@@ -1,15 +1,19 @@
-"""A run's self-contained HTML report: gates, metrics (challenger and champion), a confusion
-matrix or residual plot as inline SVG, and the lineage. No external assets, no scripts."""
+"""A run's self-contained HTML report: gates, metrics (challenger and champion), the plots of
+plots.json drawn by matplotlib as inline SVG, and the lineage. No external assets, fonts or
+scripts."""
 
 from __future__ import annotations
 
 import html
+import logging
 import math
 from typing import Any
 
 from mlpipe.messaging import events
 from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.metrics import NOT_APPLIED
+
+log = logging.getLogger(__name__)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#1b1f24;max-width:64rem}
@@ -20,6 +24,8 @@ text-align:left;font-variant-numeric:tabular-nums}th{background:#f3f4f8}
 .verdict{font-size:1.2rem;padding:.4rem .8rem;display:inline-block;border-radius:.3rem}
 .verdict.pass{background:#dff5e3}.verdict.fail{background:#fde2e0}
 code{font-size:.85rem}
+figure.plot{margin:1rem 0}figure.plot figcaption{font-weight:600;margin-bottom:.3rem}
+figure.plot svg{max-width:100%;height:auto}
 """
 
 
@@ -68,96 +74,60 @@ def metrics_table(
     return "<table>" + "".join(rows) + "</table>"
 
 
-def confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
-    n = len(labels)
-    cell, left, top = 56, 120, 120
-    width, height = left + cell * n + 20, top + cell * n + 20
-    parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-        f"role='img' aria-label='confusion matrix'>",
-        f"<text x='{left + cell * n / 2}' y='20' text-anchor='middle' "
-        f"font-size='13'>predicted</text>",
-        f"<text x='14' y='{top + cell * n / 2}' font-size='13' "
-        f"transform='rotate(-90 14 {top + cell * n / 2})' text-anchor='middle'>actual</text>",
-    ]
-    for j, label in enumerate(labels):
-        x = left + j * cell + cell / 2
-        parts.append(
-            f"<text x='{x}' y='{top - 8}' font-size='11' text-anchor='start' "
-            f"transform='rotate(-35 {x} {top - 8})'>{_e(label)}</text>"
-        )
-    for i, row in enumerate(matrix):
-        total = sum(row) or 1
-        y = top + i * cell
-        parts.append(
-            f"<text x='{left - 6}' y='{y + cell / 2 + 4}' font-size='11' "
-            f"text-anchor='end'>{_e(labels[i])}</text>"
-        )
-        for j, count in enumerate(row):
-            share = count / total
-            shade = int(245 - 180 * share)
-            fill = f"rgb({shade},{shade + 5 if shade < 250 else 250},255)"
-            colour = "#fff" if share > 0.6 else "#1b1f24"
-            x = left + j * cell
-            parts.append(
-                f"<rect x='{x}' y='{y}' width='{cell}' height='{cell}' fill='{fill}' "
-                f"stroke='#99a'/><text x='{x + cell / 2}' y='{y + cell / 2 + 5}' "
-                f"font-size='14' text-anchor='middle' fill='{colour}'>{count}</text>"
-            )
-    parts.append("</svg>")
-    return "".join(parts)
+TITLES = {
+    "confusion_matrix": "Confusion matrix",
+    "roc": "ROC curves",
+    "precision_recall": "Precision-recall curves",
+    "calibration": "Calibration",
+    "predicted_vs_actual": "Predicted against actual",
+    "residuals": "Residuals",
+    "error_by_segment": "Error by segment",
+    "permutation_importance": "Permutation feature importance",
+}
 
 
-def residual_svg(points: list[list[float]]) -> str:
-    width, height, pad = 560, 320, 44
-    if not points:
-        return "<p>no residuals</p>"
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
-    limit = max(abs(min(ys)), abs(max(ys))) or 1.0
-    span = (x1 - x0) or 1.0
+def figure_section(plot: dict[str, Any]) -> str:
+    """One plot as a <figure> with its inline SVG; a plot that cannot be drawn is named
+    with the reason, and the rest of the report still drawn."""
+    from mlpipe_evaluator import figures  # matplotlib: imported when a report is drawn
 
-    def sx(v: float) -> float:
-        return pad + (v - x0) / span * (width - 2 * pad)
-
-    def sy(v: float) -> float:
-        return height / 2 - v / limit * (height / 2 - pad)
-
-    parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-        f"role='img' aria-label='residuals against predictions'>",
-        f"<rect x='0' y='0' width='{width}' height='{height}' fill='#fbfbfd'/>",
-        f"<line x1='{pad}' y1='{height / 2}' x2='{width - pad}' y2='{height / 2}' "
-        f"stroke='#889' stroke-dasharray='4 3'/>",
-        f"<text x='{width / 2}' y='{height - 8}' font-size='12' text-anchor='middle'>"
-        f"predicted ({x0:.3g} … {x1:.3g})</text>",
-        f"<text x='12' y='{height / 2}' font-size='12' transform='rotate(-90 12 "
-        f"{height / 2})' text-anchor='middle'>residual (±{limit:.3g})</text>",
-    ]
-    parts += [
-        f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='2.5' fill='#3558c8' fill-opacity='0.55'/>"
-        for x, y in points
-    ]
-    parts.append("</svg>")
-    return "".join(parts)
+    kind = plot.get("kind", "")
+    title = TITLES.get(kind, kind)
+    if kind == "error_by_segment":
+        title += f" ({plot.get('column', '')})"
+    try:
+        if "error" in plot:
+            raise ValueError(plot["error"])
+        body = figures.draw(plot)
+    except Exception as exc:  # one broken figure must not cost the whole report
+        log.warning("could not draw the %s plot: %s", kind, exc, exc_info=True)
+        body = f"<p class='fail'>could not be drawn: {_e(exc)}</p>"
+    return (
+        f"<figure class='plot' data-kind='{_e(kind)}'><figcaption>{_e(title)} (holdout)"
+        f"</figcaption>{body}</figure>"
+    )
 
 
 def render(
     evaluation: events_pb2.EvaluationCompleted,
     details: dict[str, Any],
     lineage: dict[str, Any] | None,
+    plots: dict[str, Any] | None = None,
 ) -> str:
+    """The report page; `plots` is plots.json's content (its plots drawn in order)."""
     ctx = evaluation.context
     verdict = "passed" if evaluation.passed else "failed"
     metrics = dict(evaluation.metrics)
     champion = dict(evaluation.champion_metrics) or None
-    if "confusion_matrix" in details:
-        plot = "<h2>Confusion matrix (holdout)</h2>" + confusion_svg(
-            details["labels"], details["confusion_matrix"]
+    entries = (plots or {}).get("plots", [])
+    plot = "<h2>Plots</h2>" + "".join(figure_section(p) for p in entries) if entries else ""
+    quantiles = details.get("residual_quantiles")
+    if quantiles:
+        plot += (
+            "<p>residual quantiles: "
+            + ", ".join(f"q{_e(q)} {_num(v)}" for q, v in sorted(quantiles.items()))
+            + "</p>"
         )
-    else:
-        plot = "<h2>Residuals (holdout)</h2>" + residual_svg(details.get("points", []))
     lineage_rows = "".join(
         f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>"
         for k, v in [

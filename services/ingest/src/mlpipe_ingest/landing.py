@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events
@@ -23,6 +24,7 @@ from mlpipe.runtime.steps import Router, StepResult, permanent
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_ingest.exports import Exports
 from mlpipe_ingest.sources import SourceSettings, table_from_request
 from mlpipe_ingest.table import Table, to_csv_bytes, to_parquet_bytes
 
@@ -37,6 +39,9 @@ class Landing:
     max_inline_bytes: int
     env: str = "local"
     sources: SourceSettings | None = None
+    # Sources that are a cloud export (Earth Engine, BigQuery): started here, landed by the
+    # exports check (mlpipe_ingest.exports).
+    exports: Exports | None = field(default=None, repr=False)
 
     def __call__(self, message: PushMessage) -> StepResult:
         if len(message.data) > self.max_inline_bytes:
@@ -59,7 +64,15 @@ INGEST_REQUEST = events_pb2.IngestRequest.DESCRIPTOR.full_name
 
 def land(request: events_pb2.IngestRequest, message: PushMessage, deps: Landing) -> StepResult:
     """IngestRequest → a checked dataset object → DatasetLanded. No claim and no record: the
-    object is named by its content and created only if absent, so it is its own record."""
+    object is named by its content and created only if absent, so it is its own record.
+    A source that is an export is started and recorded instead, and landed by its check."""
+    if deps.exports is not None and deps.exports.handles(request):
+        try:
+            # The pipeline must exist before anything is started for it.
+            load_pipeline_config(deps.storage, request.dataset, deps.env)
+        except PermanentError as exc:
+            return permanent(exc)
+        return deps.exports.begin(request, message)
     try:
         landed, rows = land_request(request, message, deps)
     except PermanentError as exc:
@@ -143,6 +156,8 @@ def land_request(
         "schema": describe_schema(schema_of(config, table.header)),
         "request_id": request.request_id,
         "requested_at": when.isoformat(),
+        # The training this object's notification starts continues this trace.
+        **tracing.object_metadata(),
     }
     generation, already, landed_at = write_once(deps.storage, path, data, ext, metadata)
     fault_point("ingest.after_land")
@@ -181,3 +196,26 @@ def write_once(
     if existing is None:
         return 0, True, dt.datetime.now(dt.UTC)
     return int(existing.generation), True, existing.time_created or dt.datetime.now(dt.UTC)
+
+
+def land_export(
+    request: events_pb2.IngestRequest,
+    objects: tuple[str, ...],
+    requested_at: dt.datetime,
+    deps: Landing,
+) -> events_pb2.DatasetLanded:
+    """A finished export's CSV landed like any dataset: read through the `gcs` source from
+    the staging prefix (in the landing bucket), checked, written once by content."""
+    if len(objects) != 1:
+        raise PermanentError("export_shards", f"expected one exported file, not {list(objects)}")
+    staged = events_pb2.IngestRequest()
+    staged.CopyFrom(request)
+    staged.gcs.uri = objects[0]  # replaces the export source in the oneof
+    staged.gcs.format = "csv"
+    if not staged.HasField("requested_at"):
+        staged.requested_at.CopyFrom(events.timestamp(requested_at))
+    message = PushMessage(
+        data=b"", attributes={}, message_id="", publish_time=requested_at, delivery_attempt=0
+    )
+    landed, _ = land_request(staged, message, deps)
+    return landed

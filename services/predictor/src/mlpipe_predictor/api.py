@@ -26,9 +26,9 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from mlpipe.ml.model_inputs import InvalidInstances
+from mlpipe.ml.scoring import LoadedModel
 from mlpipe_predictor import vertex
 from mlpipe_predictor.models import ModelStore
-from mlpipe_predictor.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 

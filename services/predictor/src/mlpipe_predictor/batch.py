@@ -21,18 +21,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import fastavro
-import numpy as np
 import pandas as pd
 
 from mlpipe.errors import PermanentError
 from mlpipe.ml.data import read_dataset_chunks
-from mlpipe.ml.model_inputs import CATEGORICAL
-from mlpipe.ml.validation import require_columns
+from mlpipe.ml.scoring import (
+    LoadedModel,
+    check_rows,
+    load_version,
+    prediction_schema,
+    score_checked,
+)
 from mlpipe.store import layout
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, check_name_part
 from mlpipe.v1 import events_pb2
-from mlpipe_predictor.runtime import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +43,7 @@ DEFAULT_CHUNK_ROWS = 10_000
 
 
 def avro_schema(task: str) -> dict[str, Any]:
-    prediction: Any = "double" if task == "regression" else "string"
-    return {
-        "type": "record",
-        "name": "Prediction",
-        "namespace": "mlpipe.v1",
-        "doc": "One input row's prediction by one model version.",
-        "fields": [
-            {"name": "key", "type": "string", "doc": "The input row's key column, or its number"},
-            {"name": "prediction", "type": ["null", prediction], "default": None},
-            {"name": "error", "type": ["null", "string"], "default": None},
-            {"name": "model", "type": "string"},
-            {"name": "model_version", "type": "long"},
-        ],
-    }
+    return prediction_schema(task)
 
 
 def check_request(request: events_pb2.BatchPredictionRequest) -> None:
@@ -80,34 +70,8 @@ def _chunks(storage: Storage, path: str, rows: int) -> Iterator[pd.DataFrame]:
 def _score_chunk(
     model: LoadedModel, chunk: pd.DataFrame, key_column: str, first_row: int, source: str
 ) -> list[dict[str, Any]]:
-    names = [f.name for f in model.schema]
-    columns = [str(c) for c in chunk.columns]
-    require_columns(columns, names, source, f"{model.name} v{model.version}")
-    require_columns(columns, [key_column] if key_column else [], source, "the key_column")
-    keys = (
-        chunk[key_column].astype(str).tolist()
-        if key_column
-        else [str(first_row + i) for i in range(len(chunk))]
-    )
-    rows = chunk[names].copy()
-    problems = np.full(len(rows), "", dtype=object)
-    for feature in model.schema:
-        values = rows[feature.name]
-        if feature.kind != CATEGORICAL:
-            numeric = pd.to_numeric(values, errors="coerce")
-            bad = (numeric.isna() & values.notna()).to_numpy()
-            problems[bad & (problems == "")] = f"{feature.name} is not a number"
-            rows[feature.name] = numeric
-            values = numeric
-        absent = values.isna().to_numpy()
-        if not feature.nullable:
-            problems[absent & (problems == "")] = f"{feature.name} is missing"
-    ok = problems == ""
-    predictions: list[Any] = [None] * len(rows)
-    if ok.any():
-        scored = model.predict_frame(rows[ok])
-        for position, value in zip(np.flatnonzero(ok), scored, strict=True):
-            predictions[position] = float(value) if model.task == "regression" else str(value)
+    checked = check_rows(model, chunk, key_column, first_row, source)
+    predictions = score_checked(model, checked)
     return [
         {
             "key": key,
@@ -116,7 +80,9 @@ def _score_chunk(
             "model": model.name,
             "model_version": model.version,
         }
-        for key, prediction, problem in zip(keys, predictions, problems.tolist(), strict=True)
+        for key, prediction, problem in zip(
+            checked.keys, predictions, checked.problems.tolist(), strict=True
+        )
     ]
 
 

@@ -3,6 +3,7 @@ Vertex AI-compatible predict API; batch prediction jobs."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -14,17 +15,18 @@ from starlette.concurrency import run_in_threadpool
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
+from mlpipe.ml.scoring import warm_up
 from mlpipe.runtime.clients import Clients
 from mlpipe.runtime.service import create_app
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
+from mlpipe_predictor.launch import JobLaunch, batch_launcher
 from mlpipe_predictor.models import ModelStore, RegistryWatch, promote_canary
 from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
-from mlpipe_predictor.runtime import warm_up
 from mlpipe_predictor.settings import PredictorSettings
-from mlpipe_predictor.steps import BatchJobs, PredictorStep
+from mlpipe_predictor.steps import BatchJobs, BatchStep, PredictorStep
 from mlpipe_predictor.vertex import ArtifactDirectory
 
 
@@ -45,13 +47,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     store.load_all()
     # Every instance follows the registry, not only the one the push reaches.
-    watch = RegistryWatch(store, settings.registry_watch_seconds)
+    watch = RegistryWatch(
+        store,
+        settings.registry_watch_seconds,
+        # Cloud Run names the revision in K_REVISION (its container contract).
+        about={"revision": os.environ.get("K_REVISION", ""), "code_version": settings.code_version},
+    )
     watch.start()
+    app.state.watch = watch
     app.state.settings = settings
     app.state.clients = clients
     app.state.store = store
     app.state.jobs = BatchJobs(clients.storage, store, settings.batch_chunk_rows)
-    app.state.step = PredictorStep(store, app.state.jobs)
+    batch = BatchStep(
+        clients.storage,
+        clients.publisher,
+        app.state.jobs,
+        JobLaunch(
+            clients.storage,
+            batch_launcher(settings),
+            job_timeout_seconds=settings.batch_job_timeout_seconds,
+        ),
+        code_version=settings.code_version,
+        inline_max_bytes=settings.batch_inline_max_bytes,
+        bad_rows=settings.batch_bad_rows,
+    )
+    app.state.step = PredictorStep(store, batch)
     app.state.serving_metrics = ServingMetrics()
     app.state.prediction_log = PredictionLog(
         clients.storage,
@@ -81,7 +102,13 @@ app = PredictRoutes(service)
 
 @service.get("/v1/models")
 def served_models(request: Request) -> dict[str, Any]:
-    return {"models": request.app.state.store.served()}
+    """What this instance serves, which instance it is, and how its registry watch is doing."""
+    state = request.app.state
+    return {
+        "models": state.store.served(),
+        "instance": state.store.instance,
+        "watch": state.watch.status.as_dict(),
+    }
 
 
 @service.get("/metrics", response_class=PlainTextResponse)

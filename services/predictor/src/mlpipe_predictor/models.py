@@ -6,10 +6,13 @@ replaces the whole routing table. A request picks its version once and is served
 it, so no request fails or mixes versions during a deployment.
 
 Cloud Run runs many instances of the predictor and only one receives each DeploymentCompleted,
-so every instance also watches the registry (`RegistryWatch`): once a second it lists the
-models and each model's alias objects (one delimited listing plus one per model, metadata only)
-and refreshes a model whose aliases' generations changed; so every instance serves the
-registry's champion, canary and percentage within about a second and a load of the push.
+so every instance also watches the registry (`RegistryWatch`): once a second it reads each
+model's two alias objects' metadata (the models themselves are listed every
+MODELS_EVERY_ROUNDS rounds) and refreshes a model whose aliases' generations changed; so
+every instance serves the registry's champion, canary and percentage within about a second
+and a load of the push.
+A model refreshed on a change is read once more on the next round, and every model every
+BACKSTOP_ROUNDS rounds, so a read that raced a write is corrected within a round or two.
 
 A canary's outcomes are counted across instances: each instance writes its own running totals
 (`registry/<model>/canary-counts/<canary generation>/<instance>`) when they change and sums
@@ -25,13 +28,16 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from mlpipe import tracing
+from mlpipe.ml.scoring import LoadedModel, load_version
 from mlpipe.store.registry import CANARY, CHAMPION, Registry, RolloutError
-from mlpipe_predictor.runtime import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
 
@@ -135,44 +141,65 @@ class ModelStore:
         if watch is not None and watch.record(ok):
             threading.Thread(target=self.settle_canary, args=(model, watch), daemon=True).start()
 
-    def settle_canary(self, model: str, watch: CanaryWatch) -> None:
+    def settle_canary(self, model: str, watch: CanaryWatch, wait: float = -1) -> None:
         """Write this instance's counts of `watch` if they changed, sum every instance's,
-        and promote the canary if it has earned it and this instance wins its claim."""
+        and promote the canary if it has earned it and this instance wins its claim.
+
+        `wait`: how long to wait for a settle already running (-1: as long as it takes). The
+        registry watch waits a bounded time, so a stalled registry call cannot stop it from
+        following the registry; its next round settles again."""
         if self.pinned is not None or watch.settled:
             return
-        with watch.settling:
-            succeeded, failed = watch.counts()
-            if (succeeded, failed) != watch.written:
-                self.registry.record_canary_count(
-                    model, watch.round_id, self.instance, succeeded, failed
-                )
-                watch.written = (succeeded, failed)
-            if not watch.promote_after or watch.settled:
-                return
-            total_ok, total_failed = self.registry.canary_counts(model, watch.round_id)
-            # Ours as written (the listing may lag the write: never count less than that).
-            others_ok = max(0, total_ok - succeeded)
-            others_failed = max(0, total_failed - failed)
-            with watch.lock:
-                watch.others_succeeded, watch.others_failed = others_ok, others_failed
-                if watch.asked and (watch.failed or others_failed):
-                    watch.asked = False
-            if failed or others_failed or succeeded + others_ok < watch.promote_after:
-                return
-            watch.settled = True
-            if not self.registry.claim_promotion(
-                model, watch.round_id, self.instance, succeeded + others_ok
-            ):
-                log.info("canary v%d of %s: another instance promotes it", watch.version, model)
-                return
+        if not watch.settling.acquire(timeout=wait):
+            log.warning(
+                "canary v%d of %s: its counts are still being written; settled next round",
+                watch.version,
+                model,
+            )
+            return
+        try:
+            earned = self._settle(model, watch)
+        finally:
+            watch.settling.release()
+        if earned is None:
+            return
         log.info(
             "canary v%d of %s earned its promotion: %d successful predictions on all instances",
             watch.version,
             model,
-            succeeded + others_ok,
+            earned,
         )
         if self.on_promotion is not None:
             self.on_promotion(model, watch.version)
+
+    def _settle(self, model: str, watch: CanaryWatch) -> int | None:
+        """settle_canary's work, under `watch.settling`: the successes summed over every
+        instance when this instance is to promote the canary, else None."""
+        succeeded, failed = watch.counts()
+        if (succeeded, failed) != watch.written:
+            self.registry.record_canary_count(
+                model, watch.round_id, self.instance, succeeded, failed
+            )
+            watch.written = (succeeded, failed)
+        if not watch.promote_after or watch.settled:
+            return None
+        total_ok, total_failed = self.registry.canary_counts(model, watch.round_id)
+        # Ours as written (the listing may lag the write: never count less than that).
+        others_ok = max(0, total_ok - succeeded)
+        others_failed = max(0, total_failed - failed)
+        with watch.lock:
+            watch.others_succeeded, watch.others_failed = others_ok, others_failed
+            if watch.asked and (watch.failed or others_failed):
+                watch.asked = False
+        if failed or others_failed or succeeded + others_ok < watch.promote_after:
+            return None
+        watch.settled = True
+        if not self.registry.claim_promotion(
+            model, watch.round_id, self.instance, succeeded + others_ok
+        ):
+            log.info("canary v%d of %s: another instance promotes it", watch.version, model)
+            return None
+        return succeeded + others_ok
 
     # --- what is served -----------------------------------------------------------------
     def served(self) -> dict[str, dict[str, Any]]:
@@ -210,6 +237,11 @@ class ModelStore:
             out[name] = entry
         return out
 
+    def names(self) -> list[str]:
+        """The models served (those `served()` describes), without describing them: what a
+        watch round asks every second."""
+        return [n for n, s in self._served.items() if s.champion or s.canary]
+
     @staticmethod
     def _shares(s: Served) -> list[tuple[LoadedModel, str, int]]:
         if s.champion is None and s.canary is not None:
@@ -219,6 +251,13 @@ class ModelStore:
         if s.canary is None or s.percent <= 0:
             return [(s.champion, CHAMPION, 100)]
         return [(s.champion, CHAMPION, 100 - s.percent), (s.canary, CANARY, s.percent)]
+
+    def shares(self, name: str) -> list[tuple[int, str, int]]:
+        """What `name` is served as: (version, alias, percent) each."""
+        served = self._served.get(name)
+        if served is None:
+            return []
+        return [(m.version, alias, percent) for m, alias, percent in self._shares(served)]
 
     def watch_of(self, name: str) -> CanaryWatch | None:
         served = self._served.get(name)
@@ -233,7 +272,8 @@ class ModelStore:
         for m in self.versions_of(name):
             if m.version == version:
                 return m
-        return load_version(self.registry, name, version, self.threads)  # outside the lock
+        with tracing.span(f"load {name} v{version}"):
+            return load_version(self.registry, name, version, self.threads)  # outside the lock
 
     def refresh(self, name: str) -> Served | None:
         """Load what the registry says `name` should serve, then swap it in at once (one
@@ -293,14 +333,70 @@ class ModelStore:
                 log.exception("could not load %s", name)
 
 
+# Every this many rounds the watch reads every model's traffic, changed or not.
+BACKSTOP_ROUNDS = 30
+# How long a round waits for a canary count another thread is writing.
+SETTLE_WAIT_SECONDS = 5.0
+# The watch lists the registry's models once every this many rounds.
+MODELS_EVERY_ROUNDS = 3
+# A bound on each of a round's listings, which are not retried: the next round is the retry.
+LISTING_TIMEOUT_SECONDS = 5.0
+# An instance rewrites its record of what it serves at least this often.
+HEARTBEAT_SECONDS = 60.0
+# The record of an instance silent this long is deleted by the other instances' watches.
+SILENT_INSTANCE = timedelta(hours=1)
+# A round slower than this many intervals is logged with where its time went.
+SLOW_ROUND_INTERVALS = 3
+
+
+@dataclass
+class WatchStatus:
+    """How this instance's registry watch is doing (`GET /v1/models` shows it): what tells
+    an operator why an instance serves something other than the registry's state."""
+
+    rounds: int = 0
+    failures: int = 0
+    last_round_at: str = ""
+    last_round_seconds: float = 0.0
+    slowest_round_seconds: float = 0.0
+    last_error: str = ""
+    # Seconds of the last round spent listing, refreshing and settling canary counts.
+    last_round_parts: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "failures": self.failures,
+            "last_round_at": self.last_round_at,
+            "last_round_seconds": round(self.last_round_seconds, 3),
+            "slowest_round_seconds": round(self.slowest_round_seconds, 3),
+            "last_round_parts": {k: round(v, 3) for k, v in self.last_round_parts.items()},
+            "last_error": self.last_error,
+        }
+
+
 class RegistryWatch:
     """Keeps a ModelStore on the registry's desired state without the push (see the module
     docstring): every `interval` seconds, in a thread of its own."""
 
-    def __init__(self, store: ModelStore, interval: float = 1.0) -> None:
+    def __init__(
+        self, store: ModelStore, interval: float = 1.0, about: Mapping[str, str] | None = None
+    ) -> None:
         self.store = store
         self.interval = interval
+        # What the instance records say of it besides what it serves (revision, code).
+        self.about = dict(about or {})
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        # model → (what was last recorded of it, when: time.monotonic())
+        self._recorded: dict[str, tuple[Any, float]] = {}
         self.seen: dict[str, dict[str, int]] = {}
+        self.recheck: set[str] = set()
+        # The registry's models, listed every MODELS_EVERY_ROUNDS rounds (a listing is a
+        # Class A operation on GCS; their aliases are read every round).
+        self.models: list[str] | None = None
+        self.rounds = 0
+        self.status = WatchStatus()
+        self._parts: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -312,31 +408,136 @@ class RegistryWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._thread is None:
+            return
+        self._thread.join(timeout=10)
+        # Its records say it stopped (a killed instance's just fall silent).
+        stopped = datetime.now(UTC).isoformat(timespec="milliseconds")
+        for name in list(self._recorded):
+            try:
+                self._record(name, stopped_at=stopped)
+            except Exception:
+                log.warning("registry watch: could not record that this instance stopped")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:
-                # The next round tries again; a registry that cannot be read is not fatal.
-                log.warning("registry watch: round failed", exc_info=True)
+            self.round()
+
+    def round(self) -> None:
+        """One timed round, as the thread runs it: a failure is logged and counted, and the
+        next round tries again (a registry that cannot be read is not fatal)."""
+        started = time.monotonic()
+        self._parts = {"list": 0.0, "refresh": 0.0, "settle": 0.0, "record": 0.0}
+        status = self.status
+        try:
+            self.check()
+            self.record()
+        except Exception as exc:
+            status.failures += 1
+            status.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("registry watch: round failed", exc_info=True)
+        took = time.monotonic() - started
+        status.rounds += 1
+        status.last_round_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        status.last_round_seconds = took
+        status.slowest_round_seconds = max(status.slowest_round_seconds, took)
+        status.last_round_parts = dict(self._parts)
+        if took > SLOW_ROUND_INTERVALS * max(self.interval, 1.0):
+            log.warning(
+                "registry watch: a round took %.1f s (%s); the registry's state reaches "
+                "this instance that much later",
+                took,
+                ", ".join(f"{k} {v:.1f} s" for k, v in self._parts.items()),
+            )
+
+    def record(self) -> None:
+        """Write this instance's record of each model it serves (`registry/<model>/instances/`,
+        read by the console) when what it serves changed or `HEARTBEAT_SECONDS` passed; every
+        `BACKSTOP_ROUNDS` rounds, delete the records of instances silent for an hour."""
+        started = time.monotonic()
+        store = self.store
+        backstop = self.rounds % BACKSTOP_ROUNDS == 0
+        for name in store.names():
+            state = (store.shares(name), self.status.failures)
+            last = self._recorded.get(name)
+            if last is None or last[0] != state or started - last[1] >= HEARTBEAT_SECONDS:
+                self._record(name)
+                self._recorded[name] = (state, started)
+            if backstop:
+                for gone in store.registry.drop_instances(name, SILENT_INSTANCE):
+                    log.info("registry watch: dropped the record of silent instance %s", gone)
+        self._timed("record", started)
+
+    def _record(self, name: str, stopped_at: str = "") -> None:
+        store = self.store
+        served = store.served().get(name, {})
+        watch = self.status.as_dict()
+        store.registry.record_instance(
+            name,
+            store.instance,
+            {
+                **self.about,
+                "started_at": self.started_at,
+                "stopped_at": stopped_at,
+                "serving": [
+                    {"version": v, "alias": alias, "percent": pct}
+                    for v, alias, pct in store.shares(name)
+                ],
+                "canary": served.get("canary"),
+                "watch": {k: watch[k] for k in ("rounds", "failures", "last_error")},
+                "heartbeat_seconds": HEARTBEAT_SECONDS,
+            },
+        )
+
+    def _timed(self, part: str, started: float) -> None:
+        self._parts[part] = self._parts.get(part, 0.0) + time.monotonic() - started
 
     def check(self) -> list[str]:
         """One round: refresh each model whose aliases changed, and settle each canary's
-        counts; return the models refreshed."""
+        counts; return the models refreshed.
+
+        A model refreshed because its aliases changed is read again on the next round even
+        if they did not change again, and every model is read again every `BACKSTOP_ROUNDS`
+        rounds: a read that raced a write (a listing ahead of the object it lists) then
+        costs one round, never the instance's whole life."""
         store = self.store
         refreshed = []
-        for name in store.registry.served_models():
-            generations = store.registry.alias_generations(name)
-            if generations and generations != self.seen.get(name):
+        self.rounds += 1
+        backstop = self.rounds % BACKSTOP_ROUNDS == 0
+        started = time.monotonic()
+        if self.models is None or self.rounds % MODELS_EVERY_ROUNDS == 1:
+            self.models = store.registry.served_models(LISTING_TIMEOUT_SECONDS)
+        # A model deployed since the last listing reaches this instance by its push too.
+        names = sorted({*self.models, *store.names()})
+        self._timed("list", started)
+        for name in names:
+            started = time.monotonic()
+            generations = store.registry.alias_generations(name, LISTING_TIMEOUT_SECONDS)
+            self._timed("list", started)
+            changed = bool(generations) and generations != self.seen.get(name)
+            if changed or name in self.recheck or (backstop and generations):
+                before = store.shares(name)
+                started = time.monotonic()
                 store.refresh(name)
+                self._timed("refresh", started)
                 self.seen[name] = generations
                 refreshed.append(name)
+                if changed:
+                    self.recheck.add(name)
+                else:
+                    self.recheck.discard(name)
+                    if store.shares(name) != before:
+                        log.warning(
+                            "registry watch: %s was served as %s, the registry says %s",
+                            name,
+                            before,
+                            store.shares(name),
+                        )
             watch = store.watch_of(name)
             if watch is not None:
-                store.settle_canary(name, watch)
+                started = time.monotonic()
+                store.settle_canary(name, watch, wait=SETTLE_WAIT_SECONDS)
+                self._timed("settle", started)
         return refreshed
 
 

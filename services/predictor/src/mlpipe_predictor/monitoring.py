@@ -1,8 +1,9 @@
 """What the predictor records about its traffic, off the request path.
 
 - `ServingMetrics`: request and error counts and a latency histogram per model version, in
-  Prometheus' text format on `GET /metrics`. Updated on the event loop only (the predict
-  routes run there), so it needs no lock.
+  Prometheus' text format on `GET /metrics`, through prometheus_client (a registry per app,
+  no `_created` series: the names and labels are those dashboards already read). Updated on
+  the event loop (the predict routes run there).
 - `PredictionLog`: a sample of requests and their predictions, appended to a bounded buffer on
   the request path and written to GCS in batches by a background thread, as JSON lines under
   `monitoring/<model>/dt=YYYY-MM-DD/<HHMMSS>-<id>.jsonl`. A full buffer drops the record and
@@ -20,13 +21,23 @@ import random
 import threading
 import time
 import uuid
-from bisect import bisect_left
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from mlpipe.ml.scoring import LoadedModel
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage
-from mlpipe_predictor.runtime import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -34,87 +45,108 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-@dataclass
-class _Series:
-    requests: int = 0
-    errors: int = 0
-    instances: int = 0
-    latency_sum: float = 0.0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+# A `<name>_created` series per counter would be a name no dashboard reads (process-wide
+# switch; the predictor's registry is its only user).
+disable_created_metrics()
 
-
-# (metric, help text, _Series field) of the per-version counters.
+# (metric, help text, snapshot key) of the per-version counters.
 COUNTERS = (
     ("mlpipe_predict_requests_total", "Predict requests answered.", "requests"),
     ("mlpipe_predict_errors_total", "Predict requests answered with an error.", "errors"),
     ("mlpipe_predict_instances_total", "Instances scored.", "instances"),
 )
+LATENCY = "mlpipe_predict_latency_seconds"
+LOG_RECORDS = "mlpipe_prediction_log_records_total"
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+@dataclass
+class _Series:
+    """One model version's children of the metrics (looked up once, not per request)."""
+
+    requests: Counter
+    errors: Counter
+    instances: Counter
+    latency: Histogram
+
+
+class _LogCounts(Collector):
+    """The prediction log's own counts (a dict it keeps), read when /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.counts is None:
+            return
+        family = CounterMetricFamily(
+            LOG_RECORDS, "Prediction log records by outcome.", labels=["outcome"]
+        )
+        for outcome, count in sorted(self.counts.items()):
+            family.add_metric([outcome], count)
+        yield family
 
 
 class ServingMetrics:
+    """The predictor's Prometheus metrics, in a registry of their own (one per app)."""
+
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("model", "version")
+        self._counters = {
+            key: Counter(name, what, labels, registry=self.registry) for name, what, key in COUNTERS
+        }
+        self._latency = Histogram(
+            LATENCY,
+            "Time to answer a predict request.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._log_counts = _LogCounts()
+        self.registry.register(self._log_counts)
         self._series: dict[tuple[str, str], _Series] = {}
 
-    def observe(self, model: str, version: str, seconds: float, ok: bool, instances: int) -> None:
+    def _children(self, model: str, version: str) -> _Series:
         series = self._series.get((model, version))
         if series is None:
-            series = self._series[(model, version)] = _Series()
-        series.requests += 1
-        series.instances += instances
+            child = {key: c.labels(model, version) for key, c in self._counters.items()}
+            series = self._series[(model, version)] = _Series(
+                requests=child["requests"],
+                errors=child["errors"],
+                instances=child["instances"],
+                latency=self._latency.labels(model, version),
+            )
+        return series
+
+    def observe(self, model: str, version: str, seconds: float, ok: bool, instances: int) -> None:
+        series = self._children(model, version)
+        series.requests.inc()
+        series.instances.inc(instances)
         if not ok:
-            series.errors += 1
-        series.latency_sum += seconds
-        series.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            series.errors.inc()
+        series.latency.observe(seconds)
+
+    def _value(self, name: str, model: str, version: str) -> float:
+        value = self.registry.get_sample_value(name, {"model": model, "version": version})
+        return value or 0.0
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per `model/version`: requests, errors, instances, mean latency (for `mlpipe status`)."""
-        return {
-            f"{model}/{version}": {
-                "requests": s.requests,
-                "errors": s.errors,
-                "instances": s.instances,
-                "mean_latency_ms": round(1000 * s.latency_sum / s.requests, 3) if s.requests else 0,
+        out = {}
+        for model, version in sorted(self._series):
+            counts = {key: int(self._value(name, model, version)) for name, _, key in COUNTERS}
+            total = self._value(f"{LATENCY}_sum", model, version)
+            requests = counts["requests"]
+            out[f"{model}/{version}"] = {
+                **counts,
+                "mean_latency_ms": round(1000 * total / requests, 3) if requests else 0,
             }
-            for (model, version), s in sorted(self._series.items())
-        }
+        return out
 
     def render(self, log_counts: dict[str, int] | None = None) -> str:
-        items = sorted(self._series.items())
-        lines: list[str] = []
-        for metric, what, field_name in COUNTERS:
-            lines += [f"# HELP {metric} {what}", f"# TYPE {metric} counter"]
-            for (model, version), s in items:
-                lines.append(
-                    f'{metric}{{model="{_label(model)}",version="{version}"}} '
-                    f"{getattr(s, field_name)}"
-                )
-        lines += [
-            "# HELP mlpipe_predict_latency_seconds Time to answer a predict request.",
-            "# TYPE mlpipe_predict_latency_seconds histogram",
-        ]
-        for (model, version), s in items:
-            labels = f'model="{_label(model)}",version="{version}"'
-            cumulative = 0
-            for bound, count in zip((*LATENCY_BUCKETS, math.inf), s.buckets, strict=True):
-                cumulative += count
-                le = "+Inf" if bound == math.inf else f"{bound:g}"
-                lines.append(
-                    f'mlpipe_predict_latency_seconds_bucket{{{labels},le="{le}"}} {cumulative}'
-                )
-            lines.append(f"mlpipe_predict_latency_seconds_sum{{{labels}}} {s.latency_sum:.6f}")
-            lines.append(f"mlpipe_predict_latency_seconds_count{{{labels}}} {s.requests}")
-        if log_counts is not None:
-            lines += [
-                "# HELP mlpipe_prediction_log_records_total Prediction log records by outcome.",
-                "# TYPE mlpipe_prediction_log_records_total counter",
-            ]
-            for outcome, count in sorted(log_counts.items()):
-                lines.append(f'mlpipe_prediction_log_records_total{{outcome="{outcome}"}} {count}')
-        return "\n".join(lines) + "\n"
+        """Prometheus' text format (0.0.4) of every series, and the prediction log's counts."""
+        self._log_counts.counts = log_counts
+        return generate_latest(self.registry).decode()
 
 
 def _plain(value: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import AliasChoices, Field, model_validator
 
 from mlpipe.runtime.settings import CommonSettings
@@ -26,6 +28,28 @@ class PredictorSettings(CommonSettings):
     # every instance converges on a deployment without its push; 0: only on the push.
     registry_watch_seconds: float = Field(default=1.0, ge=0)
     batch_chunk_rows: int = Field(default=10_000, ge=1)
+    # Batch requests: an input of one object up to this size is scored in this process; a
+    # bigger one (or a glob) by a batch job (mlpipe_batch), launched by `batch_launcher`.
+    batch_inline_max_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    batch_launcher: Literal["local", "dataflow"] = "local"
+    batch_local_workers: int = Field(default=2, ge=1)
+    batch_local_mode: Literal["multi_processing", "in_memory"] = "multi_processing"
+    batch_job_timeout_seconds: float = Field(default=6 * 3600.0, gt=0)
+    # The Dataflow launcher (batch_launcher: dataflow), rendered by mlpipe_ops from the
+    # environment file (region, accounts, bucket) and infra/runtime.yaml (machine type, workers).
+    region: str = ""
+    batch_dataflow_template: str = ""
+    batch_dataflow_service_account: str = ""
+    batch_dataflow_temp_location: str = ""
+    batch_dataflow_staging_location: str = ""
+    batch_dataflow_machine_type: str = ""
+    batch_dataflow_max_workers: int = Field(default=0, ge=0, le=1000)
+    batch_dataflow_network: str = ""
+    batch_dataflow_subnetwork: str = ""
+    batch_dataflow_private_ips: bool = False
+    batch_dataflow_endpoint: str = ""
+    # What a job does with bad rows when the request does not say (BadRowPolicy).
+    batch_bad_rows: Literal["reject_batch", "write_rejected"] = "reject_batch"
     # Requests with at most this many instances are scored on the event loop (faster than a
     # thread hop); bigger ones in the thread pool, so they never stall small ones.
     inline_instances: int = Field(default=64, ge=0)
@@ -44,6 +68,23 @@ class PredictorSettings(CommonSettings):
     @property
     def receives_push(self) -> bool:
         return not self.on_vertex
+
+    @model_validator(mode="after")
+    def _dataflow_needs(self) -> PredictorSettings:
+        if self.batch_launcher != "dataflow":
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("MLPIPE_REGION", self.region),
+                ("MLPIPE_BATCH_DATAFLOW_TEMPLATE", self.batch_dataflow_template),
+                ("MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION", self.batch_dataflow_temp_location),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"batch jobs on Dataflow (MLPIPE_BATCH_LAUNCHER) need {missing}")
+        return self
 
     @model_validator(mode="after")
     def _vertex_needs(self) -> PredictorSettings:

@@ -1,33 +1,54 @@
 """The predictor's push step and its batch jobs.
 
 DeploymentCompleted → reload the model's versions (hot swap). BatchPredictionRequest (the same
-push route, told apart by its subscription or the event_type attribute) → a batch job in a
-background thread: long work never runs inside a push request. The delivery is acknowledged
-only once the job is done (its metrics exist): while it runs each redelivery answers 503, so a
-job lost with its process is started again, and a failed job is quarantined like any bad input.
+push route, told apart by its subscription or the event_type attribute) → a batch, on the step
+protocol (mlpipe.runtime.steps.run_step):
+
+    skip if its BatchPredictionCompleted is recorded (re-publish it)
+    → claim: the metrics exist → go on; else start its work once and answer `held`
+      (503: the delivery comes back, with Pub/Sub's backoff, until the metrics exist)
+    → work: the BatchPredictionCompleted its metrics describe → record → publish
+
+Its work is a batch job (mlpipe_batch, Apache Beam; mlpipe_predictor.launch) launched once
+per batch_id through its job record; an input of at most `inline_max_bytes` (one object) is
+scored in a background thread of this process instead (mlpipe_predictor.batch), where a
+job's start-up would cost more than the scoring. Long work never runs inside a push request.
+A failed batch is a permanent outcome: PipelineFailed, the request kept in quarantine.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpipe.errors import Held, PermanentError
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
+from mlpipe.messaging.batch_jobs import REJECT_BATCH, JobSpec, completed_event
+from mlpipe.messaging.publishing import Publisher
 from mlpipe.messaging.push import PushMessage
-from mlpipe.messaging.topology import BATCH_PUSH
-from mlpipe.runtime.steps import StepResult, decode_message
+from mlpipe.runtime.steps import (
+    Recorded,
+    Router,
+    StepResult,
+    held,
+    permanent,
+    run_step,
+)
 from mlpipe.store import layout
+from mlpipe.store.registry import CHAMPION
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.batch import check_request, run_batch
+from mlpipe_predictor.launch import JobLaunch
 from mlpipe_predictor.models import ModelStore
 
 log = logging.getLogger(__name__)
 
 BATCH_REQUEST = events_pb2.BatchPredictionRequest.DESCRIPTOR.full_name
+DEPLOYMENT_COMPLETED = events_pb2.DeploymentCompleted.DESCRIPTOR.full_name
 
 
 @dataclass
@@ -92,17 +113,146 @@ class BatchJobs:
 
 
 @dataclass
+class BatchStep:
+    """A BatchPredictionRequest on the step protocol (see the module's doc)."""
+
+    storage: Storage
+    publisher: Publisher
+    jobs: BatchJobs
+    launch: JobLaunch
+    code_version: str = "dev"
+    inline_max_bytes: int = 8 * 1024 * 1024
+    bad_rows: str = REJECT_BATCH  # when the request does not say
+
+    def __call__(self, request: events_pb2.BatchPredictionRequest) -> StepResult:
+        run_id = request.context.run_id
+        try:
+            check_request(request)
+        except PermanentError as exc:
+            return permanent(exc, run_id)
+        model, batch_id = request.model_name, request.batch_id
+        return run_step(
+            storage=self.storage,
+            publisher=self.publisher,
+            stage="predictor",
+            run_id=run_id,
+            skip=Recorded(
+                layout.batch_completed_path(model, batch_id), events_pb2.BatchPredictionCompleted
+            ),
+            claim=lambda: self._claim(request),
+            work=lambda: self._completed(request),
+            done=lambda event: StepResult(
+                "succeeded",
+                {
+                    "batch_id": event.batch_id,
+                    "rows": event.rows,
+                    "output_uri": event.output_uris[0] if len(event.output_uris) == 1 else "",
+                    "output_uris": list(event.output_uris),
+                    "runner": event.runner,
+                },
+                run_id,
+            ),
+        )
+
+    def _completed(
+        self, request: events_pb2.BatchPredictionRequest
+    ) -> events_pb2.BatchPredictionCompleted:
+        path = layout.batch_metrics_path(request.model_name, request.batch_id)
+        metrics = self.storage.read_json(path)
+        if metrics is None:  # the claim saw them: only a deletion since could do this
+            raise PermanentError("metrics_missing", f"{self.storage.uri(path)} disappeared")
+        return completed_event(
+            {"metrics_uri": self.storage.uri(path), **metrics},
+            context=request.context,
+            producer="predictor",
+            code_version=self.code_version,
+        )
+
+    def _claim(self, request: events_pb2.BatchPredictionRequest) -> StepResult | None:
+        """None once the metrics exist; else start (or follow) the batch's work: held."""
+        model, batch_id = request.model_name, request.batch_id
+        if self.storage.exists(layout.batch_metrics_path(model, batch_id)):
+            return None
+        job = self.storage.read_json(layout.batch_job_path(model, batch_id))
+        if job is None and self._inline(request):
+            return self._in_process(request)
+        spec = JobSpec.from_json(job["spec"]) if job else self._spec(request)
+        return self.launch.follow(spec)
+
+    def _inline(self, request: events_pb2.BatchPredictionRequest) -> bool:
+        path = self.storage.path_of(request.input_uri)
+        if any(c in path for c in "*?[") or path.endswith(".avro"):
+            return False  # many objects, or Avro: only the job reads them
+        blob = self.storage.bucket.get_blob(path)
+        if blob is None:
+            raise PermanentError("dataset_missing", f"{request.input_uri} does not exist")
+        return int(blob.size or 0) <= self.inline_max_bytes
+
+    def _in_process(self, request: events_pb2.BatchPredictionRequest) -> StepResult | None:
+        state = self.jobs.status(request.model_name, request.batch_id)
+        if state is None:
+            state = self.jobs.start(request)
+        elif state.get("state") == "failed":
+            # Reported once; a replay after a fix starts the job again.
+            self.jobs.forget(request.model_name, request.batch_id)
+            raise PermanentError(
+                f"batch_{state.get('reason', 'failed')}",
+                f"batch {request.batch_id} of {request.model_name} failed: {state.get('error')}",
+            )
+        if state.get("state") == "succeeded":
+            return None
+        return held(
+            f"batch {request.batch_id} of {request.model_name} is still running; "
+            "acknowledged when its metrics are written",
+            request.context.run_id,
+        )
+
+    def _spec(self, request: events_pb2.BatchPredictionRequest) -> JobSpec:
+        """The job's spec, its version resolved now (the champion when the request names
+        none): the version that does not exist is rejected here, before any job starts."""
+        registry = self.jobs.store.registry
+        model = request.model_name
+        version = int(request.version or registry.alias(model, CHAMPION) or 0)
+        if not version:
+            raise PermanentError("no_model", f"{model} has no champion to score with")
+        if registry.get(model, version) is None:
+            raise PermanentError(
+                "unknown_model_version", f"{model} version {version} is not in the registry"
+            )
+        now = dt.datetime.now(dt.UTC)
+        return JobSpec(
+            project=self.publisher.project,
+            bucket=self.storage.bucket_name,
+            batch_id=request.batch_id,
+            model=model,
+            version=version,
+            input_uri=request.input_uri,
+            output_prefix=layout.batch_job_output_prefix(model, now.date(), request.batch_id),
+            key_column=request.key_column,
+            chunk_rows=int(request.chunk_rows or self.jobs.chunk_rows),
+            bad_rows=events.BAD_ROW_POLICY.text(request.bad_rows, self.bad_rows),
+            code_version=self.code_version,
+            request=events.to_json(request),
+            launched_at=now.isoformat(),
+        )
+
+
+@dataclass
 class PredictorStep:
     store: ModelStore
-    jobs: BatchJobs
+    batch: BatchStep
 
     def __call__(self, message: PushMessage) -> StepResult:
-        if (
-            message.subscription_name == BATCH_PUSH
-            or message.attributes.get(events.EVENT_TYPE_ATTR) == BATCH_REQUEST
-        ):
-            return self._batch(decode_message(events_pb2.BatchPredictionRequest, message))
-        done = decode_message(events_pb2.DeploymentCompleted, message)
+        return Router(
+            {
+                BATCH_REQUEST: lambda request, m: self.batch(request),
+                DEPLOYMENT_COMPLETED: lambda done, m: self.reload(done),
+            },
+            DEPLOYMENT_COMPLETED,
+        )(message)
+
+    def reload(self, done: events_pb2.DeploymentCompleted) -> StepResult:
+        """The pure step with no record: serve what the registry now says for the model."""
         if not done.deployed:
             return StepResult("ignored", {"reason": done.reason}, run_id=done.context.run_id)
         served = self.store.refresh(done.model_name)
@@ -122,30 +272,3 @@ class PredictorStep:
         if served.canary is not None:
             detail["canary"] = served.canary.version
         return StepResult("serving", detail, run_id=done.context.run_id)
-
-    def _batch(self, request: events_pb2.BatchPredictionRequest) -> StepResult:
-        check_request(request)
-        state = self.jobs.status(request.model_name, request.batch_id)
-        if state is None:
-            state = self.jobs.start(request)
-        elif state.get("state") == "failed":
-            # Reported once; a replay after a fix starts the job again.
-            self.jobs.forget(request.model_name, request.batch_id)
-        if state.get("state") == "failed":
-            raise PermanentError(
-                f"batch_{state.get('reason', 'failed')}",
-                f"batch {request.batch_id} of {request.model_name} failed: {state.get('error')}",
-            )
-        if state.get("state") != "succeeded":
-            raise Held(
-                f"batch {request.batch_id} of {request.model_name} is still running; "
-                "acknowledged when its metrics are written"
-            )
-        return StepResult(
-            "succeeded",
-            {
-                "batch_id": request.batch_id,
-                "rows": state.get("rows"),
-                "output_uri": state.get("output_uri"),
-            },
-        )

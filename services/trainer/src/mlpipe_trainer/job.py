@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.runtime.clients import Clients
@@ -44,6 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("training-job", settings.log_level, settings.project)
     started = events.from_json(events_pb2.TrainingStarted, args.started)
     bind_run_id(started.context.run_id)
+    try:
+        settings.start_tracing("training-job")
+    except tracing.TracingError as exc:
+        log.warning("training without a trace: %s", exc)
+    try:
+        # Under the trainer's delivery span (TRACEPARENT), or a trace of its own.
+        with tracing.span(
+            "training job",
+            parent=os.environ.get(tracing.ENV_TRACEPARENT, ""),
+            attributes={tracing.RUN_ID: started.context.run_id},
+        ):
+            return _main(settings, started)
+    finally:
+        tracing.flush()  # a forked job leaves by os._exit: nothing queued may wait for atexit
+
+
+def _main(settings: TrainerSettings, started: events_pb2.TrainingStarted) -> int:
     clients = Clients.create(settings, stage="training-job", receives_push=False)
     paths = layout.RunPaths(started.context.run_id)
     heartbeat = lease.Heartbeat(

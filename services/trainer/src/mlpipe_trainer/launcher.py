@@ -30,6 +30,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Protocol
 
+from mlpipe import tracing
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
 from mlpipe.v1 import events_pb2
@@ -112,7 +113,7 @@ def killed_by_oom(code: int, oom_kills_before: int | None, oom_kills_after: int 
 
 def _run_job(started_json: str, log_path: str, env: dict[str, str]) -> None:
     """The warm job's body, in the forked child: same entry point as the subprocess job."""
-    for key in [k for k in os.environ if k.startswith(PASSED_ENV)]:
+    for key in [k for k in os.environ if k.startswith((*PASSED_ENV, tracing.ENV_TRACEPARENT))]:
         del os.environ[key]
     os.environ.update(env)
     from mlpipe import faults
@@ -169,8 +170,11 @@ class LocalJobLauncher:
         log_path = self.log_dir / f"{run_id}.log"
         oom_kills = self.memory.oom_kills() if self.memory is not None else None
         child: Child
+        # The job's spans continue the delivery's trace (mlpipe.tracing).
+        trace_env = tracing.job_environment()
         if self.runner == "warm":
             env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
+            env.update(trace_env)
             process = self._context.Process(
                 target=_run_job,
                 name=f"job-{run_id}",
@@ -185,6 +189,7 @@ class LocalJobLauncher:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
+                    env={**os.environ, **trace_env},
                 )
         job_id = f"local-{run_id}-{child.pid}"
         watcher = threading.Thread(

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events
@@ -52,10 +53,12 @@ def train(
     run_id = started.context.run_id
     paths = layout.RunPaths(run_id)
     config: PipelineConfig = load_run_config(storage, run_id)
-    data = fetch_dataset(storage, started.dataset)
-    frame = read_dataset(data, events.data_format(started.dataset) or "csv", started.dataset.uri)
-    features = check_dataset(frame, config, started.dataset.uri)
-    split = split_rows(frame, config)
+    with tracing.span("read and check the dataset", attributes={"gcs.uri": started.dataset.uri}):
+        data = fetch_dataset(storage, started.dataset)
+        fmt = events.data_format(started.dataset) or "csv"
+        frame = read_dataset(data, fmt, started.dataset.uri)
+        features = check_dataset(frame, config, started.dataset.uri)
+        split = split_rows(frame, config)
     estimator = build_pipeline(config, features)
 
     train_frame = frame.iloc[split.train]
@@ -67,10 +70,14 @@ def train(
             f"{y_train.iloc[0]!r} in {config.dataset.target!r}; a classifier needs two or more",
         )
     t0 = time.perf_counter()
-    try:
-        estimator.fit(train_frame[features], y_train)
-    except (ValueError, TypeError) as exc:
-        raise PermanentError("fit_failed", f"{config.model.estimator}.fit failed: {exc}") from exc
+    with tracing.span(
+        "fit", attributes={"mlpipe.estimator": config.model.estimator, "rows": len(split.train)}
+    ):
+        try:
+            estimator.fit(train_frame[features], y_train)
+        except (ValueError, TypeError) as exc:
+            message = f"{config.model.estimator}.fit failed: {exc}"
+            raise PermanentError("fit_failed", message) from exc
     fit_seconds = time.perf_counter() - t0
 
     model_bytes = bundle_bytes(model_bundle(estimator, config, features, run_id))

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
@@ -83,6 +84,11 @@ def custom_job_request(
             aiplatform_v1.EnvVar(name="MLPIPE_BUCKET", value=target.bucket),
             aiplatform_v1.EnvVar(name="MLPIPE_CODE_VERSION", value=target.code_version),
             aiplatform_v1.EnvVar(name="MLPIPE_ENV", value=target.env),
+            # The job's spans join the trainer's trace, exported where the trainer's go.
+            *(
+                aiplatform_v1.EnvVar(name=name, value=value)
+                for name, value in sorted(tracing.job_environment().items())
+            ),
         ],
     )
     job = aiplatform_v1.CustomJob(
@@ -98,10 +104,12 @@ def custom_job_request(
                 output_uri_prefix=f"gs://{target.bucket}/{layout.RunPaths(run_id).vertex_output}"
             ),
         ),
+        # The billing export carries these: a run's real cost is its rows (docs/cost.md).
         labels={
             "mlpipe-run-id": label_value(run_id),
             "mlpipe-pipeline": label_value(config.name),
             "mlpipe-commit": label_value(target.code_version),
+            "mlpipe-env": label_value(target.env),
         },
     )
     return aiplatform_v1.CreateCustomJobRequest(

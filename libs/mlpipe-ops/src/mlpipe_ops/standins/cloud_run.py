@@ -38,7 +38,15 @@ from google.cloud import run_v2
 from mlpipe_ops import containers as docker
 from mlpipe_ops.service_runtime import memory_bytes
 from mlpipe_ops.standins.cloud_run_v1 import GcloudSurface, Request
-from mlpipe_ops.standins.google_api import ApiError, dumps, timestamp
+from mlpipe_ops.standins.google_api import (
+    ApiError,
+    close,
+    dumps,
+    read_body,
+    send_json,
+    serve,
+    timestamp,
+)
 
 DEFAULT_PROJECT_NUMBER = "123456789012"
 HOST = "127.0.0.1"
@@ -144,18 +152,15 @@ class CloudRunStandIn:
         return {"api_endpoint": self.url}
 
     def start(self) -> CloudRunStandIn:
-        self._server = ThreadingHTTPServer((HOST, self.port), _handler(self))
+        self._server = serve(_handler(self), self.port, "cloud-run")
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def stop(self) -> None:
         """Stops serving and removes every container the stand-in started (and no other)."""
         self._stopping.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        close(self._server)
+        self._server = None
         for name in self._started:
             docker.docker("rm", "--force", name, check=False, timeout=60)
         self._started.clear()
@@ -668,8 +673,7 @@ def _resolve_traffic(traffic: Any, latest_ready: str) -> list[run_v2.TrafficTarg
 def _handler(stand_in: CloudRunStandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
+            raw = read_body(self)
             url = urlsplit(self.path)
             try:
                 body = json.loads(raw) if raw else None
@@ -685,11 +689,7 @@ def _handler(stand_in: CloudRunStandIn) -> type[BaseHTTPRequestHandler]:
             except json.JSONDecodeError as exc:
                 error = ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}")
                 status, data = error.http_status, dumps(error.body())
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, data)
 
         do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 

@@ -1,4 +1,5 @@
-"""What every Google REST API answers alike: the error body, status codes and timestamps.
+"""What every Google REST API answers alike: the error body, status codes and timestamps; and
+how a stand-in of one is served on this machine (`json_handler`, `serve`, `close`).
 
 Errors follow https://cloud.google.com/apis/design/errors: a `google.rpc.Status` whose JSON form
 is `{"error": {"code": <HTTP status>, "message": ..., "status": "<google.rpc.Code name>"}}`, with
@@ -10,7 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Any
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 # google.rpc.Code: (number, HTTP status), from the errors page's mapping table.
 CODES: dict[str, tuple[int, int]] = {
@@ -82,3 +88,67 @@ def timestamp(at: dt.datetime | None = None) -> str:
 
 def dumps(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+# --- serving a stand-in over HTTP on this machine ---------------------------------------------
+HOST = "127.0.0.1"
+
+
+class Handles(Protocol):
+    """A stand-in that answers a request from its method, path (with the query) and body."""
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]: ...
+
+
+def read_body(request: BaseHTTPRequestHandler) -> bytes:
+    length = int(request.headers.get("Content-Length") or 0)
+    return request.rfile.read(length) if length else b""
+
+
+def send_json(request: BaseHTTPRequestHandler, status: int, data: bytes) -> None:
+    request.send_response(status)
+    request.send_header("Content-Type", "application/json; charset=UTF-8")
+    request.send_header("Content-Length", str(len(data)))
+    request.end_headers()
+    request.wfile.write(data)
+
+
+def json_handler(
+    stand_in: Handles, name: str, methods: tuple[str, ...]
+) -> type[BaseHTTPRequestHandler]:
+    """A request handler passing `methods` to `stand_in.handle` (any other is the server's
+    501), its log lines at debug level under `name`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        # Headers and body go out as two writes: without TCP_NODELAY the second waits for the
+        # client's delayed ACK (40 ms a request).
+        disable_nagle_algorithm = True
+
+        def _answer(self) -> None:
+            status, payload = stand_in.handle(self.command, self.path, read_body(self))
+            send_json(self, status, payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug(f"{name} stand-in: " + format, *args)
+
+    for method in methods:
+        setattr(Handler, f"do_{method}", Handler._answer)
+    return Handler
+
+
+def serve(handler: type[BaseHTTPRequestHandler], port: int, name: str) -> ThreadingHTTPServer:
+    """`handler` on HOST:`port` (0: a free one, then `server.server_address[1]`), served in a
+    daemon thread until `close`."""
+    server = ThreadingHTTPServer((HOST, port), handler)
+    server.daemon_threads = True
+    threading.Thread(
+        target=server.serve_forever, args=(0.05,), name=f"{name}-standin", daemon=True
+    ).start()
+    return server
+
+
+def close(server: ThreadingHTTPServer | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()

@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -36,7 +36,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 
 from mlpipe_ops import containers as docker
-from mlpipe_ops.standins.google_api import ApiError, dumps, status_for_http, timestamp
+from mlpipe_ops.standins.google_api import (
+    ApiError,
+    close,
+    dumps,
+    json_handler,
+    serve,
+    status_for_http,
+    timestamp,
+)
 from mlpipe_ops.standins.vertex_runtime import HOST, ContainerRun, Runtime, expand, expand_env
 
 log = logging.getLogger(__name__)
@@ -220,12 +228,9 @@ class VertexStandIn:
     def start(self) -> VertexStandIn:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-        server = ThreadingHTTPServer((HOST, self.port), _handler(self))
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        self._server = server
-        thread = threading.Thread(target=server.serve_forever, name="vertex-standin", daemon=True)
-        thread.start()
+        handler = json_handler(self, "vertex", ("GET", "POST", "PATCH", "DELETE"))
+        self._server = serve(handler, self.port, "vertex")
+        self.port = self._server.server_address[1]
         log.info("Vertex AI stand-in %s on %s", self.id, self.url)
         return self
 
@@ -235,10 +240,8 @@ class VertexStandIn:
             jobs = list(self._jobs.values())
         for job in jobs:
             job.cancel.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        close(self._server)
+        self._server = None
         for thread in list(self._threads):
             thread.join(timeout=30)
         for name in self.runtime.started():
@@ -1152,28 +1155,3 @@ def _snake(path: str) -> str:
 def _camel(path: str) -> str:
     head, *rest = path.split("_")
     return head + "".join(word.title() for word in rest)
-
-
-def _handler(standin: VertexStandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out as two writes: without TCP_NODELAY the second waits for the
-        # client's delayed ACK (40 ms a request).
-        disable_nagle_algorithm = True
-
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            status, payload = standin.handle(self.command, self.path, raw)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = _answer
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("vertex stand-in: " + format, *args)
-
-    return Handler

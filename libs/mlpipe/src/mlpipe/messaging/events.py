@@ -15,6 +15,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mlpipe import tracing
 from mlpipe.v1 import events_pb2
 
 M = TypeVar("M", bound=Message)
@@ -34,6 +35,7 @@ DEAD_LETTERS = "dead-letters"
 BATCH_PREDICTION_REQUESTS = "batch-prediction-requests"
 MONITORING_REQUESTS = "monitoring-requests"
 DRIFT_DETECTED = "drift-detected"
+BATCH_PREDICTIONS_COMPLETED = "batch-predictions-completed"
 
 TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.IngestRequest.DESCRIPTOR.full_name: INGEST_REQUESTS,
@@ -46,6 +48,7 @@ TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.BatchPredictionRequest.DESCRIPTOR.full_name: BATCH_PREDICTION_REQUESTS,
     events_pb2.MonitoringRequest.DESCRIPTOR.full_name: MONITORING_REQUESTS,
     events_pb2.DriftDetected.DESCRIPTOR.full_name: DRIFT_DETECTED,
+    events_pb2.BatchPredictionCompleted.DESCRIPTOR.full_name: BATCH_PREDICTIONS_COMPLETED,
 }
 
 # What GCS publishes on the bucket's notification topic: an object's JSON resource, with the
@@ -71,6 +74,7 @@ EVENT_TYPES: dict[str, type[Message]] = {
         events_pb2.BatchPredictionRequest,
         events_pb2.MonitoringRequest,
         events_pb2.DriftDetected,
+        events_pb2.BatchPredictionCompleted,
     )
 }
 
@@ -95,8 +99,9 @@ def decode(cls: type[M], data: bytes, encoding: str = "") -> M:
     """Decode `data` as `cls`, from the JSON or the binary encoding.
 
     `encoding` is the schema encoding attribute when Pub/Sub supplied one. Without it, data
-    whose first non-blank byte is `{` is read as JSON: no message of ours can start with that
-    byte in binary (it would be a field-15 group start, a wire type proto3 never emits).
+    whose first non-blank byte is `{` is read as JSON, and as binary if it is not JSON: a binary
+    message can look like that too, since its first byte is often field 1's tag 0x0a (a
+    newline, so blank) and the next, a length of 123, is `{`.
     """
     encoding = encoding.upper()
     looks_json = data.lstrip()[:1] == b"{"
@@ -104,7 +109,17 @@ def decode(cls: type[M], data: bytes, encoding: str = "") -> M:
         try:
             return json_format.Parse(data.decode("utf-8"), cls(), ignore_unknown_fields=False)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
-            raise EventDecodeError(f"not a valid JSON {cls.DESCRIPTOR.full_name}: {exc}") from exc
+            not_json = EventDecodeError(f"not a valid JSON {cls.DESCRIPTOR.full_name}: {exc}")
+        if encoding == "JSON" or data.lstrip()[:1] == data[:1]:
+            raise not_json
+        try:
+            return _binary(cls, data)
+        except EventDecodeError:
+            raise not_json from None
+    return _binary(cls, data)
+
+
+def _binary(cls: type[M], data: bytes) -> M:
     message = cls()
     try:
         message.ParseFromString(data)
@@ -150,6 +165,7 @@ def context(
         request_id=request_id,
         producer=producer,
         event_time=timestamp(),
+        trace_id=tracing.trace_id(),
     )
 
 
@@ -162,6 +178,8 @@ def next_context(
     ctx.producer = producer
     ctx.code_version = code_version
     ctx.event_time.CopyFrom(timestamp())
+    if not ctx.trace_id:
+        ctx.trace_id = tracing.trace_id()
     return ctx
 
 
@@ -242,6 +260,14 @@ PIPELINE_STAGE = Choices(
         "deployer": events_pb2.PIPELINE_STAGE_DEPLOYER,
         "predictor": events_pb2.PIPELINE_STAGE_PREDICTOR,
         "earthengine": events_pb2.PIPELINE_STAGE_EARTHENGINE,
+    },
+)
+
+BAD_ROW_POLICY = Choices(
+    "BadRowPolicy",
+    {
+        "reject_batch": events_pb2.BAD_ROW_POLICY_REJECT_BATCH,
+        "write_rejected": events_pb2.BAD_ROW_POLICY_WRITE_REJECTED,
     },
 )
 

@@ -68,6 +68,9 @@ class Topology:
     notification: BucketNotification
     dead_letter_topic: str = events.DEAD_LETTERS
     services: tuple[str, ...] = field(default=())
+    # Services that serve people, not events: deployed like the others (Cloud Run, runtime.yaml,
+    # a trigger), but no subscription pushes to them and the local stack does not start them.
+    viewers: tuple[str, ...] = field(default=())
     # service → the topics it publishes to (its runtime identity needs publish rights there).
     publishes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Where scheduled IngestRequests are published.
@@ -75,6 +78,11 @@ class Topology:
 
     def push_subscription(self, name: str) -> PushSubscription:
         return next(s for s in self.push if s.name == name)
+
+    @property
+    def deployed(self) -> tuple[str, ...]:
+        """Every service that runs on Cloud Run: the pipeline's, then the viewers."""
+        return (*self.services, *self.viewers)
 
 
 TRAINING_HOLD: dict[str, int] = {
@@ -97,6 +105,7 @@ TOPOLOGY = Topology(
         events.BATCH_PREDICTION_REQUESTS,
         events.MONITORING_REQUESTS,
         events.DRIFT_DETECTED,
+        events.BATCH_PREDICTIONS_COMPLETED,
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
@@ -129,9 +138,11 @@ TOPOLOGY = Topology(
         PullSubscription("pipeline-failures-archive", events.PIPELINE_FAILURES),
         PullSubscription("dead-letters-archive", events.DEAD_LETTERS),
         PullSubscription("drift-detected-archive", events.DRIFT_DETECTED),
+        PullSubscription("batch-predictions-completed-archive", events.BATCH_PREDICTIONS_COMPLETED),
     ),
     notification=BucketNotification(events.GCS_OBJECTS, layout.DATASETS),
     services=("ingest", "trainer", "evaluator", "deployer", "predictor"),
+    viewers=("console",),
     publishes={
         "ingest": (events.DATASETS_LANDED, events.PIPELINE_FAILURES),
         # The training job runs as the trainer and publishes TrainingCompleted itself.
@@ -146,7 +157,25 @@ TOPOLOGY = Topology(
         "deployer": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
         # A canary that earned its promotion is promoted by the predictor, which records it
         # as a DeploymentCompleted (mlpipe_predictor.models.promote_canary).
-        "predictor": (events.DEPLOYMENT_COMPLETED, events.PIPELINE_FAILURES),
+        # Batch jobs (mlpipe_batch) run as the predictor's identity and publish their
+        # BatchPredictionCompleted after their metrics; the predictor publishes it again when
+        # a redelivered request finds the metrics.
+        "predictor": (
+            events.DEPLOYMENT_COMPLETED,
+            events.PIPELINE_FAILURES,
+            events.BATCH_PREDICTIONS_COMPLETED,
+        ),
+        # Replaying a failure publishes it again to the topic its subscription reads.
+        "console": (
+            events.INGEST_REQUESTS,
+            events.GCS_OBJECTS,
+            events.DATASETS_LANDED,
+            events.TRAINING_COMPLETED,
+            events.EVALUATION_COMPLETED,
+            events.MONITORING_REQUESTS,
+            events.DEPLOYMENT_COMPLETED,
+            events.BATCH_PREDICTION_REQUESTS,
+        ),
     },
 )
 

@@ -10,6 +10,8 @@ data row (counted from 1).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
@@ -145,3 +147,53 @@ def _check_types(
                 f"{source}: column {column!r} is declared {kind}; {int(bad.sum())} value(s) "
                 f"are not (first: {values.iloc[first]!r} on data row {first + 1})",
             )
+
+
+# What a source's typed schema says a column holds, for a check without the data.
+SourceKind = Literal["numeric", "datetime", "text", "boolean", "nested"]
+
+
+def check_schema(
+    columns: dict[str, SourceKind], row_count: int, config: PipelineConfig, source: str
+) -> list[str]:
+    """The part of `check_dataset` that a typed schema and a row count can decide, for data
+    that is checked before it is read (a BigQuery export): the required columns, the row
+    count and each typed column's kind. Raise a PermanentError naming the first problem;
+    return the feature columns. Missing values, keys and unparseable values are then the
+    reader's check (the trainer reads and checks the landed file with `check_dataset`)."""
+    ds = config.dataset
+    names = list(columns)
+    if row_count == 0:
+        raise PermanentError("header_only", f"{source} has columns but no rows")
+    require_columns(names, required_columns(config, names), source, f"pipeline {config.name!r}")
+    features = config.feature_columns(names)
+    if not features:
+        raise PermanentError(
+            "no_features", f"{source} has no feature columns besides {ds.target!r}"
+        )
+    if not ds.min_rows <= row_count <= ds.max_rows:
+        raise PermanentError(
+            "row_count",
+            f"{source} has {row_count} rows; pipeline {config.name!r} accepts "
+            f"{ds.min_rows}..{ds.max_rows}",
+        )
+    used = [*required_columns(config, names)]
+    if config.model.task == "regression":
+        used.append(ds.target)
+    for column in dict.fromkeys(used):
+        kind = columns[column]
+        declared = ds.column_type(column)
+        if config.model.task == "classification" and column == ds.target:
+            declared = schema_of(config, [column])[column]
+        fits = kind != "nested" and (
+            declared == "categorical"
+            or (declared == "numeric" and kind == "numeric")
+            or (declared == "datetime" and kind == "datetime")
+        )
+        if not fits:
+            raise PermanentError(
+                "wrong_type",
+                f"{source}: column {column!r} is declared {declared} but the source types it "
+                f"{kind}",
+            )
+    return features

@@ -80,9 +80,35 @@ class PushVerifier:
 
     def verify(self, authorization: str) -> Mapping[str, Any]:
         """The token's claims; PushAuthError (401/403/503) when it does not admit the request."""
+        claims = self.claims(authorization)
+        if claims.get("email") != self.service_account or not claims.get("email_verified"):
+            raise PushAuthError(
+                403,
+                f"token identity {claims.get('email')!r} is not the push service account "
+                f"{self.service_account}",
+            )
+        return claims
+
+    def verify_caller(self, authorization: str, callers: frozenset[str]) -> str:
+        """A direct caller's verified identity: a Google ID token for this service whose
+        identity is the push account or one of `callers` ("*": any identity, as Cloud Run's
+        IAM already admitted it to a private service)."""
+        claims = self.claims(authorization)
+        email = str(claims.get("email", ""))
+        if not email or not claims.get("email_verified"):
+            raise PushAuthError(403, "token has no verified identity (email claim)")
+        if "*" not in callers and email not in callers | {self.service_account}:
+            raise PushAuthError(
+                403, f"{email} may not call this service directly (MLPIPE_DIRECT_CALLERS)"
+            )
+        return email
+
+    def claims(self, authorization: str) -> Mapping[str, Any]:
+        """The claims of a valid Google-signed ID token for this service: signature, expiry,
+        issuer and audience checked; who it names is for the caller to check."""
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise PushAuthError(401, "push request without a bearer token (Authorization header)")
+            raise PushAuthError(401, "request without a bearer token (Authorization header)")
         token = token.strip()
         try:
             header = jwt.decode_header(token)
@@ -105,12 +131,6 @@ class PushVerifier:
         if claims.get("aud") != self.audience:
             raise PushAuthError(
                 403, f"token audience {claims.get('aud')!r} is not this service ({self.audience})"
-            )
-        if claims.get("email") != self.service_account or not claims.get("email_verified"):
-            raise PushAuthError(
-                403,
-                f"token identity {claims.get('email')!r} is not the push service account "
-                f"{self.service_account}",
             )
         return claims
 

@@ -12,6 +12,8 @@ from typing import Literal, TypeVar
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mlpipe import tracing
+
 
 class SettingsError(RuntimeError):
     """A required setting is missing or has a wrong value."""
@@ -45,6 +47,22 @@ class CommonSettings(BaseSettings):
     push_certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
     # A Pub/Sub message is at most 10 MB; its base64 push envelope about 13.4 MB.
     max_push_bytes: int = Field(default=14_000_000, ge=1024)
+    # Tracing (mlpipe.tracing): "off", "file" (JSON lines under trace_dir, the local
+    # stack) or "cloud-trace" (Cloud Trace; trace_endpoint=http://… for a local stand-in).
+    trace_exporter: Literal["off", "file", "cloud-trace"] = "off"
+    trace_dir: str = ""
+    trace_endpoint: str = ""
+
+    def start_tracing(self, process: str) -> bool:
+        """Send this process's spans where trace_exporter says (mlpipe.tracing.configure);
+        whether tracing is on. TracingError names a setting that cannot work."""
+        return tracing.configure(
+            process,
+            self.trace_exporter,
+            project=self.project,
+            directory=self.trace_dir,
+            endpoint=self.trace_endpoint,
+        )
 
     @property
     def receives_push(self) -> bool:

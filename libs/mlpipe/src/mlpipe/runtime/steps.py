@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
 
+from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events, topology
@@ -159,20 +160,24 @@ def run_step(
     the event to record, or a StepResult when there is nothing to record (rejected, ignored).
     A PermanentError from either is the permanent outcome, as a value.
     """
+    tracing.set_run(run_id)
     try:
         if republish_recorded(storage, publisher, skip.path, skip.cls):
             return StepResult("duplicate", {"detail": "already recorded; re-published"}, run_id)
         if claim is not None and (answer := claim()) is not None:
             return answer
-        out = work()
+        with tracing.span(f"{stage} work"):
+            out = work()
     except PermanentError as exc:
         return permanent(exc, run_id)
     if isinstance(out, StepResult):
         return out
     path = record_at or skip.path
-    return done(
-        record_and_publish(storage, publisher, path, out, stage=stage, replace=bool(record_at))
-    )
+    with tracing.span("record and publish", attributes={"gcs.object": path}):
+        recorded = record_and_publish(
+            storage, publisher, path, out, stage=stage, replace=bool(record_at)
+        )
+    return done(recorded)
 
 
 @dataclass

@@ -13,8 +13,25 @@
                                                             read by the drift check
     monitoring/<model>/reports/<check_id>/                  a drift check's report and event
     monitoring/<model>/retrains/, retrain/<check_id>.csv    drift retrains: slots and data
-    predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro       batch predictions
+    predictions/<model>/dt=YYYY-MM-DD/<batch_id>.avro       batch predictions (in-process)
+    predictions/<model>/dt=YYYY-MM-DD/<batch_id>/           batch predictions (a batch job):
+        predictions-SSSSS-of-NNNNN.avro                     sharded Avro
+        rejected/rejected-SSSSS-of-NNNNN.avro               rows it could not score, and why
+    predictions/<model>/jobs/<batch_id>.json                the batch job started for it
+                                                            (created once: one job per batch)
+    predictions/<model>/jobs/<batch_id>.failed.json         why that job failed (first wins)
+    predictions/<model>/jobs/<batch_id>.completed.json      the BatchPredictionCompleted the
+                                                            predictor recorded (its skip record)
     predictions/<model>/metrics/<batch_id>.json             a batch's metrics, written last
+    requests/<service>/<request_id>.json                    the first final answer to an
+                                                            event sent over HTTP
+    ingest/exports/<export_id>.json                         an export ingest started (its
+                                                            jobs), and how it ended
+    ingest/exports/<export_id>/...                          what the export wrote (staging)
+    audit/console/dt=YYYY-MM-DD/<time>-<id>.json            an action asked for in the
+                                                            console: who, what, when, result
+    reports/pending/<run_id>                                a run whose report is still
+                                                            to be drawn (the evaluator's)
 
 A path one service writes and another reads (a run's artifacts, the registry, the prediction
 log, batch outputs) is a contract between them: both build it with the same function here.
@@ -39,11 +56,21 @@ REGISTRY = "registry/"
 ROLLOUTS = "rollouts/"
 MONITORING = "monitoring/"
 PREDICTIONS = "predictions/"
+EXPORTS = "ingest/exports/"
 # One marker per training run whose job was started and whose result is not yet recorded: the
 # trainer's reconciler lists only these (and drops the marker once the run is recorded).
 OPEN_RUNS = "training/open/"
+EXPORT_ID_PATTERN = re.compile(r"^[0-9a-f]{24}\Z")
+# Events sent to a service over HTTP, by request id: the first final answer to each.
+DIRECT_REQUESTS = "requests/"
+# What was done (or refused) through the console, one record per action.
+CONSOLE_AUDIT = "audit/console/"
+# One marker per evaluated run whose report is not drawn yet: the evaluator draws these after
+# answering the push, and on start draws any a stopped instance left.
+PENDING_REPORTS = "reports/pending/"
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 DATASET_PATH = re.compile(
     r"^datasets/(?P<name>[a-z][a-z0-9_-]{0,62})/dt=(?P<date>\d{4}-\d{2}-\d{2})/"
     r"(?P<id>[^/]+)\.(?P<ext>csv|parquet)\Z"
@@ -94,7 +121,8 @@ class RunPaths:
         self.lineage = base + "lineage.json"
         self.training = base + "training.json"  # the TrainingCompleted event, written last
         self.metrics = base + "metrics.json"
-        self.report = base + "report.html"
+        self.plots = base + "plots.json"  # the numbers behind the report's plots
+        self.report = base + "report.html"  # drawn from plots.json, written last
         self.evaluation = base + "evaluation.json"  # the EvaluationCompleted event
         self.deployment = base + "deployment.json"  # the DeploymentCompleted event
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
@@ -106,7 +134,29 @@ def open_run_path(run_id: str) -> str:
     return f"{OPEN_RUNS}{run_id}"
 
 
+def pending_report_path(run_id: str) -> str:
+    return f"{PENDING_REPORTS}{run_id}"
+
+
+def pending_report_runs(paths: Iterable[str]) -> list[str]:
+    """The run ids in a listing of PENDING_REPORTS, sorted."""
+    return sorted(
+        p[len(PENDING_REPORTS) :]
+        for p in paths
+        if p.startswith(PENDING_REPORTS) and RUN_ID_PATTERN.match(p[len(PENDING_REPORTS) :])
+    )
+
+
 # --- quarantine ---------------------------------------------------------------------------
+def direct_request_path(service: str, request_id: str) -> str:
+    """requests/<service>/<request_id>.json: the recorded answer to a direct call."""
+    if not REQUEST_ID_PATTERN.match(request_id) or request_id.strip(".") == "":
+        raise ValueError(
+            f"request_id {request_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+        )
+    return f"{DIRECT_REQUESTS}{service}/{request_id}.json"
+
+
 def quarantine_path(reason: str, stage: str, key: str) -> str:
     """Where a rejected input is kept (the parts are made safe by the caller)."""
     return f"{QUARANTINE}{reason}/{stage}-{key}"
@@ -127,6 +177,8 @@ class RegistryPaths:
         self.versions = self.prefix + "versions/"
         self.aliases = self.prefix + "aliases/"
         self.version_claims = self.prefix + "version-claims/"
+        # What each predictor instance serves, written by the instance (see instance()).
+        self.instances = self.prefix + "instances/"
 
     def version(self, version: int) -> str:
         """The folder of a version's artifacts."""
@@ -165,6 +217,11 @@ class RegistryPaths:
 
     def canary_count(self, round_id: int, instance: str) -> str:
         return self.canary_counts(round_id) + instance
+
+    def instance(self, instance: str) -> str:
+        """One predictor instance's record of what it serves of this model, its registry
+        watch and when it last said so (rewritten when that changes and as a heartbeat)."""
+        return f"{self.instances}{instance}.json"
 
     def promotion(self, round_id: int) -> str:
         """Created once by the instance that promotes that canary (if_generation_match=0)."""
@@ -232,3 +289,58 @@ def batch_output_path(model: str, day: dt.date, batch_id: str) -> str:
 def batch_metrics_path(model: str, batch_id: str) -> str:
     """Written after the output: the batch is done."""
     return f"{PREDICTIONS}{model}/metrics/{batch_id}.json"
+
+
+def batch_job_output_prefix(model: str, day: dt.date, batch_id: str) -> str:
+    """A batch job's outputs (shards, rejected/), complete only once its metrics exist."""
+    return f"{PREDICTIONS}{model}/dt={day.isoformat()}/{batch_id}/"
+
+
+def batch_job_path(model: str, batch_id: str) -> str:
+    """The record of the one job started for a batch (create-if-absent)."""
+    return f"{PREDICTIONS}{model}/jobs/{batch_id}.json"
+
+
+def batch_job_failure_path(model: str, batch_id: str) -> str:
+    """Why a batch's job failed, written by the part of the job that failed first."""
+    return f"{PREDICTIONS}{model}/jobs/{batch_id}.failed.json"
+
+
+def batch_completed_path(model: str, batch_id: str) -> str:
+    """The BatchPredictionCompleted recorded once the metrics exist (the step's skip record)."""
+    return f"{PREDICTIONS}{model}/jobs/{batch_id}.completed.json"
+
+
+# --- ingest's exports ---------------------------------------------------------------------
+def export_id_for(request_id: str, dataset: str) -> str:
+    """The export of one request: the same id for every delivery of it, so a redelivery finds
+    the export it started."""
+    return hashlib.sha256(f"export:{request_id}:{dataset}".encode()).hexdigest()[:24]
+
+
+def export_record_path(export_id: str) -> str:
+    """The record of a long-running export ingest started (BigQuery, Earth Engine)."""
+    return f"{EXPORTS}{export_id}.json"
+
+
+def export_staging_prefix(export_id: str) -> str:
+    """Where the cloud service writes the export's files (never read as a dataset)."""
+    return f"{EXPORTS}{export_id}/"
+
+
+def export_ids(paths: Iterable[str]) -> list[str]:
+    """The export ids in a listing of EXPORTS (records only, not staged files), sorted."""
+    ids = []
+    for path in paths:
+        name = path[len(EXPORTS) :] if path.startswith(EXPORTS) else ""
+        if name.endswith(".json") and "/" not in name and EXPORT_ID_PATTERN.match(name[:-5]):
+            ids.append(name[:-5])
+    return sorted(ids)
+
+
+# --- console actions ----------------------------------------------------------------------
+def console_action_path(when: dt.datetime, action_id: str) -> str:
+    """One console action's record (promote, rollback, replay; allowed or refused): sorted by
+    time within its day."""
+    utc = when.astimezone(dt.UTC)
+    return f"{CONSOLE_AUDIT}dt={utc.date().isoformat()}/{utc:%H%M%S.%f}-{action_id}.json"

@@ -323,24 +323,31 @@ class Registry:
         )
         return traffic, round_id
 
-    def served_models(self) -> list[str]:
+    def served_models(self, poll_timeout: float | None = None) -> list[str]:
         """The models in the registry, from one delimited listing (not every object under it,
-        as `models` reads): cheap enough to poll."""
+        as `models` reads): cheap enough to poll.
+
+        `poll_timeout`: for a caller that polls, a bound on the listing with no retry (its
+        next poll is the retry), instead of the client's retries with backoff."""
         pages = self.storage.client.list_blobs(
-            self.storage.bucket_name, prefix=layout.REGISTRY, delimiter="/"
+            self.storage.bucket_name, prefix=layout.REGISTRY, delimiter="/", **_polled(poll_timeout)
         )
         for _ in pages:  # the prefixes are known once the pages are read
             pass
         return sorted(p[len(layout.REGISTRY) :].rstrip("/") for p in pages.prefixes)
 
-    def alias_generations(self, model: str) -> dict[str, int]:
-        """Each alias of `model` and its object's generation, from one listing: a deployment,
-        promotion or rollback changes one of them."""
-        prefix = RegistryPaths(model).aliases
-        return {
-            blob.name[len(prefix) :]: int(blob.generation or 0)
-            for blob in self.storage.client.list_blobs(self.storage.bucket_name, prefix=prefix)
-        }
+    def alias_generations(self, model: str, poll_timeout: float | None = None) -> dict[str, int]:
+        """Each alias of `model` that exists and its object's generation: a deployment,
+        promotion or rollback changes one of them. Two metadata reads, not a listing: on GCS
+        an objects.get is a Class B operation and a listing Class A, the dearer class, and
+        this is polled. (`poll_timeout`: as for served_models.)"""
+        paths = RegistryPaths(model)
+        found = {}
+        for alias in (CHAMPION, CANARY):
+            blob = self.storage.bucket.get_blob(paths.alias(alias), **_polled(poll_timeout))
+            if blob is not None:
+                found[alias] = int(blob.generation or 0)
+        return found
 
     # --- a canary's outcomes, counted across predictor instances ------------------------------
     def record_canary_count(
@@ -361,6 +368,41 @@ class Registry:
                 succeeded += int(found.get("succeeded", 0))
                 failed += int(found.get("failed", 0))
         return succeeded, failed
+
+    # --- what each predictor instance serves ---------------------------------------------------
+    def record_instance(self, model: str, instance: str, state: Mapping[str, Any]) -> None:
+        """One instance's record of what it serves of `model` (only that instance writes it);
+        `updated_at` is set here."""
+        self.storage.write_json(
+            RegistryPaths(model).instance(instance), {**state, "updated_at": _now()}
+        )
+
+    def instances(self, model: str) -> list[dict[str, Any]]:
+        """Every instance record of `model`, as written, each with its `instance` name; a
+        record that cannot be read is left out."""
+        paths = RegistryPaths(model)
+        found = []
+        for path in self.storage.list(paths.instances):
+            record = self.storage.read_json(path)
+            if isinstance(record, dict):
+                name = path[len(paths.instances) :].removesuffix(".json")
+                found.append({**record, "instance": name})
+        return found
+
+    def drop_instances(self, model: str, older_than: dt.timedelta) -> list[str]:
+        """Delete the records of instances silent for longer than `older_than` (gone with
+        their revision or killed); return their names."""
+        cutoff = dt.datetime.now(dt.UTC) - older_than
+        dropped = []
+        for record in self.instances(model):
+            try:
+                updated = dt.datetime.fromisoformat(str(record.get("updated_at")))
+            except ValueError:
+                updated = None
+            if updated is None or updated < cutoff:
+                self.storage.delete(RegistryPaths(model).instance(record["instance"]))
+                dropped.append(record["instance"])
+        return dropped
 
     def claim_promotion(self, model: str, round_id: int, instance: str, succeeded: int) -> bool:
         """True for exactly one caller per canary: the instance that is to promote it."""
@@ -466,3 +508,8 @@ class Registry:
         except gexc.PreconditionFailed as exc:
             raise TransientError(f"{model}'s champion changed during the rollback") from exc
         return back, traffic.champion, CHAMPION
+
+
+def _polled(timeout: float | None) -> dict[str, Any]:
+    """A polling caller's call options: its own timeout and no retry, or the client's."""
+    return {} if timeout is None else {"timeout": timeout, "retry": None}

@@ -194,6 +194,54 @@ PIPELINE_STAGE_EARTHENGINE: PipelineStage.ValueType  # 7
 """an Earth Engine export started by ingest"""
 Global___PipelineStage: _TypeAlias = PipelineStage  # noqa: Y015
 
+class _BadRowPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BadRowPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BadRowPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BAD_ROW_POLICY_UNSPECIFIED: _BadRowPolicy.ValueType  # 0
+    BAD_ROW_POLICY_REJECT_BATCH: _BadRowPolicy.ValueType  # 1
+    """The batch fails, naming the file and its first bad row; nothing is published."""
+    BAD_ROW_POLICY_WRITE_REJECTED: _BadRowPolicy.ValueType  # 2
+    """Bad rows are written to rejected/ beside the output, each with its reason."""
+
+class BadRowPolicy(_BadRowPolicy, metaclass=_BadRowPolicyEnumTypeWrapper):
+    """What a batch job does with rows it cannot score. A column missing from the input's header
+    always rejects the batch (every row would be bad).
+    """
+
+BAD_ROW_POLICY_UNSPECIFIED: BadRowPolicy.ValueType  # 0
+BAD_ROW_POLICY_REJECT_BATCH: BadRowPolicy.ValueType  # 1
+"""The batch fails, naming the file and its first bad row; nothing is published."""
+BAD_ROW_POLICY_WRITE_REJECTED: BadRowPolicy.ValueType  # 2
+"""Bad rows are written to rejected/ beside the output, each with its reason."""
+Global___BadRowPolicy: _TypeAlias = BadRowPolicy  # noqa: Y015
+
+class _EarthEngineReducer:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EarthEngineReducerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EarthEngineReducer.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EARTH_ENGINE_REDUCER_UNSPECIFIED: _EarthEngineReducer.ValueType  # 0
+    """the median"""
+    EARTH_ENGINE_REDUCER_MEDIAN: _EarthEngineReducer.ValueType  # 1
+    EARTH_ENGINE_REDUCER_MEAN: _EarthEngineReducer.ValueType  # 2
+    EARTH_ENGINE_REDUCER_MIN: _EarthEngineReducer.ValueType  # 3
+    EARTH_ENGINE_REDUCER_MAX: _EarthEngineReducer.ValueType  # 4
+
+class EarthEngineReducer(_EarthEngineReducer, metaclass=_EarthEngineReducerEnumTypeWrapper):
+    """How EarthEngineSource composites an image collection over its date range, pixel by pixel."""
+
+EARTH_ENGINE_REDUCER_UNSPECIFIED: EarthEngineReducer.ValueType  # 0
+"""the median"""
+EARTH_ENGINE_REDUCER_MEDIAN: EarthEngineReducer.ValueType  # 1
+EARTH_ENGINE_REDUCER_MEAN: EarthEngineReducer.ValueType  # 2
+EARTH_ENGINE_REDUCER_MIN: EarthEngineReducer.ValueType  # 3
+EARTH_ENGINE_REDUCER_MAX: EarthEngineReducer.ValueType  # 4
+Global___EarthEngineReducer: _TypeAlias = EarthEngineReducer  # noqa: Y015
+
 @_typing.final
 class RunContext(_message.Message):
     """Identity and provenance carried by every event of a run."""
@@ -208,6 +256,7 @@ class RunContext(_message.Message):
     EVENT_TIME_FIELD_NUMBER: _builtins.int
     PRODUCER_FIELD_NUMBER: _builtins.int
     REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Deterministic: derived from the dataset's sha256 and the pipeline config's hash."""
     pipeline: _builtins.str
@@ -220,6 +269,10 @@ class RunContext(_message.Message):
     """The ingest request that started the chain, when there was one."""
     producer: _builtins.str
     """The service that produced this event ("ingest", "trainer", ...)."""
+    trace_id: _builtins.str
+    """The OpenTelemetry trace the run's steps are spans of (32 hex digits), when tracing is on:
+    Cloud Trace finds the run's waterfall under it.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When this event was produced."""
@@ -241,10 +294,11 @@ class RunContext(_message.Message):
         event_time: _timestamp_pb2.Timestamp | None = ...,
         producer: _builtins.str = ...,
         requested_at: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "requested_at", b"requested_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_version", b"code_version", "config_sha256", b"config_sha256", "event_time", b"event_time", "pipeline", b"pipeline", "producer", b"producer", "request_id", b"request_id", "requested_at", b"requested_at", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_version", b"code_version", "config_sha256", b"config_sha256", "event_time", b"event_time", "pipeline", b"pipeline", "producer", b"producer", "request_id", b"request_id", "requested_at", b"requested_at", "run_id", b"run_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,6 +397,8 @@ class IngestRequest(_message.Message):
     INLINE_FIELD_NUMBER: _builtins.int
     HTTP_FIELD_NUMBER: _builtins.int
     GCS_FIELD_NUMBER: _builtins.int
+    EARTH_ENGINE_FIELD_NUMBER: _builtins.int
+    BIGQUERY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen id used to follow the request through the chain."""
     dataset: _builtins.str
@@ -361,6 +417,16 @@ class IngestRequest(_message.Message):
     def gcs(self) -> Global___GcsSource:
         """An object in an allowed bucket: CSV, Parquet or JSON lines."""
 
+    @_builtins.property
+    def earth_engine(self) -> Global___EarthEngineSource:
+        """Band values of an Earth Engine composite sampled at labelled points, exported to Cloud
+        Storage as CSV by an Earth Engine batch table export (docs/ingest-sources.md).
+        """
+
+    @_builtins.property
+    def bigquery(self) -> Global___BigQuerySource:
+        """Rows a BigQuery query or table exports to Parquet (a long-running export, polled)."""
+
     def __init__(
         self,
         *,
@@ -371,12 +437,14 @@ class IngestRequest(_message.Message):
         inline: Global___InlineRows | None = ...,
         http: Global___HttpSource | None = ...,
         gcs: Global___GcsSource | None = ...,
+        earth_engine: Global___EarthEngineSource | None = ...,
+        bigquery: Global___BigQuerySource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["gcs", b"gcs", "http", b"http", "inline", b"inline", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bigquery", b"bigquery", "earth_engine", b"earth_engine", "gcs", b"gcs", "http", b"http", "inline", b"inline", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "format", b"format", "gcs", b"gcs", "http", b"http", "inline", b"inline", "request_id", b"request_id", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bigquery", b"bigquery", "dataset", b"dataset", "earth_engine", b"earth_engine", "format", b"format", "gcs", b"gcs", "http", b"http", "inline", b"inline", "request_id", b"request_id", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["inline", "http", "gcs"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["inline", "http", "gcs", "earth_engine", "bigquery"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -829,6 +897,7 @@ class BatchPredictionRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     KEY_COLUMN_FIELD_NUMBER: _builtins.int
     CHUNK_ROWS_FIELD_NUMBER: _builtins.int
+    BAD_ROWS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """client-chosen; names the outputs, so a retry rewrites the same ones"""
     model_name: _builtins.str
@@ -840,6 +909,10 @@ class BatchPredictionRequest(_message.Message):
     """a column identifying each row; empty: the row number"""
     chunk_rows: _builtins.int
     """rows scored per chunk (0: a default)"""
+    bad_rows: Global___BadRowPolicy.ValueType
+    """Rows with a missing required value or a value of the wrong type (unspecified: the
+    predictor's default, MLPIPE_BATCH_BAD_ROWS).
+    """
     @_builtins.property
     def context(self) -> Global___RunContext: ...
     def __init__(
@@ -852,14 +925,85 @@ class BatchPredictionRequest(_message.Message):
         version: _builtins.int = ...,
         key_column: _builtins.str = ...,
         chunk_rows: _builtins.int = ...,
+        bad_rows: Global___BadRowPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk_rows", b"chunk_rows", "context", b"context", "input_uri", b"input_uri", "key_column", b"key_column", "model_name", b"model_name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bad_rows", b"bad_rows", "batch_id", b"batch_id", "chunk_rows", b"chunk_rows", "context", b"context", "input_uri", b"input_uri", "key_column", b"key_column", "model_name", b"model_name", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchPredictionRequest: _TypeAlias = BatchPredictionRequest  # noqa: Y015
+
+@_typing.final
+class BatchPredictionCompleted(_message.Message):
+    """A batch prediction is done: its outputs and metrics exist (predictions/<model>/metrics/).
+    Published by the batch job after its metrics, and again by the predictor when a redelivered
+    request finds them, so a consumer may see it more than once (the batch_id identifies it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    INPUT_URI_FIELD_NUMBER: _builtins.int
+    OUTPUT_URIS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    SCORED_ROWS_FIELD_NUMBER: _builtins.int
+    REJECTED_URIS_FIELD_NUMBER: _builtins.int
+    REJECTED_ROWS_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    METRICS_URI_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    model_name: _builtins.str
+    model_version: _builtins.int
+    input_uri: _builtins.str
+    rows: _builtins.int
+    """input rows read"""
+    scored_rows: _builtins.int
+    """rows with a prediction"""
+    rejected_rows: _builtins.int
+    duration_seconds: _builtins.float
+    metrics_uri: _builtins.str
+    runner: _builtins.str
+    """"in-process", "DirectRunner", "DataflowRunner" """
+    @_builtins.property
+    def context(self) -> Global___RunContext: ...
+    @_builtins.property
+    def output_uris(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the Avro shards, gs://..."""
+
+    @_builtins.property
+    def rejected_uris(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """rejected/ shards (BAD_ROW_POLICY_WRITE_REJECTED)"""
+
+    def __init__(
+        self,
+        *,
+        context: Global___RunContext | None = ...,
+        batch_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.int = ...,
+        input_uri: _builtins.str = ...,
+        output_uris: _abc.Iterable[_builtins.str] | None = ...,
+        rows: _builtins.int = ...,
+        scored_rows: _builtins.int = ...,
+        rejected_uris: _abc.Iterable[_builtins.str] | None = ...,
+        rejected_rows: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        metrics_uri: _builtins.str = ...,
+        runner: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "context", b"context", "duration_seconds", b"duration_seconds", "input_uri", b"input_uri", "metrics_uri", b"metrics_uri", "model_name", b"model_name", "model_version", b"model_version", "output_uris", b"output_uris", "rejected_rows", b"rejected_rows", "rejected_uris", b"rejected_uris", "rows", b"rows", "runner", b"runner", "scored_rows", b"scored_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchPredictionCompleted: _TypeAlias = BatchPredictionCompleted  # noqa: Y015
 
 @_typing.final
 class PipelineFailed(_message.Message):
@@ -997,6 +1141,142 @@ class GcsSource(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GcsSource: _TypeAlias = GcsSource  # noqa: Y015
+
+@_typing.final
+class EarthEngineSource(_message.Message):
+    """IngestRequest.earth_engine: one row per sample point, its class and the composite's band
+    values there. The export runs in Earth Engine; ingest acknowledges the request once the
+    export is started and lands the CSV when a check finds the export finished.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_COLLECTION_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    BANDS_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    REDUCER_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    REGION_GEOJSON_FIELD_NUMBER: _builtins.int
+    SAMPLES_ASSET_FIELD_NUMBER: _builtins.int
+    SAMPLES_GEOJSON_FIELD_NUMBER: _builtins.int
+    CLASS_PROPERTY_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
+    image_collection: _builtins.str
+    """An image collection id, e.g. "COPERNICUS/S2_SR_HARMONIZED": filtered to the date range
+    and reduced to one image by `reducer`.
+    """
+    image: _builtins.str
+    """One image asset id (the date range and reducer do not apply)."""
+    start_date: _builtins.str
+    """YYYY-MM-DD, inclusive (image_collection only)"""
+    end_date: _builtins.str
+    """YYYY-MM-DD, exclusive (image_collection only)"""
+    reducer: Global___EarthEngineReducer.ValueType
+    scale: _builtins.float
+    """metres per pixel sampled, > 0"""
+    region_geojson: _builtins.str
+    """The area sampled: a GeoJSON Polygon (the geometry object, as JSON text); points outside
+    it yield no rows.
+    """
+    samples_asset: _builtins.str
+    """A FeatureCollection asset id of labelled points, e.g. "projects/p/assets/fields"."""
+    samples_geojson: _builtins.str
+    """Inline labelled points: a GeoJSON FeatureCollection (JSON text) of Point features."""
+    class_property: _builtins.str
+    """the samples' property that holds the class (the label)"""
+    time_limit_seconds: _builtins.float
+    """Fail the request if the export has not finished this long after it started; 0: the
+    service's MLPIPE_EXPORT_TIMEOUT_SECONDS.
+    """
+    @_builtins.property
+    def bands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """e.g. ["B2", "B3", "B4", "B8", "B11", "B12"]"""
+
+    @_builtins.property
+    def properties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """more sample properties copied to each row, e.g. field_id"""
+
+    def __init__(
+        self,
+        *,
+        image_collection: _builtins.str = ...,
+        image: _builtins.str = ...,
+        bands: _abc.Iterable[_builtins.str] | None = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        reducer: Global___EarthEngineReducer.ValueType = ...,
+        scale: _builtins.float = ...,
+        region_geojson: _builtins.str = ...,
+        samples_asset: _builtins.str = ...,
+        samples_geojson: _builtins.str = ...,
+        class_property: _builtins.str = ...,
+        properties: _abc.Iterable[_builtins.str] | None = ...,
+        time_limit_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "image_collection", b"image_collection", "imagery", b"imagery", "samples", b"samples", "samples_asset", b"samples_asset", "samples_geojson", b"samples_geojson"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bands", b"bands", "class_property", b"class_property", "end_date", b"end_date", "image", b"image", "image_collection", b"image_collection", "imagery", b"imagery", "properties", b"properties", "reducer", b"reducer", "region_geojson", b"region_geojson", "samples", b"samples", "samples_asset", b"samples_asset", "samples_geojson", b"samples_geojson", "scale", b"scale", "start_date", b"start_date", "time_limit_seconds", b"time_limit_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_imagery: _TypeAlias = _typing.Literal["image_collection", "image"]  # noqa: Y015
+    _WhichOneofArgType_imagery: _TypeAlias = _typing.Literal["imagery", b"imagery"]  # noqa: Y015
+    _WhichOneofReturnType_samples: _TypeAlias = _typing.Literal["samples_asset", "samples_geojson"]  # noqa: Y015
+    _WhichOneofArgType_samples: _TypeAlias = _typing.Literal["samples", b"samples"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_imagery) -> _WhichOneofReturnType_imagery | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_samples) -> _WhichOneofReturnType_samples | None: ...
+
+Global___EarthEngineSource: _TypeAlias = EarthEngineSource  # noqa: Y015
+
+@_typing.final
+class BigQuerySource(_message.Message):
+    """IngestRequest.bigquery: a standard SQL query or a table, exported to Parquet and landed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    TABLE_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    PARTITION_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """Standard SQL; it may use the DATE parameters @start_date and @end_date."""
+    table: _builtins.str
+    """"project.dataset.table"; with `partition` one partition of it."""
+    start_date: _builtins.str
+    """Bound as @start_date / @end_date (YYYY-MM-DD) for a query."""
+    end_date: _builtins.str
+    partition: _builtins.str
+    """A table's partition decorator ("20260601" for a daily partition): table$20260601."""
+    location: _builtins.str
+    """Where the jobs run ("US", "EU", "europe-west1"); empty: the service's default."""
+    timeout_seconds: _builtins.int
+    """Fail the export when it is not done this long after it started; 0: the service's default."""
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        table: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        partition: _builtins.str = ...,
+        location: _builtins.str = ...,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "query", b"query", "table", b"table"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "input", b"input", "location", b"location", "partition", b"partition", "query", b"query", "start_date", b"start_date", "table", b"table", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["query", "table"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___BigQuerySource: _TypeAlias = BigQuerySource  # noqa: Y015
 
 @_typing.final
 class MonitoringRequest(_message.Message):

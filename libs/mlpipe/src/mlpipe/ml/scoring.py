@@ -1,6 +1,15 @@
-"""A loaded model version: ONNX under onnxruntime when the deployer verified one, else the
-scikit-learn pipeline. Either way every artifact's sha256 is checked against the registry
-before it is parsed, and the scikit-learn pickle is never opened unless it matched.
+"""A loaded model version, and scoring rows with it (the predictor's online and in-process
+batch scoring, and the batch job, mlpipe_batch, share it).
+
+ONNX under onnxruntime when the deployer verified one, else the scikit-learn pipeline. Either
+way every artifact's sha256 is checked against the registry before it is parsed, and the
+scikit-learn pickle is never opened unless it matched.
+
+Batch rows are checked against the version's input schema before they are scored: a feature
+column missing from the input fails the whole input (`missing_column`); a row with a value of
+the wrong type, or without a value the model cannot impute, is a bad row with its reason
+(`check_rows`). onnxruntime is imported only where a session is made: the library's `ml`
+extra does not carry it; the services and the job that score with ONNX do.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from mlpipe.ml.model_inputs import (
     schema_from_bundle,
     schema_from_json,
 )
+from mlpipe.ml.validation import require_columns
 from mlpipe.store.registry import ONNX_FILE, Registry
 
 log = logging.getLogger(__name__)
@@ -157,3 +167,96 @@ def load_version(registry: Registry, model: str, version: int, threads: int = 1)
         loaded.classes = list(info.get("classes") or bundle.get("classes") or [])
     loaded.predict([loaded.example()])  # warm up before it takes traffic
     return loaded
+
+
+# --- batch rows -----------------------------------------------------------------------------
+def prediction_schema(task: str) -> dict[str, Any]:
+    """The Avro record of one batch prediction (both the in-process scorer and the job)."""
+    prediction: Any = "double" if task == "regression" else "string"
+    return {
+        "type": "record",
+        "name": "Prediction",
+        "namespace": "mlpipe.v1",
+        "doc": "One input row's prediction by one model version.",
+        "fields": [
+            {"name": "key", "type": "string", "doc": "The input row's key column, or its number"},
+            {"name": "prediction", "type": ["null", prediction], "default": None},
+            {"name": "error", "type": ["null", "string"], "default": None},
+            {"name": "model", "type": "string"},
+            {"name": "model_version", "type": "long"},
+        ],
+    }
+
+
+REJECTED_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "RejectedRow",
+    "namespace": "mlpipe.v1",
+    "doc": "An input row a batch job could not score, and why.",
+    "fields": [
+        {"name": "key", "type": "string", "doc": "The input row's key column, or its number"},
+        {"name": "source", "type": "string", "doc": "The input file (gs://...)"},
+        {"name": "row", "type": "long", "doc": "The data row in that file, counted from 1"},
+        {"name": "reason", "type": "string"},
+        {"name": "values", "type": "string", "doc": "The row's feature values as JSON"},
+        {"name": "model", "type": "string"},
+        {"name": "model_version", "type": "long"},
+    ],
+}
+
+
+@dataclass
+class CheckedRows:
+    """A frame of input rows checked against a version's schema: `rows` holds the features
+    (numbers coerced), `problems` each row's reason ("" when it can be scored)."""
+
+    keys: list[str]
+    rows: pd.DataFrame
+    problems: np.ndarray
+    raw: pd.DataFrame
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray(self.problems == "")
+
+
+def check_rows(
+    model: LoadedModel, chunk: pd.DataFrame, key_column: str, first_row: int, source: str
+) -> CheckedRows:
+    """Check `chunk` (data rows `first_row`.. of `source`, counted from 0) for `model`.
+
+    A missing feature or key column raises `missing_column` naming `source`."""
+    names = [f.name for f in model.schema]
+    found = [str(c) for c in chunk.columns]
+    require_columns(found, names, source, f"{model.name} v{model.version}")
+    require_columns(found, [key_column] if key_column else [], source, "the key_column")
+    keys = (
+        chunk[key_column].astype(str).tolist()
+        if key_column
+        else [str(first_row + i) for i in range(len(chunk))]
+    )
+    rows = chunk[names].copy()
+    problems = np.full(len(rows), "", dtype=object)
+    for feature in model.schema:
+        values = rows[feature.name]
+        if feature.kind != CATEGORICAL:
+            numeric = pd.to_numeric(values, errors="coerce")
+            bad = (numeric.isna() & values.notna()).to_numpy()
+            problems[bad & (problems == "")] = f"{feature.name} is not a number"
+            rows[feature.name] = numeric
+            values = numeric
+        absent = values.isna().to_numpy()
+        if not feature.nullable:
+            problems[absent & (problems == "")] = f"{feature.name} is missing"
+    return CheckedRows(keys, rows, problems, chunk[names])
+
+
+def score_checked(model: LoadedModel, checked: CheckedRows) -> list[Any]:
+    """Each row's prediction (None for a bad row): floats for regression, else labels."""
+    ok = checked.ok
+    predictions: list[Any] = [None] * len(checked.rows)
+    if ok.any():
+        scored = model.predict_frame(checked.rows[ok])
+        for position, value in zip(np.flatnonzero(ok), scored, strict=True):
+            predictions[position] = float(value) if model.task == "regression" else str(value)
+    return predictions

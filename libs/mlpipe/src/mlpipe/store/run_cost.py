@@ -1,0 +1,323 @@
+"""What a run cost, estimated from its records: each step's recorded duration times the size
+of what ran it, at list prices (infra/prices.yaml), plus the objects it keeps in the bucket.
+
+An estimate from step durations is not a bill. Cloud Run bills instance time, each billed
+period rounded up to 100 ms (cloud.google.com/run/pricing); an instance-based (CPU always
+allocated) instance is billed for its whole lifetime, idle minutes before scale-down
+included, and a request-based one for start-up and shut-down too
+(cloud.google.com/run/docs/configuring/billing-settings); one instance may serve several
+runs at once (concurrency); free tiers and discounts apply per billing account. A step's
+duration here is the time between the events its neighbours recorded, so it also holds the
+Pub/Sub hop that delivered its input, and a Vertex AI job's provisioning
+(cloud.google.com/vertex-ai/pricing bills machine time). The real figures are in the billing
+export, by label (docs/cost.md).
+
+`estimate` is pure (records, sizes and prices are given); `run_cost_inputs` reads them from
+the bucket.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlpipe.store.layout import RunPaths
+from mlpipe.store.run_records import when
+from mlpipe.store.storage import Storage
+
+GIB = 1024**3
+STEPS = ("ingest", "trainer", "training job", "evaluator", "deployer")
+# Vertex AI's default when a config names no machine (mlpipe.ml.config.VertexTrainingSpec).
+DEFAULT_MACHINE_TYPE = "n1-standard-4"
+
+
+class CostInputError(ValueError):
+    """The price table lacks an entry an estimate needs (the message names it by its dotted
+    path, e.g. vertex_training.machine_types.n1-highmem-2), or a service has no size."""
+
+
+@dataclass(frozen=True)
+class ServiceSize:
+    """What one service's Cloud Run instance has (infra/runtime.yaml)."""
+
+    cpu: float
+    memory_gib: float
+    cpu_always_allocated: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "memory_gib": self.memory_gib,
+            "cpu_always_allocated": self.cpu_always_allocated,
+        }
+
+
+def sizes_to_json(sizes: Mapping[str, ServiceSize]) -> str:
+    """Every service's size as compact JSON: how the console, which may not read
+    infra/runtime.yaml's loader, is told them (MLPIPE_COST_SIZES)."""
+    return json.dumps({k: v.to_dict() for k, v in sorted(sizes.items())}, separators=(",", ":"))
+
+
+def sizes_from_json(text: str) -> dict[str, ServiceSize]:
+    raw = json.loads(text)
+    return {
+        name: ServiceSize(
+            cpu=float(size["cpu"]),
+            memory_gib=float(size["memory_gib"]),
+            cpu_always_allocated=bool(size["cpu_always_allocated"]),
+        )
+        for name, size in raw.items()
+    }
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """infra/prices.yaml: every leaf is {price, source, assumed?}, looked up by dotted path."""
+
+    as_of: str
+    currency: str
+    region: str
+    entries: Mapping[str, Any]
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> PriceTable:
+        missing = [key for key in ("as_of", "currency", "region") if not raw.get(key)]
+        if missing:
+            raise CostInputError(f"price table: {missing[0]}: required key missing")
+        return cls(str(raw["as_of"]), str(raw["currency"]), str(raw["region"]), raw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.entries, separators=(",", ":"), default=str)
+
+    def entry(self, path: str) -> Mapping[str, Any]:
+        node: Any = self.entries
+        for key in path.split("."):
+            if not isinstance(node, Mapping) or key not in node:
+                raise CostInputError(f"price table ({self.region}, {self.as_of}) has no {path}")
+            node = node[key]
+        if not isinstance(node, Mapping) or not isinstance(node.get("price"), int | float):
+            raise CostInputError(f"price table: {path}: expected a mapping with a number price")
+        return node
+
+    def price(self, path: str) -> float:
+        return float(self.entry(path)["price"])
+
+    def is_assumed(self, path: str) -> bool:
+        return bool(self.entry(path).get("assumed"))
+
+
+@dataclass(frozen=True)
+class StepCost:
+    step: str
+    seconds: float
+    cost: float
+    basis: str  # what it was priced as, e.g. "Cloud Run 2 vCPU 2 GiB instance-based"
+    vcpu_seconds: float | None = None
+    gib_seconds: float | None = None
+    machine_hours: float | None = None
+
+
+@dataclass(frozen=True)
+class RunCost:
+    run_id: str
+    steps: list[StepCost]
+    storage_bytes: int
+    storage_objects: int
+    storage_cost: float
+    currency: str
+    as_of: str
+    region: str
+    assumed: list[str] = field(default_factory=list)  # price entries marked assumed, used here
+    missing: list[str] = field(default_factory=list)  # steps that could not be estimated
+
+    @property
+    def total(self) -> float:
+        return sum(s.cost for s in self.steps) + self.storage_cost
+
+
+@dataclass(frozen=True)
+class _Job:
+    backend: str  # "local" or "vertex"
+    machine_type: str = ""
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+
+
+def _job_of(records: Mapping[str, Mapping[str, Any]], config: Mapping[str, Any]) -> _Job:
+    """How the job ran: started.json's backend (the trainer decided it), the machine from the
+    run's config snapshot."""
+    started = records.get("started.json") or {}
+    backend = str(started.get("training_backend", "")).removeprefix("TRAINING_BACKEND_").lower()
+    backend = backend or str(started.get("backend", "")) or "local"
+    if backend != "vertex":
+        return _Job("local")
+    vertex = (config.get("training") or {}).get("vertex") or {}
+    return _Job(
+        "vertex",
+        str(vertex.get("machine_type") or DEFAULT_MACHINE_TYPE),
+        str(vertex.get("accelerator_type") or ""),
+        int(vertex.get("accelerator_count") or 0),
+    )
+
+
+def _event_time(records: Mapping[str, Mapping[str, Any]], name: str) -> dt.datetime | None:
+    """When the event recorded as `name` was published (its context's event_time)."""
+    return when(((records.get(name) or {}).get("context") or {}).get("event_time"))
+
+
+def _edges(records: Mapping[str, Mapping[str, Any]]) -> dict[str, dt.datetime | None]:
+    """The recorded instants between steps (run_records.timeline_of reads the same fields)."""
+    first = records.get("started.json") or records.get("training.json") or {}
+    trained = records.get("training.json") or {}
+    return {
+        "requested": when((first.get("context") or {}).get("requested_at")),
+        "landed": when((first.get("dataset") or {}).get("landed_at")),
+        "job started": _event_time(records, "started.json"),
+        # TrainingCompleted's publication ends the job; its fit's end when that is absent.
+        "trained": _event_time(records, "training.json") or when(trained.get("finished_at")),
+        "evaluated": _event_time(records, "evaluation.json"),
+        "decided": _event_time(records, "deployment.json"),
+    }
+
+
+# Each step runs from one recorded instant to the next, and which record holds the end.
+_SPANS = {
+    "ingest": ("requested", "landed", "started.json or training.json"),
+    "trainer": ("landed", "job started", "started.json"),
+    "training job": ("job started", "trained", "training.json"),
+    "evaluator": ("trained", "evaluated", "evaluation.json"),
+    "deployer": ("evaluated", "decided", "deployment.json"),
+}
+
+
+def _cloud_run(
+    step: str, seconds: float, size: ServiceSize, prices: PriceTable, used: set[str]
+) -> StepCost:
+    tier = "instance_based" if size.cpu_always_allocated else "request_based"
+    vcpu_key, gib_key = f"cloud_run.{tier}.vcpu_second", f"cloud_run.{tier}.gib_second"
+    used |= {vcpu_key, gib_key}
+    vcpu_seconds, gib_seconds = size.cpu * seconds, size.memory_gib * seconds
+    return StepCost(
+        step=step,
+        seconds=seconds,
+        cost=vcpu_seconds * prices.price(vcpu_key) + gib_seconds * prices.price(gib_key),
+        basis=f"Cloud Run {size.cpu:g} vCPU {size.memory_gib:g} GiB {tier.replace('_', '-')}",
+        vcpu_seconds=vcpu_seconds,
+        gib_seconds=gib_seconds,
+    )
+
+
+def _vertex(seconds: float, job: _Job, prices: PriceTable, used: set[str]) -> StepCost:
+    machine_key = f"vertex_training.machine_types.{job.machine_type}"
+    keys = [machine_key]
+    hourly = prices.price(machine_key)
+    basis = f"Vertex AI {job.machine_type}"
+    if job.accelerator_type and job.accelerator_count:
+        accelerator_key = f"vertex_training.accelerators.{job.accelerator_type}"
+        keys.append(accelerator_key)
+        hourly += job.accelerator_count * prices.price(accelerator_key)
+        basis += f" + {job.accelerator_count} x {job.accelerator_type}"
+    used |= set(keys)
+    hours = seconds / 3600
+    return StepCost("training job", seconds, hours * hourly, basis, machine_hours=hours)
+
+
+def estimate(
+    run_id: str,
+    records: Mapping[str, Mapping[str, Any]],
+    config: Mapping[str, Any],
+    sizes: Mapping[str, ServiceSize],
+    objects: Mapping[str, int],
+    prices: PriceTable,
+) -> RunCost:
+    """The estimate of one run from its records by file name (started.json, training.json,
+    evaluation.json, deployment.json), its config snapshot (config.json), each service's size,
+    its objects under runs/<id>/ (name → bytes) and the price table.
+
+    A step whose start or end is not recorded is left out and named in `missing`; a local
+    job runs inside the trainer's instance and is priced at the trainer's size. Raises
+    CostInputError naming an entry the table lacks."""
+    edges = _edges(records)
+    job = _job_of(records, config)
+    used: set[str] = set()
+    steps, missing = [], []
+    for step, (start_key, end_key, record) in _SPANS.items():
+        start, end = edges[start_key], edges[end_key]
+        if start is None or end is None:
+            missing.append(f"{step}: not recorded (needs {record})")
+            continue
+        seconds = max((end - start).total_seconds(), 0.0)
+        if step == "training job" and job.backend == "vertex":
+            steps.append(_vertex(seconds, job, prices, used))
+            continue
+        service = "trainer" if step == "training job" else step
+        if service not in sizes:
+            raise CostInputError(f"no size for service {service} (MLPIPE_COST_SIZES)")
+        steps.append(_cloud_run(step, seconds, sizes[service], prices, used))
+    stored = sum(objects.values())
+    storage_keys = ("cloud_storage.standard_gb_month", "cloud_storage.class_a_per_10000")
+    used |= set(storage_keys)
+    storage_cost = stored / GIB * prices.price(storage_keys[0]) + len(objects) / 10_000 * (
+        prices.price(storage_keys[1])
+    )
+    return RunCost(
+        run_id=run_id,
+        steps=steps,
+        storage_bytes=stored,
+        storage_objects=len(objects),
+        storage_cost=storage_cost,
+        currency=prices.currency,
+        as_of=prices.as_of,
+        region=prices.region,
+        assumed=sorted(key for key in used if prices.is_assumed(key)),
+        missing=missing,
+    )
+
+
+def object_sizes(storage: Storage, run_id: str) -> dict[str, int]:
+    """The run's objects under runs/<id>/, name (inside the run) → bytes."""
+    prefix = RunPaths(run_id).prefix
+    return {
+        blob.name[len(prefix) :]: int(blob.size or 0)
+        for blob in storage.client.list_blobs(storage.bucket_name, prefix=prefix)
+    }
+
+
+def run_cost_inputs(
+    storage: Storage, run_id: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, int]]:
+    """What `estimate` reads of a run in the bucket: its records, config and object sizes."""
+    paths = RunPaths(run_id)
+    records = {
+        name: storage.read_json(paths.prefix + name) or {}
+        for name in ("started.json", "training.json", "evaluation.json", "deployment.json")
+    }
+    return records, storage.read_json(paths.config) or {}, object_sizes(storage, run_id)
+
+
+def cost_lines(cost: RunCost) -> list[str]:
+    """The estimate as text: a heading, a line per step, storage, the total, then what is
+    assumed and missing (`mlpipe status RUN_ID` prints these)."""
+    money = cost.currency
+    lines = [f"cost (estimate, prices of {cost.as_of}, {cost.region}):"]
+    for step in cost.steps:
+        used = (
+            f"{step.machine_hours:.4f} machine-hours"
+            if step.machine_hours is not None
+            else f"{step.vcpu_seconds:.1f} vCPU-s, {step.gib_seconds:.1f} GiB-s"
+        )
+        lines.append(
+            f"  {step.step:<13} {step.seconds:9.1f} s  {used:<32} {step.cost:10.6f} {money}"
+            f"  ({step.basis})"
+        )
+    lines.append(
+        f"  {'storage':<13} {cost.storage_objects} objects, {cost.storage_bytes} bytes, "
+        f"a month: {cost.storage_cost:.6f} {money}"
+    )
+    lines.append(f"  {'total':<13} {cost.total:.6f} {money}")
+    lines += [f"  assumed price: {key}" for key in cost.assumed]
+    lines += [f"  missing: {what}" for what in cost.missing]
+    return lines
