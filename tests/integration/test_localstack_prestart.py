@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -92,3 +93,45 @@ def test_services_are_forked_after_their_recorded_imports_each_in_its_own_sessio
     second = [(int(s.split()[0]), s.split("forking ")[1].split()) for s in steps[1:]]
     assert second[0][0] > 0
     assert sorted(n for _, batch in second for n in batch) == sorted(services)
+
+
+def test_a_failed_start_stops_every_fork_even_one_reported_after_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start fails just as the starter is told to fork, before it has reported any fork,
+    and the stop comes late (a loaded machine): the starter forks all five and exits before
+    it is signalled. Every fork it made is still stopped, none is left holding the state."""
+    from mlpipe_ops import localstack
+
+    state_dir, base, name = tmp_path / "state", free_base_port(), unique("pre")
+    local = LocalStack(state_dir, base_port=base, project=name, bucket=name)
+    start_processes = local._start_processes
+
+    def fork_then_fail(*args: object) -> Callable[[], None]:
+        go = start_processes(*args)  # type: ignore[arg-type]
+
+        def failing_go() -> None:
+            go()
+            raise localstack.StackError("a failure right after the services were told to fork")
+
+        return failing_go
+
+    stop_processes = localstack.stop_processes
+
+    def late_stop(processes: list[localstack.Proc], *args: object, **kwargs: object) -> None:
+        starter = next((p for p in processes if p.name == "prestart"), None)
+        if starter is not None:
+            wait_until(lambda: not starter.alive(), 60, "the starter forks all and exits")
+        stop_processes(processes, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(local, "_start_processes", fork_then_fail)
+    monkeypatch.setattr(localstack, "stop_processes", late_stop)
+
+    with pytest.raises(localstack.StackError, match="right after the services were told"):
+        local.up(progress=lambda _: None, timeout=120)
+
+    try:
+        wait_until(lambda: not statedir.processes_using(state_dir), 30, "every fork stopped")
+    except AssertionError:
+        left = statedir.processes_using(state_dir)
+        raise AssertionError(f"still holding the state directory: {left}") from None

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 PORT_GRACE_SECONDS = 3.0
 PRESTART = "mlpipe_ops.prestart"
+# Told to stop, the starter gives its forks 5 s (mlpipe_ops.prestart.stop_forked) to exit.
+STARTER_STOP_SECONDS = 15.0
 SERVICES = topology.TOPOLOGY.services
 EARTHENGINE = "earthengine"
 EARTHENGINE_MODULE = "mlpipe_ops.standins.earthengine"
@@ -291,7 +293,8 @@ class LocalStack:
         self.traces = self.state_dir / statedir.TRACES_DIR
         self.extra_env = env or {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._record_forks: Callable[[], None] = lambda: None
+        # On a failed start: stop the services' starter and learn every fork it reported.
+        self._settle_forks: Callable[[], None] = lambda: None
         ports = {name: base_port + 2 + i for i, name in enumerate(SERVICES)}
         # Past the services' ports: service k's instance j at base + 2 + len(SERVICES) + k*N + j.
         first = base_port + 2 + len(SERVICES)
@@ -382,7 +385,7 @@ class LocalStack:
         except BaseException:
             progress("start-up failed or was interrupted: stopping what was started")
             with contextlib.suppress(Exception):
-                self._record_forks()
+                self._settle_forks()
             self.down(progress)
             raise
         if services and reconcile:
@@ -697,11 +700,13 @@ class LocalStack:
         os.set_blocking(popen.stdout.fileno(), False)
         received = bytearray()
 
-        def record_forks() -> None:
-            """Record each service the starter says it has forked."""
+        def record_forks() -> bool:
+            """Record each service the starter says it has forked; True at the pipe's end."""
             assert popen.stdout is not None
+            chunk = None
             with contextlib.suppress(BlockingIOError, TypeError, ValueError):
-                received.extend(popen.stdout.read() or b"")
+                chunk = popen.stdout.read()
+                received.extend(chunk or b"")
             while b"\n" in received:
                 line, _, rest = bytes(received).partition(b"\n")
                 received[:] = rest
@@ -716,6 +721,7 @@ class LocalStack:
                     partial(progress, f"{proc.name:<16} http://{HOST}:{proc.port}"),
                     proc.log,
                 )
+            return chunk == b""
 
         def forked() -> bool:
             """Record each service as it is forked; done once the starter has exited."""
@@ -732,9 +738,27 @@ class LocalStack:
             st.save()
             return True
 
+        def settle() -> None:
+            """A start that fails stops the starter first (told to stop, it stops what it has
+            forked), then reads its pipe to the end, so that `down` knows every fork it made.
+            Reading what is there and then signalling it would miss a starter that forks the
+            rest and exits in between (seen on a loaded machine): those forks, never read,
+            were left running."""
+            if popen.poll() is None:
+                popen.terminate()
+                try:
+                    popen.wait(timeout=STARTER_STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    popen.kill()
+                    popen.wait()
+            # It has exited: its pipe ends at what it wrote (each fork points its own stdout
+            # at its log right after it is made).
+            deadline = time.monotonic() + STARTER_STOP_SECONDS
+            while not record_forks() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
         pending.add(starter.name, forked, lambda: None, str(log_path))
-        # A start that fails learns every fork already reported, so that `down` stops it.
-        self._record_forks = record_forks
+        self._settle_forks = settle
 
         def go() -> None:
             assert popen.stdin is not None
