@@ -51,8 +51,9 @@ test-faults-scale: bootstrap ## the fault suites at three instances per service 
 test-browser: bootstrap ## the console's pages in Debian's chromium (also part of `make test`; ~80 s)
 	@$(UV) run --frozen pytest -m browser tests/browser
 
-test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
-	@$(UV) run --frozen pytest -m containers tests/containers/test_stack_in_containers.py
+test-containers: bootstrap ## the chain through the service images, and a batch job in its image (builds them; needs dockerd)
+	@$(UV) run --frozen pytest -m containers tests/containers/test_stack_in_containers.py \
+		tests/containers/test_batch_image.py
 
 test-containers-scale: bootstrap ## two containers of each image behind haproxy, the chain through them (~4 min)
 	@$(UV) run --frozen pytest -m containers tests/containers/test_instances_in_containers.py

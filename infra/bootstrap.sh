@@ -356,6 +356,20 @@ EOF
     g builds triggers import --source="$triggers/$s.yaml" >/dev/null
     builds+=("$(g builds triggers run "mlpipe-$s" --branch=main --format='value(metadata.build.id)')")
   done
+  # The batch job's image and its Flex Template spec, written to this environment's bucket
+  # (jobs/batch/cloudbuild.yaml). BATCH_LAUNCHER_IMAGE names Dataflow's Python template
+  # launcher release to build with: pin a tag or a digest.
+  sed -e "s|^  owner: .*|  owner: ${GITHUB_OWNER}|" -e "s|^  name: .*|  name: ${GITHUB_REPO}|" \
+    -e "s|^substitutions: {}$|substitutions:|" cloudbuild/triggers/batch.yaml >"$triggers/batch.yaml"
+  cat >>"$triggers/batch.yaml" <<EOF
+  _BUCKET: ${BUCKET}
+  _LAUNCHER_IMAGE: ${BATCH_LAUNCHER_IMAGE:-gcr.io/dataflow-templates-base/python311-template-launcher-base:latest}
+  _REGION: ${REGION}
+  _REPOSITORY: ${REPOSITORY}
+serviceAccount: projects/${PROJECT}/serviceAccounts/${BUILD_SA}
+EOF
+  g builds triggers import --source="$triggers/batch.yaml" >/dev/null
+  builds+=("$(g builds triggers run mlpipe-batch --branch=main --format='value(metadata.build.id)')")
   for id in "${builds[@]}"; do
     while status="$(g builds describe "$id" --format='value(status)')" \
       && [[ "$status" == QUEUED || "$status" == PENDING || "$status" == WORKING ]]; do

@@ -65,6 +65,23 @@ def options(cloud: Cloud, stand_in: DataflowStandIn, **changes) -> DataflowOptio
     )
 
 
+def predictor_env(o: DataflowOptions) -> dict[str, str]:
+    """The predictor's settings that launch every batch on Dataflow with `o`."""
+    return {
+        "MLPIPE_BATCH_INLINE_MAX_BYTES": "0",
+        "MLPIPE_BATCH_LAUNCHER": "dataflow",
+        "MLPIPE_REGION": o.region,
+        "MLPIPE_BATCH_DATAFLOW_TEMPLATE": o.template,
+        "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT": o.service_account,
+        "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION": o.temp_location,
+        "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION": o.staging_location,
+        "MLPIPE_BATCH_DATAFLOW_MACHINE_TYPE": o.machine_type,
+        "MLPIPE_BATCH_DATAFLOW_MAX_WORKERS": str(o.max_workers),
+        "MLPIPE_BATCH_DATAFLOW_NETWORK": o.network,
+        "MLPIPE_BATCH_DATAFLOW_ENDPOINT": o.endpoint,
+    }
+
+
 def test_a_batch_request_runs_as_one_dataflow_job_however_often_it_is_delivered(
     cloud: Cloud,
     monkeypatch: pytest.MonkeyPatch,
@@ -81,19 +98,7 @@ def test_a_batch_request_runs_as_one_dataflow_job_however_often_it_is_delivered(
         key_column="id",
     )
     o = options(cloud, dataflow)
-    env = {
-        "MLPIPE_BATCH_INLINE_MAX_BYTES": "0",
-        "MLPIPE_BATCH_LAUNCHER": "dataflow",
-        "MLPIPE_REGION": o.region,
-        "MLPIPE_BATCH_DATAFLOW_TEMPLATE": o.template,
-        "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT": o.service_account,
-        "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION": o.temp_location,
-        "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION": o.staging_location,
-        "MLPIPE_BATCH_DATAFLOW_MACHINE_TYPE": o.machine_type,
-        "MLPIPE_BATCH_DATAFLOW_MAX_WORKERS": str(o.max_workers),
-        "MLPIPE_BATCH_DATAFLOW_NETWORK": o.network,
-        "MLPIPE_BATCH_DATAFLOW_ENDPOINT": o.endpoint,
-    }
+    env = predictor_env(o)
     metrics_path = layout.batch_metrics_path("iris-classifier", "on-dataflow")
 
     with predictor(cloud, monkeypatch, **env) as served:

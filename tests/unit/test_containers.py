@@ -26,6 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = sorted(p.parent.name for p in (ROOT / "services").glob("*/pyproject.toml"))
 BASE_IMAGE = "python:3.11.7-slim-bookworm"
+# Jobs with images of their own (jobs/<job>/Dockerfile and cloudbuild.yaml).
+JOBS = sorted(p.parent.name for p in (ROOT / "jobs").glob("*/Dockerfile"))
 
 # Cloud Build's built-in substitutions; any other `$NAME` in a build file fails the build.
 BUILTIN_SUBSTITUTIONS = {
@@ -220,8 +222,10 @@ def test_one_dockerfile_one_build_template_and_a_trigger_per_service() -> None:
     leftovers = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("services/*/Dockerfile"))
     assert not leftovers, f"services/Dockerfile builds every service: {leftovers}"
     assert [p.name for p in (ROOT / "cloudbuild").glob("*.yaml")] == ["service.yaml"]
-    # A trigger per service, and none for a service that no longer exists.
-    assert sorted(p.stem for p in (ROOT / "cloudbuild" / "triggers").glob("*.yaml")) == SERVICES
+    # A trigger per service and one per job, and none for one that no longer exists.
+    assert sorted(p.stem for p in (ROOT / "cloudbuild" / "triggers").glob("*.yaml")) == sorted(
+        [*SERVICES, *JOBS]
+    )
 
 
 def test_the_dockerfile_passes_hadolint() -> None:
@@ -645,8 +649,41 @@ def test_trigger_watches_everything_the_service_is_built_and_deployed_from(svc: 
             assert not covered(f"services/{other}/src/mlpipe_{other}/main.py"), other
 
 
+@pytest.mark.parametrize("job", JOBS)
+def test_a_jobs_trigger_builds_it_with_its_own_build_and_watches_what_its_image_copies(
+    job: str,
+) -> None:
+    trigger = load_yaml(trigger_file(job))
+    globs = [glob_regex(p) for p in trigger["includedFiles"]]
+    ignore = DockerIgnore(ROOT / ".dockerignore")
+    dockerfile = ROOT / "jobs" / job / "Dockerfile"
+
+    assert trigger["name"] == f"mlpipe-{job}"
+    assert trigger["filename"] == f"jobs/{job}/cloudbuild.yaml"
+    assert (ROOT / trigger["filename"]).is_file()
+    assert list(trigger)[-1] == "substitutions"
+    copied = sorted(
+        path.relative_to(ROOT).as_posix()
+        for ins in parse_dockerfile(dockerfile)
+        if ins.keyword == "COPY" and not ins.args.startswith("--from")
+        for source in ins.args.split()[:-1]
+        for path in context_files(source, ignore)
+    )
+    assert copied, f"{dockerfile} copies nothing from the context"
+    uncovered = [f for f in copied if not any(g.fullmatch(f) for g in globs)]
+    assert not uncovered, f"COPYd into the image but not in includedFiles: {uncovered}"
+    # Every workspace member's pyproject.toml, which `uv sync --frozen` resolves the lock with.
+    members = sorted(
+        p.relative_to(ROOT).as_posix()
+        for d in ("libs", "services", "jobs")
+        for p in (ROOT / d).glob("*/pyproject.toml")
+    )
+    missing = [m for m in members if m not in copied]
+    assert not missing, f"{dockerfile} does not copy {missing}"
+
+
 def test_trigger_names_are_unique() -> None:
-    names = [load_yaml(trigger_file(svc))["name"] for svc in SERVICES]
+    names = [load_yaml(trigger_file(svc))["name"] for svc in [*SERVICES, *JOBS]]
     assert len(names) == len(set(names)), names
 
 

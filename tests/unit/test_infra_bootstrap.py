@@ -228,3 +228,31 @@ def test_the_predictor_may_rewrite_registry_objects_only() -> None:
         assert found.group(1).split(",title=")[0] == (
             f"expression=resource.name.startsWith('projects/_/buckets/${{BUCKET}}/objects/{prefix}')"
         )
+
+
+def test_bootstrap_imports_the_batch_jobs_trigger_with_its_bucket_and_launcher() -> None:
+    """The batch trigger as bootstrap writes it: the committed one with its empty substitutions
+    opened, then its heredoc; every substitution jobs/batch/cloudbuild.yaml declares is set."""
+    appended = re.search(r'cat >>"\$triggers/batch.yaml" <<EOF\n(.*?)\nEOF\n', SCRIPT, re.S)
+    assert appended is not None
+    launcher = "gcr.io/dataflow-templates-base/python311-template-launcher-base:latest"
+    values = {
+        "BUCKET": "acme-ml-mlpipe",
+        f"BATCH_LAUNCHER_IMAGE:-{launcher}": launcher,
+        "REGION": "us-central1",
+        "REPOSITORY": "mlpipe",
+        "PROJECT": "acme-ml",
+        "BUILD_SA": "mlpipe-build@acme-ml.iam.gserviceaccount.com",
+    }
+    text = (REPO / "cloudbuild" / "triggers" / "batch.yaml").read_text()
+    text = text.replace("substitutions: {}", "substitutions:")
+    text += re.sub(r"\$\{([^}]+)\}", lambda m: values[m.group(1)], appended.group(1)) + "\n"
+
+    trigger = yaml.safe_load(text)
+    build = yaml.safe_load((REPO / "jobs" / "batch" / "cloudbuild.yaml").read_text())
+
+    assert set(trigger["substitutions"]) == set(build["substitutions"])
+    assert trigger["substitutions"]["_BUCKET"] == "acme-ml-mlpipe"
+    assert trigger["substitutions"]["_LAUNCHER_IMAGE"] == launcher
+    assert trigger["filename"] == "jobs/batch/cloudbuild.yaml"
+    assert "serviceAccount" in trigger

@@ -39,6 +39,15 @@ IMAGE = "mlpipe-{service}:" + (os.environ.get("MLPIPE_IMAGE_TAG") or "local")
 NAME_SUFFIX = f"-{os.environ['MLPIPE_IMAGE_TAG']}" if os.environ.get("MLPIPE_IMAGE_TAG") else ""
 USER = "10001:10001"  # services/Dockerfile's user
 BASE_IMAGES = ("python:3.11.7-slim-bookworm", "ghcr.io/astral-sh/uv:0.13.9")
+# The batch job's image (jobs/batch/Dockerfile) and what it is built from besides those: Beam's
+# SDK image, and Dataflow's Python template launcher, whose release a build names (Cloud Build:
+# _LAUNCHER_IMAGE, pinned; a local build: this name, scripts/base-images --batch's stand-in
+# where it cannot be pulled).
+BATCH_IMAGE = "mlpipe-batch:" + (os.environ.get("MLPIPE_IMAGE_TAG") or "local")
+BATCH_BASE_IMAGES = (
+    "apache/beam_python3.11_sdk:2.77.0",
+    "gcr.io/dataflow-templates-base/python311-template-launcher-base:latest",
+)
 # Each container of a local stack carries its state directory under this label.
 STATE_LABEL = "dev.mlpipe.state-dir"
 
@@ -79,14 +88,19 @@ def check_engine() -> None:
         )
 
 
-def ensure_base_images(root: Path, progress: Callable[[str], None]) -> None:
-    """Pull the Dockerfile's base images, or build stand-ins when they cannot be pulled."""
-    missing = [i for i in BASE_IMAGES if docker("image", "inspect", i, check=False).returncode]
+def ensure_base_images(root: Path, progress: Callable[[str], None], batch: bool = False) -> None:
+    """Pull the Dockerfile's base images (with `batch`, the batch job's too), or build
+    stand-ins when they cannot be pulled."""
+    wanted = (*BASE_IMAGES, *(BATCH_BASE_IMAGES if batch else ()))
+    missing = [i for i in wanted if docker("image", "inspect", i, check=False).returncode]
     if not missing:
         return
     progress(f"base images      {', '.join(missing)} missing: scripts/base-images")
     done = subprocess.run(
-        [str(root / "scripts" / "base-images")], capture_output=True, text=True, timeout=900
+        [str(root / "scripts" / "base-images"), *(["--batch"] if batch else [])],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     for line in done.stderr.splitlines():
         if line.startswith("base-images:"):
@@ -98,7 +112,21 @@ def ensure_base_images(root: Path, progress: Callable[[str], None]) -> None:
 def build(service: str, root: Path, code_version: str) -> tuple[str, float]:
     """Build `service`'s image from services/Dockerfile; return its tag and seconds taken."""
     image = IMAGE.format(service=service)
+    args = {"SERVICE": service, "MLPIPE_CODE_VERSION": code_version}
+    return image, _build(root / "services" / "Dockerfile", args, image, root)
+
+
+def build_batch(root: Path) -> tuple[str, float]:
+    """Build the batch job's image from jobs/batch/Dockerfile as jobs/batch/cloudbuild.yaml
+    does (the launcher release, the image's own name for its workers); return its tag and
+    seconds taken."""
+    args = {"LAUNCHER_IMAGE": BATCH_BASE_IMAGES[1], "IMAGE": BATCH_IMAGE}
+    return BATCH_IMAGE, _build(root / "jobs" / "batch" / "Dockerfile", args, BATCH_IMAGE, root)
+
+
+def _build(dockerfile: Path, args: Mapping[str, str], image: str, root: Path) -> float:
     t0 = time.monotonic()
+    flags = [f for name, value in args.items() for f in ("--build-arg", f"{name}={value}")]
     done = subprocess.run(
         [
             "docker",
@@ -106,11 +134,8 @@ def build(service: str, root: Path, code_version: str) -> tuple[str, float]:
             "--network",
             "host",
             "-f",
-            str(root / "services" / "Dockerfile"),
-            "--build-arg",
-            f"SERVICE={service}",
-            "--build-arg",
-            f"MLPIPE_CODE_VERSION={code_version}",
+            str(dockerfile),
+            *flags,
             "-t",
             image,
             str(root),
@@ -122,7 +147,7 @@ def build(service: str, root: Path, code_version: str) -> tuple[str, float]:
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-25:])
         raise DockerError(f"building {image} failed:\n{tail}")
-    return image, time.monotonic() - t0
+    return time.monotonic() - t0
 
 
 def build_all(

@@ -9,6 +9,8 @@ answering as the reference says, driven by the real `google-cloud-dataflow-clien
 A job runs the template's pipeline locally: the stand-in's `command` (by default
 `python -m mlpipe_batch`) with each template parameter as `--<name>=<value>`, on the
 DirectRunner against the emulators, as a process of its own; its state follows the process.
+With `containers`, the job runs in the template's image instead, through the image's Flex
+Template launcher, as Dataflow's launcher VM runs it (D12).
 
 Every rule and its source are in docs/dataflow-standin.md (D1..D10); the comments name them.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +46,8 @@ from mlpipe_ops.standins.google_api import (
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# D12: where the Flex Template launcher sits in a template's image (jobs/batch/Dockerfile).
+TEMPLATE_LAUNCHER = "/opt/google/dataflow/python_template_launcher"
 # D2: Job.name.
 JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,1022}[a-z0-9])?$")
 LAUNCH = re.compile(
@@ -92,6 +97,8 @@ class Job:
     state_time: str = ""
     process: subprocess.Popen[bytes] | None = None
     log_path: str = ""
+    image: str = ""
+    container: str = ""  # the job's container, when it runs in the template's image
 
     def resource(self) -> dict[str, Any]:
         # D7: the Job resource's fields (camelCase in JSON).
@@ -117,6 +124,16 @@ class DataflowStandIn:
     )
     env: dict[str, str] | None = None
     log_dir: Path = field(default_factory=lambda: Path("/tmp/mlpipe-dataflow-standin"))
+    # D12: run each job in the template's image (a local Docker engine, host networking),
+    # passing it the variables of `env` that these prefixes name (the emulators', mlpipe's).
+    containers: bool = False
+    container_env_prefixes: tuple[str, ...] = (
+        "STORAGE_EMULATOR_HOST",
+        "PUBSUB_EMULATOR_HOST",
+        "GOOGLE_CLOUD_PROJECT",
+        "MLPIPE_",
+        "OTEL_",
+    )
     port: int = 0
     seen: list[tuple[str, str, Any]] = field(default_factory=list)
     _jobs: dict[str, Job] = field(default_factory=dict)
@@ -139,9 +156,7 @@ class DataflowStandIn:
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
-            if job.process is not None and job.process.poll() is None:
-                job.process.kill()
-                job.process.wait(10)
+            self._kill(job)
         close(self._server)
         self._server = None
 
@@ -192,6 +207,8 @@ class DataflowStandIn:
             raise ApiError(
                 "INVALID_ARGUMENT", f"parameter(s) {unknown} are not in the template's metadata"
             )
+        if self.containers and not template.get("image"):  # D12
+            raise ApiError("INVALID_ARGUMENT", "the template spec names no image to run")
         if body.get("validateOnly"):  # D1
             return {}
         with self._lock:
@@ -217,6 +234,7 @@ class DataflowStandIn:
                 parameters=parameters,
                 environment=environment,
                 created=now,
+                image=str(template.get("image", "")),
             )
             self._jobs[job.id] = job
             self._run(job)
@@ -246,19 +264,52 @@ class DataflowStandIn:
         return dict(json.loads(data))
 
     def _run(self, job: Job) -> None:
-        # D10: the template's pipeline as a local process.
+        # D10: the template's pipeline as a local process; D12: in the template's image.
         args = [f"--{k}={v}" for k, v in job.parameters.items()]
         log_path = self.log_dir / f"{job.id}.log"
         job.log_path = str(log_path)
+        command = self._in_image(job) if self.containers else self.command
         with log_path.open("ab") as out:
             job.process = subprocess.Popen(
-                [*self.command, *args, *self.runner_args],
+                [*command, *args, *self.runner_args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
             )
         job.state, job.state_time = "JOB_STATE_RUNNING", timestamp()
+
+    def _in_image(self, job: Job) -> list[str]:
+        """`docker run` of the template's image through its Flex Template launcher."""
+        job.container = f"mlpipe-dataflow-{job.id.replace('_', '-')}"
+        env = self.env if self.env is not None else dict(os.environ)
+        passed = sorted(k for k in env if k.startswith(self.container_env_prefixes))
+        return [
+            "docker",
+            "run",
+            "--rm",
+            "--network=host",
+            f"--name={job.container}",
+            *(f"--env={k}={env[k]}" for k in passed),
+            f"--entrypoint={TEMPLATE_LAUNCHER}",
+            job.image,
+        ]
+
+    def _kill(self, job: Job) -> None:
+        """Stop the job's process, and its container when it runs in one (the `docker run`
+        client's end does not stop the container)."""
+        if job.container:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(
+                    ["docker", "rm", "--force", job.container],
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+        if job.process is not None and job.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                job.process.kill()
+            job.process.wait(10)
 
     def _state(self, job: Job) -> str:
         if job.state in TERMINAL or job.process is None:
@@ -285,10 +336,7 @@ class DataflowStandIn:
             raise ApiError("UNIMPLEMENTED", f"requestedState {requested!r} is not served here")
         if self._state(job) in TERMINAL:  # D8
             raise ApiError("FAILED_PRECONDITION", f"job {job.id} is in terminal state {job.state}")
-        if job.process is not None:
-            with contextlib.suppress(ProcessLookupError):
-                job.process.kill()
-            job.process.wait(10)
+        self._kill(job)
         job.state, job.state_time = "JOB_STATE_CANCELLED", timestamp()
         return job.resource()
 
