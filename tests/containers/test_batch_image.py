@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.auth.credentials import AnonymousCredentials
 
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
 from mlpipe_ops import containers as docker
 from mlpipe_ops.standins.dataflow import DataflowStandIn, template_spec
+from mlpipe_predictor.launch import ENDED, DataflowLauncher
 from tests.conftest import REPO, engine_missing, wait_until
 from tests.integration.conftest import Cloud, cloud, iris_config, iris_csv  # noqa: F401
 from tests.integration.test_batch_dataflow import TEMPLATE, options, predictor_env
@@ -68,7 +70,8 @@ def test_a_batch_on_dataflow_runs_in_the_batch_jobs_image(
     )
     metrics_path = layout.batch_metrics_path("iris-classifier", "in-the-image")
 
-    with predictor(cloud, monkeypatch, **predictor_env(options(cloud, dataflow))) as served:
+    o = options(cloud, dataflow)
+    with predictor(cloud, monkeypatch, **predictor_env(o)) as served:
         first = push_request(served.url, cloud, request)
         (job,) = dataflow.jobs()
         try:
@@ -83,7 +86,10 @@ def test_a_batch_on_dataflow_runs_in_the_batch_jobs_image(
     # It ran in the image, through the template launcher, not as a process here.
     assert job.container and job.process is not None
     assert job.process.args[:2] == ["docker", "run"] and dataflow.containers
-    dataflow.wait(60)
+    dataflow.wait(60)  # it publishes its completion after the metrics, then exits
+    record = cloud.storage.read_json(layout.batch_job_path("iris-classifier", "in-the-image"))
+    launcher = DataflowLauncher(o, credentials=AnonymousCredentials())
+    assert launcher.state(record["handle"]) == ENDED
     assert job.resource()["currentState"] == "JOB_STATE_DONE", Path(job.log_path).read_text()
     metrics = cloud.storage.read_json(metrics_path)
     records = avro_records(cloud, metrics["output_uris"])
