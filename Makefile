@@ -51,7 +51,7 @@ test-faults-scale: bootstrap ## the fault suites at three instances per service 
 test-browser: bootstrap ## the console's pages in Debian's chromium (also part of `make test`; ~80 s)
 	@$(UV) run --frozen pytest -m browser tests/browser
 
-test-containers: bootstrap ## the chain through the five images on a Docker engine (builds them; needs dockerd)
+test-containers: bootstrap ## the chain through the service images on a Docker engine (builds them; needs dockerd)
 	@$(UV) run --frozen pytest -m containers tests/containers/test_stack_in_containers.py
 
 test-containers-scale: bootstrap ## two containers of each image behind haproxy, the chain through them (~4 min)

@@ -313,6 +313,7 @@ def test_the_console_is_a_private_service_that_iap_identifies_users_of() -> None
         "deployer": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
         "evaluator": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
         "ingest": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
+        "notifier": {"cpu": 1, "memory_gib": 0.5, "cpu_always_allocated": False},
         "predictor": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
         "trainer": {"cpu": 2, "memory_gib": 2, "cpu_always_allocated": True},
     }

@@ -2,8 +2,8 @@
 renders from the one runtime definition (infra/runtime.yaml) and the environment files.
 
 - `clouddeploy.yaml`: one DeliveryPipeline per service, `mlpipe-<service>`, each with the
-  serial stages dev → staging → prod, and one Target per environment (shared by the five
-  pipelines), whose Cloud Run location is that environment's project and region; prod requires
+  serial stages dev → staging → prod, and one Target per environment (shared by every
+  service's pipeline), whose Cloud Run location is that environment's project and region; prod requires
   approval. A pipeline per service because each service is built and released on its own
   (its own trigger, its own commits): a release rolls out one service, a rollback or a pending
   approval concerns that service only, and a target's "current release" names one service.

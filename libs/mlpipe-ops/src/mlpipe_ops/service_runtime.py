@@ -281,8 +281,8 @@ def service_environment(
     trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); the
     console's sizes and prices for cost estimates (cost_environment); on GCP,
     where the deployer rolls models out (the environment's deploy_target, the predictor
-    service, the predictor image of the same build, the serving identity on Vertex AI); then
-    runtime.yaml's `env`.
+    service, the predictor image of the same build, the serving identity on Vertex AI); the
+    console the notifier's notices link to; then runtime.yaml's `env`.
 
     Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
     env = {
@@ -340,6 +340,10 @@ def service_environment(
             env["MLPIPE_PREDICTOR_IMAGE"] = sibling_image(image, "predictor")
         if target.deploy_target == "vertex":
             env["MLPIPE_VERTEX_SERVING_ACCOUNT"] = target.serving_account
+    if service == "notifier" and "console" in target.service_urls:
+        # Notices link to the run's page in the console. Behind a load balancer, people open
+        # another address: runtime.yaml's env may set MLPIPE_CONSOLE_URL to it.
+        env["MLPIPE_CONSOLE_URL"] = target.service_url("console")
     if service == "predictor" and not target.emulated:
         # Batch jobs run on Dataflow as the predictor's own account (it publishes their
         # completion), from the Flex Template of the same build (jobs/batch/cloudbuild.yaml).
