@@ -97,6 +97,8 @@ def _problem(error: Any) -> str:
         message = "required"
     elif error["type"] == "extra_forbidden":
         message = "unknown key (known: name, kind, url, events, secret_env)"
+    elif error["type"] == "literal_error":  # the kind
+        message = f"must be slack or webhook, not {error['input']!r}"
     elif error["type"] == "enum":
         message = f"{error['input']!r} is not a notice kind (one of {', '.join(NoticeKind)})"
     return f"{where}: {message}"

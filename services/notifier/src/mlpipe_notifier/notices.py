@@ -46,7 +46,8 @@ DEPLOY_STEP = "deployer"
 # One detail line at most this long, a notice at most this many detail lines.
 DETAIL_CHARS = 300
 LISTED = 3
-KEY_PART = re.compile(r"[^A-Za-z0-9_.=-]+")
+# What a key may not hold (an object name segment: see mlpipe.store.layout.NOTIFICATION_NAME).
+KEY_PART = re.compile(r"[^A-Za-z0-9_.=-]+|\.\.+")
 
 
 @dataclass(frozen=True)
