@@ -88,7 +88,7 @@ g services enable \
   cloudbuild.googleapis.com artifactregistry.googleapis.com cloudscheduler.googleapis.com \
   aiplatform.googleapis.com iam.googleapis.com cloudresourcemanager.googleapis.com \
   bigquery.googleapis.com earthengine.googleapis.com dataflow.googleapis.com \
-  cloudtrace.googleapis.com
+  cloudtrace.googleapis.com secretmanager.googleapis.com
 if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
   g services enable clouddeploy.googleapis.com
 fi

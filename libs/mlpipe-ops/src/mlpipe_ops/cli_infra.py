@@ -149,7 +149,8 @@ def apply(
 @infra_app.command("run-flags")
 def run_flags(
     service: Annotated[
-        str, typer.Argument(help="ingest, trainer, evaluator, deployer, predictor, notifier, console")
+        str,
+        typer.Argument(help="ingest, trainer, evaluator, deployer, predictor, notifier, console"),
     ],
     env: EnvName,
     image: Annotated[str, typer.Option(help="The image to deploy (its immutable tag).")],
