@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # What became of the notice at each channel, as the reply says it.
 SENT, ALREADY_SENT, HELD, FAILED, REJECTED = "sent", "already sent", "held", "failed", "rejected"
+# ... for a channel this delivery did not post to.
+NOT_POSTED = {Standing.SENT: ALREADY_SENT, Standing.HELD: HELD, Standing.REJECTED: REJECTED}
 Build = Callable[[Any, str], Notice | None]
 # The notice each event type may be (None: nothing to tell), given the console's URL.
 NOTICES: dict[str, Build] = {
@@ -102,7 +104,7 @@ class Notifier:
         now = time.time()
         posted = self.poster.post([outgoing(c, notice, now, self.user_agent) for c in mine])
         states = {
-            name: {Standing.SENT: ALREADY_SENT, Standing.HELD: HELD}.get(c.standing, REJECTED)
+            name: NOT_POSTED[c.standing]
             for name, c in claims.items()
             if c.standing is not Standing.MINE
         }

@@ -90,15 +90,15 @@ def claim(
         "lease_seconds": lease_seconds,
         "attempt": 1,
     }
-    for _ in range(3):
+    existing = None
+    for _ in range(3):  # a record deleted between the two calls is created again
         generation = storage.create_if_absent(path, json.dumps(fresh).encode())
         if generation is not None:
             return Claim(Standing.MINE, generation, fresh)
         existing = _read(storage, path)
         if existing is not None:
             break
-        # Gone between the two calls (deleted by hand): create it again.
-    else:
+    if existing is None:
         return Claim(Standing.HELD)
     generation, body = existing
     state = body.get("state")
