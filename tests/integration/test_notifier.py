@@ -395,3 +395,25 @@ def test_without_channels_each_notice_is_one_log_line(
     assert line.notice["kind"] == "canary"  # type: ignore[attr-defined]
     assert any("no channel configured" in r.getMessage() for r in caplog.records)
     assert cloud.storage.list(layout.NOTIFICATIONS) == []
+
+
+def test_bad_input_is_kept_and_publishes_nothing_either(
+    cloud: Cloud, notifier: Start, receiver: Receiver
+) -> None:
+    """The push adapter's own rejections go through the notifier's failure reporter too."""
+    not_an_event = make_envelope(
+        b"\xff\x00 not a PipelineFailed",
+        attributes={events.EVENT_TYPE_ATTR: "mlpipe.v1.PipelineFailed", "encoding": "BINARY"},
+        message_id="88",
+        subscription=f"projects/{cloud.project}/subscriptions/notifier-failures-push",
+    )
+
+    with notifier(slack(receiver)) as client:
+        garbage = client.post("/pubsub/push", content=b"not an envelope")
+        undecodable = push(client, not_an_event)
+
+    assert garbage.status_code == 400 and garbage.json()["quarantine_uri"]
+    assert undecodable.status_code == 200 and undecodable.json()["reason"] == "invalid_message"
+    assert cloud.storage.exists("quarantine/invalid_message/notifier-88")
+    assert receiver.received == []
+    assert cloud.pulled(events.PIPELINE_FAILURES, expect=1, timeout=3) == []
