@@ -43,7 +43,7 @@ class Milestone(enum.StrEnum):
 # to champion, it was never a canary. Promotions of a canary name who asked (cli, console,
 # predictor).
 DEPLOY_STEP = "deployer"
-# One detail line at most this long, a notice at most this many detail lines.
+# A detail line is at most this long, and names at most this many gates or features.
 DETAIL_CHARS = 300
 LISTED = 3
 # What a key may not hold (an object name segment: see mlpipe.store.layout.NOTIFICATION_NAME).

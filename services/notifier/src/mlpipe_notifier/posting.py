@@ -44,6 +44,7 @@ class Posted:
 
 
 def classify(status: int) -> Result:
+    """What a channel's answer means (see the module docstring)."""
     if 200 <= status < 300:
         return Result.SENT
     if status >= 500 or status in RETRYABLE_STATUSES or status < 400:
@@ -54,6 +55,9 @@ def classify(status: int) -> Result:
 
 @dataclass
 class Poster:
+    """Posts a delivery's requests, each bounded by `total_seconds` (settings: the notifier's
+    MLPIPE_NOTIFY_CONNECT_TIMEOUT_SECONDS and MLPIPE_NOTIFY_TIMEOUT_SECONDS)."""
+
     connect_seconds: float = 2.0
     total_seconds: float = 5.0
     # Built once: each delivery's client would otherwise load the CA bundle again.
