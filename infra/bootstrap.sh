@@ -34,7 +34,7 @@ REGION="${REGION:-us-central1}"
 REPOSITORY="${REPOSITORY:-mlpipe}"
 # The same name as infra/environments/*.yaml's bucket ("{project}-mlpipe").
 BUCKET="${PROJECT}-mlpipe"
-SERVICES=(ingest trainer evaluator deployer predictor console)
+SERVICES=(ingest trainer evaluator deployer predictor notifier console)
 DEPLOY="${DEPLOY:-release}"
 [[ "$DEPLOY" == release || "$DEPLOY" == direct ]] || {
   echo "DEPLOY must be release or direct, not '$DEPLOY'" >&2
@@ -88,7 +88,7 @@ g services enable \
   cloudbuild.googleapis.com artifactregistry.googleapis.com cloudscheduler.googleapis.com \
   aiplatform.googleapis.com iam.googleapis.com cloudresourcemanager.googleapis.com \
   bigquery.googleapis.com earthengine.googleapis.com dataflow.googleapis.com \
-  cloudtrace.googleapis.com
+  cloudtrace.googleapis.com secretmanager.googleapis.com
 if [[ "$DEPLOY" == release && "$PROJECT" == "$DELIVERY_PROJECT" ]]; then
   g services enable clouddeploy.googleapis.com
 fi
@@ -168,6 +168,14 @@ bucket_role "$(sa mlpipe-console)" roles/storage.objectViewer
 bucket_role "$(sa mlpipe-console)" roles/storage.objectCreator
 # ... and notes a replay on the quarantined object's metadata (an update, quarantine/ only).
 bucket_role "$(sa mlpipe-console)" roles/storage.objectUser --condition="$QUARANTINE_ONLY"
+NOTIFICATIONS_ONLY="expression=resource.name.startsWith('projects/_/buckets/${BUCKET}/objects/notifications/'),title=notifications-only,description=mlpipe notices sent to channels"
+# The notifier claims, and marks sent, one record per notice and channel under notifications/
+# (create, read, compare-and-swap), under notifications/ only ...
+bucket_role "$(sa mlpipe-notifier)" roles/storage.objectUser --condition="$NOTIFICATIONS_ONLY"
+# ... and keeps a notice a channel refused under quarantine/ (create only). It publishes
+# nothing: `infra apply` grants it no topic (it reads pipeline-failures). Its webhooks' signing
+# secrets: roles/secretmanager.secretAccessor on each secret (docs/notifications.md).
+bucket_role "$(sa mlpipe-notifier)" roles/storage.objectCreator --condition="$QUARANTINE_ONLY"
 # Publishing to topics is granted per topic by `mlpipe infra apply` (the topics exist then).
 
 step "Roles of ingest (the BigQuery source)"
@@ -260,7 +268,7 @@ if [[ "$BUILDS_HERE" == true ]]; then
     --member="serviceAccount:$BUILD_SA" --role=roles/artifactregistry.writer
 fi
 if [[ "$DEPLOY" == direct ]]; then
-  # Deploys the five services. `gcloud run deploy --no-allow-unauthenticated` edits a
+  # Deploys the services. `gcloud run deploy --no-allow-unauthenticated` edits a
   # service's IAM policy (it removes allUsers), which roles/run.developer cannot do.
   retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
     --member="serviceAccount:$BUILD_SA" --role=roles/run.admin

@@ -22,7 +22,7 @@ from mlpipe_ops.localstack import LocalStack, StackState, client_env, port_free
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_base_port(count: int = 9) -> int:
+def free_base_port(count: int = 10) -> int:
     """A base port with `count` consecutive free ports after it."""
     rng = random.Random()
     for _ in range(200):

@@ -1,4 +1,4 @@
-"""The whole chain through real processes: emulators, five uvicorn services, a job subprocess.
+"""The whole chain through real processes: emulators, the uvicorn services, a job subprocess.
 
 Everything goes through Pub/Sub push and fake-gcs-server's own OBJECT_FINALIZE notifications,
 exactly as on Cloud Run.

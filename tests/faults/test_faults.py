@@ -1,4 +1,4 @@
-"""Faults against the real local stack (emulators and the five services as processes): every
+"""Faults against the real local stack (emulators and the services as processes): every
 event of a run delivered three times, some concurrently; a catalogue of bad inputs at every
 entry point; a burst of a thousand ingest requests.
 

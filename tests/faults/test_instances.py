@@ -148,7 +148,7 @@ def scaled(
 ) -> Iterator[tuple[LocalStack, StackState]]:
     local = LocalStack(
         tmp_path_factory.mktemp("instances"),
-        base_port=free_base_port(9 + 5 * N),
+        base_port=free_base_port(10 + 6 * N),
         project=unique("scale"),
         bucket=unique("scale"),
         instances=N,

@@ -63,7 +63,7 @@ SHORT_LEASES = {
 
 
 class Supervisor:
-    """Runs the five services (and fake-gcs-server on a filesystem backend) as processes it
+    """Runs the pipeline's services (and fake-gcs-server on a filesystem backend) as processes it
     started; restarts a service that dies, as Cloud Run would."""
 
     def __init__(self, state: StackState, root: Path) -> None:

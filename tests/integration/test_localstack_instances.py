@@ -45,7 +45,7 @@ CONVERGENCE_SECONDS = 5.0
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackState]:
     local = LocalStack(
         tmp_path_factory.mktemp("instances"),
-        base_port=free_base_port(9 + 5 * N),
+        base_port=free_base_port(10 + 6 * N),
         project=unique("inst"),
         bucket=unique("inst"),
         instances=N,
@@ -288,7 +288,7 @@ def test_a_balancer_that_refuses_its_configuration_is_named_with_its_line(
 
 
 def test_a_stack_whose_balancer_cannot_bind_stops_naming_it(tmp_path: Path) -> None:
-    base = free_base_port(9 + 5 * 2)
+    base = free_base_port(10 + 6 * 2)
     local = LocalStack(
         tmp_path / "state",
         base_port=base,

@@ -55,7 +55,7 @@ def test_services_are_forked_after_their_recorded_imports_each_in_its_own_sessio
     local = LocalStack(state_dir, base_port=base, project=name, bucket=name)
     local.up(progress=lambda _: None)
     try:
-        wait_until(lambda: len(list(records.glob("*.json"))) == 5, 30, "five records")
+        wait_until(lambda: len(list(records.glob("*.json"))) == 6, 30, "six records")
     finally:
         local.down(progress=lambda _: None)
     recorded = {p.stem: json.loads(p.read_text()) for p in records.glob("*.json")}
@@ -99,7 +99,7 @@ def test_a_failed_start_stops_every_fork_even_one_reported_after_the_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The start fails just as the starter is told to fork, before it has reported any fork,
-    and the stop comes late (a loaded machine): the starter forks all five and exits before
+    and the stop comes late (a loaded machine): the starter forks all six and exits before
     it is signalled. Every fork it made is still stopped, none is left holding the state."""
     from mlpipe_ops import localstack
 

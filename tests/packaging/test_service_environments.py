@@ -172,6 +172,19 @@ SERVICE_BAD_SETTINGS = {
             "MLPIPE_CONSOLE_AUTH=local lets anyone act, which is only for the emulators",
         ),
     },
+    # Its channels are checked before the server starts, each mistake named with its entry.
+    "notifier": {
+        "channels": (
+            {
+                "MLPIPE_PROJECT": "p",
+                "MLPIPE_BUCKET": "b",
+                "PORT": "0",
+                "MLPIPE_PUSH_AUTH": "none",
+                "MLPIPE_NOTIFY_CHANNELS": '[{"name": "team", "kind": "webhook", "url": "x"}]',
+            },
+            "MLPIPE_NOTIFY_CHANNELS[0].url: must be an http:// or https:// URL",
+        ),
+    },
 }
 
 

@@ -156,14 +156,15 @@ def test_iam_plan_binds_what_is_missing_and_waits_for_undeployed_services(
 
     binds = [c for c in changes if c.action == "bind"]
     blocked = [c for c in changes if c.action == "blocked"]
-    # Seven bindings on Cloud Run services: five push invokers, the console's on the deployer
+    # Eight bindings on Cloud Run services: six push invokers, the console's on the deployer
     # and the deployer's run.developer on the predictor (dev deploys to cloud_run); ingest's
     # invoker is there already.
-    assert len(binds) == len(infra.iam_bindings(dev)) - 1 - 7
+    assert len(binds) == len(infra.iam_bindings(dev)) - 1 - 8
     assert sorted(c.name.rsplit("/", 1)[-1] for c in blocked) == [
         "mlpipe-deployer",
         "mlpipe-deployer",
         "mlpipe-evaluator",
+        "mlpipe-notifier",
         "mlpipe-predictor",
         "mlpipe-predictor",
         "mlpipe-trainer",
@@ -446,7 +447,7 @@ def test_a_deployed_service_that_differs_from_its_runtime_definition_is_updated(
         "update cloud run service mlpipe-trainer: memory 512Mi → 2Gi; CPU 1000m → 2; "
         "concurrency 80 → 20; max instances 100 → 10; CPU allocation during requests → always"
     )
-    assert len(notes) == 5 and all("not deployed yet" in n for n in notes)
+    assert len(notes) == 6 and all("not deployed yet" in n for n in notes)
     assert not google.sent("PATCH")  # a plan only reads
     assert change.run is not None
 
@@ -523,4 +524,4 @@ def test_the_gcp_plan_ends_with_the_cloud_run_services(
     planned = infra.plan(dev_runtimes, clients)
 
     assert str(planned.changes[-1]).startswith("update cloud run service mlpipe-predictor:")
-    assert sum("not deployed yet" in n for n in planned.notes) == 5
+    assert sum("not deployed yet" in n for n in planned.notes) == 6

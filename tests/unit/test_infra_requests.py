@@ -235,8 +235,14 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (sub + "predictor-batch-push", "roles/pubsub.subscriber", pubsub_agent),
         (sub + "deployer-trained-push", "roles/pubsub.subscriber", pubsub_agent),
         (sub + "evaluator-monitor-push", "roles/pubsub.subscriber", pubsub_agent),
+        *(
+            (sub + f"notifier-{kind}-push", "roles/pubsub.subscriber", pubsub_agent)
+            for kind in ("failures", "evaluations", "drift", "deployments")
+        ),
         (topic + "gcs-objects", "roles/pubsub.publisher", gcs_agent),
         *((run + s, "roles/run.invoker", sa(f"mlpipe-push-{s}")) for s in services),
+        # The notifier publishes nothing (it reads pipeline-failures): no topic role at all.
+        (run + "notifier", "roles/run.invoker", sa("mlpipe-push-notifier")),
         (topic + "datasets-landed", "roles/pubsub.publisher", sa("mlpipe-ingest")),
         (topic + "training-started", "roles/pubsub.publisher", sa("mlpipe-trainer")),
         (topic + "training-completed", "roles/pubsub.publisher", sa("mlpipe-trainer")),
@@ -267,6 +273,8 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
                 "monitoring-requests",
                 "deployment-completed",
                 "batch-prediction-requests",
+                "pipeline-failures",
+                "drift-detected",
             )
         ),
         (sub + "dead-letters-archive", "roles/pubsub.subscriber", sa("mlpipe-console")),

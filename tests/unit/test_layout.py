@@ -147,3 +147,13 @@ def test_pending_reports_are_listed_by_run_id() -> None:
 
     assert layout.pending_report_runs(listing) == ["0123456789abcdef", "fedcba9876543210"]
     assert layout.RunPaths("0123456789abcdef").plots == "runs/0123456789abcdef/plots.json"
+
+
+def test_a_notice_record_is_one_object_per_channel_and_key() -> None:
+    assert (
+        layout.notification_path("ml-team", "gate_blocked-680351e2d2b6804f")
+        == "notifications/ml-team/gate_blocked-680351e2d2b6804f.json"
+    )
+    for channel, key in [("../x", "k"), ("team", "a/b"), ("team", ""), ("team", "a..b")]:
+        with pytest.raises(ValueError, match="cannot name an object"):
+            layout.notification_path(channel, key)

@@ -313,6 +313,7 @@ def test_the_console_is_a_private_service_that_iap_identifies_users_of() -> None
         "deployer": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
         "evaluator": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
         "ingest": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": False},
+        "notifier": {"cpu": 1, "memory_gib": 0.5, "cpu_always_allocated": False},
         "predictor": {"cpu": 1, "memory_gib": 1, "cpu_always_allocated": True},
         "trainer": {"cpu": 2, "memory_gib": 2, "cpu_always_allocated": True},
     }
@@ -342,3 +343,90 @@ def test_on_the_emulators_the_console_lets_the_local_user_act() -> None:
     assert found["MLPIPE_CONSOLE_AUTH"] == "local"
     assert found["MLPIPE_DEPLOYER_URL"] == "http://127.0.0.1:18604"
     assert "MLPIPE_PUSH_AUTH" not in found
+
+
+def test_the_notifier_links_to_the_console_and_checks_its_own_push_identity() -> None:
+    runtime = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")["notifier"]
+
+    env = service_runtime.service_environment(dev_with(), "notifier", runtime, code_version="c")
+
+    assert env["MLPIPE_CONSOLE_URL"] == f"https://mlpipe-console-{NUMBER}.us-central1.run.app"
+    assert env["MLPIPE_PUSH_AUDIENCE"] == f"https://mlpipe-notifier-{NUMBER}.us-central1.run.app"
+    assert (
+        env["MLPIPE_PUSH_SERVICE_ACCOUNT"] == "mlpipe-push-notifier@acme-ml.iam.gserviceaccount.com"
+    )
+    # No channel in the repository: their URLs and secrets are Secret Manager's (below).
+    assert "MLPIPE_NOTIFY_CHANNELS" not in env
+    assert runtime.max_instances == 3
+
+
+def with_secrets(
+    tmp_path: Path, secrets: dict[str, str], env: dict[str, str] | None = None
+) -> Path:
+    path = tmp_path / "runtime.yaml"
+    raw = yaml.safe_load((REPO / "infra" / "runtime.yaml").read_text())
+    raw["environments"].setdefault("dev", {})["notifier"] = {
+        "secrets": secrets,
+        **({"env": env} if env else {}),
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_secrets_are_mounted_by_both_deploy_forms(tmp_path: Path) -> None:
+    from mlpipe_ops import release
+
+    secrets = {
+        "MLPIPE_NOTIFY_CHANNELS": "mlpipe-notify-channels:3",
+        "MLPIPE_AUDIT_HOOK_SECRET": "mlpipe-audit-hook-secret:latest",
+    }
+    runtime = service_runtime.load_runtimes("dev", with_secrets(tmp_path, secrets))["notifier"]
+    revision = service_runtime.cloud_run_revision(
+        dev_with(), "notifier", runtime, image=IMAGE, code_version="c"
+    )
+
+    flags = service_runtime.run_deploy_flags(
+        dev_with(), "notifier", runtime, image=IMAGE, code_version="c"
+    )
+    manifest = release.service_manifest(revision, image="notifier-image")
+
+    assert flags["--set-secrets"] == secrets
+    assert not set(secrets) & set(flags["--set-env-vars"])
+    env = manifest["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert sorted((e for e in env if "valueFrom" in e), key=lambda e: e["name"], reverse=True) == [
+        {
+            "name": "MLPIPE_NOTIFY_CHANNELS",
+            "valueFrom": {"secretKeyRef": {"name": "mlpipe-notify-channels", "key": "3"}},
+        },
+        {
+            "name": "MLPIPE_AUDIT_HOOK_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "mlpipe-audit-hook-secret", "key": "latest"}},
+        },
+    ]
+    # Only a service that names secrets gets the flag (it replaces every mounted secret).
+    trainer = service_runtime.load_runtimes("dev", REPO / "infra" / "runtime.yaml")["trainer"]
+    assert "--set-secrets" not in service_runtime.run_deploy_flags(
+        dev_with(), "trainer", trainer, image=IMAGE, code_version="c"
+    )
+
+
+@pytest.mark.parametrize(
+    ("secrets", "env", "message"),
+    [
+        (
+            {"MLPIPE_X": "mlpipe-x"},
+            None,
+            r"notifier\.secrets: MLPIPE_X: 'mlpipe-x' is not <secret>:<version>",
+        ),
+        ({"MLPIPE_X": "a/b:1"}, None, "is not <secret>:<version>"),
+        ({"1X": "a:1"}, None, "'1X' is not a variable name"),
+        ({"PORT": "a:1"}, None, "PORT is set by Cloud Run itself"),
+        ({"MLPIPE_BUCKET": "a:1"}, None, "MLPIPE_BUCKET comes from the environment file"),
+        ({"MLPIPE_X": "a:1"}, {"MLPIPE_X": "v"}, "MLPIPE_X is in both env and secrets"),
+    ],
+)
+def test_a_wrong_secret_is_named(
+    tmp_path: Path, secrets: dict[str, str], env: dict[str, str] | None, message: str
+) -> None:
+    with pytest.raises(service_runtime.RuntimeDefinitionError, match=message):
+        service_runtime.load_runtimes("dev", with_secrets(tmp_path, secrets, env))

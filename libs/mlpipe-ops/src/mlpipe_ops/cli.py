@@ -60,7 +60,7 @@ StateDir = Annotated[
 BasePort = Annotated[
     int,
     typer.Option(
-        help="First of the consecutive ports the stack uses: 7, plus 5 x N with --instances N."
+        help="First of the consecutive ports the stack uses: 10, plus 6 x N with --instances N."
     ),
 ]
 
@@ -137,7 +137,7 @@ def up(
         ),
     ] = 1,
 ) -> None:
-    """Start the emulators, the topology and the five services on 127.0.0.1."""
+    """Start the emulators, the topology and the pipeline's services on 127.0.0.1."""
     stack = LocalStack(state_dir, base_port=base_port, containers=containers, instances=instances)
     try:
         stack.up()

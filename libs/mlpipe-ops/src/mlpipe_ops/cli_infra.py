@@ -148,7 +148,10 @@ def apply(
 
 @infra_app.command("run-flags")
 def run_flags(
-    service: Annotated[str, typer.Argument(help="ingest, trainer, evaluator, deployer, predictor")],
+    service: Annotated[
+        str,
+        typer.Argument(help="ingest, trainer, evaluator, deployer, predictor, notifier, console"),
+    ],
     env: EnvName,
     image: Annotated[str, typer.Option(help="The image to deploy (its immutable tag).")],
     code_version: Annotated[str, typer.Option(help="The git commit it was built from.")],

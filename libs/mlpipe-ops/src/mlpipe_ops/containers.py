@@ -1,4 +1,4 @@
-"""The five services as their shipped images, run on the local Docker engine under Cloud Run's
+"""The pipeline's services as their shipped images, run on the local Docker engine under Cloud Run's
 container contract (`mlpipe up --containers`).
 
 What each container gets, and the Cloud Run rule it stands for:

@@ -1,6 +1,7 @@
-"""The local stack: the Pub/Sub emulator, fake-gcs-server, the topology and the five services,
-each a real process bound to 127.0.0.1, started and stopped by PID; or, with `containers=True`,
-each service as its shipped image under Cloud Run's contract (mlpipe_ops.containers).
+"""The local stack: the Pub/Sub emulator, fake-gcs-server, the topology and the pipeline's
+services (TOPOLOGY.services), each a real process bound to 127.0.0.1, started and stopped by
+PID; or, with `containers=True`, each service as its shipped image under Cloud Run's contract
+(mlpipe_ops.containers).
 
 The stack's data outlives it: fake-gcs-server keeps its objects on disk under
 `<state_dir>/gcs` (datasets, runs, registry, reports), so `up` after `down`, a kill -9 or a

@@ -1,4 +1,4 @@
-"""The local stack's five service processes, forked from one interpreter that imported their
+"""The local stack's service processes, forked from one interpreter that imported their
 packages once (`mlpipe up` without --containers).
 
 Started alone, each service imports its whole stack (pandas, scikit-learn, the Google client

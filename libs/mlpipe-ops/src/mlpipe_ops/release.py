@@ -2,9 +2,9 @@
 renders from the one runtime definition (infra/runtime.yaml) and the environment files.
 
 - `clouddeploy.yaml`: one DeliveryPipeline per service, `mlpipe-<service>`, each with the
-  serial stages dev → staging → prod, and one Target per environment (shared by the five
-  pipelines), whose Cloud Run location is that environment's project and region; prod requires
-  approval. A pipeline per service because each service is built and released on its own
+  serial stages dev → staging → prod, and one Target per environment (shared by every
+  service's pipeline), whose Cloud Run location is that environment's project and region; prod
+  requires approval. A pipeline per service because each service is built and released on its own
   (its own trigger, its own commits): a release rolls out one service, a rollback or a pending
   approval concerns that service only, and a target's "current release" names one service.
 - `skaffold.yaml`: one Skaffold config (module) per service, with a profile per environment
@@ -96,6 +96,12 @@ def releases_bucket(delivery_project: str) -> str:
     return f"{delivery_project}-mlpipe-releases"
 
 
+def _secret_key_ref(secret_version: str) -> dict[str, str]:
+    """`<secret>:<version>` as a manifest names it: the secret, and its version as the key."""
+    secret, _, version = secret_version.partition(":")
+    return {"name": secret, "key": version}
+
+
 def service_manifest(revision: CloudRunRevision, *, image: str) -> dict[str, Any]:
     """The Knative Service for `revision`, as Cloud Run's YAML reference describes each field
     (cloud.google.com/run/docs/reference/yaml/v1, "Cloud Run service YAML"). Beside each, the
@@ -119,8 +125,17 @@ def service_manifest(revision: CloudRunRevision, *, image: str) -> dict[str, Any
     container = {
         # --image: containers[].image (YAML reference), here the Skaffold placeholder.
         "image": image,
-        # --set-env-vars: containers[].env, name/value pairs (YAML reference).
-        "env": [{"name": name, "value": value} for name, value in revision.env.items()],
+        # --set-env-vars: containers[].env, name/value pairs (YAML reference); --set-secrets:
+        # more entries, each valueFrom.secretKeyRef with the secret's name and its version as
+        # the key (YAML reference, env; configuring/services/secrets, "Access secrets").
+        "env": [{"name": name, "value": value} for name, value in revision.env.items()]
+        + [
+            {
+                "name": name,
+                "valueFrom": {"secretKeyRef": _secret_key_ref(ref)},
+            }
+            for name, ref in revision.secrets.items()
+        ],
         # --memory / --cpu: containers[].resources.limits.memory and .cpu (YAML reference;
         # configuring/services/memory-limits, configuring/services/cpu).
         "resources": {"limits": {"cpu": revision.cpu, "memory": revision.memory}},

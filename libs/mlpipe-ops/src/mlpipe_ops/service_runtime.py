@@ -1,5 +1,6 @@
 """The runtime definition of each service (`infra/runtime.yaml`): memory, CPU, concurrency,
-request timeout, CPU allocation, instances and extra environment.
+request timeout, CPU allocation, instances, extra environment and the Secret Manager secrets
+mounted as variables.
 
 One definition feeds the Cloud Run deploy (`mlpipe infra run-flags`, which renders
 `run_deploy_flags`, and the Cloud Deploy release's service manifests, `mlpipe infra
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 RUNTIME_FILE = "runtime.yaml"
 PRICES_FILE = "prices.yaml"
 _QUANTITY = re.compile(r"^(\d+)(Mi|Gi)$")
+# A variable name, and a Secret Manager secret with its version as Cloud Run mounts one
+# (`--set-secrets VAR=SECRET:VERSION`; configuring/services/secrets: a version number or latest).
+_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_VERSION = re.compile(r"^[A-Za-z0-9_-]{1,255}:(latest|[1-9][0-9]*)$")
 _UNITS = {"Mi": 1024**2, "Gi": 1024**3}
 MIB = 1024**2
 GIB = 1024**3
@@ -77,6 +82,9 @@ class ServiceRuntime(BaseModel):
     min_instances: int = Field(ge=0)
     max_instances: int = Field(ge=1)
     env: dict[str, str] = Field(default_factory=dict)
+    # Variable → `<secret>:<version>`: a value that must not be in the repository (a webhook's
+    # URL or signing secret), read from Secret Manager by Cloud Run when an instance starts.
+    secrets: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("memory")
     @classmethod
@@ -111,6 +119,19 @@ class ServiceRuntime(BaseModel):
             )
         return value
 
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        cls._env(value)
+        for name, secret in value.items():
+            if not _VARIABLE.match(name):
+                raise ValueError(f"{name!r} is not a variable name")
+            if not _SECRET_VERSION.match(secret):
+                raise ValueError(
+                    f"{name}: {secret!r} is not <secret>:<version> (a version number or latest)"
+                )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> ServiceRuntime:
         size = memory_bytes(self.memory)
@@ -125,6 +146,9 @@ class ServiceRuntime(BaseModel):
         # is allocated only during requests.
         if self.cpu < 1 and (self.concurrency != 1 or self.cpu_always_allocated):
             raise ValueError("under 1 CPU, Cloud Run needs concurrency 1 and request-only CPU")
+        both = sorted(set(self.env) & set(self.secrets))
+        if both:
+            raise ValueError(f"{both[0]} is in both env and secrets")
         if self.min_instances > self.max_instances:
             raise ValueError(
                 f"min_instances {self.min_instances} is above max_instances {self.max_instances}"
@@ -219,11 +243,12 @@ def load_runtimes(env: str = "local", path: Path | None = None) -> dict[str, Ser
             **(services.get(service) or {}),
             **(changes.get(service) or {}),
         }
-        merged["env"] = {
-            **(defaults.get("env") or {}),
-            **((services.get(service) or {}).get("env") or {}),
-            **((changes.get(service) or {}).get("env") or {}),
-        }
+        for key in ("env", "secrets"):
+            merged[key] = {
+                **(defaults.get(key) or {}),
+                **((services.get(service) or {}).get(key) or {}),
+                **((changes.get(service) or {}).get(key) or {}),
+            }
         try:
             runtimes[service] = ServiceRuntime.model_validate(merged)
         except ValidationError as exc:
@@ -281,8 +306,8 @@ def service_environment(
     trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); the
     console's sizes and prices for cost estimates (cost_environment); on GCP,
     where the deployer rolls models out (the environment's deploy_target, the predictor
-    service, the predictor image of the same build, the serving identity on Vertex AI); then
-    runtime.yaml's `env`.
+    service, the predictor image of the same build, the serving identity on Vertex AI); the
+    console the notifier's notices link to; then runtime.yaml's `env`.
 
     Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
     env = {
@@ -340,6 +365,10 @@ def service_environment(
             env["MLPIPE_PREDICTOR_IMAGE"] = sibling_image(image, "predictor")
         if target.deploy_target == "vertex":
             env["MLPIPE_VERTEX_SERVING_ACCOUNT"] = target.serving_account
+    if service == "notifier" and "console" in target.service_urls:
+        # Notices link to the run's page in the console. Behind a load balancer, people open
+        # another address: runtime.yaml's env may set MLPIPE_CONSOLE_URL to it.
+        env["MLPIPE_CONSOLE_URL"] = target.service_url("console")
     if service == "predictor" and not target.emulated:
         # Batch jobs run on Dataflow as the predictor's own account (it publishes their
         # completion), from the Flex Template of the same build (jobs/batch/cloudbuild.yaml).
@@ -378,6 +407,7 @@ class CloudRunRevision:
     max_instances: int
     cpu_always_allocated: bool
     env: Mapping[str, str]
+    secrets: Mapping[str, str]  # variable → <secret>:<version>, mounted by Cloud Run
     # 512 MiB minimum and a full Linux kernel (configuring/execution-environments).
     execution_environment: str = "gen2"
 
@@ -407,6 +437,7 @@ def cloud_run_revision(
         max_instances=runtime.max_instances,
         cpu_always_allocated=runtime.cpu_always_allocated,
         env=service_environment(target, service, runtime, code_version=code_version, image=image),
+        secrets=runtime.secrets,
     )
 
 
@@ -422,7 +453,8 @@ def run_deploy_flags(
     topic flags-file`): a flag that takes no value maps to None, `--set-env-vars` to a mapping.
 
     `--set-env-vars` replaces every variable of the service, so a deploy leaves exactly
-    `service_environment` behind."""
+    `service_environment` behind; `--set-secrets` (only with runtime.yaml's `secrets`) every
+    secret mounted as one."""
     revision = cloud_run_revision(target, service, runtime, image=image, code_version=code_version)
     return {
         "--project": revision.project,
@@ -441,7 +473,7 @@ def run_deploy_flags(
         # CPU outside requests: jobs and flushes that outlive the push (runtime.yaml says which).
         "--no-cpu-throttling" if revision.cpu_always_allocated else "--cpu-throttling": None,
         "--set-env-vars": dict(revision.env),
-    }
+    } | ({"--set-secrets": dict(revision.secrets)} if revision.secrets else {})
 
 
 class _FlagsDumper(yaml.SafeDumper):

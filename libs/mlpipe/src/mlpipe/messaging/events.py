@@ -260,6 +260,7 @@ PIPELINE_STAGE = Choices(
         "deployer": events_pb2.PIPELINE_STAGE_DEPLOYER,
         "predictor": events_pb2.PIPELINE_STAGE_PREDICTOR,
         "earthengine": events_pb2.PIPELINE_STAGE_EARTHENGINE,
+        "notifier": events_pb2.PIPELINE_STAGE_NOTIFIER,
     },
 )
 

@@ -85,6 +85,14 @@ class Topology:
         return (*self.services, *self.viewers)
 
 
+# A notice whose channel does not answer is retried with a growing backoff for about an hour and
+# a half (10 s doubling to 600 s, 15 attempts), then dead-lettered like any other message.
+NOTICE_RETRIES: dict[str, int] = {
+    "max_delivery_attempts": 15,
+    "min_backoff_seconds": 10,
+    "max_backoff_seconds": 600,
+}
+
 TRAINING_HOLD: dict[str, int] = {
     "max_delivery_attempts": 100,
     "min_backoff_seconds": 2,
@@ -133,6 +141,20 @@ TOPOLOGY = Topology(
             min_backoff_seconds=10,
             max_backoff_seconds=600,
         ),
+        # The notifier: one subscription per kind of event, so a slow or dead webhook holds up
+        # only its own notices, never a step of the pipeline (which reads its own subscriptions).
+        PushSubscription(
+            "notifier-failures-push", events.PIPELINE_FAILURES, "notifier", **NOTICE_RETRIES
+        ),
+        PushSubscription(
+            "notifier-evaluations-push", events.EVALUATION_COMPLETED, "notifier", **NOTICE_RETRIES
+        ),
+        PushSubscription(
+            "notifier-drift-push", events.DRIFT_DETECTED, "notifier", **NOTICE_RETRIES
+        ),
+        PushSubscription(
+            "notifier-deployments-push", events.DEPLOYMENT_COMPLETED, "notifier", **NOTICE_RETRIES
+        ),
     ),
     pull=(
         PullSubscription("pipeline-failures-archive", events.PIPELINE_FAILURES),
@@ -141,7 +163,7 @@ TOPOLOGY = Topology(
         PullSubscription("batch-predictions-completed-archive", events.BATCH_PREDICTIONS_COMPLETED),
     ),
     notification=BucketNotification(events.GCS_OBJECTS, layout.DATASETS),
-    services=("ingest", "trainer", "evaluator", "deployer", "predictor"),
+    services=("ingest", "trainer", "evaluator", "deployer", "predictor", "notifier"),
     viewers=("console",),
     publishes={
         "ingest": (events.DATASETS_LANDED, events.PIPELINE_FAILURES),
@@ -165,6 +187,9 @@ TOPOLOGY = Topology(
             events.PIPELINE_FAILURES,
             events.BATCH_PREDICTIONS_COMPLETED,
         ),
+        # Nothing, PipelineFailed above all: the notifier reads pipeline-failures, so a failure
+        # it published would come back to it (mlpipe.runtime.failures keeps its own).
+        "notifier": (),
         # Replaying a failure publishes it again to the topic its subscription reads.
         "console": (
             events.INGEST_REQUESTS,
@@ -175,6 +200,9 @@ TOPOLOGY = Topology(
             events.MONITORING_REQUESTS,
             events.DEPLOYMENT_COMPLETED,
             events.BATCH_PREDICTION_REQUESTS,
+            # The notifier's own subscriptions read these two.
+            events.PIPELINE_FAILURES,
+            events.DRIFT_DETECTED,
         ),
     },
 )

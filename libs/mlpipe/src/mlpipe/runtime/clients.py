@@ -25,12 +25,23 @@ class Clients:
     push_verifier: PushVerifier | None = None
 
     @classmethod
-    def create(cls, settings: CommonSettings, stage: str, receives_push: bool = True) -> Clients:
+    def create(
+        cls,
+        settings: CommonSettings,
+        stage: str,
+        receives_push: bool = True,
+        publishes_failures: bool = True,
+    ) -> Clients:
+        """`publishes_failures=False`: permanent failures are kept and logged, never published
+        (mlpipe.runtime.failures: the notifier's, which reads pipeline-failures)."""
         # First: a service that would accept unauthenticated pushes must not start at all.
         verifier = push_verifier(settings) if receives_push else None
         storage = gcs.Storage(gcs.make_client(settings.project), settings.bucket)
         publisher = Publisher(settings.project, timeout=settings.publish_timeout_seconds)
         failures = FailureReporter(
-            storage, publisher, stage=stage, code_version=settings.code_version
+            storage,
+            publisher if publishes_failures else None,
+            stage=stage,
+            code_version=settings.code_version,
         )
         return cls(settings, storage, publisher, failures, verifier)

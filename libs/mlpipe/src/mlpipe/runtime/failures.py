@@ -1,4 +1,9 @@
-"""Permanent failures: keep the input whole under `quarantine/`, publish PipelineFailed."""
+"""Permanent failures: keep the input whole under `quarantine/`, publish PipelineFailed.
+
+A reporter without a publisher keeps and logs its failures but publishes nothing: the
+notifier's, which reads pipeline-failures itself, so a failure it published would come back to
+it (and a broken channel would answer every notice with another).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ def _safe(part: str) -> str:
 
 class FailureReporter:
     def __init__(
-        self, storage: Storage, publisher: Publisher, *, stage: str, code_version: str
+        self, storage: Storage, publisher: Publisher | None, *, stage: str, code_version: str
     ) -> None:
         self.storage = storage
         self.publisher = publisher
@@ -53,7 +58,8 @@ class FailureReporter:
         dataset: events_pb2.DatasetRef | None = None,
         quarantine_uri: str = "",
     ) -> events_pb2.PipelineFailed:
-        """Quarantine the payload (when given) and publish a PipelineFailed event."""
+        """Quarantine the payload (when given) and publish a PipelineFailed event (built and
+        returned, not published, by a reporter without a publisher)."""
         if payload is not None and not quarantine_uri:
             key = source.message_id if source and source.message_id else ""
             quarantine_uri = self.quarantine(
@@ -84,13 +90,15 @@ class FailureReporter:
         )
         if dataset is not None:
             failed.dataset.CopyFrom(dataset)
-        self.publisher.publish(failed)
+        if self.publisher is not None:
+            self.publisher.publish(failed)
         log.warning(
-            "pipeline failure at %s: %s: %s (input kept at %s)",
+            "pipeline failure at %s: %s: %s (input kept at %s%s)",
             self.stage,
             reason,
             message,
             quarantine_uri or "-",
+            "" if self.publisher is not None else "; not published",
             extra={"reason": reason, "quarantine_uri": quarantine_uri},
         )
         return failed

@@ -32,6 +32,9 @@
                                                             console: who, what, when, result
     reports/pending/<run_id>                                a run whose report is still
                                                             to be drawn (the evaluator's)
+    notifications/<channel>/<key>.json                      one notice to one channel:
+                                                            claimed, sent or rejected (the
+                                                            notifier's idempotency record)
 
 A path one service writes and another reads (a run's artifacts, the registry, the prediction
 log, batch outputs) is a contract between them: both build it with the same function here.
@@ -68,9 +71,14 @@ CONSOLE_AUDIT = "audit/console/"
 # One marker per evaluated run whose report is not drawn yet: the evaluator draws these after
 # answering the push, and on start draws any a stopped instance left.
 PENDING_REPORTS = "reports/pending/"
+# One record per notice and channel, created once (the notifier's claim), so a redelivered event
+# posts nothing twice.
+NOTIFICATIONS = "notifications/"
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+# A notification channel's name and a notice's key: one segment of an object name each.
+NOTIFICATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}\Z")
 DATASET_PATH = re.compile(
     r"^datasets/(?P<name>[a-z][a-z0-9_-]{0,62})/dt=(?P<date>\d{4}-\d{2}-\d{2})/"
     r"(?P<id>[^/]+)\.(?P<ext>csv|parquet)\Z"
@@ -336,6 +344,19 @@ def export_ids(paths: Iterable[str]) -> list[str]:
         if name.endswith(".json") and "/" not in name and EXPORT_ID_PATTERN.match(name[:-5]):
             ids.append(name[:-5])
     return sorted(ids)
+
+
+# --- notifications ------------------------------------------------------------------------
+def notification_path(channel: str, key: str) -> str:
+    """The record of the notice `key` to `channel`: claimed, sent or rejected. Both parts come
+    from configuration and events: ValueError unless each is one safe name segment."""
+    for value, what in ((channel, "channel name"), (key, "notice key")):
+        if not NOTIFICATION_NAME.match(value) or ".." in value:
+            raise ValueError(
+                f"{what} {value!r} cannot name an object: use 1-128 letters, digits, '_', '.', "
+                "'=' or '-', starting with a letter or digit, without '..'"
+            )
+    return f"{NOTIFICATIONS}{channel}/{key}.json"
 
 
 # --- console actions ----------------------------------------------------------------------

@@ -179,6 +179,10 @@ class _PipelineStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pipelin
     PIPELINE_STAGE_PREDICTOR: _PipelineStage.ValueType  # 6
     PIPELINE_STAGE_EARTHENGINE: _PipelineStage.ValueType  # 7
     """an Earth Engine export started by ingest"""
+    PIPELINE_STAGE_NOTIFIER: _PipelineStage.ValueType  # 8
+    """The notifier keeps its own failures (quarantine/, notifications/) and never publishes a
+    PipelineFailed: it reads pipeline-failures, so one of its own would come back to it.
+    """
 
 class PipelineStage(_PipelineStage, metaclass=_PipelineStageEnumTypeWrapper):
     """The part of the pipeline that reported a failure."""
@@ -192,6 +196,10 @@ PIPELINE_STAGE_DEPLOYER: PipelineStage.ValueType  # 5
 PIPELINE_STAGE_PREDICTOR: PipelineStage.ValueType  # 6
 PIPELINE_STAGE_EARTHENGINE: PipelineStage.ValueType  # 7
 """an Earth Engine export started by ingest"""
+PIPELINE_STAGE_NOTIFIER: PipelineStage.ValueType  # 8
+"""The notifier keeps its own failures (quarantine/, notifications/) and never publishes a
+PipelineFailed: it reads pipeline-failures, so one of its own would come back to it.
+"""
 Global___PipelineStage: _TypeAlias = PipelineStage  # noqa: Y015
 
 class _BadRowPolicy:
