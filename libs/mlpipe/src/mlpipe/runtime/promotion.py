@@ -47,6 +47,8 @@ from mlpipe.v1 import events_pb2
 log = logging.getLogger(__name__)
 
 PRODUCER = "promotion"
+# The registered pipeline config a promoted run's gates were read from, kept beside it.
+PIPELINE_CONFIG = "pipeline-config.yaml"
 
 # What a call did (Outcome.status).
 REFUSED = "refused"  # a check failed: nothing was written
@@ -438,10 +440,11 @@ def carry_out(
     if done is not None and done.state == pr.PUBLISHED:
         return _already(target, model, version, source.env, done)
     try:
-        config, gates_from = target_config(source, target, checked)
+        chosen = target_config(source, target, checked)
     except pr.Refusal as refusal:
         return _refused(refusal)
     # Read only: the target's own holdout, or why there is none.
+    config, gates_from = chosen.config, chosen.gates_from
     own = target_holdout(target, checked, config)
     run_id = layout.promoted_run_id(source.env, source.project, model, version)
     started, _ = pr.start_promotion(
@@ -471,6 +474,10 @@ def carry_out(
     # Written here rather than copied (no source object): the config with the target's gates,
     # the holdout's split and the lineage; read back and checked all the same.
     copies.append(pr.copy_verified(put, paths.config, config.canonical_json()))
+    if chosen.registered is not None:
+        copies.append(
+            pr.copy_verified(put, paths.promoted_source(PIPELINE_CONFIG), chosen.registered)
+        )
     copies.append(pr.copy_verified(put, paths.split, holdout.split))
     source_ref = _source_event(checked, approval_id, holdout.source)
     lineage = promoted_lineage(
@@ -582,20 +589,35 @@ def _copied_holdout(checked: pr.SourceVersion, copied: pr.Copy, note: str) -> Ho
     return Holdout(ref, checked.split, "copied", note, len(split.get("holdout", [])))
 
 
-def target_config(
-    source: Place, target: Place, checked: pr.SourceVersion
-) -> tuple[PipelineConfig, str]:
-    """The run's config with the target's gates: those of the pipeline's registered config in
-    the target (`pipelines/<name>/config.yaml` with its `environments.<target>` overrides), else
-    of the source's registered config for the target environment, else the run's own; (the
-    config, where its gates come from)."""
+@dataclass(frozen=True)
+class TargetConfig:
+    """The promoted run's config: the source run's, with the gates the target applies."""
+
+    config: PipelineConfig
+    gates_from: str  # where the gates come from, for the records
+    # The registered pipeline config the gates were read from (kept with the promoted run, so
+    # that its next promotion finds the next environment's overrides even where no
+    # environment on the way has the pipeline registered); None: the run's own gates.
+    registered: bytes | None = None
+
+
+def target_config(source: Place, target: Place, checked: pr.SourceVersion) -> TargetConfig:
+    """The run's config with the target's gates: those of the pipeline's registered config
+    with its `environments.<target>` overrides, the target's (`pipelines/<name>/config.yaml`),
+    else the source's, else the one the source run was itself promoted with; else the run's own
+    gates."""
     uri = checked.storage.uri(layout.RunPaths(checked.run_id).config)
     try:
         run_config = parse_config(checked.config, source=uri)
     except ConfigError as exc:
         raise pr.Refusal("invalid_config", str(exc)) from None
-    for place in (target, source):
-        found = place.storage.read(config_path(run_config.name))
+    candidates = (
+        (target.storage, config_path(run_config.name)),
+        (source.storage, config_path(run_config.name)),
+        (source.storage, layout.RunPaths(checked.run_id).promoted_source(PIPELINE_CONFIG)),
+    )
+    for storage, path in candidates:
+        found = storage.read(path)
         if found is None:
             continue
         try:
@@ -608,10 +630,12 @@ def target_config(
                 f"{found.uri} is a {registered.model.task} pipeline; the run is "
                 f"{run_config.model.task}: its gates cannot judge it",
             )
-        return run_config.model_copy(
-            update={"gates": registered.gates}
-        ), f"{found.uri} (env {target.env})"
-    return run_config, f"the source run's own config ({uri})"
+        return TargetConfig(
+            run_config.model_copy(update={"gates": registered.gates}),
+            f"{found.uri} (env {target.env})",
+            found.data,
+        )
+    return TargetConfig(run_config, f"the source run's own config ({uri})")
 
 
 def latest_dataset(storage: Storage, name: str) -> tuple[str, int] | None:

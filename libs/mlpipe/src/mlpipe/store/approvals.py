@@ -119,8 +119,9 @@ class ApprovalRequest:
         """'approved by X at T' / 'rejected by X at T: reason' ('' while pending)."""
         if self.state == PENDING:
             return ""
-        who, when = self.record.get("decided_by", "?"), self.record.get("decided_at", "?")
-        said = f"{self.state} by {who} at {when}"
+        who, when = self.record.get("decided_by", "?"), self.record.get("decided_at")
+        at = f"{parse_time(when):%Y-%m-%d %H:%M:%S} UTC" if when else "?"
+        said = f"{self.state} by {who} at {at}"
         reason = self.record.get("reason")
         return f"{said}: {reason}" if reason else said
 
