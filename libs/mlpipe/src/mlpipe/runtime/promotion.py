@@ -177,7 +177,7 @@ def request_approval(
             to_env=request.to_env,
             source=_source_event(checked),
             requested_by=actor.name,
-            requested_by_source=events.ACTOR_SOURCE.of(actor.source),
+            requested_by_source=_actor_source(actor.source),
             requested_at=events.timestamp(request.requested_at),
             expires_at=events.timestamp(request.expires_at),
         )
@@ -350,6 +350,12 @@ def reject(
     )
 
 
+def _actor_source(text: str) -> events_pb2.ActorSource.ValueType:
+    """The event's enum for where a name came from; unspecified for a source it does not list
+    (a record written by another tool), which the record itself still names."""
+    return events.ACTOR_SOURCE.values.get(text, events_pb2.ACTOR_SOURCE_UNSPECIFIED)
+
+
 def _find(target: Place, approval_id: str) -> ApprovalRequest | None:
     if not layout.APPROVAL_ID_PATTERN.match(approval_id):
         return None
@@ -372,7 +378,7 @@ def _publish_decision(
             to_env=request.to_env,
             decision=events.APPROVAL_DECISION.of(request.state),
             decided_by=str(record.get("decided_by", "")),
-            decided_by_source=events.ACTOR_SOURCE.of(str(record.get("decided_by_source"))),
+            decided_by_source=_actor_source(str(record.get("decided_by_source", ""))),
             decided_at=events.timestamp(decided_at),
             reason=str(record.get("reason", "")),
             run_id=str(record.get("run_id", "")),
