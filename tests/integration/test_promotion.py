@@ -24,7 +24,7 @@ from mlpipe.messaging import events, topology
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.runtime import promotion
-from mlpipe.store import layout
+from mlpipe.store import layout, run_records
 from mlpipe.store.approvals import APPROVED, PENDING, REJECTED, Actor, Approvals
 from mlpipe.store.promotions import verify_source
 from mlpipe.store.registry import ONNX_FILE, Registry
@@ -231,6 +231,8 @@ def test_iris_goes_dev_to_staging_to_prod_through_the_gates_and_an_approval(
     )
     assert trained.context.run_id == layout.promoted_run_id("dev", dev.cloud.project, MODEL, 1)
     assert trained.model_uri.startswith(staging.storage.uri("runs/"))
+    hops = [label for label, _ in run_records.run_timeline(staging.storage, trained.context.run_id)]
+    assert hops.index("model written") < hops.index("promoted from dev v1") < hops.index("deployed")
     assert at_staging["evaluated"].passed
     assert {g.name for g in at_staging["evaluated"].gates} >= {"min_accuracy"}
     assert at_staging["deployed"].deployed and at_staging["deployed"].version == 1
