@@ -4,6 +4,7 @@ bucket that cannot be read."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import signal
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 
 from mlpipe.messaging import events
 from mlpipe.store import layout, run_cost
+from mlpipe.store.approvals import APPROVED, Actor, Approvals, request_record
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, StoredObject
 from mlpipe.v1 import events_pb2
@@ -513,6 +515,58 @@ class CountingStorage(Storage):
     def read(self, path: str, *args: Any, **kwargs: Any) -> StoredObject | None:
         self.reads.append(path)
         return super().read(path, *args, **kwargs)
+
+
+def test_the_models_page_lists_the_environments_pending_approvals(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    approvals = Approvals(cloud.storage)
+
+    def ask(approval_id: str, version: int, who: str, asked: dt.datetime) -> None:
+        approvals.create(
+            request_record(
+                approval_id=approval_id,
+                model=MODEL,
+                version=version,
+                from_env="staging",
+                to_env="prod",
+                source={"env": "staging"},
+                requested_by=Actor(who, "gcloud"),
+                requested_at=asked,
+                expires_hours=72,
+            )
+        )
+
+    ask("aaaaaaaaaaaa", 4, "alice@example.com", now - dt.timedelta(hours=2))
+    ask("bbbbbbbbbbbb", 3, "bob@example.com", now - dt.timedelta(hours=80))  # expired
+    ask("cccccccccccc", 2, "carol@example.com", now - dt.timedelta(hours=1))
+    decided = approvals.get("cccccccccccc")
+    assert decided is not None
+    approvals.decide(decided, APPROVED, Actor("dave@example.com", "--as"), now)
+    monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
+    monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
+    monkeypatch.setenv("MLPIPE_CONSOLE_AUTH", "local")
+    monkeypatch.setenv("MLPIPE_ENV", "prod")
+    from mlpipe_console.main import create_console
+
+    with TestClient(create_console()) as client:
+        page = client.get("/models")
+
+    assert page.status_code == 200, page.text
+    section = re.search(
+        r'<section class="approvals" id="approvals">(.*?)</section>', page.text, re.S
+    )
+    assert section is not None, page.text
+    assert "Pending approvals: 1" in section.group(1)
+    rows = re.findall(r'<tr data-approval="(\w+)">(.*?)</tr>', section.group(1), re.S)
+    assert [approval_id for approval_id, _ in rows] == ["aaaaaaaaaaaa"]
+    cells = re.findall(r"<td>(.*?)</td>", rows[0][1])
+    expires = (now - dt.timedelta(hours=2) + dt.timedelta(hours=72)).strftime("%Y-%m-%d %H:%M:%S")
+    assert cells[:5] == ["aaaaaaaaaaaa", MODEL, "v4", "staging", "alice@example.com"]
+    assert cells[-1] == expires
+    assert "mlpipe approve ID --env prod" in section.group(1)
+    assert "<form" not in section.group(1)  # read-only: decided with the CLI
 
 
 def record(cloud: Cloud, run_id: str, name: str, event: Message) -> None:

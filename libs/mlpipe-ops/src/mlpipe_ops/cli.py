@@ -23,7 +23,7 @@ from mlpipe.store.layout import RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
-from mlpipe_ops import cli_console, cli_rollout, cli_runs, statedir
+from mlpipe_ops import cli_console, cli_promotion, cli_rollout, cli_runs, statedir
 from mlpipe_ops.cli_failures import failures_app
 from mlpipe_ops.cli_infra import infra_app
 from mlpipe_ops.cli_monitor import monitor_app
@@ -591,6 +591,7 @@ def predict(
 
 cli_runs.register(app)
 cli_rollout.register(app)
+cli_promotion.register(app)
 cli_console.register(app)
 
 if __name__ == "__main__":

@@ -300,7 +300,7 @@ def release_config(
     typer.echo(
         f"wrote {out}: pipelines {', '.join(release.pipeline_id(s) for s in services)} "
         f"({' → '.join(s.env for s in stages)}; approval before "
-        f"{', '.join(e for e in release.PROMOTION if e in release.APPROVAL_REQUIRED)}), "
+        f"{', '.join(release.approval_stages(stages)) or 'none'}), "
         f"in {first.project} ({first.region})",
         err=True,
     )

@@ -133,6 +133,7 @@ def batch_predict(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(promote)
+    # `mlpipe promote` is cli_promotion's: MODEL alone promotes the canary (promote, above),
+    # MODEL VERSION --to ENV promotes a version into another environment.
     app.command()(rollback)
     app.command("batch-predict")(batch_predict)

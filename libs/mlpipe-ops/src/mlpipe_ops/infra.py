@@ -197,6 +197,22 @@ class Environment(_Strict):
         description="Where the deployer rolls out champions (the predictor it serves from)."
     )
     schedules: list[ScheduleSpec] = Field(default_factory=list)
+    # The one statement of which environments need a person's approval: model promotions into
+    # it wait for `mlpipe approve` (docs/promotion.md), and code releases into it wait for
+    # `gcloud deploy rollouts approve` (its Cloud Deploy target's requireApproval, release.py).
+    approval: Literal["required", "none"] = Field(
+        default="none",
+        description="required: a promotion or release into this environment waits for approval.",
+    )
+    approval_expires_hours: float = Field(
+        default=72.0,
+        gt=0,
+        description="A model promotion's approval request expires this long after it is made.",
+    )
+
+    @property
+    def approval_required(self) -> bool:
+        return self.approval == "required"
 
     @model_validator(mode="after")
     def _consistent(self) -> Environment:
@@ -331,6 +347,9 @@ class Target:
     topology: Topology = TOPOLOGY
     # The predictor's identity on Vertex AI (gcp only).
     serving_account: str = ""
+    # Releases and model promotions into this environment wait for approval (its file's
+    # `approval: required`).
+    approval_required: bool = False
 
     @property
     def emulated(self) -> bool:
@@ -483,7 +502,18 @@ def resolve(
         topology=topology,
         serving_account=serving,
         service_urls=urls,
+        approval_required=env.approval_required,
     )
+
+
+def storage_place(env: Environment, name: str) -> tuple[str, str]:
+    """The project and bucket of environment `name`: what a command that only reads and writes
+    its bucket and publishes to its topics needs (a bucket template may use {project} and
+    {region}, and {project_number} when the file sets it)."""
+    values: dict[str, object] = {"project": env.project, "region": env.region or ""}
+    if env.project_number is not None:
+        values["project_number"] = env.project_number
+    return env.project, _fill(env.bucket, f"{name}.yaml: bucket", values)
 
 
 def local_target(

@@ -3,10 +3,11 @@ renders from the one runtime definition (infra/runtime.yaml) and the environment
 
 - `clouddeploy.yaml`: one DeliveryPipeline per service, `mlpipe-<service>`, each with the
   serial stages dev → staging → prod, and one Target per environment (shared by every
-  service's pipeline), whose Cloud Run location is that environment's project and region; prod
-  requires approval. A pipeline per service because each service is built and released on its own
-  (its own trigger, its own commits): a release rolls out one service, a rollback or a pending
-  approval concerns that service only, and a target's "current release" names one service.
+  service's pipeline), whose Cloud Run location is that environment's project and region; an
+  environment whose file says `approval: required` (prod) requires approval. A pipeline per
+  service because each service is built and released on its own (its own trigger, its own
+  commits): a release rolls out one service, a rollback or a pending approval concerns that
+  service only, and a target's "current release" names one service.
 - `skaffold.yaml`: one Skaffold config (module) per service, with a profile per environment
   that selects that environment's manifest; Cloud Deploy renders each stage with the stage's
   profile and deploys it with Skaffold's Cloud Run deployer.
@@ -28,10 +29,11 @@ import yaml
 from mlpipe_ops.infra import Target
 from mlpipe_ops.service_runtime import CloudRunRevision, ServiceRuntime, cloud_run_revision
 
-# The environments a release goes through, in order (issue 22: dev → staging → prod).
+# The environments a release goes through, in order (issue 22: dev → staging → prod); model
+# promotions (`mlpipe promote MODEL VERSION --to ENV`, docs/promotion.md) follow the same order.
+# Which of them wait for an approval is each environment file's `approval: required`
+# (infra.Environment.approval): the one source of truth for releases and promotions alike.
 PROMOTION: tuple[str, ...] = ("dev", "staging", "prod")
-# A rollout to these targets waits for `gcloud deploy rollouts approve`.
-APPROVAL_REQUIRED = frozenset({"prod"})
 
 # Cloud Deploy configuration files (cloud.google.com/deploy/docs/config-files: "apiVersion:
 # deploy.cloud.google.com/v1"; gcloud's manifest_util accepts only it and v1beta1).
@@ -60,6 +62,11 @@ class Stage:
     env: str
     target: Target
     runtimes: Mapping[str, ServiceRuntime]
+
+
+def approval_stages(stages: Sequence[Stage]) -> list[str]:
+    """The stages whose rollouts wait for an approval, in order."""
+    return [s.env for s in stages if s.target.approval_required]
 
 
 def pipeline_id(service: str) -> str:
@@ -183,10 +190,10 @@ def delivery_pipeline(service: str, envs: Sequence[str]) -> dict[str, Any]:
 def deploy_target(stage: Stage, delivery_project: str) -> dict[str, Any]:
     """The Target of one environment (config-files, "Target definitions"): Cloud Run in the
     environment's project and region (`run.location: projects/P/locations/R`), approval where
-    APPROVAL_REQUIRED says, render and deploy as the execution account, outputs kept in the
-    releases bucket."""
+    the environment's file says `approval: required`, render and deploy as the execution
+    account, outputs kept in the releases bucket."""
     env = stage.env
-    approval = env in APPROVAL_REQUIRED
+    approval = stage.target.approval_required
     return {
         "apiVersion": DEPLOY_API_VERSION,
         "kind": "Target",

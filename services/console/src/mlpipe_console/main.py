@@ -180,7 +180,8 @@ def models(request: Request) -> HTMLResponse:
     state = request.app.state
     names = reading.model_names(state.registry)
     views = [v for name in names if (v := reading.model_view(state.registry, name))]
-    return _page(request, "models.html", models=views)
+    approvals = reading.pending_approvals(state.storage)
+    return _page(request, "models.html", models=views, approvals=approvals, env=state.settings.env)
 
 
 ROLLOUT_TEXT = {

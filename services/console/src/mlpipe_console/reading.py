@@ -24,6 +24,7 @@ from requests import exceptions as requests_exceptions
 from mlpipe import tracing
 from mlpipe.messaging import kept_failures
 from mlpipe.store import layout, run_cost, run_records
+from mlpipe.store.approvals import Approvals
 from mlpipe.store.layout import DriftCheckPaths, RegistryPaths, RunPaths
 from mlpipe.store.registry import CHAMPION, Registry
 from mlpipe.store.storage import Storage
@@ -525,6 +526,33 @@ def model_view(registry: Registry, model: str, workers: int = 8) -> ModelView | 
 def model_names(registry: Registry) -> list[str]:
     with reaching(f"the registry gs://{registry.storage.bucket_name}/{layout.REGISTRY}"):
         return registry.served_models()
+
+
+# --- approvals --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PendingApproval:
+    """A promotion into this environment that waits for `mlpipe approve` (docs/promotion.md)."""
+
+    id: str
+    model: str
+    version: int
+    from_env: str
+    requested_by: str
+    requested_at: dt.datetime
+    expires_at: dt.datetime
+
+
+def pending_approvals(storage: Storage, now: dt.datetime | None = None) -> list[PendingApproval]:
+    """This environment's pending approval requests, the longest waiting first (expired and
+    decided ones are not pending)."""
+    with reaching(f"the approval requests gs://{storage.bucket_name}/{layout.APPROVALS}"):
+        pending = Approvals(storage).pending(now or dt.datetime.now(dt.UTC))
+    return [
+        PendingApproval(
+            r.id, r.model, r.version, r.from_env, r.requested_by, r.requested_at, r.expires_at
+        )
+        for r in pending
+    ]
 
 
 # --- failures ---------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ BATCH_PREDICTION_REQUESTS = "batch-prediction-requests"
 MONITORING_REQUESTS = "monitoring-requests"
 DRIFT_DETECTED = "drift-detected"
 BATCH_PREDICTIONS_COMPLETED = "batch-predictions-completed"
+# Approval requests and their decisions (docs/promotion.md): one topic for both, told apart by
+# the event_type attribute, so that one subscription (a notifier) sees a request's whole story.
+APPROVALS = "approvals"
 
 TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.IngestRequest.DESCRIPTOR.full_name: INGEST_REQUESTS,
@@ -49,15 +52,25 @@ TOPIC_FOR_EVENT: dict[str, str] = {
     events_pb2.MonitoringRequest.DESCRIPTOR.full_name: MONITORING_REQUESTS,
     events_pb2.DriftDetected.DESCRIPTOR.full_name: DRIFT_DETECTED,
     events_pb2.BatchPredictionCompleted.DESCRIPTOR.full_name: BATCH_PREDICTIONS_COMPLETED,
+    events_pb2.ApprovalRequested.DESCRIPTOR.full_name: APPROVALS,
+    events_pb2.ApprovalDecided.DESCRIPTOR.full_name: APPROVALS,
 }
 
 # What GCS publishes on the bucket's notification topic: an object's JSON resource, with the
 # notification's attributes (mlpipe.messaging.push.parse_object_notification reads it).
 GCS_OBJECT_NOTIFICATION = "storage#object"
 
-# The type of event each topic carries.
+# Every event type each topic carries.
+EVENTS_OF_TOPIC: dict[str, tuple[str, ...]] = {
+    topic: tuple(kind for kind, t in TOPIC_FOR_EVENT.items() if t == topic)
+    for topic in dict.fromkeys(TOPIC_FOR_EVENT.values())
+}
+
+# The type of event each topic of one type carries (what a push subscription to it delivers
+# when a message has no event_type attribute). A topic of several types (APPROVALS) is not
+# here: its messages are read by their event_type attribute, which `Publisher` always sets.
 EVENT_FOR_TOPIC: dict[str, str] = {
-    **{topic: kind for kind, topic in TOPIC_FOR_EVENT.items()},
+    **{topic: kinds[0] for topic, kinds in EVENTS_OF_TOPIC.items() if len(kinds) == 1},
     GCS_OBJECTS: GCS_OBJECT_NOTIFICATION,
 }
 
@@ -75,6 +88,8 @@ EVENT_TYPES: dict[str, type[Message]] = {
         events_pb2.MonitoringRequest,
         events_pb2.DriftDetected,
         events_pb2.BatchPredictionCompleted,
+        events_pb2.ApprovalRequested,
+        events_pb2.ApprovalDecided,
     )
 }
 
@@ -261,6 +276,30 @@ PIPELINE_STAGE = Choices(
         "predictor": events_pb2.PIPELINE_STAGE_PREDICTOR,
         "earthengine": events_pb2.PIPELINE_STAGE_EARTHENGINE,
         "notifier": events_pb2.PIPELINE_STAGE_NOTIFIER,
+    },
+)
+
+HOLDOUT_SOURCE = Choices(
+    "HoldoutSource",
+    {
+        "target_dataset": events_pb2.HOLDOUT_SOURCE_TARGET_DATASET,
+        "copied": events_pb2.HOLDOUT_SOURCE_COPIED,
+    },
+)
+ACTOR_SOURCE = Choices(
+    "ActorSource",
+    {
+        "--as": events_pb2.ACTOR_SOURCE_FLAG,
+        "MLPIPE_ACTOR": events_pb2.ACTOR_SOURCE_ENV,
+        "gcloud": events_pb2.ACTOR_SOURCE_GCLOUD,
+        "os-user": events_pb2.ACTOR_SOURCE_OS_USER,
+    },
+)
+APPROVAL_DECISION = Choices(
+    "ApprovalDecision",
+    {
+        "approved": events_pb2.APPROVAL_DECISION_APPROVED,
+        "rejected": events_pb2.APPROVAL_DECISION_REJECTED,
     },
 )
 

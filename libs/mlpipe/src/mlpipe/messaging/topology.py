@@ -24,6 +24,8 @@ PUSH_PATH = "/pubsub/push"
 BATCH_PUSH = "predictor-batch-push"
 # The evaluator's subscription for drift-check requests.
 MONITOR_PUSH = "evaluator-monitor-push"
+# Keeps every approval request and decision (docs/promotion.md).
+APPROVALS_ARCHIVE = "approvals-archive"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ TOPOLOGY = Topology(
         events.MONITORING_REQUESTS,
         events.DRIFT_DETECTED,
         events.BATCH_PREDICTIONS_COMPLETED,
+        events.APPROVALS,
     ),
     push=(
         PushSubscription("ingest-push", events.INGEST_REQUESTS, "ingest"),
@@ -161,6 +164,9 @@ TOPOLOGY = Topology(
         PullSubscription("dead-letters-archive", events.DEAD_LETTERS),
         PullSubscription("drift-detected-archive", events.DRIFT_DETECTED),
         PullSubscription("batch-predictions-completed-archive", events.BATCH_PREDICTIONS_COMPLETED),
+        # Approval requests and decisions (`mlpipe promote`, `approve`, `reject`: published by
+        # the operator's CLI, not by a service). No push subscription: a notifier subscribes.
+        PullSubscription(APPROVALS_ARCHIVE, events.APPROVALS),
     ),
     notification=BucketNotification(events.GCS_OBJECTS, layout.DATASETS),
     services=("ingest", "trainer", "evaluator", "deployer", "predictor", "notifier"),

@@ -35,6 +35,14 @@
     notifications/<channel>/<key>.json                      one notice to one channel:
                                                             claimed, sent or rejected (the
                                                             notifier's idempotency record)
+    approvals/<approval_id>.json                            a request to promote a model
+                                                            version into this environment,
+                                                            and its decision
+    promotions/<model>/<version>-from-<env>.json            a promotion into this environment
+                                                            (created once: one per version
+                                                            and source)
+    runs/<run_id>/promoted-from/...                         what a promoted run copied from
+                                                            its source run
 
 A path one service writes and another reads (a run's artifacts, the registry, the prediction
 log, batch outputs) is a contract between them: both build it with the same function here.
@@ -75,7 +83,13 @@ PENDING_REPORTS = "reports/pending/"
 # posts nothing twice.
 NOTIFICATIONS = "notifications/"
 
+# Requests to promote a model into this environment, one record each (docs/promotion.md).
+APPROVALS = "approvals/"
+# One record per promotion carried out into this environment.
+PROMOTIONS = "promotions/"
+
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
+APPROVAL_ID_PATTERN = re.compile(r"^[0-9a-f]{12}\Z")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 # A notification channel's name and a notice's key: one segment of an object name each.
 NOTIFICATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}\Z")
@@ -136,6 +150,25 @@ class RunPaths:
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
         self.job_log = base + "job.log"
         self.vertex_output = base + "vertex/"  # a Vertex AI CustomJob's output directory
+        # A run promoted from another environment: the source run's records, copied as they
+        # were (its split, dataset, lineage, evaluation and metrics).
+        self.promoted_from = base + "promoted-from/"
+
+    def file(self, name: str) -> str:
+        """Another file of the run, e.g. an extra artifact (model.onnx) a promotion copied."""
+        return self.prefix + name
+
+    def promoted_source(self, name: str) -> str:
+        """A file of the source run, copied by the promotion that made this run."""
+        return self.promoted_from + name
+
+
+def promoted_run_id(source_env: str, source_project: str, model: str, version: int) -> str:
+    """The run a promotion of `model` v`version` from `source_env` makes in its target: the
+    same id for every attempt, so a repeated promotion finds its run, and never the id of a run
+    trained in the target (those come from run_id_for)."""
+    key = f"promotion:{source_env}:{source_project}:{model}:{version}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def open_run_path(run_id: str) -> str:
@@ -365,3 +398,26 @@ def console_action_path(when: dt.datetime, action_id: str) -> str:
     time within its day."""
     utc = when.astimezone(dt.UTC)
     return f"{CONSOLE_AUDIT}dt={utc.date().isoformat()}/{utc:%H%M%S.%f}-{action_id}.json"
+
+
+# --- promotions and their approvals -------------------------------------------------------
+def approval_path(approval_id: str) -> str:
+    """approvals/<approval_id>.json: one request to promote a model into this environment."""
+    if not APPROVAL_ID_PATTERN.match(approval_id):
+        raise ValueError(f"{approval_id!r} is not an approval id (12 hex digits)")
+    return f"{APPROVALS}{approval_id}.json"
+
+
+def approval_ids(paths: Iterable[str]) -> list[str]:
+    """The approval ids in a listing of APPROVALS, sorted."""
+    ids = []
+    for path in paths:
+        name = path[len(APPROVALS) :] if path.startswith(APPROVALS) else ""
+        if name.endswith(".json") and APPROVAL_ID_PATTERN.match(name[:-5]):
+            ids.append(name[:-5])
+    return sorted(ids)
+
+
+def promotion_path(model: str, version: int, source_env: str) -> str:
+    """The record of promoting `model` v`version` from `source_env` into this environment."""
+    return f"{PROMOTIONS}{model}/{version}-from-{source_env}.json"

@@ -77,12 +77,19 @@ def timeline_of(records: dict[str, dict[str, Any]]) -> list[tuple[str, dt.dateti
     deployed = records.get("deployment.json") or {}
     failed = records.get("failed.json") or {}
     first = started or trained
+    # A run promoted from another environment: its training happened there; the promotion
+    # recorded its TrainingCompleted here (docs/promotion.md).
+    promoted = trained.get("promoted_from") or {}
     points = [
         ("requested", first.get("context", {}).get("requested_at")),
         ("landed in GCS", first.get("dataset", {}).get("landed_at")),
         ("training job started", started.get("context", {}).get("event_time")),
         ("fit started", trained.get("started_at")),
         ("model written", trained.get("finished_at")),
+        (
+            f"promoted from {promoted.get('env', '?')} v{promoted.get('version', '?')}",
+            trained.get("context", {}).get("event_time") if promoted else None,
+        ),
         ("evaluated", evaluated.get("context", {}).get("event_time")),
         (
             "deployed" if deployed.get("deployed") else "deployment decided",

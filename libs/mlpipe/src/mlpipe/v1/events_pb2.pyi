@@ -202,6 +202,28 @@ PipelineFailed: it reads pipeline-failures, so one of its own would come back to
 """
 Global___PipelineStage: _TypeAlias = PipelineStage  # noqa: Y015
 
+class _HoldoutSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldoutSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HoldoutSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLDOUT_SOURCE_UNSPECIFIED: _HoldoutSource.ValueType  # 0
+    HOLDOUT_SOURCE_TARGET_DATASET: _HoldoutSource.ValueType  # 1
+    """The target's own dataset of the same name (its latest), split as the run's config says."""
+    HOLDOUT_SOURCE_COPIED: _HoldoutSource.ValueType  # 2
+    """The source run's split and dataset, copied: the target has no usable data of its own."""
+
+class HoldoutSource(_HoldoutSource, metaclass=_HoldoutSourceEnumTypeWrapper):
+    """The rows a promoted model is evaluated on in the environment it is promoted to."""
+
+HOLDOUT_SOURCE_UNSPECIFIED: HoldoutSource.ValueType  # 0
+HOLDOUT_SOURCE_TARGET_DATASET: HoldoutSource.ValueType  # 1
+"""The target's own dataset of the same name (its latest), split as the run's config says."""
+HOLDOUT_SOURCE_COPIED: HoldoutSource.ValueType  # 2
+"""The source run's split and dataset, copied: the target has no usable data of its own."""
+Global___HoldoutSource: _TypeAlias = HoldoutSource  # noqa: Y015
+
 class _BadRowPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -249,6 +271,54 @@ EARTH_ENGINE_REDUCER_MEAN: EarthEngineReducer.ValueType  # 2
 EARTH_ENGINE_REDUCER_MIN: EarthEngineReducer.ValueType  # 3
 EARTH_ENGINE_REDUCER_MAX: EarthEngineReducer.ValueType  # 4
 Global___EarthEngineReducer: _TypeAlias = EarthEngineReducer  # noqa: Y015
+
+class _ActorSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ActorSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ActorSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACTOR_SOURCE_UNSPECIFIED: _ActorSource.ValueType  # 0
+    ACTOR_SOURCE_FLAG: _ActorSource.ValueType  # 1
+    """--as"""
+    ACTOR_SOURCE_ENV: _ActorSource.ValueType  # 2
+    """MLPIPE_ACTOR"""
+    ACTOR_SOURCE_GCLOUD: _ActorSource.ValueType  # 3
+    """the active gcloud account"""
+    ACTOR_SOURCE_OS_USER: _ActorSource.ValueType  # 4
+    """the operating system's user"""
+
+class ActorSource(_ActorSource, metaclass=_ActorSourceEnumTypeWrapper):
+    """Where the identity of a person who acted was found."""
+
+ACTOR_SOURCE_UNSPECIFIED: ActorSource.ValueType  # 0
+ACTOR_SOURCE_FLAG: ActorSource.ValueType  # 1
+"""--as"""
+ACTOR_SOURCE_ENV: ActorSource.ValueType  # 2
+"""MLPIPE_ACTOR"""
+ACTOR_SOURCE_GCLOUD: ActorSource.ValueType  # 3
+"""the active gcloud account"""
+ACTOR_SOURCE_OS_USER: ActorSource.ValueType  # 4
+"""the operating system's user"""
+Global___ActorSource: _TypeAlias = ActorSource  # noqa: Y015
+
+class _ApprovalDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApprovalDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPROVAL_DECISION_UNSPECIFIED: _ApprovalDecision.ValueType  # 0
+    APPROVAL_DECISION_APPROVED: _ApprovalDecision.ValueType  # 1
+    APPROVAL_DECISION_REJECTED: _ApprovalDecision.ValueType  # 2
+
+class ApprovalDecision(_ApprovalDecision, metaclass=_ApprovalDecisionEnumTypeWrapper):
+    """What an approver decided."""
+
+APPROVAL_DECISION_UNSPECIFIED: ApprovalDecision.ValueType  # 0
+APPROVAL_DECISION_APPROVED: ApprovalDecision.ValueType  # 1
+APPROVAL_DECISION_REJECTED: ApprovalDecision.ValueType  # 2
+Global___ApprovalDecision: _TypeAlias = ApprovalDecision  # noqa: Y015
 
 @_typing.final
 class RunContext(_message.Message):
@@ -553,6 +623,7 @@ class TrainingCompleted(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     MODEL_TASK_FIELD_NUMBER: _builtins.int
+    PROMOTED_FROM_FIELD_NUMBER: _builtins.int
     model_uri: _builtins.str
     model_sha256: _builtins.str
     model_name: _builtins.str
@@ -576,6 +647,12 @@ class TrainingCompleted(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def promoted_from(self) -> Global___PromotionSource:
+        """Set when the model was not trained here but promoted from another environment
+        (`mlpipe promote MODEL VERSION --to ENV`): where it came from (docs/promotion.md).
+        """
+
     def __init__(
         self,
         *,
@@ -594,14 +671,73 @@ class TrainingCompleted(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         model_task: Global___ModelTask.ValueType = ...,
+        promoted_from: Global___PromotionSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "finished_at", b"finished_at", "promoted_from", b"promoted_from", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "estimator", b"estimator", "finished_at", b"finished_at", "fit_seconds", b"fit_seconds", "holdout_rows", b"holdout_rows", "lineage_uri", b"lineage_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_task", b"model_task", "model_uri", b"model_uri", "split_uri", b"split_uri", "started_at", b"started_at", "task", b"task", "train_rows", b"train_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "dataset", b"dataset", "estimator", b"estimator", "finished_at", b"finished_at", "fit_seconds", b"fit_seconds", "holdout_rows", b"holdout_rows", "lineage_uri", b"lineage_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_task", b"model_task", "model_uri", b"model_uri", "promoted_from", b"promoted_from", "split_uri", b"split_uri", "started_at", b"started_at", "task", b"task", "train_rows", b"train_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingCompleted: _TypeAlias = TrainingCompleted  # noqa: Y015
+
+@_typing.final
+class PromotionSource(_message.Message):
+    """A registered model version in another environment, promoted into this one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENV_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    MODEL_URI_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    LINEAGE_URI_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    HOLDOUT_FIELD_NUMBER: _builtins.int
+    env: _builtins.str
+    """e.g. "staging" """
+    project: _builtins.str
+    bucket: _builtins.str
+    model_name: _builtins.str
+    version: _builtins.int
+    """the version in the source registry"""
+    run_id: _builtins.str
+    """the source run that made it"""
+    model_uri: _builtins.str
+    """gs://<source bucket>/registry/<model>/versions/<n>/model.joblib"""
+    model_sha256: _builtins.str
+    lineage_uri: _builtins.str
+    """the source run's lineage.json"""
+    approval_id: _builtins.str
+    """The approval request that allowed it into an approval-required environment."""
+    holdout: Global___HoldoutSource.ValueType
+    """Where the holdout the target's evaluator scores it on comes from."""
+    def __init__(
+        self,
+        *,
+        env: _builtins.str = ...,
+        project: _builtins.str = ...,
+        bucket: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        model_uri: _builtins.str = ...,
+        model_sha256: _builtins.str = ...,
+        lineage_uri: _builtins.str = ...,
+        approval_id: _builtins.str = ...,
+        holdout: Global___HoldoutSource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "bucket", b"bucket", "env", b"env", "holdout", b"holdout", "lineage_uri", b"lineage_uri", "model_name", b"model_name", "model_sha256", b"model_sha256", "model_uri", b"model_uri", "project", b"project", "run_id", b"run_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromotionSource: _TypeAlias = PromotionSource  # noqa: Y015
 
 @_typing.final
 class GateResult(_message.Message):
@@ -1428,3 +1564,130 @@ class DriftDetected(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DriftDetected: _TypeAlias = DriftDetected  # noqa: Y015
+
+@_typing.final
+class ApprovalRequested(_message.Message):
+    """A promotion into an approval-required environment waits for a person: its request is
+    approvals/<approval_id>.json in the target's bucket. Published in the target's project.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_URI_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FROM_ENV_FIELD_NUMBER: _builtins.int
+    TO_ENV_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_SOURCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    approval_uri: _builtins.str
+    """gs://<target bucket>/approvals/<approval_id>.json"""
+    model_name: _builtins.str
+    version: _builtins.int
+    """the version in the source environment's registry"""
+    from_env: _builtins.str
+    to_env: _builtins.str
+    requested_by: _builtins.str
+    requested_by_source: Global___ActorSource.ValueType
+    @_builtins.property
+    def context(self) -> Global___RunContext:
+        """the source run's, producer "promotion" """
+
+    @_builtins.property
+    def source(self) -> Global___PromotionSource: ...
+    @_builtins.property
+    def requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        context: Global___RunContext | None = ...,
+        approval_id: _builtins.str = ...,
+        approval_uri: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        from_env: _builtins.str = ...,
+        to_env: _builtins.str = ...,
+        source: Global___PromotionSource | None = ...,
+        requested_by: _builtins.str = ...,
+        requested_by_source: Global___ActorSource.ValueType = ...,
+        requested_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "expires_at", b"expires_at", "requested_at", b"requested_at", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approval_uri", b"approval_uri", "context", b"context", "expires_at", b"expires_at", "from_env", b"from_env", "model_name", b"model_name", "requested_at", b"requested_at", "requested_by", b"requested_by", "requested_by_source", b"requested_by_source", "source", b"source", "to_env", b"to_env", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequested: _TypeAlias = ApprovalRequested  # noqa: Y015
+
+@_typing.final
+class ApprovalDecided(_message.Message):
+    """An approval request was approved (the promotion is then carried out) or rejected."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVAL_URI_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    FROM_ENV_FIELD_NUMBER: _builtins.int
+    TO_ENV_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_SOURCE_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    approval_uri: _builtins.str
+    model_name: _builtins.str
+    version: _builtins.int
+    from_env: _builtins.str
+    to_env: _builtins.str
+    decision: Global___ApprovalDecision.ValueType
+    decided_by: _builtins.str
+    decided_by_source: Global___ActorSource.ValueType
+    reason: _builtins.str
+    """a rejection's reason"""
+    run_id: _builtins.str
+    """On approval: the run the promotion starts in the target (its TrainingCompleted's run_id)."""
+    @_builtins.property
+    def context(self) -> Global___RunContext:
+        """the source run's, producer "promotion" """
+
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        context: Global___RunContext | None = ...,
+        approval_id: _builtins.str = ...,
+        approval_uri: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        from_env: _builtins.str = ...,
+        to_env: _builtins.str = ...,
+        decision: Global___ApprovalDecision.ValueType = ...,
+        decided_by: _builtins.str = ...,
+        decided_by_source: Global___ActorSource.ValueType = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "decided_at", b"decided_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approval_uri", b"approval_uri", "context", b"context", "decided_at", b"decided_at", "decided_by", b"decided_by", "decided_by_source", b"decided_by_source", "decision", b"decision", "from_env", b"from_env", "model_name", b"model_name", "reason", b"reason", "run_id", b"run_id", "to_env", b"to_env", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalDecided: _TypeAlias = ApprovalDecided  # noqa: Y015
