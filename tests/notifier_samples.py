@@ -120,6 +120,39 @@ def deployed(
     )
 
 
+def approval_requested(approval_id: str = "a1b2c3d4e5f6") -> events_pb2.ApprovalRequested:
+    return events_pb2.ApprovalRequested(
+        context=context("promotion"),
+        approval_id=approval_id,
+        approval_uri=f"gs://prod-bucket/approvals/{approval_id}.json",
+        model_name="iris-classifier",
+        version=3,
+        from_env="staging",
+        to_env="prod",
+        requested_by="ana@example.com",
+        requested_at=events.timestamp(WHEN),
+        expires_at=events.timestamp(WHEN + dt.timedelta(hours=72)),
+    )
+
+
+def approval_decided(approved: bool = True) -> events_pb2.ApprovalDecided:
+    return events_pb2.ApprovalDecided(
+        context=context("promotion"),
+        approval_id="a1b2c3d4e5f6",
+        model_name="iris-classifier",
+        version=3,
+        from_env="staging",
+        to_env="prod",
+        decision=events_pb2.APPROVAL_DECISION_APPROVED
+        if approved
+        else events_pb2.APPROVAL_DECISION_REJECTED,
+        decided_by="bo@example.com",
+        decided_at=events.timestamp(WHEN),
+        reason="" if approved else "the holdout is a week old",
+        run_id="7a0b1c2d3e4f5a6b" if approved else "",
+    )
+
+
 def documented_verify() -> Callable[..., bool]:
     """`verify(secret, headers, body, tolerance=300)`, exactly as the docs write it."""
     section = DOCS.read_text().split("## Verifying a webhook's signature", 1)[1]

@@ -35,6 +35,8 @@ SUBSCRIPTIONS = {
     "mlpipe.v1.EvaluationCompleted": "notifier-evaluations-push",
     "mlpipe.v1.DriftDetected": "notifier-drift-push",
     "mlpipe.v1.DeploymentCompleted": "notifier-deployments-push",
+    "mlpipe.v1.ApprovalRequested": "notifier-approvals-push",
+    "mlpipe.v1.ApprovalDecided": "notifier-approvals-push",
 }
 
 
@@ -168,6 +170,7 @@ EVENTS = {
     "gate_blocked": lambda: sample.evaluated(passed=False),
     "drift": sample.drifted,
     "canary": lambda: sample.deployed("canary"),
+    "approval": sample.approval_requested,
 }
 
 

@@ -237,7 +237,7 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (sub + "evaluator-monitor-push", "roles/pubsub.subscriber", pubsub_agent),
         *(
             (sub + f"notifier-{kind}-push", "roles/pubsub.subscriber", pubsub_agent)
-            for kind in ("failures", "evaluations", "drift", "deployments")
+            for kind in ("failures", "evaluations", "drift", "deployments", "approvals")
         ),
         (topic + "gcs-objects", "roles/pubsub.publisher", gcs_agent),
         *((run + s, "roles/run.invoker", sa(f"mlpipe-push-{s}")) for s in services),

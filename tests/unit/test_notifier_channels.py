@@ -53,7 +53,7 @@ def test_neither_the_url_nor_the_secret_is_shown() -> None:
     assert "services/T/B/x" not in shown and "s3cret" not in shown
     assert (
         slack.describe()
-        == "ml-team (slack to hooks.slack.com: failure, gate_blocked, drift, canary)"
+        == "ml-team (slack to hooks.slack.com: failure, gate_blocked, drift, canary, approval)"
     )
     assert hook.describe() == "audit (webhook to 127.0.0.1: failure, canary)"
 
@@ -88,10 +88,10 @@ def test_neither_the_url_nor_the_secret_is_shown() -> None:
         ),
         ([{**SLACK, "name": "../up"}], ENV, "MLPIPE_NOTIFY_CHANNELS[0].name: '../up': use 1-64"),
         (
-            [{**SLACK, "events": ["failure", "approval"]}],
+            [{**SLACK, "events": ["failure", "approvals"]}],
             ENV,
-            "MLPIPE_NOTIFY_CHANNELS[0].events[1]: 'approval' is not a notice kind (one of "
-            "failure, gate_blocked, drift, canary)",
+            "MLPIPE_NOTIFY_CHANNELS[0].events[1]: 'approvals' is not a notice kind (one of "
+            "failure, gate_blocked, drift, canary, approval)",
         ),
         ([{**SLACK, "events": []}], ENV, "MLPIPE_NOTIFY_CHANNELS[0].events: empty"),
         ([{**SLACK, "colour": "red"}], ENV, "MLPIPE_NOTIFY_CHANNELS[0].colour: unknown key"),

@@ -11,7 +11,9 @@ from mlpipe.store import layout
 from mlpipe_notifier.notices import (
     Milestone,
     NoticeKind,
+    approval_notice,
     canary_notice,
+    decision_notice,
     drift_notice,
     failure_notice,
     gate_notice,
@@ -223,6 +225,7 @@ def test_each_kind_has_its_own_subscription_that_holds_nothing_else() -> None:
         "notifier-evaluations-push": events.EVALUATION_COMPLETED,
         "notifier-drift-push": events.DRIFT_DETECTED,
         "notifier-deployments-push": events.DEPLOYMENT_COMPLETED,
+        "notifier-approvals-push": events.APPROVALS,
     }
     assert all(
         (s.min_backoff_seconds, s.max_backoff_seconds, s.max_delivery_attempts) == (10, 600, 15)
@@ -230,3 +233,27 @@ def test_each_kind_has_its_own_subscription_that_holds_nothing_else() -> None:
     )
     assert topology.TOPOLOGY.publishes["notifier"] == ()
     assert "notifier" in topology.TOPOLOGY.services
+
+
+def test_an_approval_request_says_how_to_decide_it_and_when_it_expires() -> None:
+    request = sample.approval_requested()
+    notice = approval_notice(request, CONSOLE)
+
+    assert notice.kind is NoticeKind.APPROVAL
+    assert notice.title == "iris-classifier v3 waits for approval to reach prod (from staging)"
+    assert "mlpipe approve a1b2c3d4e5f6 --env prod" in notice.details[0]
+    assert "expires 2026-11-26T09:30:00Z" in notice.details[1]
+    assert notice.link == f"{CONSOLE}/models"
+    assert notice.key == "approval-a1b2c3d4e5f6-requested"
+    assert approval_notice(redelivered(request), "").key == notice.key  # type: ignore[arg-type]
+
+
+def test_a_decision_is_its_own_notice_naming_who_decided() -> None:
+    approved = decision_notice(sample.approval_decided(approved=True), CONSOLE)
+    rejected = decision_notice(sample.approval_decided(approved=False), CONSOLE)
+
+    assert approved.title == "iris-classifier v3 approved for prod by bo@example.com"
+    assert approved.link == f"{CONSOLE}/runs/7a0b1c2d3e4f5a6b"
+    assert rejected.title == "iris-classifier v3 rejected for prod by bo@example.com"
+    assert rejected.details == ("the holdout is a week old",)
+    assert len({approved.key, rejected.key, "approval-a1b2c3d4e5f6-requested"}) == 3

@@ -33,7 +33,9 @@ from mlpipe_notifier.channels import Channel
 from mlpipe_notifier.messages import outgoing, webhook_body
 from mlpipe_notifier.notices import (
     Notice,
+    approval_notice,
     canary_notice,
+    decision_notice,
     drift_notice,
     failure_notice,
     gate_notice,
@@ -54,6 +56,8 @@ NOTICES: dict[str, Build] = {
     events_pb2.EvaluationCompleted.DESCRIPTOR.full_name: gate_notice,
     events_pb2.DriftDetected.DESCRIPTOR.full_name: drift_notice,
     events_pb2.DeploymentCompleted.DESCRIPTOR.full_name: canary_notice,
+    events_pb2.ApprovalRequested.DESCRIPTOR.full_name: approval_notice,
+    events_pb2.ApprovalDecided.DESCRIPTOR.full_name: decision_notice,
 }
 
 

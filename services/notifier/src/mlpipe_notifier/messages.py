@@ -17,6 +17,7 @@ EMOJI = {
     NoticeKind.GATE_BLOCKED: ":no_entry:",
     NoticeKind.DRIFT: ":warning:",
     NoticeKind.CANARY: ":hatching_chick:",
+    NoticeKind.APPROVAL: ":raised_hand:",
 }
 MILESTONE_EMOJI = {Milestone.PROMOTED: ":rocket:", Milestone.ROLLED_BACK: ":rewind:"}
 TIMESTAMP_HEADER = "X-Mlpipe-Timestamp"

@@ -1,9 +1,8 @@
 """What the notifier tells, built from the events it receives: one Notice per event worth
 telling, with a key that every delivery of that event derives alike.
 
-The kinds are a closed set. An `approval` kind joins it once approval requests exist (a
-member of NoticeKind, a subscription in mlpipe.messaging.topology, a builder here); channels
-that list no `events` then receive it too.
+The kinds are a closed set: a new one is a member of NoticeKind, a subscription in
+mlpipe.messaging.topology and a builder here; channels that list no `events` receive it too.
 
 A notice's key names its record (mlpipe.store.layout.notification_path) and is sent as the
 `Idempotency-Key` header: it is derived from what identifies the event's subject (the failed
@@ -29,6 +28,7 @@ class NoticeKind(enum.StrEnum):
     GATE_BLOCKED = "gate_blocked"  # an evaluation whose quality gates did not pass
     DRIFT = "drift"  # a DriftDetected
     CANARY = "canary"  # a rollout milestone: canary started, promoted, or a rollback
+    APPROVAL = "approval"  # a promotion waiting for a person's approval, and its decision
 
 
 class Milestone(enum.StrEnum):
@@ -269,4 +269,56 @@ def canary_notice(deployment: events_pb2.DeploymentCompleted, console_url: str) 
         version=subject,
         reason=deployment.reason,
         milestone=step.value,
+    )
+
+
+def approval_notice(request: events_pb2.ApprovalRequested, console_url: str) -> Notice:
+    """`iris-classifier v3 waits for approval to reach prod (from staging)`. Keyed on the
+    request: each is asked for once."""
+    expires = _when(request.expires_at)
+    details = [
+        f"approve: mlpipe approve {request.approval_id} --env {request.to_env} · "
+        f"reject: mlpipe reject {request.approval_id} --env {request.to_env} --reason TEXT",
+    ]
+    if expires:
+        details.append(f"asked by {request.requested_by or 'unknown'}; expires {expires}")
+    return Notice(
+        kind=NoticeKind.APPROVAL,
+        key=notice_key("approval", request.approval_id, "requested"),
+        title=f"{request.model_name} v{request.version} waits for approval to reach "
+        f"{request.to_env} (from {request.from_env})",
+        details=tuple(_short(d) for d in details),
+        event_type=request.DESCRIPTOR.full_name,
+        occurred_at=_when(request.requested_at, request.context.event_time),
+        link=_link(console_url, "/models"),
+        link_text="models",
+        run_id=request.context.run_id,
+        model=request.model_name,
+        version=request.version,
+        reason=f"promotion to {request.to_env}",
+    )
+
+
+def decision_notice(decided: events_pb2.ApprovalDecided, console_url: str) -> Notice:
+    """`iris-classifier v3 approved for prod by ana@…` (or rejected, with the reason). Keyed on
+    the request: each is decided once."""
+    approved = decided.decision == events_pb2.APPROVAL_DECISION_APPROVED
+    word = "approved" if approved else "rejected"
+    details = [f"promotion run {decided.run_id} started in {decided.to_env}"] if approved else []
+    if decided.reason:
+        details.append(_short(decided.reason))
+    return Notice(
+        kind=NoticeKind.APPROVAL,
+        key=notice_key("approval", decided.approval_id, word),
+        title=f"{decided.model_name} v{decided.version} {word} for {decided.to_env} by "
+        f"{decided.decided_by or 'unknown'}",
+        details=tuple(details),
+        event_type=decided.DESCRIPTOR.full_name,
+        occurred_at=_when(decided.decided_at, decided.context.event_time),
+        link=_link(console_url, f"/runs/{decided.run_id}" if approved else "/models"),
+        link_text=f"run {decided.run_id}" if approved else "models",
+        run_id=decided.run_id or decided.context.run_id,
+        model=decided.model_name,
+        version=decided.version,
+        reason=decided.reason or word,
     )

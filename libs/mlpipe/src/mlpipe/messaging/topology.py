@@ -40,8 +40,9 @@ class PushSubscription:
 
     @property
     def event(self) -> str:
-        """The event type it delivers (a message type's full name): its topic's."""
-        return events.EVENT_FOR_TOPIC[self.topic]
+        """The event type it delivers (a message type's full name): its topic's; "" for a
+        topic of several types, whose messages say theirs (`event_type`)."""
+        return events.EVENT_FOR_TOPIC.get(self.topic, "")
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ TOPOLOGY = Topology(
         PushSubscription(
             "notifier-deployments-push", events.DEPLOYMENT_COMPLETED, "notifier", **NOTICE_RETRIES
         ),
+        # Approval requests and decisions (one topic, two event types).
+        PushSubscription("notifier-approvals-push", events.APPROVALS, "notifier", **NOTICE_RETRIES),
     ),
     pull=(
         PullSubscription("pipeline-failures-archive", events.PIPELINE_FAILURES),
@@ -165,7 +168,7 @@ TOPOLOGY = Topology(
         PullSubscription("drift-detected-archive", events.DRIFT_DETECTED),
         PullSubscription("batch-predictions-completed-archive", events.BATCH_PREDICTIONS_COMPLETED),
         # Approval requests and decisions (`mlpipe promote`, `approve`, `reject`: published by
-        # the operator's CLI, not by a service). No push subscription: a notifier subscribes.
+        # the operator's CLI, not by a service). The notifier pushes from it too.
         PullSubscription(APPROVALS_ARCHIVE, events.APPROVALS),
     ),
     notification=BucketNotification(events.GCS_OBJECTS, layout.DATASETS),
