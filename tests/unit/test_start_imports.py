@@ -50,3 +50,19 @@ def test_the_evaluator_starts_without_matplotlib() -> None:
     )
 
     assert done.stdout.strip() == "[]"
+
+
+def test_the_cli_starts_without_the_data_stack() -> None:
+    # Every `mlpipe` command (`mlpipe up` first) imports the whole CLI: pandas and scikit-learn
+    # (promotion's holdout), duckdb and pyarrow (the BigQuery stand-in) are imported by the
+    # commands that use them.
+    heavy = ("pandas", "sklearn", "duckdb", "pyarrow", "numpy", "google.cloud.aiplatform")
+    probe = (
+        "import sys, mlpipe_ops.cli;"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+
+    assert done.stdout.strip() == "[]"

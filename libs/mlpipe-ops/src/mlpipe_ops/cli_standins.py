@@ -20,9 +20,11 @@ from typing import Annotated, Any
 import typer
 
 from mlpipe.store.storage import make_client
-from mlpipe_ops.standins.bigquery import BigQueryStandIn
-from mlpipe_ops.standins.earthengine import Catalogue, EarthEngineStandIn
 from mlpipe_ops.standins.vertex import DEFAULT_PROJECT_NUMBER, VertexStandIn
+
+# The BigQuery and Earth Engine stand-ins are imported by their commands: they bring duckdb,
+# pyarrow and numpy, which every `mlpipe` command (`mlpipe up` among them) would otherwise pay
+# for at its start.
 
 
 def serve_until_stopped(
@@ -104,6 +106,8 @@ def bigquery_standin(
     job_seconds: Annotated[float, typer.Option(help="How long each job runs.")] = 0.5,
 ) -> None:
     """Serve a local BigQuery (query and extract jobs over a synthetic GSOD table)."""
+    from mlpipe_ops.standins.bigquery import BigQueryStandIn
+
     os.environ["STORAGE_EMULATOR_HOST"] = storage_emulator_host
     standin = BigQueryStandIn(project, make_client(project), port=port, job_seconds=job_seconds)
     serve_until_stopped(
@@ -131,6 +135,8 @@ def earthengine_standin(
 
     Point earthengine-api at it: `ee.Initialize(AnonymousCredentials(), url=URL, project=P)`,
     or ingest with MLPIPE_EARTHENGINE_URL=URL (`mlpipe up` starts one and does that)."""
+    from mlpipe_ops.standins.earthengine import Catalogue, EarthEngineStandIn
+
     standin = EarthEngineStandIn(
         project,
         port=port,

@@ -33,9 +33,6 @@ from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
 from mlpipe.ml.config import ConfigError, PipelineConfig, config_path, parse_config
-from mlpipe.ml.data import read_dataset
-from mlpipe.ml.split import split_rows
-from mlpipe.ml.validation import check_dataset
 from mlpipe.runtime.steps import record_and_publish
 from mlpipe.store import approvals as ap
 from mlpipe.store import layout
