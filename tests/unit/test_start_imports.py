@@ -57,10 +57,7 @@ def test_the_cli_starts_without_the_data_stack() -> None:
     # (promotion's holdout), duckdb and pyarrow (the BigQuery stand-in) are imported by the
     # commands that use them.
     heavy = ("pandas", "sklearn", "duckdb", "pyarrow", "numpy", "google.cloud.aiplatform")
-    probe = (
-        "import sys, mlpipe_ops.cli;"
-        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
-    )
+    probe = f"import sys, mlpipe_ops.cli;print(sorted(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )

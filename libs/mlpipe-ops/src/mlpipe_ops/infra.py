@@ -18,12 +18,13 @@ import json
 import re
 import string
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from google.api_core import exceptions as gexc
@@ -63,6 +64,7 @@ from mlpipe_ops.service_runtime import ServiceRuntime, describe_invalid
 if TYPE_CHECKING:
     from google.cloud import run_v2
 
+T = TypeVar("T")
 PROJECT_PATTERN = r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"
 ENV_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 # What `{...}` in an environment file's templates may name.
@@ -1122,20 +1124,25 @@ class Plan:
         ]
 
 
+def _topic_change(topic: str, path: str, clients: Clients) -> Change | None:
+    try:
+        clients.publisher.get_topic(request={"topic": path})
+    except gexc.NotFound:
+
+        def create() -> None:
+            with contextlib.suppress(gexc.AlreadyExists):
+                clients.publisher.create_topic(request={"name": path})
+
+        return Change("create", "topic", topic, run=create)
+    return None
+
+
 def topic_changes(target: Target, clients: Clients) -> list[Change]:
-    changes = []
-    for topic in target.topology.topics:
-        path = target.topic_path(topic)
-        try:
-            clients.publisher.get_topic(request={"topic": path})
-        except gexc.NotFound:
-
-            def create(path: str = path) -> None:
-                with contextlib.suppress(gexc.AlreadyExists):
-                    clients.publisher.create_topic(request={"name": path})
-
-            changes.append(Change("create", "topic", topic, run=create))
-    return changes
+    asks = [
+        partial(_topic_change, topic, target.topic_path(topic), clients)
+        for topic in target.topology.topics
+    ]
+    return [c for c in concurrently(asks) if c is not None]
 
 
 def _subscription_change(
@@ -1175,17 +1182,45 @@ def _subscription_change(
 
 
 def subscription_changes(target: Target, clients: Clients) -> list[Change]:
-    changes = [
-        _subscription_change(
-            "push subscription", push_subscription(target, route), f"→ {route.endpoint}", clients
+    asks = [
+        partial(
+            _subscription_change,
+            "push subscription",
+            push_subscription(target, route),
+            f"→ {route.endpoint}",
+            clients,
         )
         for route in target.routes
     ]
-    changes += [
-        _subscription_change("pull subscription", pull_subscription(target, pull), "", clients)
+    asks += [
+        partial(
+            _subscription_change, "pull subscription", pull_subscription(target, pull), "", clients
+        )
         for pull in target.topology.pull
     ]
-    return [c for c in changes if c is not None]
+    return [c for c in concurrently(asks) if c is not None]
+
+
+# Changes of these kinds are independent of each other (each names its own resource, and
+# what it needs, a topic, was made in an earlier group): `apply` makes each group's at once.
+CONCURRENT_KINDS = {
+    "topic": "topics",
+    "push subscription": "subscriptions",
+    "pull subscription": "subscriptions",
+}
+CONCURRENCY = 8
+
+
+def concurrently(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Each call's result, in the calls' order, made up to CONCURRENCY at a time (the Pub/Sub
+    clients are thread-safe). The first call to fail, in that order, raises its error once every
+    call has ended."""
+    if len(calls) < 2:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="infra") as pool:
+        futures = [pool.submit(call) for call in calls]
+        wait(futures)
+    return [future.result() for future in futures]
 
 
 def _add_binding(clients: Clients, binding: IamBinding, attempts: int = 3) -> None:
@@ -1392,8 +1427,15 @@ def apply(
     """Make `target` match the topology; return the plan that was carried out. Blocked
     changes are left for the caller to report."""
     planned = plan(target, clients)
-    for change in planned.pending:
-        assert change.run is not None
-        change.run()
-        progress(str(change))
+    pending = planned.pending
+    i = 0
+    while i < len(pending):
+        group = CONCURRENT_KINDS.get(pending[i].kind)
+        j = i + 1
+        while group and j < len(pending) and CONCURRENT_KINDS.get(pending[j].kind) == group:
+            j += 1
+        concurrently([change.run for change in pending[i:j] if change.run is not None])
+        for change in pending[i:j]:
+            progress(str(change))
+        i = j
     return planned

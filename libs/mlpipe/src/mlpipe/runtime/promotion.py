@@ -662,6 +662,12 @@ def target_holdout(
     """The target's own holdout: its newest dataset of the run's name, split as the run's
     config says (the rows its own champion was not trained on, when it was trained there on that
     data with that config), if the model can be scored on it; otherwise why not."""
+    # Imported here: they bring pandas and scikit-learn, which every `mlpipe` command would
+    # otherwise import at its start (the CLI imports this module for `mlpipe promote`).
+    from mlpipe.ml.data import read_dataset
+    from mlpipe.ml.split import split_rows
+    from mlpipe.ml.validation import check_dataset
+
     name = checked.trained.dataset.name or config.name
     found = latest_dataset(target.storage, name)
     if found is None:
