@@ -11,8 +11,8 @@ redelivered event post nothing twice. States:
               fixed) tries again
 
 The record is created with `if_generation_match=0` (the first delivery claims it) and changed
-only by compare-and-swap on its generation, as mlpipe.store.registry's claims are, so two
-deliveries never post one notice at once.
+only by compare-and-swap on its generation (mlpipe.store.leases), so two deliveries never
+post one notice at once.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.api_core import exceptions as gexc
-
+from mlpipe.store import leases
 from mlpipe.store.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -49,35 +48,6 @@ class Claim:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-def _read(storage: Storage, path: str) -> tuple[int, dict[str, Any]] | None:
-    found = storage.read(path)
-    if found is None:
-        return None
-    try:
-        body = found.json()
-    except ValueError:
-        body = {}
-    return found.generation, body if isinstance(body, dict) else {}
-
-
-def _swap(storage: Storage, path: str, body: dict[str, Any], generation: int) -> int | None:
-    """Write `body` over `generation`; None when someone else changed it first."""
-    try:
-        return storage.write(
-            path,
-            json.dumps(body).encode(),
-            content_type="application/json",
-            if_generation_match=generation,
-        )
-    except gexc.PreconditionFailed:
-        return None
-
-
-def _expired(body: dict[str, Any], default_lease: float, now: float) -> bool:
-    lease = float(body.get("lease_seconds") or default_lease)
-    return now - float(body.get("claimed_at", 0)) >= lease
-
-
 def claim(
     storage: Storage, path: str, *, message_id: str, lease_seconds: float, now: float | None = None
 ) -> Claim:
@@ -95,7 +65,7 @@ def claim(
         generation = storage.create_if_absent(path, json.dumps(fresh).encode())
         if generation is not None:
             return Claim(Standing.MINE, generation, fresh)
-        existing = _read(storage, path)
+        existing = leases.read(storage, path)
         if existing is not None:
             break
     if existing is None:
@@ -106,7 +76,7 @@ def claim(
         return Claim(Standing.SENT, generation, body)
     if state == REJECTED and body.get("message_id") == message_id:
         return Claim(Standing.REJECTED, generation, body)
-    if state == CLAIMED and not _expired(body, lease_seconds, now):
+    if state == CLAIMED and not leases.lapsed(body, lease_seconds, now):
         return Claim(Standing.HELD, generation, body)
     if state == CLAIMED:
         log.warning(
@@ -114,7 +84,7 @@ def claim(
         )
     previous = {k: v for k, v in body.items() if k != "previous"}
     taken = {**fresh, "attempt": int(body.get("attempt", 0)) + 1, "previous": previous}
-    swapped = _swap(storage, path, taken, generation)
+    swapped = leases.swap(storage, path, taken, generation)
     if swapped is None:
         return Claim(Standing.HELD)
     return Claim(Standing.MINE, swapped, taken)
@@ -124,7 +94,7 @@ def settle(storage: Storage, path: str, claim: Claim, state: str, **details: Any
     """Record how this delivery's post ended (SENT, FAILED or REJECTED, with `details`); False
     when its claim was taken over meanwhile (the taker's post decides)."""
     body = {**claim.body, "state": state, "settled_at": time.time(), **details}
-    if _swap(storage, path, body, claim.generation) is None:
+    if leases.swap(storage, path, body, claim.generation) is None:
         log.warning("the claim %s was taken over while its post ran; not recording %s", path, state)
         return False
     return True

@@ -1,7 +1,8 @@
 """The training claim of a run: who trains it, since when, and how often it was tried.
 
 `runs/<run_id>/claim.json` is created with `if_generation_match=0` and every later change is
-a compare-and-swap on its generation, so two deliveries never both own a run. A claim is a
+a compare-and-swap on its generation (mlpipe.store.leases), so two deliveries never both own
+a run. A claim is a
 lease: the training job renews it every quarter lease (`Heartbeat`); a claim that has not been
 renewed for its `lease_seconds` belongs to a job that is gone, and the next delivery takes it
 over. States:
@@ -21,8 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from google.api_core import exceptions as gexc
-
+from mlpipe.store import leases
 from mlpipe.store.storage import TRANSIENT_ERRORS, Storage
 
 log = logging.getLogger(__name__)
@@ -60,31 +60,12 @@ class Claim:
             return True
         if self.state == PUBLISHED:
             return False
-        lease = float(self.body.get("lease_seconds") or default_lease)
-        return self.age(now) >= lease
+        return leases.lapsed(self.body, default_lease, now or time.time())
 
 
 def read(storage: Storage, path: str) -> Claim | None:
-    found = storage.read(path)
-    if found is None:
-        return None
-    try:
-        body = found.json()
-    except ValueError:
-        body = {}
-    return Claim(found.generation, body if isinstance(body, dict) else {})
-
-
-def _write(storage: Storage, path: str, body: dict[str, Any], generation: int) -> int | None:
-    try:
-        return storage.write(
-            path,
-            json.dumps(body).encode(),
-            content_type="application/json",
-            if_generation_match=generation,
-        )
-    except gexc.PreconditionFailed:
-        return None
+    found = leases.read(storage, path)
+    return None if found is None else Claim(*found)
 
 
 def take(
@@ -114,7 +95,7 @@ def take(
             "claimed_at": time.time(),
             "previous": {k: existing.body.get(k) for k in ("state", "job_id", "claimed_at")},
         }
-        generation = _write(storage, path, taken, existing.generation)
+        generation = leases.swap(storage, path, taken, existing.generation)
         if generation is None:
             return None, read(storage, path)
         log.warning(
@@ -131,7 +112,7 @@ def take(
 def update(storage: Storage, path: str, claim: Claim, **changes: Any) -> Claim | None:
     """Compare-and-swap `changes` into `claim`; None when someone else changed it first."""
     body = {**claim.body, **changes}
-    generation = _write(storage, path, body, claim.generation)
+    generation = leases.swap(storage, path, body, claim.generation)
     return None if generation is None else Claim(generation, body)
 
 
