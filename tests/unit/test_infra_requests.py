@@ -141,7 +141,7 @@ def test_a_moved_endpoint_and_account_become_one_push_config_update(dev: infra.T
 
 
 def test_the_schedule_job_publishes_the_ingest_request_as_json(dev: infra.Target) -> None:
-    (schedule,) = dev.schedules
+    schedule = next(s for s in dev.schedules if s.name == "mlpipe-iris-smoke")
 
     request = infra.create_job_request(dev, infra.scheduler_job(dev, schedule))
 

@@ -21,8 +21,8 @@ from mlpipe.runtime.service import create_app
 from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
-from mlpipe_predictor.champion_scoring import ChampionScoring
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
+from mlpipe_predictor.champion_scoring import ChampionScoring
 from mlpipe_predictor.launch import JobLaunch, batch_launcher
 from mlpipe_predictor.models import ModelStore, RegistryWatch, promote_canary
 from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics

@@ -204,9 +204,9 @@ CalendarPart = Literal["hour", "weekday", "day", "month", "day_of_year", "is_wee
 
 
 class ScoringSpec(_Strict):
-    """After a new champion is served, score the next days for every entity (docs/batch-scoring.md).
+    """After a new champion is served, score the next days for every entity.
 
-    The rows are made from the latest landed dataset only: every entity seen in it × each time
+    The rows are made from the latest landed dataset only: every entity seen in it x each time
     step of the next `horizon_days` days (from the day after its latest row); `calendar`
     features are computed from each row's time; `last_known` features are the entity's latest
     value at the same time of day (a persistence forecast: nothing is invented). Every feature

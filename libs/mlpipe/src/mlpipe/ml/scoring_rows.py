@@ -3,7 +3,7 @@
 Made from the latest landed dataset alone, so every value is one the pipeline has:
 
     every entity seen in it (the distinct combinations of `scoring.entity`)
-      × each step of `step_hours` over the `horizon_days` days after its latest row
+      x each step of `step_hours` over the `horizon_days` days after its latest row
     calendar features: computed from the row's time (UTC, as the time column is read)
     last_known features: the entity's latest value at the same time of day (its latest value
       at all when it was never seen at that time): a persistence forecast
