@@ -254,6 +254,8 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         # Batch jobs run as the predictor and publish their completion.
         (topic + "batch-predictions-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
+        # A new champion's scoring of the next days is a batch request the predictor publishes.
+        (topic + "batch-prediction-requests", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         *(
             (topic + "pipeline-failures", "roles/pubsub.publisher", sa(f"mlpipe-{s}"))
             for s in services

@@ -7,7 +7,8 @@ predictor has just reloaded what the registry says. Only a full champion scores:
 that was not deployed, a canary, a rollback, or a version that is no longer the champion (a
 late redelivery) starts nothing.
 
-    the run's config snapshot has `scoring:`        (else nothing to do)
+    the pipeline's registered config has `scoring:` (else nothing to do; the run's snapshot
+      leaves scoring out, as it does not change what a run trains)
     → batch_id from the version and the first day scored (mlpipe.store.layout.scoring_batch_id)
     → its request is recorded, or its metrics exist: nothing (a redelivery, a second instance)
     → the rows (mlpipe.ml.scoring_rows, from the run's exact dataset bytes)
@@ -28,7 +29,7 @@ import pandas as pd
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
-from mlpipe.ml.config import load_run_config
+from mlpipe.ml.config import load_pipeline_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.scoring_rows import KEY_COLUMN, scoring_rows, scoring_start
 from mlpipe.runtime.steps import StepResult
@@ -46,6 +47,7 @@ class ChampionScoring:
     publisher: Publisher
     registry: Registry
     code_version: str = "dev"
+    env: str | None = None  # whose `environments:` overrides of the config apply
 
     def __call__(self, done: events_pb2.DeploymentCompleted) -> StepResult | None:
         """What the deployment started: None when it is not a champion's with `scoring:`;
@@ -59,7 +61,14 @@ class ChampionScoring:
             and layout.RUN_ID_PATTERN.match(run_id)
         ):
             return None
-        config = load_run_config(self.storage, run_id)
+        try:
+            config = load_pipeline_config(
+                self.storage, done.context.pipeline or done.dataset.name, self.env
+            )
+        except PermanentError as exc:
+            if exc.reason == "unknown_pipeline":  # a model deployed without a registered config
+                return None
+            raise
         if config.scoring is None:
             return None
         model = done.model_name

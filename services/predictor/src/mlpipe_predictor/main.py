@@ -77,7 +77,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         None
         if settings.on_vertex
         else ChampionScoring(
-            clients.storage, clients.publisher, Registry(clients.storage), settings.code_version
+            clients.storage,
+            clients.publisher,
+            Registry(clients.storage),
+            settings.code_version,
+            settings.env,
         )
     )
     app.state.step = PredictorStep(store, batch, scoring)

@@ -41,14 +41,14 @@ def _calendar(when: pd.Series, part: str) -> pd.Series:
     if part == "hour":
         return when.dt.hour
     if part == "weekday":
-        return when.dt.weekday
+        return when.dt.day_of_week
     if part == "day":
         return when.dt.day
     if part == "month":
         return when.dt.month
     if part == "day_of_year":
         return when.dt.dayofyear
-    return (when.dt.weekday >= 5).astype(int)  # is_weekend
+    return (when.dt.day_of_week >= 5).astype(int)  # is_weekend
 
 
 def scoring_rows(
