@@ -262,6 +262,8 @@ class PredictorStep:
         try:
             scored = self.scoring(done)
         except PermanentError as exc:
+            exc.context = exc.context or done.context
+            exc.dataset = exc.dataset or done.dataset
             return permanent(exc, done.context.run_id)
         if scored is None:
             return served
