@@ -4,7 +4,9 @@ rows, the Avro and the metrics; a redelivery, a canary and a blocked model start
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import threading
 import time
 
 import fastavro
@@ -18,6 +20,9 @@ from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.ml.scoring_rows import KEY_COLUMN
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
+from mlpipe_ops.follow import EventWatcher
+from mlpipe_ops.localstack import StackState
+from mlpipe_ops.run_progress import SCORING_TOPICS, follow_run
 from tests.conftest import REPO
 from tests.integration.conftest import Cloud
 from tests.integration.test_serving import Served, deploy, predictor, trained
@@ -145,3 +150,84 @@ def test_a_champion_whose_rows_cannot_be_made_is_reported_and_kept(
     assert failed.reason == "dataset_missing" and champion.dataset.uri in failed.message
     assert failed.context.run_id == champion.context.run_id
     assert cloud.storage.exists(cloud.storage.path_of(reply.json()["quarantine_uri"]))
+
+
+def test_the_schedule_s_follower_prints_the_hops_then_the_predictions(
+    cloud: Cloud,
+    emulators: StackState,
+    monkeypatch: pytest.MonkeyPatch,
+    champion: events_pb2.DeploymentCompleted,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    landed = events_pb2.DatasetLanded(context=champion.context, dataset=champion.dataset)
+    deployed = events_pb2.DeploymentCompleted()
+    deployed.CopyFrom(champion)
+    for event in (landed, deployed):
+        event.context.request_id = "bikeshare-nightly-test"
+    cloud.watch(events.BATCH_PREDICTION_REQUESTS)
+    outcome: dict[str, int] = {}
+
+    with predictor(cloud, monkeypatch) as served:
+        state = dataclasses.replace(
+            emulators,
+            project=cloud.project,
+            bucket=cloud.storage.bucket_name,
+            service_ports={"predictor": int(served.url.rsplit(":", 1)[1])},
+        )
+        with EventWatcher(cloud.project, SCORING_TOPICS) as watcher:
+            follower = threading.Thread(
+                target=lambda: outcome.update(
+                    code=follow_run(
+                        state, watcher, "bikeshare-nightly-test", time.monotonic(), 90, scoring=True
+                    )
+                )
+            )
+            follower.start()
+            cloud.publisher.publish(landed)
+            cloud.publisher.publish(deployed)
+            served.push(deployed)  # as predictor-push delivers it
+            (request,) = cloud.pulled(events.BATCH_PREDICTION_REQUESTS)
+            deliver_batch(served, request)
+            follower.join(120)
+
+    printed = capsys.readouterr().out
+    assert outcome == {"code": 0}, printed
+    assert f"ingest     landed {champion.dataset.uri}" in printed
+    assert f"deployer   {MODEL} v1 is champion (was none)" in printed
+    assert f"predictor  serving {MODEL} v1" in printed
+    assert f"scored {48 * STATIONS} of {48 * STATIONS} rows (batch {BATCH}, in-process)" in printed
+    avro = cloud.storage.uri(f"predictions/{MODEL}/dt=")
+    assert f"predictions {avro}" in printed and f"/{BATCH}.avro" in printed
+    metrics = cloud.storage.uri(layout.batch_metrics_path(MODEL, BATCH))
+    assert f"metrics     {metrics}" in printed
+
+
+def test_the_schedule_s_follower_says_a_blocked_model_scores_nothing(
+    cloud: Cloud, emulators: StackState, capsys: pytest.CaptureFixture[str]
+) -> None:
+    context = events.context(
+        producer="test", code_version="test", run_id="0123456789abcdef", pipeline="bikeshare"
+    )
+    context.request_id = "bikeshare-nightly-blocked"
+    dataset = events_pb2.DatasetRef(uri=cloud.storage.uri("datasets/bikeshare/x.csv"))
+    blocked = events_pb2.DeploymentCompleted(
+        context=context,
+        dataset=dataset,
+        model_name=MODEL,
+        deployed=False,
+        reason="quality gates failed: min_r2: 0.7237 < 0.99",
+    )
+    state = dataclasses.replace(emulators, project=cloud.project)
+
+    with EventWatcher(cloud.project, SCORING_TOPICS) as watcher:
+        cloud.publisher.publish(events_pb2.DatasetLanded(context=context, dataset=dataset))
+        cloud.publisher.publish(blocked)
+        code = follow_run(
+            state, watcher, "bikeshare-nightly-blocked", time.monotonic(), 60, scoring=True
+        )
+
+    printed = capsys.readouterr().out
+    assert code == 1, printed
+    assert "deployer   not deployed: quality gates failed: min_r2: 0.7237 < 0.99" in printed
+    assert "no scoring: the model is not the champion" in printed
+    assert "batch " not in printed

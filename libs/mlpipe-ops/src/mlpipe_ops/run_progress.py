@@ -116,6 +116,8 @@ def follow_run(
     run_id = ""
     deadline = time.monotonic() + timeout
     waiting_for_batch = False
+    # Topics are not ordered with each other: the batch may be heard of before the deployment.
+    early: events_pb2.BatchPredictionCompleted | None = None
     while time.monotonic() < deadline:
         observed: Observed | None = next(iter(watcher.events(min(1.0, timeout))), None)
         if observed is None:
@@ -182,13 +184,19 @@ def follow_run(
             if not is_full_champion(event):
                 typer.echo(f"{'':10} no scoring: v{event.version} is not a full champion yet")
                 return 0
+            if early is not None:
+                print_scored(t0, early)
+                return 0
             waiting_for_batch = True
-        elif isinstance(event, events_pb2.BatchPredictionRequest) and waiting_for_batch:
+        elif isinstance(event, events_pb2.BatchPredictionRequest) and scoring:
             typer.echo(
                 f"{now} predictor  requested batch {event.batch_id} of {event.model_name} "
                 f"v{event.version}: {event.input_uri}"
             )
-        elif isinstance(event, events_pb2.BatchPredictionCompleted) and waiting_for_batch:
+        elif isinstance(event, events_pb2.BatchPredictionCompleted) and scoring:
+            if not waiting_for_batch:
+                early = event
+                continue
             print_scored(t0, event)
             return 0
         elif isinstance(event, events_pb2.PipelineFailed):
