@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from google.cloud import scheduler_v1
 
 from mlpipe.messaging.topology import TOPOLOGY
 from mlpipe_ops import infra
@@ -147,6 +148,7 @@ def test_a_wrong_environment_is_refused_naming_the_key(
 def test_the_emulator_takes_no_push_service_accounts(tmp_path: Path) -> None:
     raw = yaml.safe_load((ENVIRONMENTS / "local.yaml").read_text())
     raw["subscriptions"] = {"ingest-push": {"push_service_account": "a@b.iam"}}
+    raw["schedules"] = []
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(raw))
 
     with pytest.raises(infra.InfraError, match=r"subscriptions\.ingest-push: the emulator has no"):
@@ -204,3 +206,19 @@ def test_a_request_file_is_read_relative_to_the_environment_file(tmp_path: Path)
 def test_an_unknown_environment_lists_the_known_ones() -> None:
     with pytest.raises(infra.InfraError, match="known: dev, local, prod, staging"):
         infra.load_environment("qa", ENVIRONMENTS)
+
+
+def test_the_bikeshare_nightly_lands_the_bikeshare_example_locally_and_on_gcp() -> None:
+    request = json.loads((REPO / "infra/schedules/bikeshare-nightly.json").read_text())
+    local = infra.load_environment("local", ENVIRONMENTS)
+    dev = infra.load_environment("dev", ENVIRONMENTS)
+
+    assert request["dataset"] == "bikeshare"
+    assert request["inline"]["csv"] == (REPO / "examples/bikeshare/bikeshare.csv").read_text()
+    for env in (local, dev):
+        (nightly,) = [s for s in env.schedules if s.name == "bikeshare-nightly"]
+        assert nightly.kind == "ingest" and nightly.ingest_request().dataset == "bikeshare"
+    # Cloud Scheduler takes a job of at most 1 MB, its payload included.
+    target = infra.resolve(dev, "dev", project="acme-ml-dev", project_number=1)
+    (job,) = [infra.scheduler_job(target, s) for s in target.schedules if "bikeshare" in s.name]
+    assert len(scheduler_v1.Job.serialize(job)) < 1_000_000

@@ -141,7 +141,7 @@ def test_a_moved_endpoint_and_account_become_one_push_config_update(dev: infra.T
 
 
 def test_the_schedule_job_publishes_the_ingest_request_as_json(dev: infra.Target) -> None:
-    (schedule,) = dev.schedules
+    schedule = next(s for s in dev.schedules if s.name == "mlpipe-iris-smoke")
 
     request = infra.create_job_request(dev, infra.scheduler_job(dev, schedule))
 
@@ -254,6 +254,8 @@ def test_the_iam_bindings_grant_each_identity_the_least_it_needs(dev: infra.Targ
         (topic + "deployment-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         # Batch jobs run as the predictor and publish their completion.
         (topic + "batch-predictions-completed", "roles/pubsub.publisher", sa("mlpipe-predictor")),
+        # A new champion's scoring of the next days is a batch request the predictor publishes.
+        (topic + "batch-prediction-requests", "roles/pubsub.publisher", sa("mlpipe-predictor")),
         *(
             (topic + "pipeline-failures", "roles/pubsub.publisher", sa(f"mlpipe-{s}"))
             for s in services

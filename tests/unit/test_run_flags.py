@@ -256,9 +256,10 @@ def test_an_invalid_runtime_definition_stops_infra_before_any_request(
     environments.mkdir()
     (environments / "dev.yaml").write_text((ENVIRONMENTS / "dev.yaml").read_text())
     (tmp_path / "schedules").mkdir()
-    (tmp_path / "schedules" / "iris-smoke.json").write_text(
-        (REPO / "infra" / "schedules" / "iris-smoke.json").read_text()
-    )
+    for schedule in ("iris-smoke.json", "bikeshare-nightly.json"):
+        (tmp_path / "schedules" / schedule).write_text(
+            (REPO / "infra" / "schedules" / schedule).read_text()
+        )
     raw = yaml.safe_load((REPO / "infra" / "runtime.yaml").read_text())
     raw["services"]["trainer"]["memory"] = "64Gi"
     (tmp_path / "runtime.yaml").write_text(yaml.safe_dump(raw))

@@ -29,8 +29,10 @@ from mlpipe_ops.cli_infra import infra_app
 from mlpipe_ops.cli_monitor import monitor_app
 from mlpipe_ops.cli_schedule import schedule_app
 from mlpipe_ops.cli_standins import bigquery_standin, earthengine_standin, vertex_standin
-from mlpipe_ops.follow import EventWatcher, Observed
+from mlpipe_ops.follow import EventWatcher
 from mlpipe_ops.localstack import LocalStack, StackError, StackState, client_env
+from mlpipe_ops.run_progress import follow_run
+from mlpipe_ops.run_progress import stamp as _stamp
 from mlpipe_ops.service_runtime import (
     RuntimeDefinitionError,
     cost_sizes,
@@ -261,117 +263,6 @@ def _apply_config(storage: Storage, config: PipelineConfig, text: str) -> str:
 
 
 # --- running --------------------------------------------------------------------------------
-def _stamp(t0: float) -> str:
-    return f"[{time.monotonic() - t0:6.2f}s]"
-
-
-def _print_gates(evaluation: events_pb2.EvaluationCompleted) -> None:
-    for gate in evaluation.gates:
-        mark = (
-            typer.style("pass", fg=typer.colors.GREEN)
-            if gate.passed
-            else typer.style("FAIL", fg=typer.colors.RED)
-        )
-        typer.echo(
-            f"{'':10}{mark}  {gate.name:<32} {gate.value:8.4f} "
-            f"{events.gate_comparison(gate)} {gate.threshold:g}"
-        )
-
-
-def _wait_serving(state: StackState, model: str, version: int, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            served = httpx.get(f"{state.url('predictor')}/v1/models", timeout=2).json()
-            if served["models"].get(model, {}).get("version") == version:
-                return True
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    return False
-
-
-def follow_run(
-    state: StackState, watcher: EventWatcher, request_id: str, t0: float, timeout: float
-) -> int:
-    """Print the run's progress; return 0 when its model serves, 1 on failure, 2 on timeout."""
-    run_id = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        observed: Observed | None = next(iter(watcher.events(min(1.0, timeout))), None)
-        if observed is None:
-            continue
-        event: Any = observed.event
-        ctx = event.context
-        if not (ctx.request_id == request_id or (run_id and ctx.run_id == run_id)):
-            continue
-        stamp = _stamp(t0)
-        if isinstance(event, events_pb2.DatasetLanded):
-            run_id = ctx.run_id
-            note = " (identical content already landed)" if event.already_present else ""
-            typer.echo(
-                f"{stamp} ingest     landed {event.dataset.uri} "
-                f"({event.dataset.row_count} rows){note}"
-            )
-            typer.echo(f"{'':10} run {run_id}  dataset sha256 {event.dataset.sha256[:16]}…")
-            if event.already_present:
-                done = _storage(state).read(RunPaths(run_id).deployment)
-                if done is not None:
-                    event = events.from_json(events_pb2.DeploymentCompleted, done.data)
-                    typer.echo(
-                        f"{'':10} this run already finished: {event.model_name} "
-                        f"v{event.version} ({'deployed' if event.deployed else 'not deployed'})"
-                    )
-                    return 0 if event.deployed else 1
-        elif isinstance(event, events_pb2.TrainingStarted):
-            typer.echo(
-                f"{stamp} trainer    started {events.training_backend(event)} job {event.job_id}"
-            )
-        elif isinstance(event, events_pb2.TrainingCompleted):
-            typer.echo(
-                f"{stamp} training   {event.estimator.rsplit('.', 1)[-1]} fitted on "
-                f"{event.train_rows} rows in {event.fit_seconds:.2f}s "
-                f"(holdout {event.holdout_rows})"
-            )
-        elif isinstance(event, events_pb2.EvaluationCompleted):
-            verdict = "passed" if event.passed else "FAILED"
-            typer.echo(f"{stamp} evaluator  quality gates {verdict}")
-            _print_gates(event)
-        elif isinstance(event, events_pb2.DeploymentCompleted):
-            if not event.deployed:
-                typer.echo(f"{stamp} deployer   not deployed: {event.reason}")
-                return 1
-            was = f"v{event.previous_version}" if event.previous_version else "none"
-            typer.echo(
-                f"{stamp} deployer   {event.model_name} v{event.version} is "
-                f"{events.model_alias(event)} (was {was})"
-            )
-            if _wait_serving(state, event.model_name, event.version):
-                typer.secho(
-                    f"{_stamp(t0)} predictor  serving {event.model_name} "
-                    f"v{event.version} at {state.url('predictor')}/predict",
-                    fg=typer.colors.GREEN,
-                )
-                return 0
-            typer.echo(f"{_stamp(t0)} predictor  did not report v{event.version} within 30s")
-            return 1
-        elif isinstance(event, events_pb2.PipelineFailed):
-            typer.secho(
-                f"{stamp} FAILED at {events.pipeline_stage(event)}: "
-                f"{event.reason}: {event.message}",
-                fg=typer.colors.RED,
-            )
-            if event.quarantine_uri:
-                typer.echo(f"{'':10} input kept at {event.quarantine_uri}")
-            return 1
-    typer.secho(
-        f"no final event within {timeout:.0f}s; see `mlpipe status` and the logs in "
-        f"{state.state_dir}/logs",
-        fg=typer.colors.YELLOW,
-    )
-    return 2
-
-
 def run_example(state: StackState, example: str, timeout: float) -> int:
     folder = find_example(example)
     script = folder / "run.py"

@@ -1,7 +1,9 @@
 """`mlpipe schedule`: fire an environment's Cloud Scheduler jobs against the local stack.
 
 Cloud Scheduler is not emulated. `mlpipe schedule run NAME` publishes the schedule's
-IngestRequest to the local stack's ingest topic once; `--loop` stays in the foreground and
+IngestRequest to the local stack's ingest topic once and follows the run it starts, hop by hop
+(mlpipe_ops.run_progress), to the served model and, when the pipeline's config has `scoring:`,
+to the new champion's predictions of the next days; `--loop` stays in the foreground and
 publishes whenever the schedule's cron matches (checked each minute, in its time zone), or
 every `--every` seconds instead. The cron matching is a minimal unix-cron: `*`, numbers,
 ranges `a-b`, steps `*/n` and `a-b/n`, and lists; no month or weekday names (croniter is not a
@@ -20,10 +22,15 @@ from typing import Annotated
 
 import typer
 
+from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.messaging.publishing import Publisher
+from mlpipe.ml.config import load_pipeline_config
+from mlpipe.store.storage import Storage, make_client
+from mlpipe_ops.follow import PROGRESS_TOPICS, EventWatcher
 from mlpipe_ops.infra import InfraError, ScheduleSpec, load_environment
 from mlpipe_ops.localstack import StackState, client_env
+from mlpipe_ops.run_progress import SCORING_TOPICS, follow_run, stamp
 
 schedule_app = typer.Typer(
     help="Fire Cloud Scheduler jobs on the local stack.", no_args_is_help=True
@@ -84,6 +91,19 @@ def cron_matches(expression: str, when: dt.datetime) -> bool:
     return when.minute in minute and when.hour in hour and when.month in month and days
 
 
+def scores(storage: Storage, schedule: ScheduleSpec) -> bool | None:
+    """Whether the schedule's pipeline has `scoring:` (None: no registered config)."""
+    if schedule.kind != "ingest":
+        return False
+    name = schedule.ingest_request().dataset
+    try:
+        return load_pipeline_config(storage, name).scoring is not None
+    except PermanentError as exc:
+        if exc.reason == "unknown_pipeline":
+            return None
+        raise
+
+
 def fire(schedule: ScheduleSpec, publisher: Publisher) -> str:
     """Publish the schedule's request with a fresh request id and time; return the id."""
     request = schedule.message()
@@ -132,6 +152,33 @@ def find_schedule(env: str, name: str, directory: Path | None = None) -> Schedul
     raise InfraError(f"environment {env!r} has no schedule {name!r} (known: {known})")
 
 
+def fire_and_follow(
+    state: StackState, schedule: ScheduleSpec, publisher: Publisher, timeout: float
+) -> int:
+    """Fire once and print the run's hops; the exit code of `follow_run`."""
+    storage = Storage(make_client(state.project), state.bucket)
+    try:
+        scoring = scores(storage, schedule)
+    except PermanentError as exc:
+        typer.secho(exc.message, fg=typer.colors.RED, err=True)
+        return 1
+    if scoring is None:
+        dataset = schedule.ingest_request().dataset
+        typer.secho(
+            f"pipeline {dataset!r} has no registered config: ingest would reject the request; "
+            f"register it first (`mlpipe pipeline apply examples/{dataset}/pipeline.yaml`)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        return 1
+    topics = SCORING_TOPICS if scoring else PROGRESS_TOPICS
+    with EventWatcher(state.project, topics) as watcher:
+        t0 = time.monotonic()
+        request_id = fire(schedule, publisher)
+        typer.echo(f"{stamp(t0)} fired {schedule.name}: request {request_id}")
+        return follow_run(state, watcher, request_id, t0, timeout, scoring=scoring)
+
+
 @schedule_app.command("run")
 def run_schedule(
     name: Annotated[str, typer.Argument(help="The schedule's name in the environment file.")],
@@ -144,11 +191,16 @@ def run_schedule(
     every: Annotated[
         float | None, typer.Option(help="With --loop: fire every N seconds, not on the cron.")
     ] = None,
+    follow: Annotated[
+        bool, typer.Option(help="Once: follow the run it starts to its end (ingest requests).")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to follow the run.")] = 600.0,
     state_dir: Annotated[
         Path, typer.Option(help="The local stack's state dir.", envvar="MLPIPE_STATE_DIR")
     ] = Path(".mlpipe"),
 ) -> None:
-    """Publish a schedule's IngestRequest to the local stack, once or on its cron."""
+    """Publish a schedule's IngestRequest to the local stack, once (following the run) or on
+    its cron."""
     try:
         schedule = find_schedule(env, name)
         parse_cron(schedule.schedule)
@@ -168,8 +220,10 @@ def run_schedule(
             return request_id
 
         if not loop_:
-            publish()
-            return
+            if not follow or schedule.kind != "ingest":
+                publish()
+                return
+            raise typer.Exit(fire_and_follow(state, schedule, publisher, timeout))
         typer.echo(
             f"{name}: every {every}s"
             if every

@@ -1359,7 +1359,7 @@ def emulator_notes(target: Target) -> list[str]:
         f"gs://{target.bucket}/{note.object_prefix} to {note.topic}; its start-up flags set "
         f"that (`mlpipe up`), not this plan",
         f"schedules: Cloud Scheduler is not emulated; {len(target.schedules)} schedule(s) in "
-        f"{target.env}.yaml are not applied (publish an IngestRequest yourself: `mlpipe run`)",
+        f"{target.env}.yaml are not applied (fire one with `mlpipe schedule run NAME --env local`)",
         "IAM and OIDC: the emulator has neither; push requests carry no Authorization header",
     ]
 

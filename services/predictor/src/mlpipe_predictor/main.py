@@ -22,6 +22,7 @@ from mlpipe.runtime.settings import load_settings
 from mlpipe.store.registry import Registry
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.api import PredictRoutes, error, vertex_endpoint
+from mlpipe_predictor.champion_scoring import ChampionScoring
 from mlpipe_predictor.launch import JobLaunch, batch_launcher
 from mlpipe_predictor.models import ModelStore, RegistryWatch, promote_canary
 from mlpipe_predictor.monitoring import PredictionLog, ServingMetrics
@@ -72,7 +73,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         inline_max_bytes=settings.batch_inline_max_bytes,
         bad_rows=settings.batch_bad_rows,
     )
-    app.state.step = PredictorStep(store, batch)
+    scoring = (
+        None
+        if settings.on_vertex
+        else ChampionScoring(
+            clients.storage,
+            clients.publisher,
+            Registry(clients.storage),
+            settings.code_version,
+            settings.env,
+        )
+    )
+    app.state.step = PredictorStep(store, batch, scoring)
     app.state.serving_metrics = ServingMetrics()
     app.state.prediction_log = PredictionLog(
         clients.storage,

@@ -42,6 +42,7 @@ from mlpipe.store.registry import CHAMPION
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
 from mlpipe_predictor.batch import check_request, run_batch
+from mlpipe_predictor.champion_scoring import ChampionScoring
 from mlpipe_predictor.launch import JobLaunch
 from mlpipe_predictor.models import ModelStore
 
@@ -241,15 +242,34 @@ class BatchStep:
 class PredictorStep:
     store: ModelStore
     batch: BatchStep
+    # A new champion's scoring of the next days (mlpipe_predictor.champion_scoring).
+    scoring: ChampionScoring | None = None
 
     def __call__(self, message: PushMessage) -> StepResult:
         return Router(
             {
                 BATCH_REQUEST: lambda request, m: self.batch(request),
-                DEPLOYMENT_COMPLETED: lambda done, m: self.reload(done),
+                DEPLOYMENT_COMPLETED: lambda done, m: self.deployed(done),
             },
             DEPLOYMENT_COMPLETED,
         )(message)
+
+    def deployed(self, done: events_pb2.DeploymentCompleted) -> StepResult:
+        """Reload, then (a full champion whose pipeline has `scoring:`) request its scoring."""
+        served = self.reload(done)
+        if self.scoring is None:
+            return served
+        try:
+            scored = self.scoring(done)
+        except PermanentError as exc:
+            exc.context = exc.context or done.context
+            exc.dataset = exc.dataset or done.dataset
+            return permanent(exc, done.context.run_id)
+        if scored is None:
+            return served
+        return StepResult(
+            served.status, {**served.detail, "scoring": scored.detail}, done.context.run_id
+        )
 
     def reload(self, done: events_pb2.DeploymentCompleted) -> StepResult:
         """The pure step with no record: serve what the registry now says for the model."""

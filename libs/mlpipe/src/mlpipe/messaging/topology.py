@@ -190,11 +190,13 @@ TOPOLOGY = Topology(
         # as a DeploymentCompleted (mlpipe_predictor.models.promote_canary).
         # Batch jobs (mlpipe_batch) run as the predictor's identity and publish their
         # BatchPredictionCompleted after their metrics; the predictor publishes it again when
-        # a redelivered request finds the metrics.
+        # a redelivered request finds the metrics. A new champion whose pipeline has
+        # `scoring:` requests its batch (mlpipe_predictor.champion_scoring).
         "predictor": (
             events.DEPLOYMENT_COMPLETED,
             events.PIPELINE_FAILURES,
             events.BATCH_PREDICTIONS_COMPLETED,
+            events.BATCH_PREDICTION_REQUESTS,
         ),
         # Nothing, PipelineFailed above all: the notifier reads pipeline-failures, so a failure
         # it published would come back to it (mlpipe.runtime.failures keeps its own).

@@ -200,6 +200,60 @@ class MonitoringSpec(_Strict):
     retrain: RetrainSpec = RetrainSpec()
 
 
+CalendarPart = Literal["hour", "weekday", "day", "month", "day_of_year", "is_weekend"]
+
+
+class ScoringSpec(_Strict):
+    """After a new champion is served, score the next days for every entity.
+
+    The rows are made from the latest landed dataset only: every entity seen in it x each time
+    step of the next `horizon_days` days (from the day after its latest row); `calendar`
+    features are computed from each row's time; `last_known` features are the entity's latest
+    value at the same time of day (a persistence forecast: nothing is invented). Every feature
+    must come from one of the three."""
+
+    horizon_days: int = Field(ge=1, le=31, description="Days scored after the latest landed row.")
+    entity: list[str] = Field(
+        min_length=1,
+        description="Columns naming one scored entity (e.g. station and its kind): every "
+        "combination seen in the latest landed dataset is scored.",
+    )
+    time_column: str | None = Field(
+        default=None,
+        description="The timestamp column the rows are made along; default split.time_column.",
+    )
+    step_hours: int = Field(
+        default=24, ge=1, le=24, description="Hours between two scored rows of an entity."
+    )
+    calendar: dict[str, CalendarPart] = Field(
+        default_factory=dict,
+        description="Feature column → the part of the row's time it is (hour, weekday with "
+        "Monday 0, day, month, day_of_year, is_weekend).",
+    )
+    last_known: list[str] = Field(
+        default_factory=list,
+        description="Feature columns taken from the entity's latest row at the same time of day.",
+    )
+
+    @field_validator("step_hours")
+    @classmethod
+    def _divides_a_day(cls, value: int) -> int:
+        if 24 % value:
+            raise ValueError(f"must divide 24, got {value}")
+        return value
+
+    def columns(self) -> dict[str, str]:
+        """Each column the section names → the field naming it (`scoring.entity[0]`, ...)."""
+        named: dict[str, str] = {}
+        for i, column in enumerate(self.entity):
+            named.setdefault(column, f"scoring.entity[{i}]")
+        for column in self.calendar:
+            named.setdefault(column, f"scoring.calendar.{column}")
+        for i, column in enumerate(self.last_known):
+            named.setdefault(column, f"scoring.last_known[{i}]")
+        return named
+
+
 class PipelineConfig(_Strict):
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline and dataset name.")
     dataset: DatasetSpec
@@ -208,10 +262,13 @@ class PipelineConfig(_Strict):
     training: TrainingSpec = TrainingSpec()
     gates: GatesSpec = GatesSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+    scoring: ScoringSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
         ds = self.dataset
+        if self.scoring is not None:
+            self._check_scoring(self.scoring)
         if ds.features is not None and ds.target in ds.features:
             raise ValueError(f"dataset.features includes the target {ds.target!r}")
         time_col = self.split.time_column
@@ -225,6 +282,55 @@ class PipelineConfig(_Strict):
             raise ValueError(f"gates {sorted(used)} do not apply to {self.model.task}")
         return self
 
+    def scoring_time_column(self) -> str:
+        scoring = self.scoring
+        return (scoring.time_column if scoring else None) or self.split.time_column or ""
+
+    def _check_scoring(self, scoring: ScoringSpec) -> None:
+        """What the config alone can tell: each column once, none the target, a datetime
+        time column; with `dataset.features` listed, exactly the features covered. A column
+        of the data that the config does not list is checked when the data lands
+        (mlpipe.ml.validation.check_scoring_columns)."""
+        ds = self.dataset
+        time_col = self.scoring_time_column()
+        if not time_col:
+            raise ValueError("scoring needs scoring.time_column or split.time_column")
+        if ds.columns.get(time_col) != "datetime":
+            raise ValueError(f"scoring.time_column {time_col!r} must be declared datetime")
+        seen: dict[str, str] = {}
+        for field_name, columns in (
+            ("entity", scoring.entity),
+            ("calendar", list(scoring.calendar)),
+            ("last_known", scoring.last_known),
+        ):
+            for i, column in enumerate(columns):
+                where = (
+                    f"scoring.{field_name}.{column}"
+                    if field_name == "calendar"
+                    else f"scoring.{field_name}[{i}]"
+                )
+                if column == ds.target:
+                    raise ValueError(f"{where}: {column!r} is the target, not a feature")
+                if column == time_col:
+                    raise ValueError(f"{where}: {column!r} is the time column")
+                if column in seen:
+                    raise ValueError(f"{where}: {column!r} is already named by {seen[column]}")
+                seen[column] = where
+        if ds.features is not None:
+            known = set(ds.features) | set(ds.columns) | set(ds.key)
+            for column, where in seen.items():
+                if column not in known:
+                    raise ValueError(
+                        f"{where}: column {column!r} is not in dataset.features "
+                        f"{list(ds.features)} nor dataset.columns"
+                    )
+            uncovered = [f for f in ds.features if f not in seen]
+            if uncovered:
+                raise ValueError(
+                    f"scoring: features {uncovered} are in none of scoring.entity, "
+                    "scoring.calendar and scoring.last_known"
+                )
+
     def canonical_json(self) -> bytes:
         dumped = self.model_dump(mode="json")
         # Fields added later are left out while unset, so existing configs keep their hash
@@ -234,6 +340,8 @@ class PipelineConfig(_Strict):
                 del dumped["dataset"][added]
         # Monitoring does not change what a run trains: tuning it starts no new run.
         del dumped["monitoring"]
+        # Nor does scoring, which only says what the champion scores once served.
+        del dumped["scoring"]
         return json.dumps(dumped, sort_keys=True).encode()
 
     def sha256(self) -> str:

@@ -49,6 +49,29 @@ def require_columns(columns: list[str], needed: list[str], source: str, wanted_b
         )
 
 
+def check_scoring_columns(config: PipelineConfig, columns: list[str], source: str) -> None:
+    """The `scoring:` section against the data's header: each column it names exists, and
+    every feature is made by one of its parts (else the champion's scoring could not run)."""
+    scoring = config.scoring
+    if scoring is None:
+        return
+    named = scoring.columns()
+    for column, where in named.items():
+        if column not in columns:
+            raise PermanentError(
+                "invalid_config",
+                f"pipeline {config.name!r} {where} names column {column!r}, which {source} "
+                f"lacks (found: {columns})",
+            )
+    uncovered = [f for f in config.feature_columns(columns) if f not in named]
+    if uncovered:
+        raise PermanentError(
+            "invalid_config",
+            f"pipeline {config.name!r} scoring: the features {uncovered} of {source} are in "
+            "none of scoring.entity, scoring.calendar and scoring.last_known",
+        )
+
+
 def schema_of(config: PipelineConfig, columns: list[str]) -> dict[str, ColumnType]:
     """Each column's type: as declared; undeclared, numeric, but a classification target
     that is not declared is a label (categorical)."""
@@ -73,6 +96,7 @@ def check_dataset(frame: pd.DataFrame, config: PipelineConfig, source: str) -> l
     if len(frame) == 0:
         raise PermanentError("header_only", f"{source} has a header but no rows")
     require_columns(columns, required_columns(config, columns), source, f"pipeline {config.name!r}")
+    check_scoring_columns(config, columns, source)
     features = config.feature_columns(columns)
     if not features:
         raise PermanentError(

@@ -352,6 +352,23 @@ def batch_completed_path(model: str, batch_id: str) -> str:
     return f"{PREDICTIONS}{model}/jobs/{batch_id}.completed.json"
 
 
+def scoring_input_path(model: str, batch_id: str) -> str:
+    """The rows a new champion scores for the next days (mlpipe.ml.scoring_rows), written
+    before its BatchPredictionRequest is published."""
+    return f"{PREDICTIONS}{model}/inputs/{batch_id}.csv"
+
+
+def scoring_request_path(model: str, batch_id: str) -> str:
+    """The BatchPredictionRequest published for a champion's scoring (create-if-absent after
+    publishing: a redelivery that finds it publishes nothing)."""
+    return f"{PREDICTIONS}{model}/requests/{batch_id}.json"
+
+
+def scoring_batch_id(version: int, start: dt.date) -> str:
+    """The batch of a champion's scoring: one per model version and first day scored."""
+    return f"scoring-v{version}-{start:%Y%m%d}"
+
+
 # --- ingest's exports ---------------------------------------------------------------------
 def export_id_for(request_id: str, dataset: str) -> str:
     """The export of one request: the same id for every delivery of it, so a redelivery finds
