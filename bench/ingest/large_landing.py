@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2, help="the local job's workers")
+    parser.add_argument("--mode", default="in_memory", choices=["multi_processing", "in_memory"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-large-"))
     stack = LocalStack(work, base_port=free_base(), project="bench-large", bucket="bench-large")
@@ -149,6 +150,7 @@ def main() -> None:
                 "MLPIPE_SOURCE_MAX_BYTES": str(1 << 30),
                 "MLPIPE_LOG_LEVEL": "WARNING",
                 "MLPIPE_VALIDATION_LOCAL_WORKERS": str(args.workers),
+                "MLPIPE_VALIDATION_LOCAL_MODE": args.mode,
             }
             paths = {
                 "in the service": {"MLPIPE_INGEST_BEAM_MIN_BYTES": "0"},
@@ -175,7 +177,10 @@ def main() -> None:
                     child.terminate()
                     child.wait(20)
                 results[name] = {"seconds": seconds, "peak_mib": [peak], "job_mib": jobs}
-        print(f"{args.rows:,} rows, {size / 1e6:.1f} MB CSV, gcs source, median of {args.repeat}")
+        print(
+            f"{args.rows:,} rows, {size / 1e6:.1f} MB CSV, gcs source, median of {args.repeat}; "
+            f"the job on the DirectRunner, {args.mode}, {args.workers} workers"
+        )
         base = statistics.median(results["in the service"]["seconds"])
         for name, r in results.items():
             median = statistics.median(r["seconds"])

@@ -21,6 +21,7 @@ from mlpipe.ml.config import PipelineConfig, parse_config
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
+from mlpipe_ingest.large_landing import validation_job_name
 from mlpipe_ingest.main import app
 from mlpipe_ops.standins.dataflow import DataflowStandIn, template_spec
 from tests.conftest import REPO, unique, wait_until
@@ -236,6 +237,8 @@ def test_redeliveries_of_a_large_landing_start_one_dataflow_job(
     assert len(launches) == 1
     spec = ValidationSpec.from_json(launches[0]["launchParameter"]["parameters"]["spec"])
     assert spec.input_uri == raw.uri("big/stations.csv") and spec.format == "csv"
+    assert job.name == validation_job_name(spec)
+    assert launches[0]["launchParameter"]["containerSpecGcsPath"] == f"gs://{bucket}/{TEMPLATE}"
     assert done["state"] == "landed", done
     assert after["status"] == "duplicate"
     landed = cloud.pulled(events.DATASETS_LANDED, expect=2)

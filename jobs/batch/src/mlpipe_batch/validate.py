@@ -198,7 +198,7 @@ def repeated_key(item: tuple[tuple[str, ...], Iterable[int]], uri: str, key: lis
         }
 
 
-class Verdict(beam.CombineFn):  # type: ignore[misc]
+class Verdict(beam.CombineFn):
     """Every part's outcome in one: rows, features with values, the read summary and the
     problem of the lowest row (a problem that is no row's, row 0, comes first)."""
 

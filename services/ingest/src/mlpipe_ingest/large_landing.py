@@ -74,7 +74,7 @@ class LocalValidation:
     stack; the service image does not hold the job: MLPIPE_VALIDATION_LAUNCHER=dataflow)."""
 
     workers: int = 2
-    mode: str = "multi_processing"
+    mode: str = "in_memory"
     log_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "mlpipe-validate")
     python: str = sys.executable
     name: str = "local"

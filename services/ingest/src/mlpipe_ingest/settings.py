@@ -56,8 +56,9 @@ class IngestSettings(CommonSettings):
     # batch job's Flex Template, MLPIPE_VALIDATION_DATAFLOW_*).
     validation_launcher: Literal["local", "dataflow"] = "local"
     validation_local_workers: int = Field(default=2, ge=1)
-    # The DirectRunner's mode for a local job (in_memory: one process, quicker to start).
-    validation_local_mode: Literal["multi_processing", "in_memory"] = "multi_processing"
+    # The DirectRunner's mode for a local job: in_memory (one process) starts in seconds;
+    # multi_processing's workers took ~25 s more to start here (bench/RESULTS.md).
+    validation_local_mode: Literal["multi_processing", "in_memory"] = "in_memory"
     # Rows the job checks as one part (its workers hold a few parts at a time).
     validation_chunk_rows: int = Field(default=50_000, ge=1)
     region: str = ""
