@@ -64,21 +64,18 @@ def raw(cloud: Cloud) -> Storage:
     return Storage(cloud.storage.client, bucket.name)
 
 
-def settings_env(cloud: Cloud, raw: Storage, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def settings_env(cloud: Cloud, raw: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLPIPE_PROJECT", cloud.project)
     monkeypatch.setenv("MLPIPE_BUCKET", cloud.storage.bucket_name)
     monkeypatch.setenv("MLPIPE_SOURCE_BUCKETS", json.dumps([raw.bucket_name]))
     monkeypatch.setenv("MLPIPE_INGEST_BEAM_MIN_BYTES", "1")
     monkeypatch.setenv("MLPIPE_VALIDATION_CHUNK_ROWS", "5")  # several parts per file
     monkeypatch.setenv("MLPIPE_VALIDATION_LOCAL_MODE", "in_memory")
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
 
 
 @pytest.fixture
-def ingest(
-    cloud: Cloud, raw: Storage, monkeypatch: pytest.MonkeyPatch, tmp_path
-) -> Iterator[TestClient]:
-    settings_env(cloud, raw, monkeypatch, tmp_path)
+def ingest(cloud: Cloud, raw: Storage, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    settings_env(cloud, raw, monkeypatch)
     cloud.apply_config(parse_config(STATIONS))
     cloud.watch(events.DATASETS_LANDED, events.PIPELINE_FAILURES)
     with TestClient(app) as client:
@@ -111,12 +108,11 @@ def test_a_valid_large_landing_is_copied_by_content_and_trains(
     cloud: Cloud,
     raw: Storage,
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path,
     iris_config: PipelineConfig,
     iris_csv: str,
     services: dict[str, TestClient],
 ) -> None:
-    settings_env(cloud, raw, monkeypatch, tmp_path)
+    settings_env(cloud, raw, monkeypatch)
     cloud.apply_config(iris_config)
     cloud.watch(events.DATASETS_LANDED)  # the services watch the failures
     data = iris_csv.encode()
@@ -198,10 +194,9 @@ def test_redeliveries_of_a_large_landing_start_one_dataflow_job(
     cloud: Cloud,
     raw: Storage,
     monkeypatch: pytest.MonkeyPatch,
-    tmp_path,
     dataflow: DataflowStandIn,
 ) -> None:
-    settings_env(cloud, raw, monkeypatch, tmp_path)
+    settings_env(cloud, raw, monkeypatch)
     bucket = cloud.storage.bucket_name
     monkeypatch.setenv("MLPIPE_VALIDATION_LAUNCHER", "dataflow")
     monkeypatch.setenv("MLPIPE_REGION", "us-central1")
