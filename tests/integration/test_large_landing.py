@@ -6,11 +6,14 @@ server-side copy; the push only starts it, the exports check finishes it."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -239,3 +242,53 @@ def test_redeliveries_of_a_large_landing_start_one_dataflow_job(
     landed = cloud.pulled(events.DATASETS_LANDED, expect=2)
     assert len(landed) == 2 and landed[0].dataset.uri == landed[1].dataset.uri
     assert landed[0].dataset.row_count == 30
+
+
+def parquet_of(n: int) -> bytes:
+    cells = [r.split(",") for r in rows(n)]
+    table = pa.table(
+        {
+            "site": [c[0] for c in cells],
+            "observed": [c[1] for c in cells],
+            "hour": [int(c[2]) for c in cells],
+            "humidity": [float(c[3]) for c in cells],
+            "temp": [float(c[4]) for c in cells],
+        }
+    )
+    out = io.BytesIO()
+    pq.write_table(table, out, row_group_size=7)
+    return out.getvalue()
+
+
+def test_a_large_parquet_landing_lands_as_parquet(
+    ingest: TestClient, cloud: Cloud, raw: Storage
+) -> None:
+    data = parquet_of(20)
+    raw.write("big/stations.parquet", data)
+
+    started = push(ingest, gcs_request(raw.uri("big/stations.parquet")))
+    done = checked_until_done(ingest)
+
+    assert started["status"] == "exporting" and done["state"] == "landed", done
+    (landed,) = cloud.pulled(events.DATASETS_LANDED)
+    assert landed.dataset.row_count == 20
+    assert landed.dataset.sha256 == hashlib.sha256(data).hexdigest()
+    assert landed.dataset.uri.endswith(".parquet")
+    assert landed.dataset.data_format == events_pb2.DATA_FORMAT_PARQUET
+    assert cloud.storage.read(cloud.storage.path_of(landed.dataset.uri)).data == data
+
+
+def test_an_object_under_the_threshold_keeps_the_in_service_path(
+    cloud: Cloud, raw: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings_env(cloud, raw, monkeypatch)
+    data = csv_of(rows(12))
+    monkeypatch.setenv("MLPIPE_INGEST_BEAM_MIN_BYTES", str(len(data) + 1))
+    cloud.apply_config(parse_config(STATIONS))
+    raw.write("small/stations.csv", data)
+
+    with TestClient(app) as ingest:
+        reply = push(ingest, gcs_request(raw.uri("small/stations.csv")))
+
+    assert reply["status"] == "landed", reply
+    assert cloud.storage.list(layout.EXPORTS) == []
