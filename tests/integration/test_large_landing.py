@@ -292,3 +292,17 @@ def test_an_object_under_the_threshold_keeps_the_in_service_path(
 
     assert reply["status"] == "landed", reply
     assert cloud.storage.list(layout.EXPORTS) == []
+
+
+def test_a_file_lacking_a_column_fails_as_a_whole(
+    ingest: TestClient, cloud: Cloud, raw: Storage
+) -> None:
+    lines = [",".join(r.split(",")[:3] + r.split(",")[4:]) for r in rows(8)]  # no humidity
+    raw.write("big/narrow.csv", ("\n".join(["site,observed,hour,temp", *lines]) + "\n").encode())
+
+    push(ingest, gcs_request(raw.uri("big/narrow.csv")))
+    done = checked_until_done(ingest)
+
+    assert done["state"] == "failed" and done["reason"] == "missing_column", done
+    (failed,) = cloud.pulled(events.PIPELINE_FAILURES)
+    assert "the file as a whole" in failed.message and "['humidity']" in failed.message
