@@ -225,6 +225,21 @@ retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-predictor)" \
 retry g artifacts repositories add-iam-policy-binding "$REPOSITORY" --location="$REGION" \
   --member="serviceAccount:$(sa mlpipe-predictor)" --role=roles/artifactregistry.reader
 
+step "Roles of ingest (large landings validated on Dataflow)"
+# Launches the batch job's Flex Template with a validation spec, follows and cancels its jobs.
+retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+  --member="serviceAccount:$(sa mlpipe-ingest)" --role=roles/dataflow.developer
+# The validation job's workers run as mlpipe-ingest (they read the source buckets ingest may
+# read and write the verdict under ingest/exports/ with its other roles).
+retry g projects add-iam-policy-binding "$PROJECT" --condition=None \
+  --member="serviceAccount:$(sa mlpipe-ingest)" --role=roles/dataflow.worker
+# Launching a job that runs as mlpipe-ingest needs actAs on itself.
+retry g iam service-accounts add-iam-policy-binding "$(sa mlpipe-ingest)" \
+  --member="serviceAccount:$(sa mlpipe-ingest)" --role=roles/iam.serviceAccountUser
+# The launcher and the workers pull the batch job's image from this repository only.
+retry g artifacts repositories add-iam-policy-binding "$REPOSITORY" --location="$REGION" \
+  --member="serviceAccount:$(sa mlpipe-ingest)" --role=roles/artifactregistry.reader
+
 step "Roles of the deployer ($DEPLOY_TARGET)"
 if [[ "$DEPLOY_TARGET" == cloud_run ]]; then
   # Makes revisions of mlpipe-predictor that run as mlpipe-predictor: actAs on that account

@@ -1,5 +1,9 @@
 """`python -m mlpipe_batch --spec JSON [Beam pipeline options]`: run one batch job.
 
+A spec whose `job` is `validate_dataset` (mlpipe.messaging.validation_jobs) is a large
+landing's validation (mlpipe_batch.validate): exit status 0 once its verdict is written,
+valid or not, 1 when the job itself broke.
+
 The predictor's local launcher starts this as a process (DirectRunner); the Dataflow launcher
 starts the same entry point in a Flex Template's launcher (DataflowRunner). Exit status: 0 the
 metrics are written, 2 the batch failed (its failure record says why), 1 the job itself broke
@@ -15,6 +19,7 @@ import sys
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging.batch_jobs import JobSpec, record_failure
+from mlpipe.messaging.validation_jobs import ValidationSpec, is_validation
 from mlpipe_batch.pipeline import remove_outputs, run, storage_for
 
 log = logging.getLogger("mlpipe_batch")
@@ -25,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="the JobSpec, JSON")
     args, beam_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    spec = JobSpec.from_json(args.spec)
     worker_image = os.environ.get("MLPIPE_BATCH_WORKER_IMAGE", "")
     if worker_image and not any(a.startswith("--sdk_container_image") for a in beam_args):
         # On Dataflow (the job's image): the workers run the same image as the launcher.
         beam_args.append(f"--sdk_container_image={worker_image}")
+    if is_validation(args.spec):
+        return validate(ValidationSpec.from_json(args.spec), beam_args)
+    spec = JobSpec.from_json(args.spec)
     storage = storage_for(spec)
     try:
         metrics = run(spec, beam_args)
@@ -61,6 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             metrics["rows"],
             metrics["duration_seconds"],
         )
+    return 0
+
+
+def validate(spec: ValidationSpec, beam_args: list[str]) -> int:
+    from mlpipe_batch import validate as validation
+
+    try:
+        verdict = validation.run(spec, beam_args)
+    except Exception:
+        # No verdict: ingest's check finds the job ended without one and reports it.
+        log.exception("validation %s of %s broke", spec.export_id, spec.input_uri)
+        return 1
+    if verdict is not None:
+        log.info("validation %s of %s: valid=%s", spec.export_id, spec.input_uri, verdict["valid"])
     return 0
 
 

@@ -184,6 +184,11 @@ DERIVED_ENV = frozenset(
         "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT",
         "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION",
         "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION",
+        "MLPIPE_VALIDATION_LAUNCHER",
+        "MLPIPE_VALIDATION_DATAFLOW_TEMPLATE",
+        "MLPIPE_VALIDATION_DATAFLOW_SERVICE_ACCOUNT",
+        "MLPIPE_VALIDATION_DATAFLOW_TEMP_LOCATION",
+        "MLPIPE_VALIDATION_DATAFLOW_STAGING_LOCATION",
         "MLPIPE_CONSOLE_AUTH",
         "MLPIPE_CONSOLE_AUDIENCE",
         "MLPIPE_DEPLOYER_URL",
@@ -379,6 +384,17 @@ def service_environment(
             "MLPIPE_BATCH_DATAFLOW_SERVICE_ACCOUNT": target.runtime_accounts["predictor"],
             "MLPIPE_BATCH_DATAFLOW_TEMP_LOCATION": f"gs://{target.bucket}/dataflow/temp",
             "MLPIPE_BATCH_DATAFLOW_STAGING_LOCATION": f"gs://{target.bucket}/dataflow/staging",
+        }
+    if service == "ingest" and not target.emulated:
+        # A large landing's validation runs on Dataflow as ingest's own account, from the batch
+        # job's Flex Template of the same build (the ingest image does not hold the job).
+        env |= {
+            "MLPIPE_VALIDATION_LAUNCHER": "dataflow",
+            "MLPIPE_REGION": target.region,
+            "MLPIPE_VALIDATION_DATAFLOW_TEMPLATE": batch_template_uri(target.bucket, code_version),
+            "MLPIPE_VALIDATION_DATAFLOW_SERVICE_ACCOUNT": target.runtime_accounts["ingest"],
+            "MLPIPE_VALIDATION_DATAFLOW_TEMP_LOCATION": f"gs://{target.bucket}/dataflow/temp",
+            "MLPIPE_VALIDATION_DATAFLOW_STAGING_LOCATION": f"gs://{target.bucket}/dataflow/staging",
         }
     return env | runtime.env
 

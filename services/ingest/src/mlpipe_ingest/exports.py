@@ -154,9 +154,13 @@ class Exports:
             )
         return result
 
-    def begin(self, request: events_pb2.IngestRequest, message: PushMessage) -> StepResult:
-        """Start the request's export once, record it and acknowledge; never wait for it."""
-        kind = request.WhichOneof("source") or ""
+    def begin(
+        self, request: events_pb2.IngestRequest, message: PushMessage, kind: str = ""
+    ) -> StepResult:
+        """Start the request's export once, record it and acknowledge; never wait for it. The
+        backend is its source's (`kind`: one registered under another name, a large landing's
+        validation)."""
+        kind = kind or request.WhichOneof("source") or ""
         if not request.dataset:
             return permanent(PermanentError("invalid_message", "IngestRequest.dataset is empty"))
         export_id = layout.export_id_for(request.request_id or message.message_id, request.dataset)

@@ -25,6 +25,7 @@ from mlpipe.store import layout
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.exports import Exports
+from mlpipe_ingest.large_landing import KIND, LargeLandings
 from mlpipe_ingest.sources import SourceSettings, table_from_request
 from mlpipe_ingest.table import Table, to_csv_bytes, to_parquet_bytes
 
@@ -42,6 +43,8 @@ class Landing:
     # Sources that are a cloud export (Earth Engine, BigQuery): started here, landed by the
     # exports check (mlpipe_ingest.exports).
     exports: Exports | None = field(default=None, repr=False)
+    # Large `gcs` sources: validated by a Beam job, begun and landed like an export.
+    large: LargeLandings | None = field(default=None, repr=False)
 
     def __call__(self, message: PushMessage) -> StepResult:
         if len(message.data) > self.max_inline_bytes:
@@ -66,13 +69,15 @@ def land(request: events_pb2.IngestRequest, message: PushMessage, deps: Landing)
     """IngestRequest → a checked dataset object → DatasetLanded. No claim and no record: the
     object is named by its content and created only if absent, so it is its own record.
     A source that is an export is started and recorded instead, and landed by its check."""
-    if deps.exports is not None and deps.exports.handles(request):
-        try:
-            # The pipeline must exist before anything is started for it.
-            load_pipeline_config(deps.storage, request.dataset, deps.env)
-        except PermanentError as exc:
-            return permanent(exc)
-        return deps.exports.begin(request, message)
+    if deps.exports is not None:
+        large = deps.large is not None and deps.large.takes(request)
+        if large or deps.exports.handles(request):
+            try:
+                # The pipeline must exist before anything is started for it.
+                load_pipeline_config(deps.storage, request.dataset, deps.env)
+            except PermanentError as exc:
+                return permanent(exc)
+            return deps.exports.begin(request, message, KIND if large else "")
     try:
         landed, rows = land_request(request, message, deps)
     except PermanentError as exc:

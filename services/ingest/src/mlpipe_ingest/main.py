@@ -22,6 +22,7 @@ from mlpipe.runtime.settings import load_settings
 from mlpipe.v1 import events_pb2
 from mlpipe_ingest.exports import ExportBackend, Exports, LazyBackend, check_exports
 from mlpipe_ingest.landing import Landing, land_export
+from mlpipe_ingest.large_landing import LargeLandings, validation_launcher
 from mlpipe_ingest.settings import IngestSettings
 from mlpipe_ingest.sources_earthengine import EarthEngineBackend
 
@@ -56,6 +57,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backoff_seconds=settings.export_backoff_seconds,
         retry_deliveries=settings.source_retry_deliveries,
     )
+    landing.large = LargeLandings(
+        clients.storage,
+        validation_launcher(settings),
+        settings.ingest_beam_min_bytes,
+        settings.source_settings(),
+        env=settings.env,
+        chunk_rows=settings.validation_chunk_rows,
+    )
+    landing.exports.backends[landing.large.kind] = landing.large
     # Locally, what Cloud Scheduler does on GCP: POST /v1/exports:check.
     exports = landing.exports
     async with every(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -47,6 +47,28 @@ class IngestSettings(CommonSettings):
     export_timeout_seconds: float = 3600.0
     # Landing an export reads its file in ranged reads of this size (the sha256).
     export_chunk_bytes: int = 8 * 1024 * 1024
+    # A `gcs` source of a CSV or Parquet object at least this large is validated by a Beam
+    # job (mlpipe_batch.validate) and copied server-side, never read into ingest; 0: never.
+    # (MLPIPE_INGEST_BEAM_MIN_BYTES; smaller objects keep the in-service path, which refuses
+    # objects over MLPIPE_SOURCE_MAX_BYTES.)
+    ingest_beam_min_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Where that job runs: "local" (a process on this host, DirectRunner) or "dataflow" (the
+    # batch job's Flex Template, MLPIPE_VALIDATION_DATAFLOW_*).
+    validation_launcher: Literal["local", "dataflow"] = "local"
+    validation_local_workers: int = Field(default=2, ge=1)
+    # The DirectRunner's mode for a local job: in_memory (one process) starts in seconds;
+    # multi_processing's workers took ~25 s more to start here (bench/RESULTS.md).
+    validation_local_mode: Literal["multi_processing", "in_memory"] = "in_memory"
+    # Rows the job checks as one part (its workers hold a few parts at a time).
+    validation_chunk_rows: int = Field(default=50_000, ge=1)
+    region: str = ""
+    validation_dataflow_template: str = ""  # gs://…/templates/batch.json
+    validation_dataflow_service_account: str = ""
+    validation_dataflow_temp_location: str = ""
+    validation_dataflow_staging_location: str = ""
+    validation_dataflow_machine_type: str = ""
+    validation_dataflow_max_workers: int = 0
+    validation_dataflow_endpoint: str = ""  # a local stand-in's URL; empty: Google's
     earthengine_project: str = Field(
         default="",
         description="The Cloud project registered for Earth Engine that exports run under; "

@@ -111,12 +111,9 @@ def _object_name_ok(name: str) -> bool:
     return bool(name) and not CONTROL.search(name) and ".." not in parts and "." not in parts
 
 
-def table_from_gcs(
-    source: events_pb2.GcsSource,
-    client: gcs.Client,
-    message: PushMessage,
-    settings: SourceSettings,
-) -> Table:
+def gcs_object(source: events_pb2.GcsSource, settings: SourceSettings) -> tuple[str, str, str]:
+    """A `gcs` source's bucket, object name and format, checked: a bucket ingest may read, a
+    safe name, a format it reads."""
     try:
         bucket, name = parse_gs_uri(source.uri)
     except ValueError as exc:
@@ -138,6 +135,16 @@ def table_from_gcs(
         raise PermanentError(
             "invalid_message", f"gcs source {source.uri}: format {fmt!r}: csv, parquet or jsonl"
         )
+    return bucket, name, fmt
+
+
+def table_from_gcs(
+    source: events_pb2.GcsSource,
+    client: gcs.Client,
+    message: PushMessage,
+    settings: SourceSettings,
+) -> Table:
+    bucket, name, fmt = gcs_object(source, settings)
     return _read(_download(client, bucket, name, source.uri, settings), fmt, source.uri, "gcs")
 
 

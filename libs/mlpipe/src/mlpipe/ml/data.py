@@ -76,6 +76,30 @@ def read_csv_text(text: str, source: str) -> tuple[list[str], list[list[str]]]:
     return header, list(rows)
 
 
+def read_csv_text_chunks(
+    stream: BinaryIO, source: str, rows: int
+) -> Iterator[tuple[list[str], list[list[str]]]]:
+    """CSV bytes read from a stream by the rules of `read_csv_text` (every cell as text), in
+    parts of at most `rows` rows: (the header, the part's rows), one part at a time. A
+    dataset too large to hold is checked so (mlpipe_batch.validate)."""
+    lines = io.TextIOWrapper(stream, encoding=ENCODING, newline="")
+    try:
+        parsed = _csv_rows(lines, source)
+        header = next(parsed)
+        part: list[list[str]] = []
+        for row in parsed:
+            part.append(row)
+            if len(part) >= rows:
+                yield header, part
+                part = []
+        if part:
+            yield header, part
+    except UnicodeDecodeError as exc:
+        raise PermanentError("not_utf8", f"{source} is not UTF-8 text: {exc}") from exc
+    except StopIteration:
+        raise PermanentError("empty_dataset", f"{source} is empty") from None
+
+
 def _csv_header(data: bytes, source: str) -> list[str]:
     """Check CSV bytes against the rules of `read_csv_text` without holding them as text;
     return the header."""

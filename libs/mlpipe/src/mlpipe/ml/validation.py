@@ -88,63 +88,107 @@ def describe_schema(schema: dict[str, ColumnType]) -> str:
     return ",".join(f"{c}:{t}" for c, t in schema.items())
 
 
-def check_dataset(frame: pd.DataFrame, config: PipelineConfig, source: str) -> list[str]:
-    """Raise a PermanentError naming the first problem of `frame` for `config`; return the
-    feature columns."""
-    ds = config.dataset
-    columns = [str(c) for c in frame.columns]
-    if len(frame) == 0:
-        raise PermanentError("header_only", f"{source} has a header but no rows")
+def check_header(columns: list[str], config: PipelineConfig, source: str) -> list[str]:
+    """The checks a header decides: the columns the pipeline needs are there and some are
+    features. Raise a PermanentError naming the first problem; return the feature columns."""
     require_columns(columns, required_columns(config, columns), source, f"pipeline {config.name!r}")
     check_scoring_columns(config, columns, source)
     features = config.feature_columns(columns)
     if not features:
         raise PermanentError(
-            "no_features", f"{source} has no feature columns besides {ds.target!r}"
+            "no_features", f"{source} has no feature columns besides {config.dataset.target!r}"
         )
-    n = len(frame)
+    return features
+
+
+def check_row_count(n: int, config: PipelineConfig, source: str) -> None:
+    ds = config.dataset
+    if n == 0:
+        raise PermanentError("header_only", f"{source} has a header but no rows")
     if not ds.min_rows <= n <= ds.max_rows:
         raise PermanentError(
             "row_count",
             f"{source} has {n} rows; pipeline {config.name!r} accepts {ds.min_rows}..{ds.max_rows}",
         )
-    _check_present(frame, config, features, source)
-    _check_types(frame, config, columns, source)
-    if ds.key:
-        repeated = frame.duplicated(subset=ds.key, keep="first")
-        if repeated.any():
-            raise PermanentError(
-                "duplicate_key",
-                f"{source}: {int(repeated.sum())} row(s) repeat a key {ds.key} "
-                f"(data rows {_first_rows(repeated)})",
-            )
-    return features
 
 
-def _check_present(
-    frame: pd.DataFrame, config: PipelineConfig, features: list[str], source: str
-) -> None:
-    """The target and `required_non_null` columns have a value in every row; every feature
-    has one in some row."""
-    ds = config.dataset
-    for column in dict.fromkeys([ds.target, *ds.required_non_null]):
-        empty = _missing(frame[column])
-        if empty.any():
-            reason = "null_target" if column == ds.target else "null_value"
-            raise PermanentError(
-                reason,
-                f"{source}: {int(empty.sum())} row(s) have no {column!r} "
-                f"(data rows {_first_rows(empty)})",
-            )
+class BadRow(PermanentError):
+    """A problem of one data row (counted from 1 in the whole dataset): `row`."""
+
+    def __init__(self, reason: str, message: str, row: int) -> None:
+        super().__init__(reason, message)
+        self.row = row
+
+
+def check_chunk(
+    frame: pd.DataFrame,
+    config: PipelineConfig,
+    features: list[str],
+    source: str,
+    first_row: int = 1,
+) -> set[str]:
+    """The checks one part of a dataset decides on its own, its first row being data row
+    `first_row`: the target and `required_non_null` columns have a value in every row, and
+    typed columns parse. Raise a `BadRow` naming the first problem; return the features that
+    have a value in this part (`check_features_present` on the union of every part's)."""
+    _check_present(frame, config, source, first_row)
+    _check_types(frame, config, [str(c) for c in frame.columns], source, first_row)
+    return {c for c in features if not _missing(frame[c]).all()}
+
+
+def check_features_present(features: list[str], present: set[str], source: str) -> None:
+    """Every feature has a value in some row."""
     for column in features:
-        if _missing(frame[column]).all():
+        if column not in present:
             raise PermanentError(
                 "all_nan_feature", f"{source}: feature column {column!r} has no values at all"
             )
 
 
+def check_dataset(frame: pd.DataFrame, config: PipelineConfig, source: str) -> list[str]:
+    """Raise a PermanentError naming the first problem of `frame` for `config`; return the
+    feature columns. A dataset too large for one frame is checked in parts with the same
+    functions (check_header, check_chunk, check_features_present, check_row_count; the batch
+    job's mlpipe_batch.validate)."""
+    ds = config.dataset
+    columns = [str(c) for c in frame.columns]
+    if len(frame) == 0:
+        raise PermanentError("header_only", f"{source} has a header but no rows")
+    features = check_header(columns, config, source)
+    check_row_count(len(frame), config, source)
+    present = check_chunk(frame, config, features, source)
+    check_features_present(features, present, source)
+    if ds.key:
+        repeated = frame.duplicated(subset=ds.key, keep="first")
+        if repeated.any():
+            raise BadRow(
+                "duplicate_key",
+                f"{source}: {int(repeated.sum())} row(s) repeat a key {ds.key} "
+                f"(data rows {_first_rows(repeated)})",
+                _first_rows(repeated)[0],
+            )
+    return features
+
+
+def _check_present(
+    frame: pd.DataFrame, config: PipelineConfig, source: str, first_row: int
+) -> None:
+    """The target and `required_non_null` columns have a value in every row."""
+    ds = config.dataset
+    for column in dict.fromkeys([ds.target, *ds.required_non_null]):
+        empty = _missing(frame[column])
+        if empty.any():
+            reason = "null_target" if column == ds.target else "null_value"
+            rows = [r + first_row - 1 for r in _first_rows(empty)]
+            raise BadRow(
+                reason,
+                f"{source}: {int(empty.sum())} row(s) have no {column!r} (data rows {rows})",
+                rows[0],
+            )
+
+
 def _check_types(
-    frame: pd.DataFrame, config: PipelineConfig, columns: list[str], source: str
+    frame: pd.DataFrame, config: PipelineConfig, columns: list[str], source: str, first_row: int
 ) -> None:
     """Numeric columns (features, a regression target, declared ones) parse as numbers and
     datetime columns as times."""
@@ -166,10 +210,11 @@ def _check_types(
         bad = parsed.isna() & present
         if bad.any():
             first = int(np.flatnonzero(bad.to_numpy())[0])
-            raise PermanentError(
+            raise BadRow(
                 "wrong_type",
                 f"{source}: column {column!r} is declared {kind}; {int(bad.sum())} value(s) "
-                f"are not (first: {values.iloc[first]!r} on data row {first + 1})",
+                f"are not (first: {values.iloc[first]!r} on data row {first + first_row})",
+                first + first_row,
             )
 
 

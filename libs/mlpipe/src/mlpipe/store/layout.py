@@ -28,6 +28,9 @@
     ingest/exports/<export_id>.json                         an export ingest started (its
                                                             jobs), and how it ended
     ingest/exports/<export_id>/...                          what the export wrote (staging)
+    ingest/exports/<export_id>/validation.json              a large landing's validation job
+                                                            started (created once)
+    ingest/exports/<export_id>/verdict.json                 that job's verdict (first wins)
     audit/console/dt=YYYY-MM-DD/<time>-<id>.json            an action asked for in the
                                                             console: who, what, when, result
     reports/pending/<run_id>                                a run whose report is still
@@ -384,6 +387,16 @@ def export_record_path(export_id: str) -> str:
 def export_staging_prefix(export_id: str) -> str:
     """Where the cloud service writes the export's files (never read as a dataset)."""
     return f"{EXPORTS}{export_id}/"
+
+
+def validation_job_path(export_id: str) -> str:
+    """The validation job a large landing started (created once: one job per landing)."""
+    return f"{export_staging_prefix(export_id)}validation.json"
+
+
+def validation_verdict_path(export_id: str) -> str:
+    """A large landing's validation verdict, written by its job (mlpipe_batch.validate)."""
+    return f"{export_staging_prefix(export_id)}verdict.json"
 
 
 def export_ids(paths: Iterable[str]) -> list[str]:
