@@ -24,11 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +40,13 @@ from mlpipe.messaging import events
 from mlpipe.messaging.validation_jobs import ValidationSpec
 from mlpipe.ml.config import load_pipeline_config
 from mlpipe.ml.validation import describe_schema, schema_of
+from mlpipe.runtime.job_process import (
+    ENDED,
+    RUNNING,
+    JobProcesses,
+    batch_job_installed,
+    direct_runner_command,
+)
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage, parse_gs_uri
 from mlpipe.v1 import events_pb2
@@ -53,7 +56,6 @@ from mlpipe_ingest.sources import SourceSettings, gcs_object
 log = logging.getLogger(__name__)
 
 KIND = "large_gcs"
-RUNNING, ENDED, UNKNOWN = "running", "ended", "unknown"
 FORMATS = ("csv", "parquet")
 CONTENT_TYPES = {"csv": "text/csv", "parquet": "application/vnd.apache.parquet"}
 
@@ -71,73 +73,38 @@ class ValidationLauncher(Protocol):
 @dataclass
 class LocalValidation:
     """`python -m mlpipe_batch --spec …` as a process of its own on the DirectRunner (a local
-    stack; the service image does not hold the job: MLPIPE_VALIDATION_LAUNCHER=dataflow)."""
+    stack; the service image does not hold the job: MLPIPE_VALIDATION_LAUNCHER=dataflow),
+    followed by its handle (mlpipe.runtime.job_process)."""
 
     workers: int = 2
     mode: str = "in_memory"
     log_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "mlpipe-validate")
     python: str = sys.executable
     name: str = "local"
-    _children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: JobProcesses = field(default_factory=JobProcesses)
 
     def command(self, spec: ValidationSpec) -> list[str]:
-        return [
-            self.python,
-            "-m",
-            "mlpipe_batch",
-            "--spec",
-            spec.to_json(),
-            "--runner=DirectRunner",
-            f"--direct_running_mode={self.mode}",
-            f"--direct_num_workers={self.workers}",
-        ]
+        return direct_runner_command(spec.to_json(), self.mode, self.workers, self.python)
 
     def launch(self, spec: ValidationSpec) -> dict[str, Any]:
-        import importlib.util
-
-        if importlib.util.find_spec("mlpipe_batch") is None:
+        if not batch_job_installed():
             raise PermanentError(
                 "validation_job_unavailable",
                 f"{spec.input_uri}: the validation job (mlpipe_batch) is not installed here; "
                 "run it on Dataflow (MLPIPE_VALIDATION_LAUNCHER=dataflow) or raise "
                 "MLPIPE_INGEST_BEAM_MIN_BYTES",
             )
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.export_id}-{int(time.time())}.log"
-        with log_path.open("ab") as out:
-            child = subprocess.Popen(
-                self.command(spec),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # outlives an ingest restart
-            )
-        self._children[child.pid] = child
-        return {"pid": child.pid, "host": socket.gethostname(), "log": str(log_path)}
+        return self.processes.start(self.command(spec), log_path)
 
     def state(self, handle: dict[str, Any]) -> str:
-        if handle.get("host") != socket.gethostname():
-            return UNKNOWN
-        pid = int(handle.get("pid", 0))
-        child = self._children.get(pid)
-        if child is not None:
-            return RUNNING if child.poll() is None else ENDED
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return ENDED
-        except PermissionError:
-            return RUNNING
-        return RUNNING
+        return self.processes.state(handle)
 
     def stop(self, handle: dict[str, Any]) -> None:
-        if self.state(handle) == RUNNING:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(handle["pid"]), signal.SIGTERM)
+        self.processes.stop(handle)
 
     def wait(self, timeout: float) -> None:
-        for child in list(self._children.values()):
-            child.wait(timeout)
+        self.processes.wait(timeout)
 
 
 @dataclass(frozen=True)

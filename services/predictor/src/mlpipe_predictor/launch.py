@@ -18,13 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
 import logging
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,14 +31,17 @@ from google.api_core import exceptions as gexc
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging.batch_jobs import JobSpec
+from mlpipe.runtime.job_process import (
+    ENDED,
+    RUNNING,
+    JobProcesses,
+    batch_job_installed,
+    direct_runner_command,
+)
 from mlpipe.runtime.steps import StepResult, held
 from mlpipe.store.storage import Storage
 
 log = logging.getLogger(__name__)
-
-RUNNING = "running"
-ENDED = "ended"
-UNKNOWN = "unknown"
 
 
 class Launcher(Protocol):
@@ -68,7 +66,7 @@ class Launcher(Protocol):
 class LocalLauncher:
     """`python -m mlpipe_batch` as a child process on the DirectRunner with `workers`
     processes (`mode` multi_processing; in_memory runs it in that one process); its output
-    goes to a log file named in the handle.
+    goes to a log file named in the handle (mlpipe.runtime.job_process).
 
     A worker process that dies leaves the DirectRunner's multi-processing driver waiting for
     it: such a job is ended by its deadline (JobLaunch.job_timeout_seconds), not noticed.
@@ -79,69 +77,35 @@ class LocalLauncher:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "mlpipe-batch")
     python: str = sys.executable
     name: str = "local"
-    _children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: JobProcesses = field(default_factory=JobProcesses)
 
     def command(self, spec: JobSpec) -> list[str]:
-        return [
-            self.python,
-            "-m",
-            "mlpipe_batch",
-            "--spec",
-            spec.to_json(),
-            "--runner=DirectRunner",
-            f"--direct_running_mode={self.mode}",
-            f"--direct_num_workers={self.workers}",
-        ]
+        return direct_runner_command(spec.to_json(), self.mode, self.workers, self.python)
 
     def launch(self, spec: JobSpec) -> dict[str, Any]:
-        # Looked up, never imported: the service image holds only the predictor's packages.
-        if importlib.util.find_spec("mlpipe_batch") is None:
+        if not batch_job_installed():
             raise PermanentError(
                 "batch_job_unavailable",
                 f"batch {spec.batch_id}: the batch job (mlpipe_batch) is not installed here; "
                 "launch batch jobs on Dataflow (MLPIPE_BATCH_LAUNCHER=dataflow) or score "
                 "this input in the predictor (MLPIPE_BATCH_INLINE_MAX_BYTES)",
             )
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{spec.model}-{spec.batch_id}-{int(time.time())}.log"
-        with log_path.open("ab") as out:
-            child = subprocess.Popen(
-                self.command(spec),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                # Its own session: the job outlives a predictor restart, and a signal to the
-                # predictor's group does not reach it.
-                start_new_session=True,
-            )
-        self._children[child.pid] = child
-        log.info("batch %s: started local job pid %d (log %s)", spec.batch_id, child.pid, log_path)
-        return {"pid": child.pid, "host": socket.gethostname(), "log": str(log_path)}
+        handle = self.processes.start(self.command(spec), log_path)
+        log.info(
+            "batch %s: started local job pid %d (log %s)", spec.batch_id, handle["pid"], log_path
+        )
+        return handle
 
     def state(self, handle: dict[str, Any]) -> str:
-        if handle.get("host") != socket.gethostname():
-            return UNKNOWN
-        pid = int(handle.get("pid", 0))
-        child = self._children.get(pid)
-        if child is not None:
-            return RUNNING if child.poll() is None else ENDED
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return ENDED
-        except PermissionError:
-            return RUNNING
-        return RUNNING
+        return self.processes.state(handle)
 
     def stop(self, handle: dict[str, Any]) -> None:
-        if self.state(handle) == RUNNING:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(int(handle["pid"]), signal.SIGTERM)
+        self.processes.stop(handle)
 
     def wait(self, timeout: float) -> None:
         """Wait for every child this launcher started (tests, shutdown)."""
-        for child in list(self._children.values()):
-            child.wait(timeout)
+        self.processes.wait(timeout)
 
 
 @dataclass
