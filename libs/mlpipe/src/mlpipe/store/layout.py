@@ -148,6 +148,9 @@ class RunPaths:
         self.evaluation = base + "evaluation.json"  # the EvaluationCompleted event
         self.deployment = base + "deployment.json"  # the DeploymentCompleted event
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
+        # The cost estimate of the ended run (mlpipe.store.run_cost.record_estimate), or why
+        # there is none: written by the service that ends it.
+        self.cost = base + "cost.json"
         self.job_log = base + "job.log"
         self.vertex_output = base + "vertex/"  # a Vertex AI CustomJob's output directory
         # A run promoted from another environment: the source run's records, copied as they
