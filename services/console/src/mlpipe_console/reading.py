@@ -644,7 +644,10 @@ def batch_runs(storage: Storage, models: list[str]) -> list[dict[str, Any]]:
             prefix = f"{layout.PREDICTIONS}{model}/metrics/"
             for name in storage.list(prefix):
                 metrics = storage.read_json(name) or {}
-                found.append({"model": model, "metrics_path": name, **metrics})
+                batch_id = str(metrics.get("batch_id") or name.rsplit("/", 1)[-1][:-5])
+                # Its estimate (run_cost.record_batch_estimate), once the predictor recorded it.
+                cost = storage.read_json(layout.batch_cost_path(model, batch_id))
+                found.append({"model": model, "metrics_path": name, **metrics, "cost": cost})
     return sorted(found, key=lambda b: str(b.get("finished_at", "")), reverse=True)
 
 

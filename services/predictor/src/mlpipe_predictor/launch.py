@@ -363,6 +363,9 @@ class DataflowLauncher:
             "name": job.name,
             "project": job.project_id or self.options.project,
             "region": job.location or self.options.region,
+            # What its estimate prices (mlpipe.store.run_cost.batch_estimate).
+            "machine_type": self.options.machine_type,
+            "max_workers": self.options.max_workers,
         }
 
     def state(self, handle: dict[str, Any]) -> str:

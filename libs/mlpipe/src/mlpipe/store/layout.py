@@ -350,6 +350,11 @@ def batch_job_failure_path(model: str, batch_id: str) -> str:
     return f"{PREDICTIONS}{model}/jobs/{batch_id}.failed.json"
 
 
+def batch_cost_path(model: str, batch_id: str) -> str:
+    """The cost estimate of a finished batch (mlpipe.store.run_cost.record_batch_estimate)."""
+    return f"{PREDICTIONS}{model}/jobs/{batch_id}.cost.json"
+
+
 def batch_completed_path(model: str, batch_id: str) -> str:
     """The BatchPredictionCompleted recorded once the metrics exist (the step's skip record)."""
     return f"{PREDICTIONS}{model}/jobs/{batch_id}.completed.json"

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlpipe.store import layout
 from mlpipe.store.layout import RunPaths
 from mlpipe.store.run_records import when
 from mlpipe.store.storage import Storage
@@ -494,3 +495,177 @@ def read_record(storage: Storage, run_id: str) -> CostRecord | None:
     ended before estimates were recorded, or has not ended)."""
     raw = storage.read_json(RunPaths(run_id).cost)
     return CostRecord.from_dict(raw) if isinstance(raw, Mapping) else None
+
+
+# --- batch jobs ------------------------------------------------------------------------------
+# Dataflow's default worker machine for batch jobs when the launch names none
+# (cloud.google.com/dataflow/docs/guides/configure-worker-vm).
+DATAFLOW_DEFAULT_MACHINE_TYPE = "n1-standard-1"
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """What one batch prediction cost: Dataflow workers x machine x duration at
+    dataflow_batch prices, or the predictor's Cloud Run time for a batch scored in it."""
+
+    batch_id: str
+    model: str
+    runner: str  # "dataflow", or "predictor" (in the predictor's instance)
+    seconds: float
+    cost: float
+    basis: str
+    currency: str
+    as_of: str
+    region: str
+    workers: int = 0
+    machine_type: str = ""
+    worker_hours: float | None = None
+    vcpu_hours: float | None = None
+    gb_hours: float | None = None
+    vcpu_seconds: float | None = None
+    gib_seconds: float | None = None
+    assumed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def batch_estimate(
+    metrics: Mapping[str, Any],
+    job: Mapping[str, Any] | None,
+    sizes: Mapping[str, ServiceSize],
+    prices: PriceTable,
+) -> BatchCost:
+    """The estimate of a finished batch from its metrics (duration_seconds) and its job record
+    (predictions/<model>/jobs/<batch_id>.json; None for a batch scored in the predictor).
+
+    A Dataflow job is priced as its workers x each worker's vCPUs and memory
+    (dataflow_batch.machine_types) x the job's duration, per vCPU-hour and GB-hour; its worker
+    count is the launch's max_workers (an upper bound: autoscaling may use fewer), one when the
+    launch set none. A job on the local launcher and an in-process batch run in the
+    predictor's instance: priced as its Cloud Run time. CostInputError names a missing entry."""
+    seconds = max(float(metrics.get("duration_seconds") or 0.0), 0.0)
+    batch_id, model = str(metrics.get("batch_id", "")), str(metrics.get("model", ""))
+    launcher = str((job or {}).get("launcher", ""))
+    if launcher != "dataflow":
+        if "predictor" not in sizes:
+            raise CostInputError("no size for service predictor (MLPIPE_COST_SIZES)")
+        used: set[str] = set()
+        step = _cloud_run("batch", seconds, sizes["predictor"], prices, used)
+        return BatchCost(
+            batch_id,
+            model,
+            "predictor",
+            seconds,
+            step.cost,
+            step.basis + " (the predictor's instance)",
+            vcpu_seconds=step.vcpu_seconds,
+            gib_seconds=step.gib_seconds,
+            assumed=sorted(k for k in used if prices.is_assumed(k)),
+            currency=prices.currency,
+            as_of=prices.as_of,
+            region=prices.region,
+        )
+    handle = (job or {}).get("handle") or {}
+    notes = []
+    machine = str(handle.get("machine_type") or "")
+    if not machine:
+        machine = DATAFLOW_DEFAULT_MACHINE_TYPE
+        notes.append(f"no machine type recorded: priced as Dataflow's default, {machine}")
+    workers = int(handle.get("max_workers") or 0)
+    if workers <= 0:
+        workers = 1
+        notes.append("no max_workers recorded: priced as one worker (autoscaling may use more)")
+    else:
+        notes.append(f"priced as max_workers ({workers}): autoscaling may use fewer")
+    node: Any = prices.entries.get("dataflow_batch", {}).get("machine_types", {}).get(machine)
+    if not isinstance(node, Mapping) or "vcpu" not in node or "memory_gb" not in node:
+        raise CostInputError(
+            f"price table ({prices.region}, {prices.as_of}) has no "
+            f"dataflow_batch.machine_types.{machine} (vcpu, memory_gb)"
+        )
+    keys = ("dataflow_batch.vcpu_hour", "dataflow_batch.gb_hour")
+    worker_hours = workers * seconds / 3600
+    vcpu_hours = worker_hours * float(node["vcpu"])
+    gb_hours = worker_hours * float(node["memory_gb"])
+    return BatchCost(
+        batch_id,
+        model,
+        "dataflow",
+        seconds,
+        vcpu_hours * prices.price(keys[0]) + gb_hours * prices.price(keys[1]),
+        f"Dataflow batch {workers} x {machine}",
+        workers=workers,
+        machine_type=machine,
+        worker_hours=worker_hours,
+        vcpu_hours=vcpu_hours,
+        gb_hours=gb_hours,
+        assumed=sorted(k for k in keys if prices.is_assumed(k)),
+        notes=notes,
+        currency=prices.currency,
+        as_of=prices.as_of,
+        region=prices.region,
+    )
+
+
+def batch_cost_lines(record: Mapping[str, Any]) -> list[str]:
+    """A batch's recorded estimate (record_batch_estimate's JSON) as text."""
+    if "estimate" not in record:
+        return [f"cost: no estimate: {record.get('no_estimate', '')}"]
+    c = record["estimate"]
+    if c.get("worker_hours") is not None:
+        used = (
+            f"{c['worker_hours']:.4f} worker-hours, {c['vcpu_hours']:.4f} vCPU-h, "
+            f"{c['gb_hours']:.4f} GB-h"
+        )
+    else:
+        used = f"{c['vcpu_seconds']:.1f} vCPU-s, {c['gib_seconds']:.1f} GiB-s"
+    lines = [
+        f"cost (estimate, prices of {c['as_of']}, {c['region']}):",
+        f"  batch {c['seconds']:9.1f} s  {used}  {c['cost']:.6f} {c['currency']}  ({c['basis']})",
+    ]
+    lines += [f"  note: {note}" for note in c.get("notes", [])]
+    lines += [f"  assumed price: {key}" for key in c.get("assumed", [])]
+    return lines
+
+
+def record_batch_estimate(
+    storage: Storage,
+    model: str,
+    batch_id: str,
+    *,
+    sizes_json: str,
+    prices_json: str,
+    now: dt.datetime | None = None,
+) -> dict[str, Any] | None:
+    """Write a finished batch's estimate (layout.batch_cost_path) unless one is recorded; the
+    record written, else None. Never raises: the batch is done either way; a missing size or
+    price makes a record that says why there is no estimate."""
+    path = layout.batch_cost_path(model, batch_id)
+    record: dict[str, Any] = {
+        "batch_id": batch_id,
+        "model": model,
+        "estimated_at": (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+    }
+    try:
+        if storage.exists(path):
+            return None
+        metrics = storage.read_json(layout.batch_metrics_path(model, batch_id))
+        if metrics is None:
+            raise CostInputError(f"{layout.batch_metrics_path(model, batch_id)} does not exist")
+        job = storage.read_json(layout.batch_job_path(model, batch_id))
+        sizes, prices = parse_tables(sizes_json, prices_json)
+        record["estimate"] = batch_estimate(metrics, job, sizes, prices).to_dict()
+    except CostInputError as exc:
+        record["no_estimate"] = str(exc)
+    except Exception as exc:
+        log.warning("batch %s: no cost estimate: %r", batch_id, exc)
+        record["no_estimate"] = f"the estimate failed: {exc!r}"
+    data = json.dumps(record, indent=2, sort_keys=True).encode()
+    try:
+        created = storage.create_if_absent(path, data)
+    except Exception as exc:
+        log.warning("batch %s: cost estimate not recorded: %r", batch_id, exc)
+        return None
+    return record if created is not None else None
