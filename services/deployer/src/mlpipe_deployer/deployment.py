@@ -208,6 +208,8 @@ def register_version(
         info={
             "dataset": events.to_dict(evaluation.dataset),
             "config_sha256": evaluation.context.config_sha256,
+            # What serves it is labelled with its pipeline (targets.version_labels).
+            "pipeline": evaluation.context.pipeline,
             "code_version": evaluation.context.code_version,
             "metrics": dict(evaluation.metrics),
             "gates": [events.to_dict(g) for g in evaluation.gates],
