@@ -559,7 +559,7 @@ def batch_estimate(
             "predictor",
             seconds,
             step.cost,
-            step.basis + " (the predictor's instance)",
+            step.basis + ", in the predictor",
             vcpu_seconds=step.vcpu_seconds,
             gib_seconds=step.gib_seconds,
             assumed=sorted(k for k in used if prices.is_assumed(k)),
