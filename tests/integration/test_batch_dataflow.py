@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
-
 from google.cloud import dataflow_v1beta3
 
 from mlpipe.messaging.batch_jobs import JobSpec

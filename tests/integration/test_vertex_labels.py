@@ -65,7 +65,7 @@ def test_a_custom_job_keeps_the_runs_labels_and_a_label_the_rules_refuse_is_refu
     jobs.cancel_custom_job(name=created.name)
     found = jobs.get_custom_job(name=created.name)
     request.custom_job.labels["Team"] = "ml"
-    with pytest.raises(gexc.BadRequest, match="CustomJob.labels: label key 'Team' must start"):
+    with pytest.raises(gexc.BadRequest, match=r"CustomJob\.labels: label key .Team. must start"):
         jobs.create_custom_job(request=request)
 
     assert dict(found.labels) == {
