@@ -197,8 +197,6 @@ def test_the_launcher_follows_and_cancels_its_job_and_the_api_refuses_what_it_sh
         AnonymousCredentials(),
     )
 
-    from google.cloud import dataflow_v1beta3
-
     # D11: the stand-in reads JobState numbers as the client library numbers them.
     assert list(JOB_STATES) == [s.name for s in sorted(dataflow_v1beta3.JobState, key=int)]
     assert again["job_id"] == handle["job_id"] and len(dataflow.jobs()) == 1
