@@ -301,9 +301,10 @@ class CloudRunStandIn:
         makes ("" for none) and the error its operation will end with, if any."""
         template = service.template
         # Rule 27: labels of the service and of its revision template follow Google's label
-        # rules.
+        # rules; a namespaced key (prefix/name, Kubernetes' form, which gcloud's Knative
+        # surface sets: client.knative.dev/nonce) is left to the Knative rules.
         for where, found in (("labels", service.labels), ("template.labels", template.labels)):
-            check_labels(dict(found), where)
+            check_labels({k: v for k, v in found.items() if "/" not in k}, where)
         if not template.containers or not template.containers[0].image:
             # Rule 10: a revision template names at least one container image.
             raise ApiError("INVALID_ARGUMENT", "template.containers[0].image: must be specified")
