@@ -123,3 +123,19 @@ def test_a_rollout_records_the_estimate_when_it_finishes_not_when_it_starts(
     assert recorded is not None and recorded.cost is not None, recorded
     assert cloud.storage.exists(layout.RunPaths(run_id).deployment)
     assert "deployer" in [s.step for s in recorded.cost.steps]
+
+
+def test_a_record_that_is_not_a_cost_record_is_read_as_no_estimate_naming_it(
+    cloud: Cloud,
+) -> None:
+    path = layout.RunPaths("0123456789abcdef").cost
+    cloud.storage.write(path, b"{not json")
+    broken = run_cost.read_record(cloud.storage, "0123456789abcdef")
+    cloud.storage.write(path, b'{"estimate": {"steps": []}}')
+    partial = run_cost.read_record(cloud.storage, "0123456789abcdef")
+
+    assert broken is not None and broken.cost is None
+    assert f"{path} is not valid JSON" in broken.problem
+    assert broken.heading() == "recorded (unreadable)"
+    assert partial is not None and partial.cost is None
+    assert f"{path} is not a cost record" in partial.problem

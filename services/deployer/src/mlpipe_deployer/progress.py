@@ -134,8 +134,13 @@ def advance(
 
 def record_cost(deps: Any, run_id: str) -> None:
     """The decided run has ended: record its cost estimate (runs/<id>/cost.json) unless it
-    is recorded. Never fails the delivery (run_cost.record_estimate)."""
-    if deps.storage.exists(layout.RunPaths(run_id).cost):
+    is recorded. Never fails the delivery (run_cost.record_estimate; readers estimate a run
+    without one on read)."""
+    try:
+        if deps.storage.exists(layout.RunPaths(run_id).cost):
+            return
+    except Exception as exc:  # the decision stands either way
+        log.warning("run %s: cost estimate not recorded: %r", run_id, exc)
         return
     run_cost.record_estimate(
         deps.storage,

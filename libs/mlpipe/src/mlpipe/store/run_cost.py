@@ -426,6 +426,8 @@ class CostRecord:
 
     def heading(self) -> str:
         """Which estimate this is, for readers: recorded when and by whom."""
+        if not self.estimated_by:
+            return "recorded (unreadable)"
         return f"recorded by the {self.estimated_by} at {self.estimated_at}"
 
 
@@ -493,8 +495,17 @@ def record_estimate(
 def read_record(storage: Storage, run_id: str) -> CostRecord | None:
     """The run's recorded estimate (runs/<id>/cost.json), or None for a run without one (it
     ended before estimates were recorded, or has not ended)."""
-    raw = storage.read_json(RunPaths(run_id).cost)
-    return CostRecord.from_dict(raw) if isinstance(raw, Mapping) else None
+    path = RunPaths(run_id).cost
+    try:
+        raw = storage.read_json(path)
+    except ValueError as exc:  # not JSON: said, not raised (the page shows the rest)
+        return CostRecord(run_id, "", "", None, f"{path} is not valid JSON: {exc}")
+    if raw is None:
+        return None
+    try:
+        return CostRecord.from_dict(raw)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        return CostRecord(run_id, "", "", None, f"{path} is not a cost record: {exc!r}")
 
 
 # --- batch jobs ------------------------------------------------------------------------------
