@@ -29,6 +29,7 @@ from mlpipe.store import layout
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, sha256_hex
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import service_runtime
 from mlpipe_ops.localstack import free_port
 from mlpipe_trainer.training import train
 from tests.conftest import REPO, unique, wait_until
@@ -249,6 +250,10 @@ def console_stack(**console_env: str) -> Iterator[ConsoleStack]:
         env.setenv("MLPIPE_PUSH_AUTH", "none")
         env.setenv("MLPIPE_COMPILE_ONNX", "false")
         env.setenv("MLPIPE_CANARY_PERCENT", "20")
+        # Sizes and prices, as the local stack gives them to the services that estimate
+        # costs (service_environment): the deployer records each ended run's estimate.
+        for key, value in service_runtime.cost_environment("local").items():
+            env.setenv(key, value)
         from mlpipe_console.main import create_console
         from mlpipe_deployer.main import app as deployer
         from mlpipe_evaluator.main import app as evaluator

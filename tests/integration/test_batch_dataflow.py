@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
+from google.cloud import dataflow_v1beta3
 
 from mlpipe.messaging.batch_jobs import JobSpec
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
+from mlpipe_ops import service_runtime
 from mlpipe_ops.standins.dataflow import JOB_STATES, DataflowStandIn, template_spec
 from mlpipe_predictor.launch import (
     ENDED,
@@ -98,7 +100,8 @@ def test_a_batch_request_runs_as_one_dataflow_job_however_often_it_is_delivered(
         key_column="id",
     )
     o = options(cloud, dataflow)
-    env = predictor_env(o)
+    # With sizes and prices, as the local stack gives them: it estimates the finished batch.
+    env = predictor_env(o) | service_runtime.cost_environment("local")
     metrics_path = layout.batch_metrics_path("iris-classifier", "on-dataflow")
 
     with predictor(cloud, monkeypatch, **env) as served:
@@ -128,6 +131,7 @@ def test_a_batch_request_runs_as_one_dataflow_job_however_often_it_is_delivered(
             "mlpipe-batch-id": "on-dataflow",
             "mlpipe-model": "iris-classifier",
             "mlpipe-env": "local",
+            "mlpipe-pipeline": "iris-classifier",
         },
     }
     assert spec.batch_id == "on-dataflow" and spec.version == 1
@@ -139,6 +143,31 @@ def test_a_batch_request_runs_as_one_dataflow_job_however_often_it_is_delivered(
     launcher = DataflowLauncher(o, credentials=AnonymousCredentials())
     assert launcher.state(record["handle"]) == ENDED
     assert job.resource()["currentState"] == "JOB_STATE_DONE"
+    # The job carries the labels, as Dataflow returns them through the client library.
+    _, jobs = launcher._clients()
+    got = jobs.get_job(
+        request=dataflow_v1beta3.GetJobRequest(
+            project_id=cloud.project, location=o.region, job_id=job.id
+        )
+    )
+    assert dict(got.labels) == sent["environment"]["additionalUserLabels"]
+    # The finished batch's estimate: 8 workers (max_workers) of n2-standard-4 for its duration.
+    metrics = cloud.storage.read_json(metrics_path)
+    cost = cloud.storage.read_json(layout.batch_cost_path("iris-classifier", "on-dataflow"))
+    assert cost is not None and "estimate" in cost, cost
+    found = cost["estimate"]
+    assert (found["runner"], found["workers"], found["machine_type"]) == (
+        "dataflow",
+        8,
+        "n2-standard-4",
+    )
+    hours = 8 * metrics["duration_seconds"] / 3600
+    prices = service_runtime.load_prices()
+    assert found["worker_hours"] == pytest.approx(hours)
+    assert found["cost"] == pytest.approx(
+        hours * 4 * prices.price("dataflow_batch.vcpu_hour")
+        + hours * 16 * prices.price("dataflow_batch.gb_hour")
+    )
 
 
 def test_the_launcher_follows_and_cancels_its_job_and_the_api_refuses_what_it_should(
@@ -168,8 +197,6 @@ def test_the_launcher_follows_and_cancels_its_job_and_the_api_refuses_what_it_sh
         AnonymousCredentials(),
     )
 
-    from google.cloud import dataflow_v1beta3
-
     # D11: the stand-in reads JobState numbers as the client library numbers them.
     assert list(JOB_STATES) == [s.name for s in sorted(dataflow_v1beta3.JobState, key=int)]
     assert again["job_id"] == handle["job_id"] and len(dataflow.jobs()) == 1
@@ -179,6 +206,13 @@ def test_the_launcher_follows_and_cancels_its_job_and_the_api_refuses_what_it_sh
         too_many.launch(spec)
     with pytest.raises(gexc.BadRequest, match=r"templates/none\.json"):
         no_template.launch(spec)
+    # D13: labels that break Google's label rules are refused, naming the label.
+    templates, _ = launcher._clients()
+    request = launcher.launch_request(spec)
+    request.launch_parameter.job_name = "mlpipe-bad-labels"
+    request.launch_parameter.environment.additional_user_labels["Team"] = "ml"
+    with pytest.raises(gexc.BadRequest, match="label key 'Team' must start with a lowercase"):
+        templates.launch_flex_template(request=request)
     with pytest.raises(gexc.NotFound):
         launcher.state({**handle, "job_id": "2026-12-02_00_00_00-1"})
     deadline = time.monotonic() + 5

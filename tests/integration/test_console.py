@@ -180,9 +180,18 @@ def expected_cost(stack: ConsoleStack, run_id: str) -> run_cost.RunCost:
     return run_cost.estimate(run_id, records, config, sizes, objects, prices)
 
 
+def recorded_cost(stack: ConsoleStack, run_id: str) -> run_cost.CostRecord:
+    """The estimate the deployer recorded when the run ended (runs/<id>/cost.json)."""
+    found = run_cost.read_record(stack.cloud.storage, run_id)
+    assert found is not None and found.cost is not None, found
+    return found
+
+
 def test_a_run_shows_its_cost_estimate_per_step_with_the_prices_date(stack: ConsoleStack) -> None:
     run_id = stack.runs["v2"]
-    expected = expected_cost(stack, run_id)
+    recorded = recorded_cost(stack, run_id)
+    expected = recorded.cost
+    assert expected is not None
 
     page = get(stack, f"/runs/{run_id}")
 
@@ -190,6 +199,7 @@ def test_a_run_shows_its_cost_estimate_per_step_with_the_prices_date(stack: Cons
     assert found is not None, page.text
     section = found.group(1)
     assert "<h2>Cost (estimate)</h2>" in section
+    assert f"Estimate recorded by the deployer at {recorded.estimated_at}." in section
     assert f"list prices of {expected.as_of} in {expected.region} (USD)" in section
     # The chain records no request nor landing time: the steps from the job on are priced.
     steps = re.findall(r"<tr><td>([a-z ]+)</td><td", section)
@@ -197,21 +207,53 @@ def test_a_run_shows_its_cost_estimate_per_step_with_the_prices_date(stack: Cons
     assert "ingest: not recorded" in section and "trainer: not recorded" in section
     assert f'<th id="cost-total">{expected.total:.6f} USD</th>' in section
     assert expected.total > 0
+    # Recorded at the decision, with the records as they were then: the same steps as now.
+    now = expected_cost(stack, run_id)
+    assert [(s.step, s.cost) for s in expected.steps] == [(s.step, s.cost) for s in now.steps]
+
+
+def test_a_run_without_a_recorded_estimate_is_estimated_on_read_and_says_so(
+    stack: ConsoleStack,
+) -> None:
+    run_id = stack.runs["failed"]  # the trainer failed it: no service ended it with a decision
+
+    page = get(stack, f"/runs/{run_id}")
+
+    assert run_cost.read_record(stack.cloud.storage, run_id) is None
+    found = re.search(r'<section id="cost">(.*?)</section>', page.text, re.S)
+    assert found is not None, page.text
+    assert "Estimate computed now: none is recorded for this run" in found.group(1)
 
 
 def test_mlpipe_status_prints_a_runs_cost_estimate(
     stack: ConsoleStack, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_id = stack.runs["v1"]
+    recorded = recorded_cost(stack, run_id)
+    expected = recorded.cost
+    assert expected is not None
+
+    cli.echo_run_cost(stack.cloud.storage, run_id)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"cost: recorded by the deployer at {recorded.estimated_at}"
+    assert lines[1] == f"cost (estimate, prices of {expected.as_of}, {expected.region}):"
+    assert [line.split()[0] for line in lines[2:5]] == ["training", "evaluator", "deployer"]
+    assert f"  total         {expected.total:.6f} USD" in lines
+    assert "  missing: ingest: not recorded (needs started.json or training.json)" in lines
+
+
+def test_mlpipe_status_computes_the_estimate_of_a_run_that_has_none_recorded(
+    stack: ConsoleStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = stack.runs["failed"]
     expected = expected_cost(stack, run_id)
 
     cli.echo_run_cost(stack.cloud.storage, run_id)
 
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"cost (estimate, prices of {expected.as_of}, {expected.region}):"
-    assert [line.split()[0] for line in lines[1:4]] == ["training", "evaluator", "deployer"]
+    assert lines[0].startswith("cost: none recorded")
     assert f"  total         {expected.total:.6f} USD" in lines
-    assert "  missing: ingest: not recorded (needs started.json or training.json)" in lines
 
 
 def test_a_run_shows_its_trace_as_a_waterfall(stack: ConsoleStack, traces: Path) -> None:
@@ -332,6 +374,12 @@ def test_the_batches_page_shows_outputs_row_counts_and_durations(stack: ConsoleS
     assert f"<td>{metrics['rows']}</td>" in row.group(1) and metrics["rows"] == 150
     assert metrics["output_uri"] in row.group(1)
     assert f"{MODEL} v{metrics['model_version']}" in row.group(1)
+    # Scored in the predictor: its estimate is the predictor's Cloud Run time.
+    cost = stack.cloud.storage.read_json(layout.batch_cost_path(MODEL, stack.batch_id))
+    assert cost is not None and cost["estimate"]["runner"] == "predictor", cost
+    assert cost["estimate"]["seconds"] == metrics["duration_seconds"]
+    shown = f"{cost['estimate']['cost']:.6f} USD</span> ({cost['estimate']['basis']})"
+    assert shown in row.group(1)
 
 
 def test_the_actions_page_lists_recorded_actions(stack: ConsoleStack) -> None:

@@ -15,10 +15,12 @@ import pytest
 from mlpipe.messaging import events
 from mlpipe.ml.config import parse_config
 from mlpipe.runtime.steps import Outcome
-from mlpipe.store import layout
+from mlpipe.store import layout, run_cost
 from mlpipe.store.registry import Registry
+from mlpipe.v1 import events_pb2
 from mlpipe_evaluator.drawing import Drawer
 from mlpipe_evaluator.evaluation import Evaluator, evaluate
+from mlpipe_ops import service_runtime
 from tests.conftest import REPO
 from tests.integration.conftest import Cloud
 from tests.integration.test_training_quality import _train_in
@@ -184,3 +186,64 @@ def test_a_report_worker_killed_mid_page_is_replaced_and_the_page_drawn(cloud: C
     page = cloud.storage.read(paths.report)
     assert page is not None and page.data.count(b"<svg") == 5
     assert not cloud.storage.exists(layout.pending_report_path(trained.context.run_id))
+
+
+def test_the_report_shows_the_estimate_of_the_steps_so_far_without_the_deployment(
+    cloud: Cloud,
+) -> None:
+    costs = service_runtime.cost_environment("local")
+    trained = _train_in(cloud.storage, parse_config(IRIS), IRIS_CSV)
+    run_id = trained.context.run_id
+    # The job's records, as the trainer and the job write them: started 10 s before it ended.
+    paths = layout.RunPaths(run_id)
+    started = events_pb2.TrainingStarted(context=trained.context, dataset=trained.dataset)
+    started.context.event_time.seconds -= 10
+    cloud.storage.write(paths.started, events.to_json(started).encode())
+    cloud.storage.write(paths.training, events.to_json(trained).encode())
+    evaluator = Evaluator(
+        cloud.storage,
+        cloud.publisher,
+        "test",
+        cost_sizes=costs["MLPIPE_COST_SIZES"],
+        prices=costs["MLPIPE_PRICES"],
+    )
+
+    evaluate(trained, evaluator)
+    evaluator.reports.drain()
+
+    found = cloud.storage.read(layout.RunPaths(run_id).report)
+    assert found is not None
+    page = found.data.decode()
+    section = re.search(r"<h2>Cost so far \(estimate\)</h2>(.*?)<h2>Lineage", page, re.S)
+    assert section is not None, page
+    text = section.group(1)
+    # What the records held when the report was drawn: the steps up to the evaluation.
+    expected = run_cost.estimate_in_bucket(
+        cloud.storage,
+        run_id,
+        costs["MLPIPE_COST_SIZES"],
+        costs["MLPIPE_PRICES"],
+        steps_of=("ingest", "trainer", "training job", "evaluator"),
+    )
+    rows = re.findall(r"<tr><td>([a-z ]+)</td><td>[0-9.]*</td>", text)
+    assert rows == [s.step for s in expected.steps] + ["storage"]
+    assert "deployer" not in rows and "evaluator" in rows
+    for step in expected.steps:
+        assert f"<td>{step.cost:.6f}</td>" in text
+    assert "Deployment is not included" in text
+    assert f"At list prices of {expected.as_of} in {expected.region}" in text
+
+
+def test_a_report_without_sizes_or_prices_says_why_it_has_no_estimate(cloud: Cloud) -> None:
+    trained = _train_in(cloud.storage, parse_config(IRIS), IRIS_CSV)
+    evaluator = Evaluator(cloud.storage, cloud.publisher, "test")
+
+    evaluate(trained, evaluator)
+    evaluator.reports.drain()
+
+    found = cloud.storage.read(layout.RunPaths(trained.context.run_id).report)
+    assert found is not None
+    assert (
+        "<p id='cost-none'>No estimate: no sizes or prices given (MLPIPE_COST_SIZES is not "
+        "set).</p>" in found.data.decode()
+    )

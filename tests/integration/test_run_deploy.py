@@ -228,6 +228,13 @@ def test_gcloud_deploys_the_runtime_definition(
             if service == "predictor"
             else {}
         ),
+        # Sizes and prices of the cost estimates: the deployer records an ended run's, the
+        # evaluator's report shows the steps so far, the predictor estimates its batches.
+        **(
+            service_runtime.cost_environment(env)
+            if service in ("deployer", "evaluator", "predictor")
+            else {}
+        ),
         **runtime.env,
     }
     assert {

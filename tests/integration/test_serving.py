@@ -378,7 +378,12 @@ def test_batch_prediction_scores_a_gcs_dataset_in_chunks_into_avro(
     assert again.json()["state"] == "succeeded"  # done once: not scored again
     output = cloud.storage.read(cloud.storage.path_of(state["output_uri"]))
     metrics = cloud.storage.read_json("predictions/iris-classifier/metrics/b1.json")
-    assert output is not None and metrics == {k: v for k, v in state.items() if k != "state"}
+    assert output is not None and metrics == {
+        k: v for k, v in state.items() if k not in ("state", "cost")
+    }
+    # Its estimate, as recorded (this predictor has no sizes or prices: it says so).
+    assert state["cost"] == cloud.storage.read_json(layout.batch_cost_path("iris-classifier", "b1"))
+    assert "MLPIPE_COST_SIZES is not set" in state["cost"]["no_estimate"]
     assert "/dt=" in state["output_uri"] and state["output_uri"].endswith("/b1.avro")
     import io
 

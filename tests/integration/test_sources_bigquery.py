@@ -548,3 +548,36 @@ def test_through_the_ingest_service_a_bigquery_request_lands(
     assert states == ["landed"]
     landed = cloud.pulled(events.DATASETS_LANDED)
     assert len(landed) == 1 and landed[0].dataset.row_count == 12 * 31
+
+
+def test_an_exports_jobs_carry_its_pipeline_environment_request_and_export_as_labels(
+    cloud: Cloud, stand_in: BigQueryStandIn, clock: Clock
+) -> None:
+    exports = backend(cloud, stand_in, clock, env="Staging")
+    request = query_request()
+
+    recorded, status = run_export(exports, stand_in, request, staging(cloud, "lab1"), "lab1")
+
+    assert status.state == "done", status
+    client = bigquery_client(cloud.project, stand_in.url)
+    expected = {
+        "mlpipe-pipeline": "gsod",
+        "mlpipe-env": "staging",  # sanitised to Google's label rules
+        "mlpipe-request-id": request.request_id.lower(),
+        "mlpipe-export-id": "lab1",
+    }
+    for job_id in (recorded["query_job"], recorded["extract_job"]):
+        assert client.get_job(job_id, location=recorded["location"]).labels == expected
+
+
+def test_the_stand_in_refuses_a_job_whose_labels_break_the_rules(
+    cloud: Cloud, stand_in: BigQueryStandIn
+) -> None:
+    from google.api_core import exceptions as gexc
+    from google.cloud import bigquery
+
+    client = bigquery_client(cloud.project, stand_in.url)
+    config = bigquery.QueryJobConfig(use_legacy_sql=False, labels={"Team": "ml"})
+
+    with pytest.raises(gexc.BadRequest, match="label key 'Team' must start with a lowercase"):
+        client.query("SELECT 1", job_config=config, job_id=unique("bad-labels"), job_retry=None)

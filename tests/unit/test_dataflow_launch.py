@@ -25,4 +25,6 @@ def test_a_batch_jobs_resources_carry_its_batch_model_and_environment_as_labels(
         "mlpipe-batch-id": "nightly_2026-12-02",  # label values: lowercase, no dots
         "mlpipe-model": "iris-classifier",
         "mlpipe-env": "prod",
+        # A batch's pipeline is its model's; a request without a run names none.
+        "mlpipe-pipeline": "iris-classifier",
     }

@@ -60,6 +60,7 @@ class Run:
             "d" * 40,
             services=self.services,
             revisions=self.revisions,
+            env="dev",
         )
 
     def finish(self) -> None:
@@ -178,6 +179,34 @@ def test_a_rollout_builds_the_revision_from_the_released_template_pinned_to_the_
     # The push verifier's settings come from the release, untouched by the rollout.
     assert env_of(revision)["MLPIPE_PUSH_AUDIENCE"] == expected["MLPIPE_PUSH_AUDIENCE"]
     assert revision.labels["mlpipe-model"] == MODEL and revision.labels["mlpipe-version"] == "2"
+
+
+def test_a_rollouts_revision_carries_the_run_pipeline_and_environment_for_the_billing_export(
+    run: Run,
+) -> None:
+    run.release("a" * 40, create=True)
+    VERSIONS[3].info["pipeline"] = "Iris Flowers"  # a pipeline's name, as its config gives it
+    try:
+        run.roll_out(Traffic(3))
+    finally:
+        del VERSIONS[3].info["pipeline"]
+
+    (name, _, _), *_ = run.served()
+    labels = dict(run.revision(name).labels)
+    assert {k: labels[k] for k in ("mlpipe-run-id", "mlpipe-pipeline", "mlpipe-env")} == {
+        "mlpipe-run-id": "run0000000000003",
+        "mlpipe-pipeline": "iris-flowers",  # sanitised: the stand-in refuses what Google does
+        "mlpipe-env": "dev",
+    }
+
+
+def test_the_stand_in_refuses_a_label_google_refuses(run: Run) -> None:
+    run.release("a" * 40, create=True)
+    service = run.service()
+    service.template.labels["Team"] = "ml"
+
+    with pytest.raises(gexc.BadRequest, match=r"template.labels: label key 'Team' must start"):
+        run.services.update_service(service=service)
 
 
 def test_a_code_release_after_a_canary_serves_the_new_code_once_promoted(run: Run) -> None:

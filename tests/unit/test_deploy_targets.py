@@ -67,6 +67,7 @@ def test_the_first_upload_creates_the_model_and_later_ones_are_versions_of_it() 
         bucket="acme-mlpipe",
         code_version="abc123",
         alias="canary",
+        env="dev",
     )
 
     assert first.parent == "projects/acme-ml-dev/locations/us-central1"
@@ -77,7 +78,16 @@ def test_the_first_upload_creates_the_model_and_later_ones_are_versions_of_it() 
         description="mlpipe iris-classifier v2 (run run0000000000002)",
         version_description="registry version 2, run run0000000000002",
         version_aliases=["v2", "canary"],
-        labels={"run_id": "run0000000000002", "commit": "abc123", "mlpipe_version": "2"},
+        labels={
+            "run_id": "run0000000000002",
+            "commit": "abc123",
+            "mlpipe_version": "2",
+            # The billing export's: the run, its pipeline (the model's name for a version
+            # registered without one) and the environment.
+            "mlpipe-run-id": "run0000000000002",
+            "mlpipe-pipeline": "iris-classifier",
+            "mlpipe-env": "dev",
+        },
         artifact_uri="gs://acme/registry/iris-classifier/versions/2/",
         container_spec=aiplatform_v1.ModelContainerSpec(
             image_uri=IMAGE,

@@ -366,16 +366,27 @@ def _run_state(storage: Storage, run_id: str) -> str:
 
 
 def echo_run_cost(storage: Storage, run_id: str, env: str = "local") -> None:
-    """The run's cost estimate (mlpipe.store.run_cost) at infra/prices.yaml's prices, each
-    step sized as infra/runtime.yaml says for `env`; or why there is none."""
-    try:
-        records, config, objects = run_cost.run_cost_inputs(storage, run_id)
-        cost = run_cost.estimate(
-            run_id, records, config, cost_sizes(load_runtimes(env)), objects, load_prices()
-        )
-    except (run_cost.CostInputError, RuntimeDefinitionError) as exc:
-        typer.echo(f"cost: no estimate: {exc}")
-        return
+    """The run's cost estimate (mlpipe.store.run_cost): the one recorded when it ended
+    (runs/<id>/cost.json); for a run without one, computed now at infra/prices.yaml's prices,
+    each step sized as infra/runtime.yaml says for `env`; or why there is none."""
+    recorded = run_cost.read_record(storage, run_id)
+    if recorded is not None:
+        typer.echo(f"cost: {recorded.heading()}")
+        if recorded.cost is None:
+            typer.echo(f"cost: no estimate: {recorded.problem}")
+            return
+        cost = recorded.cost
+    else:
+        typer.echo("cost: none recorded (the run has not ended, or ended before estimates were")
+        typer.echo("      recorded): computed now from its records")
+        try:
+            records, config, objects = run_cost.run_cost_inputs(storage, run_id)
+            cost = run_cost.estimate(
+                run_id, records, config, cost_sizes(load_runtimes(env)), objects, load_prices()
+            )
+        except (run_cost.CostInputError, RuntimeDefinitionError) as exc:
+            typer.echo(f"cost: no estimate: {exc}")
+            return
     for line in run_cost.cost_lines(cost):
         typer.echo(line)
 

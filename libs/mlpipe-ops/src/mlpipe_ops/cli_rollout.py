@@ -22,6 +22,7 @@ from mlpipe.runtime.rollout_requests import (
     request_rollout,
     rollout_summary,
 )
+from mlpipe.store import run_cost
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client
 from mlpipe.v1 import events_pb2
@@ -127,7 +128,11 @@ def batch_predict(
     while wait and status.get("state") == "running" and time.monotonic() < deadline:
         time.sleep(0.5)
         status = httpx.get(f"{base}/v1/batchPredictions/{model}/{batch_id}", timeout=10).json()
+    cost = status.pop("cost", None)
     typer.echo(json.dumps(status, indent=2))
+    if cost is not None:
+        for line in run_cost.batch_cost_lines(cost):
+            typer.echo(line)
     if status.get("state") == "failed":
         raise typer.Exit(1)
 

@@ -283,12 +283,18 @@ def load_prices(path: Path | None = None) -> PriceTable:
     return PriceTable.from_mapping(raw)
 
 
+# The services that estimate costs (mlpipe.store.run_cost): the deployer records an ended
+# run's estimate, the evaluator shows the steps so far in its report, the predictor estimates
+# its batch jobs, the console computes one for a run that has none recorded.
+COST_ESTIMATORS = frozenset({"console", "deployer", "evaluator", "predictor"})
+
+
 def cost_environment(env: str) -> dict[str, str]:
-    """What the console needs to estimate a run's cost, as two variables: every service's
+    """What a service needs to estimate a run's cost, as two variables: every service's
     size (MLPIPE_COST_SIZES) and the price table (MLPIPE_PRICES), compact JSON.
 
-    The console may not import this distribution, and infra/ is not in its image: passing
-    both in its environment keeps infra/runtime.yaml and infra/prices.yaml the one source
+    No service may import this distribution, and infra/ is not in their images: passing
+    both in their environment keeps infra/runtime.yaml and infra/prices.yaml the one source
     (a copy shipped as package data could drift), and a deploy carries a change of either."""
     return {
         "MLPIPE_COST_SIZES": sizes_to_json(cost_sizes(load_runtimes(env))),
@@ -307,12 +313,12 @@ def service_environment(
     """Every variable `service` needs on `target`, and nothing else: the project, bucket,
     code version and environment; on GCP, spans to Cloud Trace; how push requests are checked
     (on GCP, the OIDC audience and identity its subscriptions sign with, as `mlpipe infra
-    apply` configures them); the
-    trainer's own image and, on GCP, its own account (Vertex AI CustomJobs run both); the
-    console's sizes and prices for cost estimates (cost_environment); on GCP,
-    where the deployer rolls models out (the environment's deploy_target, the predictor
-    service, the predictor image of the same build, the serving identity on Vertex AI); the
-    console the notifier's notices link to; then runtime.yaml's `env`.
+    apply` configures them); the trainer's own image and, on GCP, its own account (Vertex AI
+    CustomJobs run both); the sizes and prices of the services that estimate costs
+    (COST_ESTIMATORS, cost_environment); on GCP, where the deployer rolls models out (the
+    environment's deploy_target, the predictor service, the predictor image of the same
+    build, the serving identity on Vertex AI); the console the notifier's notices link to;
+    then runtime.yaml's `env`.
 
     Cloud Run sets PORT and K_* itself; the local stack adds the emulators' hosts."""
     env = {
@@ -344,6 +350,8 @@ def service_environment(
         # The run page's cost estimate (mlpipe.store.run_cost).
         env |= cost_environment(target.env)
         return env | runtime.env
+    if service in COST_ESTIMATORS:
+        env |= cost_environment(target.env)
     if target.emulated:
         # The emulator sends no Authorization header (mlpipe.runtime.auth accepts none only there).
         env["MLPIPE_PUSH_AUTH"] = "none"

@@ -150,7 +150,7 @@ def run(request: Request, run_id: str) -> HTMLResponse:
         return _error(request, 404, "Not found", f"no run {run_id} is recorded")
     settings: ConsoleSettings = request.app.state.settings
     found.trace = reading.run_trace(settings.trace_dir, run_id, found.trace_id)
-    found.cost, found.cost_problem = reading.run_cost_of(
+    found.cost, found.cost_problem, found.cost_source = reading.run_cost_of(
         request.app.state.storage, found, settings.cost_sizes, settings.prices
     )
     trace_link = (

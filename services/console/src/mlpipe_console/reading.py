@@ -8,7 +8,6 @@ naming it, and the page says so instead of failing.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -269,31 +268,48 @@ class RunDetail:
     trace: list[dict[str, Any]] = field(default_factory=list)  # tracing.waterfall rows
     cost: run_cost.RunCost | None = None  # the estimate (run_cost_of)
     cost_problem: str = ""  # why there is none
+    cost_source: str = ""  # recorded when the run ended, or computed on read
     plots: list[Any] = field(default_factory=list)  # plots.json's entries (run_plots)
     plots_problem: str = ""  # why there are none
 
 
 def run_cost_of(
     storage: Storage, detail: RunDetail, sizes_json: str, prices_json: str
-) -> tuple[run_cost.RunCost | None, str]:
-    """The run's cost estimate from what `run_detail` read, its config snapshot and the sizes
-    and prices the console was given (MLPIPE_COST_SIZES, MLPIPE_PRICES); else None and why."""
-    if not sizes_json or not prices_json:
-        return None, "no sizes or prices given to the console (MLPIPE_COST_SIZES, MLPIPE_PRICES)"
+) -> tuple[run_cost.RunCost | None, str, str]:
+    """The run's cost estimate, its problem (why there is none) and where it comes from: the
+    estimate recorded when the run ended (runs/<id>/cost.json); for a run without one, computed
+    now from what `run_detail` read, its config snapshot and the sizes and prices the console
+    was given (MLPIPE_COST_SIZES, MLPIPE_PRICES)."""
     paths = RunPaths(detail.run_id)
+    with reaching(f"the bucket gs://{storage.bucket_name} ({paths.cost})"):
+        recorded = run_cost.read_record(storage, detail.run_id)
+    if recorded is not None:
+        return recorded.cost, recorded.problem, recorded.heading()
+    source = (
+        "computed now: none is recorded for this run (it has not ended, or it ended before "
+        "estimates were recorded)"
+    )
+    if not sizes_json or not prices_json:
+        problem = "no sizes or prices given to the console (MLPIPE_COST_SIZES, MLPIPE_PRICES)"
+        return None, problem, source
     with reaching(f"the bucket gs://{storage.bucket_name} ({paths.config})"):
         config = storage.read_json(paths.config) or {}
     try:
-        return run_cost.estimate(
-            detail.run_id,
-            detail.records,
-            config,
-            run_cost.sizes_from_json(sizes_json),
-            {a.name: a.size for a in detail.artifacts},
-            run_cost.PriceTable.from_mapping(json.loads(prices_json)),
-        ), ""
-    except (run_cost.CostInputError, ValueError, KeyError) as exc:
-        return None, str(exc)
+        sizes, prices = run_cost.parse_tables(sizes_json, prices_json)
+        return (
+            run_cost.estimate(
+                detail.run_id,
+                detail.records,
+                config,
+                sizes,
+                {a.name: a.size for a in detail.artifacts},
+                prices,
+            ),
+            "",
+            source,
+        )
+    except run_cost.CostInputError as exc:
+        return None, str(exc), source
 
 
 NO_PLOTS = "No plots recorded for this run"
@@ -628,7 +644,10 @@ def batch_runs(storage: Storage, models: list[str]) -> list[dict[str, Any]]:
             prefix = f"{layout.PREDICTIONS}{model}/metrics/"
             for name in storage.list(prefix):
                 metrics = storage.read_json(name) or {}
-                found.append({"model": model, "metrics_path": name, **metrics})
+                batch_id = str(metrics.get("batch_id") or name.rsplit("/", 1)[-1][:-5])
+                # Its estimate (run_cost.record_batch_estimate), once the predictor recorded it.
+                cost = storage.read_json(layout.batch_cost_path(model, batch_id))
+                found.append({"model": model, "metrics_path": name, **metrics, "cost": cost})
     return sorted(found, key=lambda b: str(b.get("finished_at", "")), reverse=True)
 
 

@@ -46,10 +46,6 @@ class ConsoleSettings(CommonSettings):
     deployer_url: str = Field(
         default="", description="The deployer's URL: promote and rollback are its routes."
     )
-    # Cost estimates of runs (mlpipe.store.run_cost): compact JSON that the deploy writes
-    # from infra/runtime.yaml and infra/prices.yaml (mlpipe_ops.service_runtime.cost_environment).
-    cost_sizes: str = Field(default="", description="Every service's cpu and memory, as JSON.")
-    prices: str = Field(default="", description="The price table (infra/prices.yaml), as JSON.")
     page_size: int = Field(default=50, ge=1, le=500)
     read_workers: int = Field(
         default=8, ge=1, le=64, description="Run records read at once when a page needs them."

@@ -126,6 +126,9 @@ class Deployer:
     promote_after: int = 0
     compile_onnx: bool = True
     precompiled: Precompiled = field(default_factory=Precompiled)
+    # Sizes and prices (MLPIPE_COST_SIZES, MLPIPE_PRICES) of the estimate an ended run records.
+    cost_sizes: str = ""
+    prices: str = ""
 
     def __call__(self, message: PushMessage) -> StepResult:
         return Router(
@@ -205,6 +208,8 @@ def register_version(
         info={
             "dataset": events.to_dict(evaluation.dataset),
             "config_sha256": evaluation.context.config_sha256,
+            # What serves it is labelled with its pipeline (targets.version_labels).
+            "pipeline": evaluation.context.pipeline,
             "code_version": evaluation.context.code_version,
             "metrics": dict(evaluation.metrics),
             "gates": [events.to_dict(g) for g in evaluation.gates],
@@ -273,7 +278,7 @@ def deploy(evaluation: events_pb2.EvaluationCompleted, deps: Deployer) -> StepRe
                 f"EvaluationCompleted lacks a valid run_id/model_name ({run_id!r})",
             )
         )
-    return run_step(
+    result = run_step(
         storage=deps.storage,
         publisher=deps.publisher,
         stage="deployer",
@@ -282,6 +287,15 @@ def deploy(evaluation: events_pb2.EvaluationCompleted, deps: Deployer) -> StepRe
         work=lambda: decide(evaluation, deps),
         done=lambda outcome: _deployed(outcome, run_id),
     )
+    if result.status in RUN_ENDED:
+        # The decision is recorded (a redelivery finds it recorded): the run has ended.
+        progress.record_cost(deps, run_id)
+    return result
+
+
+# What `deploy` answers once the run's decision is recorded (gates failed, a newer version
+# is there, or the rollout finished); "rolling_out" ends the run later (progress.advance).
+RUN_ENDED = frozenset({"deployed", "not_deployed", "duplicate"})
 
 
 def decide(

@@ -38,6 +38,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.canary_percent,
         settings.canary_promote_after,
         settings.compile_onnx,
+        cost_sizes=settings.cost_sizes,
+        prices=settings.prices,
     )
     if settings.compile_onnx:
         # After the port answers, on the compilations' own thread: a compilation asked for

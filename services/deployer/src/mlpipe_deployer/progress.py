@@ -30,7 +30,7 @@ from google.api_core import exceptions as gexc
 from mlpipe.errors import TransientError
 from mlpipe.faults import fault_point
 from mlpipe.messaging import events
-from mlpipe.store import layout
+from mlpipe.store import layout, run_cost
 from mlpipe.v1 import events_pb2
 from mlpipe_deployer.targets import Rollout
 
@@ -126,7 +126,29 @@ def advance(
     fault_point("deployer.before_publish")
     for done in finished:
         deps.publisher.publish(done)
+    for entry in waiting:
+        if entry["run_id"]:
+            record_cost(deps, entry["run_id"])
     return Advanced(rollout, finished)
+
+
+def record_cost(deps: Any, run_id: str) -> None:
+    """The decided run has ended: record its cost estimate (runs/<id>/cost.json) unless it
+    is recorded. Never fails the delivery (run_cost.record_estimate; readers estimate a run
+    without one on read)."""
+    try:
+        if deps.storage.exists(layout.RunPaths(run_id).cost):
+            return
+    except Exception as exc:  # the decision stands either way
+        log.warning("run %s: cost estimate not recorded: %r", run_id, exc)
+        return
+    run_cost.record_estimate(
+        deps.storage,
+        run_id,
+        sizes_json=deps.cost_sizes,
+        prices_json=deps.prices,
+        by="deployer",
+    )
 
 
 def check_all(deps: Any) -> list[dict[str, Any]]:

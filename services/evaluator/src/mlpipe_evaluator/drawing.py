@@ -49,6 +49,7 @@ class Drawer:
         details: dict[str, Any],
         lineage: dict[str, Any] | None,
         plots: dict[str, Any] | None,
+        cost: dict[str, Any] | None = None,
     ) -> str:
         """report.render's page, drawn by the worker."""
         ask = {
@@ -56,6 +57,7 @@ class Drawer:
             "details": details,
             "lineage": lineage,
             "plots": plots,
+            "cost": cost,
         }
         with self._lock:
             proc = self._worker()
@@ -115,7 +117,9 @@ def serve() -> None:
             ask = json.loads(line)
             evaluation = events.from_json(events_pb2.EvaluationCompleted, ask["evaluation"])
             answer = {
-                "page": report.render(evaluation, ask["details"], ask["lineage"], ask["plots"])
+                "page": report.render(
+                    evaluation, ask["details"], ask["lineage"], ask["plots"], ask.get("cost")
+                )
             }
         except Exception as exc:  # answered, so the service names it instead of waiting
             answer = {"error": f"{type(exc).__name__}: {exc}"}

@@ -35,7 +35,7 @@ from mlpipe.ml.config import PipelineConfig, load_run_config
 from mlpipe.ml.data import read_dataset
 from mlpipe.ml.split import Split
 from mlpipe.runtime.steps import Outcome, Recorded, Router, StepResult, permanent, run_step
-from mlpipe.store import layout
+from mlpipe.store import layout, run_cost
 from mlpipe.store.registry import CHAMPION, ModelVersion, Registry
 from mlpipe.store.storage import Storage, sha256_hex
 from mlpipe.v1 import events_pb2
@@ -65,6 +65,9 @@ class Evaluator:
     champions: ChampionCache = field(default_factory=lambda: ChampionCache())
     # Where report pages are drawn: a low-priority worker process (mlpipe_evaluator.drawing).
     drawer: Drawer = field(default_factory=lambda: DRAWER)
+    # Sizes and prices (MLPIPE_COST_SIZES, MLPIPE_PRICES) of the report's estimate so far.
+    cost_sizes: str = ""
+    prices: str = ""
     reports: ReportQueue = field(init=False)
 
     def __post_init__(self) -> None:
@@ -589,9 +592,31 @@ def write_report(
         details = found.model.details
     else:
         details = (deps.storage.read_json(paths.metrics) or {}).get("details", {})
-    page = deps.drawer.page(recorded, details, deps.storage.read_json(paths.lineage), data)
+    page = deps.drawer.page(
+        recorded, details, deps.storage.read_json(paths.lineage), data, cost_so_far(paths, deps)
+    )
     deps.storage.write(paths.report, page.encode(), content_type="text/html; charset=utf-8")
     return "written"
+
+
+def cost_so_far(paths: layout.RunPaths, deps: Evaluator) -> dict[str, Any]:
+    """The report's estimate: every step up to this evaluation (the deployer's is the run's
+    recorded one, cost.json), as JSON; without sizes or prices, why there is none. A report
+    is never lost to its estimate."""
+    try:
+        cost = run_cost.estimate_in_bucket(
+            deps.storage, paths.run_id, deps.cost_sizes, deps.prices, steps_of=SO_FAR
+        )
+    except run_cost.CostInputError as exc:
+        return {"no_estimate": str(exc)}
+    except Exception as exc:  # the report is drawn either way
+        log.warning("run %s: no cost estimate in the report: %r", paths.run_id, exc)
+        return {"no_estimate": f"the estimate failed: {exc!r}"}
+    return {"estimate": run_cost.cost_to_dict(cost)}
+
+
+# The steps a report estimates: all but the deployer's, which comes after it.
+SO_FAR = tuple(step for step in run_cost.STEPS if step != "deployer")
 
 
 def _require(storage: Storage, path: str) -> Any:

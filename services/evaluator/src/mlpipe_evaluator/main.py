@@ -26,7 +26,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = load_settings(EvaluatorSettings)
     clients = Clients.create(settings, stage="evaluator")
     app.state.clients = clients
-    step = app.state.step = Evaluator(clients.storage, clients.publisher, settings.code_version)
+    step = app.state.step = Evaluator(
+        clients.storage,
+        clients.publisher,
+        settings.code_version,
+        cost_sizes=settings.cost_sizes,
+        prices=settings.prices,
+    )
     # Reports a stopped instance left undrawn; off the start path.
     threading.Thread(target=step.reports.sweep, name="report-sweep", daemon=True).start()
     try:

@@ -108,13 +108,55 @@ def figure_section(plot: dict[str, Any]) -> str:
     )
 
 
+def cost_section(cost: dict[str, Any] | None) -> str:
+    """The estimate of the steps so far (run_cost.cost_to_dict's JSON, or {"no_estimate":
+    why}): the deployer's step is not in it, the run's recorded estimate (cost.json) is."""
+    if cost is None:
+        return ""
+    head = "<h2>Cost so far (estimate)</h2>"
+    if "estimate" not in cost:
+        return head + f"<p id='cost-none'>No estimate: {_e(cost.get('no_estimate', ''))}.</p>"
+    c = cost["estimate"]
+    money = _e(c["currency"])
+    rows = []
+    for s in c["steps"]:
+        if "machine_hours" in s:
+            used = f"{s['machine_hours']:.4f} machine-hours"
+            if s.get("accelerator_hours"):
+                used += f", {s['accelerator_hours']:.4f} accelerator-hours"
+        else:
+            used = f"{s['vcpu_seconds']:.1f} vCPU-s, {s['gib_seconds']:.1f} GiB-s"
+        rows.append(
+            f"<tr><td>{_e(s['step'])}</td><td>{s['seconds']:.1f}</td><td>{_e(used)}</td>"
+            f"<td>{_e(s['basis'])}</td><td>{s['cost']:.6f}</td></tr>"
+        )
+    rows.append(
+        f"<tr><td>storage</td><td></td><td>{c['storage_objects']} objects, "
+        f"{c['storage_bytes']} bytes, kept a month</td><td></td>"
+        f"<td>{c['storage_cost']:.6f}</td></tr>"
+        f"<tr><th>total so far</th><td></td><td></td><td></td>"
+        f"<th id='cost-total'>{c['total']:.6f} {money}</th></tr>"
+    )
+    notes = "".join(f"<li>not estimated: {_e(m)}</li>" for m in c.get("missing", []))
+    notes += "".join(f"<li>assumed price: {_e(a)}</li>" for a in c.get("assumed", []))
+    return (
+        f"{head}<p id='cost-scope'>At list prices of {_e(c['as_of'])} in {_e(c['region'])} "
+        f"({money}), for the steps up to this evaluation. Deployment is not included: the "
+        "run's full estimate is recorded when it ends (mlpipe status RUN_ID, the console's "
+        "run page).</p><table><tr><th>step</th><th>seconds</th><th>used</th><th>priced as</th>"
+        f"<th>cost</th></tr>{''.join(rows)}</table>" + (f"<ul>{notes}</ul>" if notes else "")
+    )
+
+
 def render(
     evaluation: events_pb2.EvaluationCompleted,
     details: dict[str, Any],
     lineage: dict[str, Any] | None,
     plots: dict[str, Any] | None = None,
+    cost: dict[str, Any] | None = None,
 ) -> str:
-    """The report page; `plots` is plots.json's content (its plots drawn in order)."""
+    """The report page; `plots` is plots.json's content (its plots drawn in order); `cost`
+    the estimate of the steps so far (cost_section)."""
     ctx = evaluation.context
     verdict = "passed" if evaluation.passed else "failed"
     metrics = dict(evaluation.metrics)
@@ -152,5 +194,5 @@ def render(
         f"</p><p>holdout rows: {evaluation.holdout_rows}</p>"
         f"<h2>Gates</h2>{gate_table(list(evaluation.gates))}"
         f"<h2>Metrics</h2>{metrics_table(metrics, champion, evaluation.champion_version)}"
-        f"{plot}<h2>Lineage</h2><table>{lineage_rows}</table></body></html>"
+        f"{plot}{cost_section(cost)}<h2>Lineage</h2><table>{lineage_rows}</table></body></html>"
     )

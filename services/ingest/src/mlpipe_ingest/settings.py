@@ -126,4 +126,5 @@ class IngestSettings(CommonSettings):
             timeout_seconds=self.export_timeout_seconds,
             single_file_bytes=self.bigquery_single_file_bytes,
             request_seconds=self.bigquery_request_seconds,
+            env=self.env,
         )

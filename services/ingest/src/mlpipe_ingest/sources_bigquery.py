@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import json
 import re
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from mlpipe.errors import PermanentError, TransientError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig, load_pipeline_config
 from mlpipe.ml.validation import SourceKind, check_schema, describe_schema, schema_of
+from mlpipe.runtime.labels import run_labels
 from mlpipe.store import layout
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
@@ -93,6 +95,7 @@ class BigQuerySettings:
     # The client's own retries of one call (rate limits, 5xx) stop after this: a call made
     # inside a push must not wait for minutes. What still fails is retried by the next check.
     request_seconds: float = 10.0
+    env: str = ""  # the environment (MLPIPE_ENV): a label of the jobs (job_labels)
 
 
 @dataclass(frozen=True)
@@ -168,14 +171,26 @@ def job_ids(export_id: str) -> tuple[str, str]:
     return f"mlpipe_{export_id}_query", f"mlpipe_{export_id}_extract"
 
 
-def query_job_config(source: events_pb2.BigQuerySource) -> bigquery.QueryJobConfig:
-    """Standard SQL, with the dates bound as DATE parameters @start_date and @end_date."""
+def job_labels(request: events_pb2.IngestRequest, env: str, export_id: str) -> dict[str, str]:
+    """The labels of an export's BigQuery jobs, for the billing export (docs/cost.md): its
+    pipeline (the dataset's name), environment, request and export. The run id is not known
+    yet (it derives from the landed bytes): the run's records name its request."""
+    return run_labels(
+        "", request.dataset, env, mlpipe_request_id=request.request_id, mlpipe_export_id=export_id
+    )
+
+
+def query_job_config(
+    source: events_pb2.BigQuerySource, labels: dict[str, str] | None = None
+) -> bigquery.QueryJobConfig:
+    """Standard SQL, with the dates bound as DATE parameters @start_date and @end_date;
+    labelled with `labels` (job_labels)."""
     params = [
         bigquery.ScalarQueryParameter(name, "DATE", getattr(source, name))
         for name in ("start_date", "end_date")
         if getattr(source, name)
     ]
-    config = bigquery.QueryJobConfig(use_legacy_sql=False)
+    config = bigquery.QueryJobConfig(use_legacy_sql=False, labels=dict(labels or {}))
     if params:
         config.query_parameters = params
     return config
@@ -187,8 +202,10 @@ def table_reference(source: events_pb2.BigQuerySource, project: str) -> bigquery
     return bigquery.TableReference.from_string(table, default_project=project)
 
 
-def extract_job_config() -> bigquery.ExtractJobConfig:
-    return bigquery.ExtractJobConfig(destination_format=bigquery.DestinationFormat.PARQUET)
+def extract_job_config(labels: dict[str, str] | None = None) -> bigquery.ExtractJobConfig:
+    return bigquery.ExtractJobConfig(
+        destination_format=bigquery.DestinationFormat.PARQUET, labels=dict(labels or {})
+    )
 
 
 def staged_uri(staging_uri: str) -> str:
@@ -297,10 +314,12 @@ class BigQueryExports:
             "partition": source.partition,
             "started_at": f"{self.clock():.3f}",
             "timeout_seconds": str(source.timeout_seconds or self.settings.timeout_seconds),
+            # Kept for the extract a later delivery starts (_poll).
+            "labels": json.dumps(job_labels(request, self.settings.env, export_id)),
         }
         try:
             if recorded["query_job"]:
-                self._insert_query(source, query_id, location)
+                self._insert_query(source, query_id, location, json.loads(recorded["labels"]))
             else:
                 self._start_extract(table_reference(source, self.settings.project), recorded)
         except (PermanentError, ExportUnavailable):
@@ -382,11 +401,17 @@ class BigQueryExports:
                     self.client.cancel_job(job_id, location=recorded["location"], retry=self.retry)
 
     # --- steps ------------------------------------------------------------------------------
-    def _insert_query(self, source: events_pb2.BigQuerySource, job_id: str, location: str) -> Any:
+    def _insert_query(
+        self,
+        source: events_pb2.BigQuerySource,
+        job_id: str,
+        location: str,
+        labels: dict[str, str],
+    ) -> Any:
         try:
             return self.client.query(
                 source.query,
-                job_config=query_job_config(source),
+                job_config=query_job_config(source, labels),
                 job_id=job_id,
                 location=location,
                 project=self.settings.project,
@@ -414,7 +439,7 @@ class BigQueryExports:
                 job_id=recorded["extract_job"],
                 location=recorded["location"],
                 project=self.settings.project,
-                job_config=extract_job_config(),
+                job_config=extract_job_config(json.loads(recorded.get("labels") or "{}")),
                 retry=self.retry,
             )
         except gexc.Conflict:

@@ -31,6 +31,7 @@ from google.api_core import exceptions as gexc
 
 from mlpipe.errors import PermanentError
 from mlpipe.messaging.batch_jobs import JobSpec
+from mlpipe.runtime import labels
 from mlpipe.runtime.job_process import (
     ENDED,
     RUNNING,
@@ -254,18 +255,12 @@ def dataflow_job_name(spec: JobSpec) -> str:
 
 def dataflow_labels(spec: JobSpec, env: str) -> dict[str, str]:
     """The labels of a batch job's Dataflow resources: the billing export carries them, so a
-    batch's real cost is found by its id, model and environment (docs/cost.md). GCP label
-    values: lowercase letters, digits, `_` and `-`, at most 63 characters."""
-
-    def value(text: str) -> str:
-        return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]
-
-    return {
-        "mlpipe-batch": "1",  # every batch job, whatever its model
-        "mlpipe-batch-id": value(spec.batch_id),
-        "mlpipe-model": value(spec.model),
-        "mlpipe-env": value(env),
-    }
+    batch's real cost is found by its id, model and environment (docs/cost.md), and by the
+    run of its request when it has one; its pipeline is the model's name. Sanitised to
+    Google's label rules (mlpipe.runtime.labels)."""
+    return labels.labels(
+        {"mlpipe-batch": "1", "mlpipe-batch-id": spec.batch_id, "mlpipe-model": spec.model}
+    ) | labels.run_labels(spec.context().run_id, spec.model, env)
 
 
 @dataclass
@@ -327,6 +322,9 @@ class DataflowLauncher:
             "name": job.name,
             "project": job.project_id or self.options.project,
             "region": job.location or self.options.region,
+            # What its estimate prices (mlpipe.store.run_cost.batch_estimate).
+            "machine_type": self.options.machine_type,
+            "max_workers": self.options.max_workers,
         }
 
     def state(self, handle: dict[str, Any]) -> str:

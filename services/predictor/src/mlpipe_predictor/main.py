@@ -59,7 +59,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.clients = clients
     app.state.store = store
-    app.state.jobs = BatchJobs(clients.storage, store, settings.batch_chunk_rows)
+    app.state.jobs = BatchJobs(
+        clients.storage,
+        store,
+        settings.batch_chunk_rows,
+        cost_sizes=settings.cost_sizes,
+        prices=settings.prices,
+    )
     batch = BatchStep(
         clients.storage,
         clients.publisher,

@@ -37,7 +37,7 @@ from mlpipe.runtime.steps import (
     permanent,
     run_step,
 )
-from mlpipe.store import layout
+from mlpipe.store import layout, run_cost
 from mlpipe.store.registry import CHAMPION
 from mlpipe.store.storage import Storage
 from mlpipe.v1 import events_pb2
@@ -59,6 +59,9 @@ class BatchJobs:
     storage: Storage
     store: ModelStore
     chunk_rows: int = 10_000
+    # Sizes and prices (MLPIPE_COST_SIZES, MLPIPE_PRICES) of a finished batch's estimate.
+    cost_sizes: str = ""
+    prices: str = ""
     _running: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +95,7 @@ class BatchJobs:
                 default_chunk_rows=self.chunk_rows,
             )
             state: dict[str, Any] = {"state": "succeeded", **metrics}
+            self.record_cost(request.model_name, request.batch_id)
         except PermanentError as exc:
             state = {"state": "failed", "reason": exc.reason, "error": exc.message}
         except Exception as exc:
@@ -99,6 +103,12 @@ class BatchJobs:
             state = {"state": "failed", "reason": "internal", "error": f"{exc}"}
         with self._lock:
             self._running[key] = {"batch_id": request.batch_id, **state}
+
+    def record_cost(self, model: str, batch_id: str) -> None:
+        """The finished batch's estimate (run_cost.record_batch_estimate; never raises)."""
+        run_cost.record_batch_estimate(
+            self.storage, model, batch_id, sizes_json=self.cost_sizes, prices_json=self.prices
+        )
 
     def forget(self, model: str, batch_id: str) -> None:
         with self._lock:
@@ -110,7 +120,10 @@ class BatchJobs:
         if running is not None and running.get("state") != "succeeded":
             return running
         done = self.storage.read_json(layout.batch_metrics_path(model, batch_id))
-        return {"state": "succeeded", **done} if done is not None else running
+        if done is None:
+            return running
+        cost = self.storage.read_json(layout.batch_cost_path(model, batch_id))
+        return {"state": "succeeded", **done} | ({"cost": cost} if cost is not None else {})
 
 
 @dataclass
@@ -132,7 +145,7 @@ class BatchStep:
         except PermanentError as exc:
             return permanent(exc, run_id)
         model, batch_id = request.model_name, request.batch_id
-        return run_step(
+        result = run_step(
             storage=self.storage,
             publisher=self.publisher,
             stage="predictor",
@@ -154,6 +167,9 @@ class BatchStep:
                 run_id,
             ),
         )
+        if result.status in ("succeeded", "duplicate"):
+            self.jobs.record_cost(model, batch_id)
+        return result
 
     def _completed(
         self, request: events_pb2.BatchPredictionRequest

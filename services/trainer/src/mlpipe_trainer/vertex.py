@@ -8,7 +8,6 @@ would pay for a backend most pipelines never use.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from mlpipe import tracing
 from mlpipe.errors import PermanentError
 from mlpipe.messaging import events
 from mlpipe.ml.config import PipelineConfig
+from mlpipe.runtime.labels import run_labels
 from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
@@ -25,11 +25,6 @@ if TYPE_CHECKING:
     from google.cloud import aiplatform_v1
 
 JOB_COMMAND = ["python", "-m", "mlpipe_trainer.job"]
-
-
-def label_value(value: str) -> str:
-    """GCP label values: lowercase letters, digits, `_` and `-`, at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
 
 
 @dataclass(frozen=True)
@@ -105,12 +100,7 @@ def custom_job_request(
             ),
         ),
         # The billing export carries these: a run's real cost is its rows (docs/cost.md).
-        labels={
-            "mlpipe-run-id": label_value(run_id),
-            "mlpipe-pipeline": label_value(config.name),
-            "mlpipe-commit": label_value(target.code_version),
-            "mlpipe-env": label_value(target.env),
-        },
+        labels=run_labels(run_id, config.name, target.env, mlpipe_commit=target.code_version),
     )
     return aiplatform_v1.CreateCustomJobRequest(
         parent=f"projects/{target.project}/locations/{spec.region}", custom_job=job

@@ -37,7 +37,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.cloud import storage as gcs
 
-from mlpipe_ops.standins.google_api import close, dumps, read_body, send_json, serve
+from mlpipe_ops.standins.google_api import (
+    close,
+    dumps,
+    label_problem,
+    read_body,
+    send_json,
+    serve,
+)
 
 HOST = "127.0.0.1"
 PUBLIC = "bigquery-public-data"
@@ -373,6 +380,10 @@ class BigQueryStandIn:
                 409, "duplicate", f"Already Exists: Job {project}:{location}.{job_id}"
             )
         config = body.get("configuration") or {}
+        problem = label_problem(config.get("labels"))
+        if problem:
+            # Rule 20: a job's labels follow Google's label rules.
+            raise BigQueryError(400, "invalid", f"configuration.labels: {problem}")
         kind = "query" if "query" in config else "extract" if "extract" in config else ""
         if not kind:
             raise BigQueryError(400, "invalid", "the stand-in runs query and extract jobs only")

@@ -40,6 +40,7 @@ from mlpipe_ops.service_runtime import memory_bytes
 from mlpipe_ops.standins.cloud_run_v1 import GcloudSurface, Request
 from mlpipe_ops.standins.google_api import (
     ApiError,
+    check_labels,
     close,
     dumps,
     read_body,
@@ -299,6 +300,11 @@ class CloudRunStandIn:
         """Refuses what the reference refuses; returns the name of the revision the request
         makes ("" for none) and the error its operation will end with, if any."""
         template = service.template
+        # Rule 27: labels of the service and of its revision template follow Google's label
+        # rules; a namespaced key (prefix/name, Kubernetes' form, which gcloud's Knative
+        # surface sets: client.knative.dev/nonce) is left to the Knative rules.
+        for where, found in (("labels", service.labels), ("template.labels", template.labels)):
+            check_labels({k: v for k, v in found.items() if "/" not in k}, where)
         if not template.containers or not template.containers[0].image:
             # Rule 10: a revision template names at least one container image.
             raise ApiError("INVALID_ARGUMENT", "template.containers[0].image: must be specified")

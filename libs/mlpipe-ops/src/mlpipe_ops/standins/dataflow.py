@@ -36,6 +36,7 @@ from google.cloud import storage
 
 from mlpipe_ops.standins.google_api import (
     ApiError,
+    check_labels,
     close,
     dumps,
     json_handler,
@@ -111,6 +112,8 @@ class Job:
             "currentState": self.state,
             "currentStateTime": self.state_time or self.created,
             "createTime": self.created,
+            # D13: the launch's additionalUserLabels are the job's labels.
+            "labels": dict(self.environment.get("additionalUserLabels") or {}),
         }
 
 
@@ -249,6 +252,8 @@ class DataflowStandIn:
             value = environment.get(key)
             if value and not str(value).startswith("gs://"):
                 raise ApiError("INVALID_ARGUMENT", f"{key} {value!r} must begin with gs://")
+        # D13: additionalUserLabels follow Google's label rules.
+        check_labels(environment.get("additionalUserLabels"), "environment.additionalUserLabels")
 
     def _template(self, path: str) -> dict[str, Any]:
         if not path.startswith("gs://"):

@@ -73,6 +73,48 @@ class ApiError(Exception):
         return {"code": CODES[self.status][0], "message": self.message}
 
 
+def _label_char(c: str) -> bool:
+    # Lowercase letters (international ones too: lowercase, or letters without case),
+    # numeric characters, underscores and dashes.
+    return c.islower() or (c.isalpha() and not c.isupper()) or c.isnumeric() or c in "_-"
+
+
+def label_problem(labels: Any, max_length: int = 63, max_count: int = 64) -> str:
+    """Why `labels` break Google's label rules, or "" (rule table: docs/*-standin.md, from
+    https://cloud.google.com/resource-manager/docs/labels-overview#requirements): at most 64
+    labels; keys and values at most 63 characters (Vertex AI: 64) of lowercase letters,
+    numeric characters, underscores and dashes, international characters allowed; a key
+    starts with a lowercase letter and is not empty; a value may be empty."""
+    if labels is None:
+        return ""
+    if not isinstance(labels, dict):
+        return "labels must be a map of strings"
+    if len(labels) > max_count:
+        return f"{len(labels)} labels: at most {max_count} are allowed"
+    for key, value in labels.items():
+        key, value = str(key), "" if value is None else str(value)
+        if not key or not (key[0].islower() or (key[0].isalpha() and not key[0].isupper())):
+            return f"label key {key!r} must start with a lowercase letter"
+        for what, text in (("key", key), ("value", value)):
+            if len(text) > max_length:
+                return f"label {what} {text!r} is longer than {max_length} characters"
+            bad = sorted({c for c in text if not _label_char(c)})
+            if bad:
+                return (
+                    f"label {what} {text!r} has {''.join(bad)!r}: only lowercase letters, "
+                    "numeric characters, underscores and dashes are allowed"
+                )
+    return ""
+
+
+def check_labels(labels: Any, where: str, max_length: int = 63) -> None:
+    """Refuse labels that break the rules (label_problem) with INVALID_ARGUMENT, naming the
+    field `where`."""
+    problem = label_problem(labels, max_length)
+    if problem:
+        raise ApiError("INVALID_ARGUMENT", f"{where}: {problem}")
+
+
 def status_for_http(code: int) -> str:
     """The google.rpc.Code name an HTTP status stands for (errors page, in reverse)."""
     if code in STATUS_BY_HTTP:

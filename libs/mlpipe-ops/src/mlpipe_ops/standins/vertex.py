@@ -38,6 +38,7 @@ import httpx
 from mlpipe_ops import containers as docker
 from mlpipe_ops.standins.google_api import (
     ApiError,
+    check_labels,
     close,
     dumps,
     json_handler,
@@ -75,6 +76,9 @@ KEPT_MODEL_FIELDS = (
 )
 ENDPOINT_FIELDS = ("displayName", "description", "labels")
 JOB_FIELDS = ("displayName", "jobSpec", "labels")
+# Rule 76: Vertex AI's label keys and values are at most 64 characters (CustomJob.labels,
+# Model.labels, Endpoint.labels), one more than elsewhere in Google Cloud.
+VERTEX_LABEL_LENGTH = 64
 JOB_TERMINAL = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 
 
@@ -419,6 +423,7 @@ class VertexStandIn:
             raise ApiError("INVALID_ARGUMENT", "UploadModelRequest.model is required.")
         if not model.get("displayName"):
             raise ApiError("INVALID_ARGUMENT", "Model.display_name is required.")
+        check_labels(model.get("labels"), "Model.labels", VERTEX_LABEL_LENGTH)  # Rule 76
         spec = model.get("containerSpec") or {}
         if not spec.get("imageUri"):
             raise ApiError(
@@ -648,6 +653,7 @@ class VertexStandIn:
     ) -> dict[str, Any]:
         if not body.get("displayName"):
             raise ApiError("INVALID_ARGUMENT", "Endpoint.display_name is required.")
+        check_labels(body.get("labels"), "Endpoint.labels", VERTEX_LABEL_LENGTH)  # Rule 76
         endpoint_id = query.get("endpointId") or query.get("endpoint_id") or ""
         if endpoint_id and not (
             ENDPOINT_ID_WORD.match(endpoint_id) or ENDPOINT_ID_NUMBER.match(endpoint_id)
@@ -725,6 +731,8 @@ class VertexStandIn:
             raise ApiError(
                 "UNIMPLEMENTED", f"The stand-in does not update {', '.join(unsupported)}."
             )
+        if "labels" in paths:
+            check_labels(body.get("labels"), "Endpoint.labels", VERTEX_LABEL_LENGTH)  # Rule 76
         with self._lock:
             endpoint = self._endpoint(location, endpoint_id)
             if "traffic_split" in paths:
@@ -1024,6 +1032,8 @@ class VertexStandIn:
             raise ApiError(
                 "UNIMPLEMENTED", "The stand-in runs one replica of the first worker pool only."
             )
+        # Rule 76: labels, at most 64 characters a key or value.
+        check_labels(body.get("labels"), "CustomJob.labels", VERTEX_LABEL_LENGTH)
         kept: dict[str, Any] = {k: body[k] for k in JOB_FIELDS if k in body}
         with self._lock:
             now = timestamp()

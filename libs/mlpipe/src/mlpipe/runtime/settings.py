@@ -52,6 +52,11 @@ class CommonSettings(BaseSettings):
     trace_exporter: Literal["off", "file", "cloud-trace"] = "off"
     trace_dir: str = ""
     trace_endpoint: str = ""
+    # Cost estimates of runs and batches (mlpipe.store.run_cost): compact JSON that the deploy
+    # writes from infra/runtime.yaml and infra/prices.yaml for the services that estimate
+    # (mlpipe_ops.service_runtime.cost_environment); empty elsewhere.
+    cost_sizes: str = Field(default="", description="Every service's cpu and memory, as JSON.")
+    prices: str = Field(default="", description="The price table (infra/prices.yaml), as JSON.")
 
     def start_tracing(self, process: str) -> bool:
         """Send this process's spans where trace_exporter says (mlpipe.tracing.configure);

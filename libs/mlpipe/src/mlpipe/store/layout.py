@@ -151,6 +151,9 @@ class RunPaths:
         self.evaluation = base + "evaluation.json"  # the EvaluationCompleted event
         self.deployment = base + "deployment.json"  # the DeploymentCompleted event
         self.failed = base + "failed.json"  # the PipelineFailed event of a failed run
+        # The cost estimate of the ended run (mlpipe.store.run_cost.record_estimate), or why
+        # there is none: written by the service that ends it.
+        self.cost = base + "cost.json"
         self.job_log = base + "job.log"
         self.vertex_output = base + "vertex/"  # a Vertex AI CustomJob's output directory
         # A run promoted from another environment: the source run's records, copied as they
@@ -348,6 +351,11 @@ def batch_job_path(model: str, batch_id: str) -> str:
 def batch_job_failure_path(model: str, batch_id: str) -> str:
     """Why a batch's job failed, written by the part of the job that failed first."""
     return f"{PREDICTIONS}{model}/jobs/{batch_id}.failed.json"
+
+
+def batch_cost_path(model: str, batch_id: str) -> str:
+    """The cost estimate of a finished batch (mlpipe.store.run_cost.record_batch_estimate)."""
+    return f"{PREDICTIONS}{model}/jobs/{batch_id}.cost.json"
 
 
 def batch_completed_path(model: str, batch_id: str) -> str:

@@ -13,11 +13,11 @@ reports it and stops following that rollout (see mlpipe_deployer.progress).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mlpipe.runtime.labels import run_labels
 from mlpipe.store.registry import ModelVersion, Traffic
 
 SERVE_MODEL_ENV = "MLPIPE_SERVE_MODEL"
@@ -69,6 +69,8 @@ class LocalTarget:
         return Rollout()
 
 
-def label_value(value: str) -> str:
-    """A GCP label value: lowercase letters, digits, '_' and '-', at most 63 characters."""
-    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+def version_labels(mv: ModelVersion, env: str) -> dict[str, str]:
+    """The billing export's labels of what serves `mv` (mlpipe.runtime.labels): the run that
+    trained it, its pipeline (the model's name for a version registered before the registry
+    kept it) and the environment."""
+    return run_labels(mv.run_id, str(mv.info.get("pipeline") or mv.model), env)

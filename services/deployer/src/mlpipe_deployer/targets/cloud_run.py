@@ -28,15 +28,24 @@ from google.api_core import exceptions as gexc
 from google.cloud import run_v2
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 
+from mlpipe.runtime import labels
+from mlpipe.runtime.labels import label_value
 from mlpipe.store.registry import ModelVersion, Traffic
-from mlpipe_deployer.targets import SERVE_MODEL_ENV, SERVE_VERSION_ENV, Rollout, label_value
+from mlpipe_deployer.targets import (
+    SERVE_MODEL_ENV,
+    SERVE_VERSION_ENV,
+    Rollout,
+    version_labels,
+)
 
 PINS = (SERVE_MODEL_ENV, SERVE_VERSION_ENV)
 MODEL_LABEL = "mlpipe-model"
 VERSION_LABEL = "mlpipe-version"
 RUN_LABEL = "run_id"
 RELEASE_LABEL = "mlpipe-release"
-ROLLOUT_LABELS = (MODEL_LABEL, VERSION_LABEL, RUN_LABEL, RELEASE_LABEL, "commit")
+# The billing export's (mlpipe.runtime.labels): the run the served version came from.
+COST_LABELS = (labels.RUN_ID, labels.PIPELINE, labels.ENV)
+ROLLOUT_LABELS = (MODEL_LABEL, VERSION_LABEL, RUN_LABEL, RELEASE_LABEL, "commit", *COST_LABELS)
 REVISION = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
 FAILED = run_v2.Condition.State.CONDITION_FAILED
 
@@ -75,9 +84,15 @@ def revision_name(service: str, model: str, version: int, release: str) -> str:
 
 
 def pinned_template(
-    current: run_v2.RevisionTemplate, name: str, model: str, mv: ModelVersion, release: str
+    current: run_v2.RevisionTemplate,
+    name: str,
+    model: str,
+    mv: ModelVersion,
+    release: str,
+    env: str = "",
 ) -> run_v2.RevisionTemplate:
-    """The released template, pinned to one model version."""
+    """The released template, pinned to one model version; labelled with its run, pipeline
+    and environment `env` for the billing export."""
     template = code_release(current)
     template.revision = name
     template.labels.update(
@@ -87,6 +102,7 @@ def pinned_template(
             RUN_LABEL: label_value(mv.run_id),
             RELEASE_LABEL: release,
         }
+        | version_labels(mv, env)
     )
     if not template.containers:
         raise CloudRunRolloutError("the predictor service's template has no container")
@@ -121,6 +137,7 @@ def next_update(
     model: str,
     traffic: Traffic,
     versions: dict[int, ModelVersion],
+    env: str = "",
 ) -> run_v2.UpdateServiceRequest | None:
     """The one update that brings the service a step closer to `traffic` served by revisions
     of the current code release, or None when it already serves it.
@@ -196,7 +213,7 @@ def next_update(
     service = run_v2.Service(current)
     if create is not None:
         service.template = pinned_template(
-            current.template, wanted[create], model, versions[create], release
+            current.template, wanted[create], model, versions[create], release, env
         )
     del service.traffic[:]
     service.traffic.extend(
@@ -216,6 +233,7 @@ class CloudRunTarget:
     code_version: str
     name: str = "cloud_run"
     services: Any = None
+    env: str = ""  # the environment (MLPIPE_ENV): a label of the revisions it makes
     revisions: Any = None
 
     @property
@@ -257,7 +275,7 @@ class CloudRunTarget:
             # nothing until it is over.
             return Rollout(self.service_path, [self.service_path])
         listed = list(revisions.list_revisions(parent=self.service_path))
-        request = next_update(current, listed, model, traffic, versions)
+        request = next_update(current, listed, model, traffic, versions, self.env)
         if request is None:
             split = ", ".join(f"{t.revision} {t.percent}%" for t in current.traffic)
             return Rollout(f"{self.service_path} ({split})")

@@ -20,6 +20,7 @@ def make_target(settings: DeployerSettings) -> DeployTarget:
             settings.cloud_run_service,
             settings.predictor_image,
             settings.code_version,
+            env=settings.env,
         )
     if settings.deploy_target == "vertex":
         from mlpipe_deployer.targets.vertex import VertexTarget
@@ -37,5 +38,6 @@ def make_target(settings: DeployerSettings) -> DeployTarget:
             settings.vertex_serving_account,
             settings.vertex_api_endpoint,
             settings.vertex_api_transport,
+            env=settings.env,
         )
     return LocalTarget()

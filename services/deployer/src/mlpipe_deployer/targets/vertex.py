@@ -19,9 +19,15 @@ from google.cloud import aiplatform_v1
 from google.longrunning import operations_pb2  # type: ignore[import-untyped]
 from google.protobuf import field_mask_pb2
 
+from mlpipe.runtime.labels import label_value
 from mlpipe.runtime.vertex_api import vertex_client_kwargs
 from mlpipe.store.registry import ModelVersion, Traffic
-from mlpipe_deployer.targets import SERVE_MODEL_ENV, SERVE_VERSION_ENV, Rollout, label_value
+from mlpipe_deployer.targets import (
+    SERVE_MODEL_ENV,
+    SERVE_VERSION_ENV,
+    Rollout,
+    version_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +58,11 @@ def upload_request(
     bucket: str,
     code_version: str,
     alias: str,
+    env: str = "",
 ) -> aiplatform_v1.UploadModelRequest:
     """Upload registry version `mv` as a new version of the same Vertex AI model
-    (`parent_model`), or as its first version; labels carry the lineage."""
+    (`parent_model`), or as its first version; labels carry the lineage, and the run,
+    pipeline and environment `env` for the billing export."""
     parent = f"projects/{project}/locations/{region}"
     artifact_dir = mv.model_uri.rsplit("/", 1)[0] + "/"
     body = aiplatform_v1.Model(
@@ -66,7 +74,8 @@ def upload_request(
             "run_id": label_value(mv.run_id),
             "commit": label_value(code_version),
             "mlpipe_version": str(mv.version),
-        },
+        }
+        | version_labels(mv, env),
         artifact_uri=artifact_dir,
         container_spec=aiplatform_v1.ModelContainerSpec(
             image_uri=image,
@@ -217,6 +226,7 @@ class VertexTarget:
     name: str = "vertex"
     models: Any = None
     endpoints: Any = None
+    env: str = ""  # the environment (MLPIPE_ENV): a label of what it uploads and deploys
 
     @property
     def endpoint_path(self) -> str:
@@ -288,6 +298,7 @@ class VertexTarget:
                     bucket=self.bucket,
                     code_version=self.code_version,
                     alias=alias,
+                    env=self.env,
                 )
                 started = models.upload_model(request=request)
                 return Rollout(self.endpoint_path, [started.operation.name])
