@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
+from mlpipe.runtime.job_process import ENDED
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
 from mlpipe_ops import containers as docker
 from mlpipe_ops.standins.dataflow import DataflowStandIn, template_spec
-from mlpipe_predictor.launch import ENDED, DataflowLauncher
+from mlpipe_predictor.launch import DataflowLauncher
 from tests.conftest import REPO, engine_missing, wait_until
 from tests.integration.conftest import Cloud, cloud, iris_config, iris_csv  # noqa: F401
 from tests.integration.test_batch_dataflow import TEMPLATE, options, predictor_env

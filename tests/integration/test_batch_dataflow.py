@@ -17,17 +17,12 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import dataflow_v1beta3
 
 from mlpipe.messaging.batch_jobs import JobSpec
+from mlpipe.runtime.job_process import ENDED, RUNNING
 from mlpipe.store import layout
 from mlpipe.v1 import events_pb2
 from mlpipe_ops import service_runtime
 from mlpipe_ops.standins.dataflow import JOB_STATES, DataflowStandIn, template_spec
-from mlpipe_predictor.launch import (
-    ENDED,
-    RUNNING,
-    DataflowLauncher,
-    DataflowOptions,
-    dataflow_job_name,
-)
+from mlpipe_predictor.launch import DataflowLauncher, DataflowOptions, dataflow_job_name
 from tests.conftest import REPO, wait_until
 from tests.integration.conftest import Cloud
 from tests.integration.test_batch_job import iris_csv_with, push_request

@@ -40,9 +40,10 @@ from mlpipe.messaging import events
 from mlpipe.messaging.validation_jobs import ValidationSpec
 from mlpipe.ml.config import load_pipeline_config
 from mlpipe.ml.validation import describe_schema, schema_of
+from mlpipe.runtime import labels
+from mlpipe.runtime.dataflow_jobs import FlexTemplateJobs
 from mlpipe.runtime.job_process import (
     ENDED,
-    RUNNING,
     JobProcesses,
     batch_job_installed,
     direct_runner_command,
@@ -140,93 +141,50 @@ class DataflowValidation:
     credentials: Any = None
     name: str = "dataflow"
 
-    def _clients(self) -> tuple[Any, Any]:
-        from google.cloud import dataflow_v1beta3 as dataflow
+    @property
+    def jobs(self) -> FlexTemplateJobs:
+        return FlexTemplateJobs(self.options.endpoint, self.credentials)
 
-        kwargs: dict[str, Any] = {"transport": "rest"}
-        if self.options.endpoint:
-            kwargs["client_options"] = {"api_endpoint": self.options.endpoint}
-        if self.credentials is not None:
-            kwargs["credentials"] = self.credentials
-        return dataflow.FlexTemplatesServiceClient(**kwargs), dataflow.JobsV1Beta3Client(**kwargs)
+    def _clients(self) -> tuple[Any, Any]:
+        return self.jobs.clients()
 
     def launch_request(self, spec: ValidationSpec) -> Any:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
         o = self.options
-        label = re.sub(r"[^a-z0-9_-]", "-", spec.dataset.lower())[:63]
-        environment = dataflow.FlexTemplateRuntimeEnvironment(
-            service_account_email=o.service_account,
-            temp_location=o.temp_location,
-            staging_location=o.staging_location,
-            machine_type=o.machine_type,
-            max_workers=o.max_workers,
-            additional_user_labels={
-                "mlpipe-validation": "1",
-                "mlpipe-dataset": label,
-                "mlpipe-env": re.sub(r"[^a-z0-9_-]", "-", o.env.lower())[:63],
+        return FlexTemplateJobs.launch_request(
+            project=o.project,
+            region=o.region,
+            job_name=validation_job_name(spec),
+            template=o.template,
+            parameters={"spec": spec.to_json()},
+            environment={
+                "service_account_email": o.service_account,
+                "temp_location": o.temp_location,
+                "staging_location": o.staging_location,
+                "machine_type": o.machine_type,
+                "max_workers": o.max_workers,
+                "additional_user_labels": {
+                    "mlpipe-validation": "1",
+                    "mlpipe-dataset": labels.label_value(spec.dataset),
+                    "mlpipe-env": labels.label_value(o.env),
+                },
             },
-        )
-        return dataflow.LaunchFlexTemplateRequest(
-            project_id=o.project,
-            location=o.region,
-            launch_parameter=dataflow.LaunchFlexTemplateParameter(
-                job_name=validation_job_name(spec),
-                container_spec_gcs_path=o.template,
-                parameters={"spec": spec.to_json()},
-                environment=environment,
-            ),
         )
 
     def launch(self, spec: ValidationSpec) -> dict[str, Any]:
-        templates, _ = self._clients()
         try:
-            reply = templates.launch_flex_template(request=self.launch_request(spec))
+            return self.jobs.launch(self.launch_request(spec))
         except (gexc.InvalidArgument, gexc.PermissionDenied, gexc.NotFound) as exc:
             raise PermanentError(
                 "validation_not_started", f"{spec.input_uri}: Dataflow refused the job: {exc}"
             ) from exc
         except (gexc.ServiceUnavailable, gexc.TooManyRequests, gexc.InternalServerError) as exc:
             raise TransientError(f"Dataflow: {exc}") from exc
-        job = reply.job
-        return {
-            "job_id": job.id,
-            "name": job.name,
-            "project": job.project_id or self.options.project,
-            "region": job.location or self.options.region,
-        }
 
     def state(self, handle: dict[str, Any]) -> str:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
-        _, jobs = self._clients()
-        job = jobs.get_job(
-            request=dataflow.GetJobRequest(
-                project_id=handle["project"], location=handle["region"], job_id=handle["job_id"]
-            )
-        )
-        ended = {
-            dataflow.JobState.JOB_STATE_DONE,
-            dataflow.JobState.JOB_STATE_FAILED,
-            dataflow.JobState.JOB_STATE_CANCELLED,
-            dataflow.JobState.JOB_STATE_UPDATED,
-            dataflow.JobState.JOB_STATE_DRAINED,
-        }
-        return ENDED if job.current_state in ended else RUNNING
+        return self.jobs.state(handle)
 
     def stop(self, handle: dict[str, Any]) -> None:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
-        _, jobs = self._clients()
-        with contextlib.suppress(gexc.FailedPrecondition, gexc.NotFound):
-            jobs.update_job(
-                request=dataflow.UpdateJobRequest(
-                    project_id=handle["project"],
-                    location=handle["region"],
-                    job_id=handle["job_id"],
-                    job=dataflow.Job(requested_state=dataflow.JobState.JOB_STATE_CANCELLED),
-                )
-            )
+        self.jobs.cancel(handle)
 
 
 @dataclass

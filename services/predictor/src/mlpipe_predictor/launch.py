@@ -32,9 +32,9 @@ from google.api_core import exceptions as gexc
 from mlpipe.errors import PermanentError
 from mlpipe.messaging.batch_jobs import JobSpec
 from mlpipe.runtime import labels
+from mlpipe.runtime.dataflow_jobs import FlexTemplateJobs
 from mlpipe.runtime.job_process import (
     ENDED,
-    RUNNING,
     JobProcesses,
     batch_job_installed,
     direct_runner_command,
@@ -272,92 +272,54 @@ class DataflowLauncher:
     credentials: Any = None
     name: str = "dataflow"
 
-    def _clients(self) -> tuple[Any, Any]:
-        from google.cloud import dataflow_v1beta3 as dataflow
+    @property
+    def jobs(self) -> FlexTemplateJobs:
+        return FlexTemplateJobs(self.options.endpoint, self.credentials)
 
-        kwargs: dict[str, Any] = {"transport": "rest"}
-        if self.options.endpoint:
-            kwargs["client_options"] = {"api_endpoint": self.options.endpoint}
-        if self.credentials is not None:
-            kwargs["credentials"] = self.credentials
-        return dataflow.FlexTemplatesServiceClient(**kwargs), dataflow.JobsV1Beta3Client(**kwargs)
+    def _clients(self) -> tuple[Any, Any]:
+        return self.jobs.clients()
 
     def launch_request(self, spec: JobSpec) -> Any:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
         o = self.options
-        environment = dataflow.FlexTemplateRuntimeEnvironment(
-            service_account_email=o.service_account,
-            temp_location=o.temp_location,
-            staging_location=o.staging_location,
-            machine_type=o.machine_type,
-            max_workers=o.max_workers,
-            network=o.network,
-            subnetwork=o.subnetwork,
-            additional_user_labels=dataflow_labels(spec, o.env),
-            ip_configuration=(
-                dataflow.WorkerIPAddressConfiguration.WORKER_IP_PRIVATE
-                if o.private_ips
-                else dataflow.WorkerIPAddressConfiguration.WORKER_IP_UNSPECIFIED
-            ),
-        )
-        return dataflow.LaunchFlexTemplateRequest(
-            project_id=o.project,
-            location=o.region,
-            launch_parameter=dataflow.LaunchFlexTemplateParameter(
-                job_name=dataflow_job_name(spec),
-                container_spec_gcs_path=o.template,
-                parameters={"spec": spec.to_json()},
-                environment=environment,
-            ),
+        return FlexTemplateJobs.launch_request(
+            project=o.project,
+            region=o.region,
+            job_name=dataflow_job_name(spec),
+            template=o.template,
+            parameters={"spec": spec.to_json()},
+            environment={
+                "service_account_email": o.service_account,
+                "temp_location": o.temp_location,
+                "staging_location": o.staging_location,
+                "machine_type": o.machine_type,
+                "max_workers": o.max_workers,
+                "network": o.network,
+                "subnetwork": o.subnetwork,
+                "additional_user_labels": dataflow_labels(spec, o.env),
+            },
+            private_ips=o.private_ips,
         )
 
     def launch(self, spec: JobSpec) -> dict[str, Any]:
-        templates, _ = self._clients()
-        reply = templates.launch_flex_template(request=self.launch_request(spec))
-        job = reply.job
-        log.info("batch %s: launched Dataflow job %s (%s)", spec.batch_id, job.id, job.name)
+        handle = self.jobs.launch(self.launch_request(spec))
+        log.info(
+            "batch %s: launched Dataflow job %s (%s)",
+            spec.batch_id,
+            handle["job_id"],
+            handle["name"],
+        )
         return {
-            "job_id": job.id,
-            "name": job.name,
-            "project": job.project_id or self.options.project,
-            "region": job.location or self.options.region,
+            **handle,
             # What its estimate prices (mlpipe.store.run_cost.batch_estimate).
             "machine_type": self.options.machine_type,
             "max_workers": self.options.max_workers,
         }
 
     def state(self, handle: dict[str, Any]) -> str:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
-        _, jobs = self._clients()
-        job = jobs.get_job(
-            request=dataflow.GetJobRequest(
-                project_id=handle["project"], location=handle["region"], job_id=handle["job_id"]
-            )
-        )
-        ended = {
-            dataflow.JobState.JOB_STATE_DONE,
-            dataflow.JobState.JOB_STATE_FAILED,
-            dataflow.JobState.JOB_STATE_CANCELLED,
-            dataflow.JobState.JOB_STATE_UPDATED,
-            dataflow.JobState.JOB_STATE_DRAINED,
-        }
-        return ENDED if job.current_state in ended else RUNNING
+        return self.jobs.state(handle)
 
     def stop(self, handle: dict[str, Any]) -> None:
-        from google.cloud import dataflow_v1beta3 as dataflow
-
-        _, jobs = self._clients()
-        with contextlib.suppress(gexc.FailedPrecondition, gexc.NotFound):
-            jobs.update_job(
-                request=dataflow.UpdateJobRequest(
-                    project_id=handle["project"],
-                    location=handle["region"],
-                    job_id=handle["job_id"],
-                    job=dataflow.Job(requested_state=dataflow.JobState.JOB_STATE_CANCELLED),
-                )
-            )
+        self.jobs.cancel(handle)
 
 
 def batch_launcher(settings: Any) -> Launcher:
