@@ -9,9 +9,10 @@
 Every element past the splits is a whole chunk of rows (a DataFrame of at most chunk_rows):
 a chunk is checked, scored by one call to the model and written to its shard as one run of
 records, and a bundle reports its shards and counts once, as one element (its shards' names,
-its rows, scored and rejected, its first bad row), so no row crosses a shuffle and the finish
-step sums a handful of reports. A Parquet row group is read a chunk at a time, so a worker's
-memory is bounded by the chunk, not by the row group nor by the file.
+its rows, scored and rejected, its first bad row): the finish step sums a handful of reports,
+and no row of a Parquet input or of a glob crosses a shuffle (one CSV or Avro object's chunks
+do, below). A Parquet row group is read a chunk at a time, so a worker's memory is bounded by
+the chunk, not by the row group nor by the file.
 
 Inputs are read and the metrics and failure records written through the project's Storage
 (google-cloud-storage, which honours STORAGE_EMULATOR_HOST) inside DoFns. The Avro shards
