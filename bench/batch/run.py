@@ -263,8 +263,13 @@ def tree_rss(root: int) -> int:
     return sum(rss.get(p, 0) for p in members)
 
 
-def measure(command: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(wall seconds, peak tree RSS bytes) of `command` run to its end; fail if it fails."""
+def measure(command: list[str], env: dict[str, str]) -> tuple[float, int, float]:
+    """(wall seconds, peak tree RSS bytes, CPU seconds) of `command` run to its end; fail if it
+    fails. The CPU seconds (user + system of the process and every descendant reaped) depend
+    far less than the wall time on what else the machine runs."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = 0
@@ -282,10 +287,12 @@ def measure(command: list[str], env: dict[str, str]) -> tuple[float, int]:
     wall = time.perf_counter() - started
     stop.set()
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if child.returncode != 0:
         sys.stdout.write(output.decode(errors="replace")[-4000:])
         raise SystemExit(f"{command[:4]} failed with {child.returncode}")
-    return wall, peak
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, peak, cpu
 
 
 def avro_rows(storage: Any, paths: list[str]) -> tuple[int, dict[str, str]]:
@@ -391,11 +398,11 @@ def main() -> int:
                 del runs["chunked scorer (predictor, 1 process)"]
             figures = {}
             for name, command in runs.items():
-                wall, peak = measure(
+                wall, peak, cpu = measure(
                     command, {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
                 )
-                figures[name] = (wall, peak)
-                print(f"  {name}: {wall:.1f}s", flush=True)
+                figures[name] = (wall, peak, cpu)
+                print(f"  {name}: {wall:.1f}s, {cpu:.1f} CPU s", flush=True)
             outputs = {
                 "bare loop (1 process)": ["predictions/bench-bare/out.avro"],
                 "chunked scorer (predictor, 1 process)": [
@@ -414,17 +421,21 @@ def main() -> int:
             for name, (count, first) in checked.items():
                 assert count == n, f"{name} wrote {count} rows of {n}"
                 assert first == baseline, f"{name}'s predictions differ from the bare loop's"
-            bare_wall, bare_peak = figures["bare loop (1 process)"]
+            bare_wall, bare_peak, bare_cpu = figures["bare loop (1 process)"]
             print(
                 f"\n{n:,} rows, every output read back: {n:,} rows each, the first 2,000 "
                 "predictions equal\n"
             )
-            print("| contender | wall s | rows/s | peak RSS MB | time vs bare | memory vs bare |")
-            print("|---|---:|---:|---:|---:|---:|")
-            for name, (wall, peak) in figures.items():
+            print(
+                "| contender | wall s | rows/s | CPU s | rows per CPU s | peak RSS MB "
+                "| time vs bare | CPU vs bare | memory vs bare |"
+            )
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for name, (wall, peak, cpu) in figures.items():
                 print(
-                    f"| {name} | {wall:.1f} | {n / wall:,.0f} | {peak / 1e6:,.0f} | "
-                    f"{wall / bare_wall:.2f}x | {peak / bare_peak:.2f}x |"
+                    f"| {name} | {wall:.1f} | {n / wall:,.0f} | {cpu:.1f} | {n / cpu:,.0f} | "
+                    f"{peak / 1e6:,.0f} | {wall / bare_wall:.2f}x | {cpu / bare_cpu:.2f}x | "
+                    f"{peak / bare_peak:.2f}x |"
                 )
     finally:
         stack.down(progress=lambda _: None)
