@@ -1,10 +1,18 @@
 """Batch scoring as an Apache Beam pipeline.
 
-    input files ─▶ splits (a CSV file; a Parquet row group) ─▶ chunks of rows ─▶ reshuffle
+    input files ─▶ splits (a CSV file; a Parquet row group) ─▶ reshuffle ─▶ chunks of rows
       ─▶ score (the model loaded once per worker, its sha256 checked) ─┬▶ predictions-*.avro
                                                                        ├▶ rejected/*.avro
-                                                                       └▶ counts, first bad row
+                                                                       └▶ one report a bundle
       ─▶ finish (after every shard is final): the metrics JSON, last; then the event
+
+Every element past the splits is a whole chunk of rows (a DataFrame of at most chunk_rows):
+a chunk is checked, scored by one call to the model and written to its shard as one run of
+records, and a bundle reports its shards and counts once, as one element (its shards' names,
+its rows, scored and rejected, its first bad row): the finish step sums a handful of reports,
+and no row of a Parquet input or of a glob crosses a shuffle (one CSV or Avro object's chunks
+do, below). A Parquet row group is read a chunk at a time, so a worker's memory is bounded by
+the chunk, not by the row group nor by the file.
 
 Inputs are read and the metrics and failure records written through the project's Storage
 (google-cloud-storage, which honours STORAGE_EMULATOR_HOST) inside DoFns. The Avro shards
@@ -40,13 +48,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
 import fastavro
+import numpy as np
 import pandas as pd
-from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -62,7 +70,6 @@ from mlpipe.ml.scoring import (
     check_rows,
     load_version,
     prediction_schema,
-    score_checked,
 )
 from mlpipe.store.registry import Registry
 from mlpipe.store.storage import Storage, make_client, parse_gs_uri
@@ -72,8 +79,6 @@ log = logging.getLogger(__name__)
 # The runner of local jobs (`--runner=DirectRunner` is run on it; see `run`).
 FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 REJECTED = "rejected"
-COUNTS = "counts"
-FIRST_BAD = "first_bad"
 PREDICTIONS_NAME = "predictions"
 # Rows per Avro shard at most (a bundle writes one shard of each kind, or more past this).
 SHARD_ROWS = 1_000_000
@@ -220,13 +225,15 @@ class ReadChunks(beam.DoFn):
         import pyarrow.parquet as pq
 
         try:
-            table = pq.ParquetFile(stream).read_row_group(split.row_group)
+            batches = pq.ParquetFile(stream).iter_batches(
+                batch_size=rows, row_groups=[split.row_group]
+            )
+            for batch in batches:
+                yield batch.to_pandas()
         except (ValueError, OSError) as exc:
             raise PermanentError(
                 "unreadable_dataset", f"{source} is not valid parquet: {exc}"
             ) from exc
-        for start in range(0, table.num_rows, rows):
-            yield table.slice(start, rows).to_pandas()
 
 
 class AvroShard:
@@ -241,10 +248,10 @@ class AvroShard:
         self.writer = fastavro.write.Writer(self.file, fastavro.parse_schema(schema), "deflate")
         self.rows = 0
 
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
+    def write(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             self.writer.write(record)
-            self.rows += 1
+        self.rows += len(records)
 
     def close(self) -> str:
         self.writer.flush()
@@ -278,12 +285,12 @@ class ScoreChunks(beam.DoFn):
 
     def start_bundle(self) -> None:
         self.shards: dict[str, AvroShard] = {}
-        self.closed: list[tuple[str, str]] = []
+        self.report = BundleReport()
 
     def _shard(self, kind: str) -> AvroShard:
         shard = self.shards.get(kind)
         if shard is not None and shard.rows >= self.shard_rows:
-            self.closed.append((kind, shard.close()))
+            self.report.add_shard(kind, shard.close())
             shard = None
         if shard is None:
             name = (
@@ -303,81 +310,91 @@ class ScoreChunks(beam.DoFn):
             checked = check_rows(model, chunk.frame, spec.key_column, chunk.first_row, chunk.source)
         except PermanentError as exc:
             raise fail(self.storage, spec, exc, source=chunk.source) from None
-        predictions = score_checked(model, checked)
-        problems = checked.problems.tolist()
-        ok = [i for i, p in enumerate(problems) if not p]
-        bad = [i for i, p in enumerate(problems) if p]
+        ok = checked.ok
+        keys = checked.keys
+        if ok.all():
+            scored = model.predict_frame(checked.rows)
+            good = keys
+        else:
+            scored = model.predict_frame(checked.rows[ok]) if ok.any() else []
+            good = [keys[i] for i in np.flatnonzero(ok).tolist()]
+        cast = float if model.task == "regression" else str
+        name, version = model.name, model.version
         self._shard(PREDICTIONS_NAME).write(
-            {
-                "key": checked.keys[i],
-                "prediction": predictions[i],
-                "error": None,
-                "model": model.name,
-                "model_version": model.version,
-            }
-            for i in ok
-        )
-        if bad and spec.bad_rows == WRITE_REJECTED:
-            raw = checked.raw
-            self._shard(REJECTED).write(
+            [
                 {
-                    "key": checked.keys[i],
-                    "source": chunk.source,
-                    "row": chunk.first_row + i + 1,
-                    "reason": problems[i],
-                    "values": json.dumps(raw.iloc[i].to_dict(), default=str),
-                    "model": model.name,
-                    "model_version": model.version,
+                    "key": key,
+                    "prediction": cast(value),
+                    "error": None,
+                    "model": name,
+                    "model_version": version,
                 }
-                for i in bad
-            )
+                for key, value in zip(good, scored, strict=True)
+            ]
+        )
+        bad = np.flatnonzero(~ok).tolist()
         if bad:
-            yield pvalue.TaggedOutput(
-                FIRST_BAD, (chunk.source, chunk.first_row + bad[0] + 1, problems[bad[0]])
-            )
-        yield pvalue.TaggedOutput(COUNTS, (len(problems), len(ok), len(bad)))
+            problems = checked.problems
+            if spec.bad_rows == WRITE_REJECTED:
+                raw = checked.raw
+                self._shard(REJECTED).write(
+                    [
+                        {
+                            "key": keys[i],
+                            "source": chunk.source,
+                            "row": chunk.first_row + i + 1,
+                            "reason": problems[i],
+                            "values": json.dumps(raw.iloc[i].to_dict(), default=str),
+                            "model": name,
+                            "model_version": version,
+                        }
+                        for i in bad
+                    ]
+                )
+            self.report.add_bad((chunk.source, chunk.first_row + bad[0] + 1, problems[bad[0]]))
+        self.report.add_counts(len(keys), len(keys) - len(bad), len(bad))
+        return iter(())
 
     def finish_bundle(self) -> Iterator[Any]:
-        self.closed += [(kind, shard.close()) for kind, shard in self.shards.items()]
-        for kind, uri in self.closed:
-            yield pvalue.TaggedOutput(kind, WindowedValue(uri, MIN_TIMESTAMP, (GlobalWindow(),)))
+        for kind, shard in self.shards.items():
+            self.report.add_shard(kind, shard.close())
+        yield WindowedValue(self.report, MIN_TIMESTAMP, (GlobalWindow(),))
 
 
-class SumCounts(beam.CombineFn):
-    def create_accumulator(self) -> tuple[int, int, int]:
-        return (0, 0, 0)
+@dataclass
+class BundleReport:
+    """What one committed bundle of scoring wrote: its shards, its rows (all, scored, bad),
+    and its first bad row (file, row, reason), if any."""
 
-    def add_input(self, acc: tuple[int, int, int], value: tuple[int, int, int]) -> Any:
-        return tuple(a + v for a, v in zip(acc, value, strict=True))
+    outputs: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    rows: int = 0
+    scored: int = 0
+    bad: int = 0
+    first_bad: tuple[str, int, str] | None = None
 
-    def merge_accumulators(self, accs: Iterable[tuple[int, int, int]]) -> Any:
-        total = (0, 0, 0)
-        for acc in accs:
-            total = self.add_input(total, acc)
-        return total
+    def add_shard(self, kind: str, uri: str) -> None:
+        (self.rejected if kind == REJECTED else self.outputs).append(uri)
 
-    def extract_output(self, acc: tuple[int, int, int]) -> tuple[int, int, int]:
-        return acc
+    def add_counts(self, rows: int, scored: int, bad: int) -> None:
+        self.rows += rows
+        self.scored += scored
+        self.bad += bad
 
+    def add_bad(self, first: tuple[str, int, str]) -> None:
+        if self.first_bad is None or first[:2] < self.first_bad[:2]:
+            self.first_bad = first
 
-class FirstBad(beam.CombineFn):
-    """The first bad row by (file, row); None when there is none."""
-
-    def create_accumulator(self) -> Any:
-        return None
-
-    def add_input(self, acc: Any, value: Any) -> Any:
-        return value if acc is None or tuple(value[:2]) < tuple(acc[:2]) else acc
-
-    def merge_accumulators(self, accs: Iterable[Any]) -> Any:
-        out = None
-        for acc in accs:
-            if acc is not None:
-                out = self.add_input(out, acc)
+    @classmethod
+    def total(cls, reports: Iterable[BundleReport]) -> BundleReport:
+        out = cls()
+        for report in reports:
+            out.outputs += report.outputs
+            out.rejected += report.rejected
+            out.add_counts(report.rows, report.scored, report.bad)
+            if report.first_bad is not None:
+                out.add_bad(report.first_bad)
         return out
-
-    def extract_output(self, acc: Any) -> Any:
-        return acc
 
 
 class Finish(beam.DoFn):
@@ -389,18 +406,13 @@ class Finish(beam.DoFn):
         self.started = started
         self.runner = runner
 
-    def process(
-        self,
-        _: Any,
-        outputs: list[str],
-        rejected: list[str],
-        counts: tuple[int, int, int],
-        first_bad: Any,
-    ) -> Iterator[dict[str, Any]]:
+    def process(self, _: Any, reports: list[BundleReport]) -> Iterator[dict[str, Any]]:
         spec = self.spec
         storage = storage_for(spec)
-        rows, scored, bad = counts
-        if bad and spec.bad_rows == REJECT_BATCH:
+        total = BundleReport.total(reports)
+        outputs, rejected, first_bad = total.outputs, total.rejected, total.first_bad
+        rows, scored, bad = total.rows, total.scored, total.bad
+        if first_bad is not None and spec.bad_rows == REJECT_BATCH:
             source, row, reason = first_bad
             message = (
                 f"{source} row {row}: {reason} ({bad} bad row(s) of {rows}; "
@@ -472,22 +484,11 @@ def build(
         # One stream, read by one worker: its chunks are spread for scoring instead, at the
         # cost of passing them through the shuffle (held in memory on the DirectRunner).
         chunks = chunks | "SpreadChunks" >> beam.Reshuffle()
-    scored = chunks | "Score" >> beam.ParDo(ScoreChunks(spec, schema, shard_rows)).with_outputs(
-        PREDICTIONS_NAME, REJECTED, COUNTS, FIRST_BAD, main="unused"
-    )
-    counts = scored[COUNTS] | "Count" >> beam.CombineGlobally(SumCounts())
-    first_bad = scored[FIRST_BAD] | "FirstBad" >> beam.CombineGlobally(FirstBad())
+    reports = chunks | "Score" >> beam.ParDo(ScoreChunks(spec, schema, shard_rows))
     return (
         pipeline
         | "AfterWrites" >> beam.Create([None])
-        | "Finish"
-        >> beam.ParDo(
-            Finish(spec, started, runner),
-            outputs=beam.pvalue.AsList(scored[PREDICTIONS_NAME]),
-            rejected=beam.pvalue.AsList(scored[REJECTED]),
-            counts=beam.pvalue.AsSingleton(counts),
-            first_bad=beam.pvalue.AsSingleton(first_bad),
-        )
+        | "Finish" >> beam.ParDo(Finish(spec, started, runner), reports=beam.pvalue.AsList(reports))
     )
 
 
