@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,6 @@ def batch_job_installed() -> bool:
 class JobProcesses:
     """The job processes one service started, and any other one on this host by its PID."""
 
-    python: str = sys.executable
     _children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, command: list[str], log_path: Path) -> dict[str, Any]:
